@@ -1,0 +1,104 @@
+"""AnnData ``.h5ad`` files as a cell source: in memory, or backed (rows read from disk) when large."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from censusvi.data.counts import to_csr32
+
+ID_COLUMNS = ("feature_id", "gene_ids", "gene_id", "ensembl_id")
+SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "symbol")
+BACKED_ABOVE_BYTES = 4 << 30  # files over 4 GiB are read row-block by row-block, not loaded
+
+
+def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
+    """``anndata.read_h5ad`` with a clear error for missing, truncated or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return ad.read_h5ad(path, backed="r" if backed else None)
+    except Exception as e:  # h5py and anndata raise many types for one cause
+        raise ValueError(
+            f"cannot read {path} as .h5ad ({type(e).__name__}: {e}); the file is truncated, "
+            "damaged or not an AnnData file"
+        ) from e
+
+
+def gene_ids_and_symbols(var: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Ensembl ids (from a known var column, else var_names) and symbols of a dataset's genes."""
+    names = [str(v) for v in var.index]
+    ids = next((var[c] for c in ID_COLUMNS if c in var.columns), None)
+    syms = next((var[c] for c in SYMBOL_COLUMNS if c in var.columns), None)
+    id_list = names if ids is None else [("" if pd.isna(v) else str(v)) for v in ids]
+    sym_list = names if syms is None else [str(v) for v in syms]
+    if ids is not None and syms is None and id_list == names:
+        sym_list = names
+    return id_list, sym_list
+
+
+def counts_matrix(adata: ad.AnnData, layer: str | None) -> object:
+    """Where the counts are: X, ``layers[layer]``, or ``raw.X`` for ``layer='raw'``."""
+    if layer is None:
+        return adata.X
+    if layer == "raw":
+        if adata.raw is None:
+            raise ValueError("--layer raw given but the file has no .raw; drop --layer to use X")
+        if adata.raw.n_vars != adata.n_vars:
+            raise ValueError(
+                f".raw has {adata.raw.n_vars} genes but X has {adata.n_vars}; write the counts of "
+                "X's genes to layers['counts'] instead"
+            )
+        return adata.raw.X
+    if layer not in adata.layers:
+        raise ValueError(f"layer {layer!r} not in the file; it has layers {list(adata.layers)}")
+    return adata.layers[layer]
+
+
+class H5adSource:
+    """Cells of one .h5ad file, optionally filtered by a pandas query on obs."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        obs_filter: str | None = None,
+        layer: str | None = None,
+        backed: bool | None = None,
+        adata: ad.AnnData | None = None,
+    ) -> None:
+        self.uri = str(path)
+        if adata is None:
+            size = Path(path).stat().st_size if Path(path).exists() else 0
+            backed = size > BACKED_ABOVE_BYTES if backed is None else backed
+            adata = read_h5ad(path, backed=backed)
+        self.adata = adata
+        self._x = counts_matrix(adata, layer)
+        self.backed = bool(adata.isbacked)
+        obs = adata.obs
+        self._rows = np.arange(adata.n_obs)
+        if obs_filter:
+            try:
+                mask = obs.eval(obs_filter).to_numpy(dtype=bool)
+            except Exception as e:
+                raise ValueError(
+                    f"obs filter {obs_filter!r} failed on {self.uri}: {e}; obs has {sorted(obs.columns)}"
+                ) from e
+            self._rows = self._rows[mask]
+            obs = obs.iloc[self._rows]
+        self.obs = obs
+        self.var_ids, self.var_symbols = gene_ids_and_symbols(adata.var)
+        if not self.backed:
+            self._x = to_csr32(self._x)
+
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        file_rows = self._rows[rows]
+        if not self.backed:
+            return self._x[file_rows]
+        lo, hi = int(file_rows[0]), int(file_rows[-1]) + 1  # one contiguous read, then select
+        return to_csr32(self._x[lo:hi])[file_rows - lo]

@@ -1,0 +1,166 @@
+"""TileDB-SOMA experiments as a cell source, and ``censusvi ingest``: h5ad files -> a local SOMA
+experiment with the CELLxGENE Census schema, so code written against it runs on a Census URI.
+
+Schema (as the Census): measurement ``RNA``, X layer ``raw``; obs columns dataset_id, assay,
+suspension_type, donor_id, cell_type, tissue, is_primary_data, nnz, raw_sum; var feature_id
+(Ensembl id), feature_name. The gene axis is the union of the files' genes by Ensembl id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from censusvi.data.counts import check_counts, to_csr32
+from censusvi.data.h5ad import gene_ids_and_symbols, read_h5ad
+
+log = logging.getLogger(__name__)
+
+MEASUREMENT = "RNA"
+X_LAYER = "raw"
+CENSUS_FILTER = "is_primary_data == True and nnz >= 300"  # the Census scVI model's cells
+CENSUS_URI_PREFIX = "census://"
+# Census column <- columns of an arbitrary h5ad that carry the same meaning, in order of preference.
+OBS_ALIASES: dict[str, tuple[str, ...]] = {
+    "assay": ("assay",),
+    "suspension_type": ("suspension_type",),
+    "donor_id": ("donor_id", "donor", "batch"),
+    "cell_type": ("cell_type",),
+    "tissue": ("tissue",),
+}
+
+
+def census_obs(adata: ad.AnnData, dataset_id: str, x: sp.csr_matrix) -> pd.DataFrame:
+    """The Census obs columns for one file's cells, filled from aliases or defaults."""
+    obs = pd.DataFrame(index=[f"{dataset_id}:{n}" for n in adata.obs_names])
+    src = adata.obs
+    obs["dataset_id"] = src["dataset_id"].astype(str).to_numpy() if "dataset_id" in src else dataset_id
+    for col, aliases in OBS_ALIASES.items():
+        found = next((a for a in aliases if a in src.columns), None)
+        default = "cell" if col == "suspension_type" else "unknown"
+        obs[col] = src[found].astype(str).to_numpy() if found else default
+        if found and found != col:
+            log.info("%s: obs[%r] filled from obs[%r]", dataset_id, col, found)
+    primary = src["is_primary_data"].to_numpy(dtype=bool) if "is_primary_data" in src else True
+    obs["is_primary_data"] = primary
+    obs["nnz"] = np.diff(x.indptr).astype(np.int64)
+    obs["raw_sum"] = np.asarray(x.sum(1)).ravel().astype(np.float64)
+    obs.index.name = "obs_id"
+    return obs
+
+
+def harmonise(path: str | os.PathLike) -> ad.AnnData:
+    """One h5ad file as an AnnData in the Census schema (var indexed by feature_id)."""
+    adata = read_h5ad(path)
+    x = to_csr32(adata.X)
+    check_counts(x, str(path))
+    ids, symbols = gene_ids_and_symbols(adata.var)
+    feature_id = [i if i else s for i, s in zip(ids, symbols)]  # symbol where no Ensembl id
+    var = pd.DataFrame({"feature_name": symbols}, index=pd.Index(feature_id, name="feature_id"))
+    keep = ~var.index.duplicated()
+    if not keep.all():
+        log.warning("%s: %d duplicated gene ids dropped (first kept)", path, int((~keep).sum()))
+    dataset_id = Path(path).name.removesuffix(".h5ad")
+    out = ad.AnnData(X=x[:, keep], obs=census_obs(adata, dataset_id, x), var=var[keep])
+    return out
+
+
+def ingest(files: list[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Write the files into one new SOMA experiment at ``out`` (built aside, then renamed)."""
+    import tiledbsoma.io
+
+    if not files:
+        raise ValueError("no .h5ad files given to ingest")
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)) / "exp"
+    try:
+        adatas = [harmonise(f) for f in files]
+        mapping = tiledbsoma.io.register_anndatas(
+            None, adatas, measurement_name=MEASUREMENT, obs_field_name="obs_id",
+            var_field_name="feature_id",
+        )
+        tiledbsoma.io.from_anndata(
+            str(tmp), adatas[0], MEASUREMENT, ingest_mode="schema_only", X_layer_name=X_LAYER,
+            obs_id_name="obs_id", var_id_name="feature_id", registration_mapping=mapping,
+        )
+        mapping.prepare_experiment(str(tmp))
+        for a in adatas:
+            tiledbsoma.io.from_anndata(
+                str(tmp), a, MEASUREMENT, X_layer_name=X_LAYER, obs_id_name="obs_id",
+                var_id_name="feature_id", registration_mapping=mapping,
+            )
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+    return out
+
+
+def open_experiment(uri: str):
+    """A SOMA experiment from a local path/URI, or ``census://VERSION`` via cellxgene_census."""
+    import tiledbsoma
+
+    if uri.startswith(CENSUS_URI_PREFIX):
+        try:
+            import cellxgene_census
+        except ImportError as e:
+            raise ValueError("census:// sources need `pip install cellxgene-census`") from e
+        version = uri.removeprefix(CENSUS_URI_PREFIX) or "stable"
+        census = cellxgene_census.open_soma(census_version=version)
+        return census["census_data"]["homo_sapiens"]
+    if "://" not in uri and not Path(uri).exists():
+        raise FileNotFoundError(f"{uri}: no such SOMA experiment (build one with `censusvi ingest`)")
+    try:
+        return tiledbsoma.Experiment.open(uri)
+    except Exception as e:
+        raise ValueError(f"cannot open {uri} as a SOMA experiment ({type(e).__name__}: {e})") from e
+
+
+class SomaSource:
+    """Cells of a SOMA experiment's ``RNA`` measurement passing ``obs_filter`` (a SOMA value filter)."""
+
+    def __init__(self, uri: str, obs_filter: str | None = None, x_layer: str = X_LAYER) -> None:
+        import tiledbsoma
+
+        self.uri = str(uri)
+        self.exp = open_experiment(self.uri)
+        ms = self.exp.ms[MEASUREMENT]
+        try:
+            obs = self.exp.obs.read(value_filter=obs_filter).concat().to_pandas()
+        except Exception as e:
+            cols = list(self.exp.obs.schema.names)
+            raise ValueError(f"obs filter {obs_filter!r} failed on {uri}: {e}; obs has {cols}") from e
+        self.obs = obs.sort_values("soma_joinid").reset_index(drop=True)
+        self._joinids = self.obs["soma_joinid"].to_numpy()
+        var = ms.var.read().concat().to_pandas().sort_values("soma_joinid")
+        self._var_joinids = var["soma_joinid"].to_numpy()
+        self.var_ids = var["feature_id"].astype(str).tolist()
+        self.var_symbols = var["feature_name"].astype(str).tolist()
+        self._x: tiledbsoma.SparseNDArray = ms.X[x_layer]
+
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        jid = self._joinids[rows]
+        tbl = self._x.read(coords=(jid,)).tables().concat()
+        r = np.searchsorted(jid, tbl["soma_dim_0"].to_numpy())
+        c = np.searchsorted(self._var_joinids, tbl["soma_dim_1"].to_numpy())
+        v = tbl["soma_data"].to_numpy().astype(np.float32)
+        return sp.csr_matrix((v, (r, c)), shape=(len(jid), len(self._var_joinids)))
+
+
+def open_source(path: str, obs_filter: str | None = None, layer: str | None = None):
+    """An ``H5adSource`` for ``*.h5ad`` paths, a ``SomaSource`` for anything else."""
+    from censusvi.data.h5ad import H5adSource
+
+    if str(path).endswith(".h5ad"):
+        return H5adSource(path, obs_filter=obs_filter, layer=layer)
+    return SomaSource(path, obs_filter=obs_filter)

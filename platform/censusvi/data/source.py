@@ -1,0 +1,71 @@
+"""What every cell source (h5ad in memory or backed, TileDB-SOMA on disk or a Census URI) offers.
+
+A source is a table of cells (``obs``, already filtered) and genes (``var_ids``/``var_symbols``)
+and one way to read counts: ``read_rows(rows)`` for sorted row positions into ``obs``, returning
+float32 CSR over the source's own genes. Loaders, HVG selection and embedding work on this alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from censusvi.data.counts import check_counts
+from censusvi.data.vocabulary import GeneAlignment
+
+
+class CellSource(Protocol):
+    uri: str
+    obs: pd.DataFrame
+    var_ids: list[str]
+    var_symbols: list[str]
+
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Counts of the cells at these sorted positions of ``obs``, all of the source's genes."""
+        ...
+
+
+def batch_labels(obs: pd.DataFrame, keys: list[str] | tuple[str, ...], where: str) -> np.ndarray:
+    """One batch label per cell: the string concatenation of ``keys`` (no separator, as the Census)."""
+    missing = [k for k in keys if k not in obs.columns]
+    if missing:
+        raise ValueError(
+            f"{where}: batch column(s) {missing} not in obs; obs has {sorted(obs.columns)}. "
+            "Choose --batch-keys from those columns."
+        )
+    labels = obs[keys[0]].astype(str).to_numpy(dtype=object)
+    for k in keys[1:]:
+        labels = labels + obs[k].astype(str).to_numpy(dtype=object)
+    return labels
+
+
+def select_genes(x: sp.csr_matrix, alignment: GeneAlignment) -> sp.csr_matrix:
+    """Reorder columns to the model's gene order; absent model genes become all-zero columns."""
+    index = alignment.data_index
+    remap = np.full(x.shape[1], -1, dtype=np.int64)
+    present = np.flatnonzero(index >= 0)
+    remap[index[present]] = present
+    new_col = remap[x.indices]
+    keep = new_col >= 0
+    row = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))[keep]
+    out = sp.csr_matrix(
+        (x.data[keep], (row, new_col[keep])), shape=(x.shape[0], len(index)), dtype=np.float32
+    )
+    out.sum_duplicates()
+    return out
+
+
+def iter_blocks(
+    source: CellSource, rows: np.ndarray, block_size: int, check: bool = True
+) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+    """Read ``rows`` (sorted) in contiguous blocks, checking that each holds raw counts."""
+    for start in range(0, len(rows), block_size):
+        block = rows[start : start + block_size]
+        x = source.read_rows(block)
+        if check:
+            check_counts(x, f"{source.uri} (cells {block[0]}..{block[-1]})")
+        yield block, x

@@ -1,0 +1,62 @@
+"""The model's architecture as a frozen dataclass whose defaults are the Census scVI preset.
+
+The preset is what cellxgene-census ``tools/models/scvi`` really builds: ``SCVI(n_layers=2,
+n_latent=50, gene_likelihood="nb", encode_covariates=False)`` with scvi-tools' defaults for the
+rest. Its config file says ``n_hidden: 512`` but the script never passes it, so 128 applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+LIKELIHOODS = ("nb", "zinb", "poisson")
+DISPERSIONS = ("gene", "gene-batch")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the network (not the weights, not the training schedule)."""
+
+    n_genes: int
+    n_batches: int
+    n_hidden: int = 128
+    n_latent: int = 50
+    n_layers: int = 2
+    dropout_rate: float = 0.1  # encoder only, as in scvi-tools (the decoder has none)
+    likelihood: str = "nb"
+    dispersion: str = "gene"
+    latent_library: bool = False  # False: observed log library size, the Census model's choice
+    encode_covariates: bool = False
+    extra_categories: tuple[int, ...] = field(default_factory=tuple)
+    """Number of levels of each extra categorical covariate injected beside the batch."""
+
+    def __post_init__(self) -> None:
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood={self.likelihood!r}; choose one of {LIKELIHOODS}")
+        if self.dispersion not in DISPERSIONS:
+            raise ValueError(f"dispersion={self.dispersion!r}; choose one of {DISPERSIONS}")
+        for name in ("n_genes", "n_batches", "n_hidden", "n_latent", "n_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1)")
+        object.__setattr__(self, "extra_categories", tuple(int(c) for c in self.extra_categories))
+
+    @property
+    def covariate_sizes(self) -> tuple[int, ...]:
+        """Levels of each injected categorical covariate; the batch comes first."""
+        return (self.n_batches, *self.extra_categories)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["extra_categories"] = list(self.extra_categories)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model settings {unknown}; this censusvi knows {sorted(known)}")
+        return cls(**d)

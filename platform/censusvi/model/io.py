@@ -1,0 +1,160 @@
+"""A model directory: ``config.json`` (architecture, genes, batches, provenance) + ``weights.safetensors``.
+
+No pickle anywhere: weights are safetensors, everything else is JSON. Directories are written under
+a temporary name and renamed, so a crash never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from censusvi.data.vocabulary import GeneVocabulary
+from censusvi.model.config import ModelConfig
+from censusvi.model.vae import VAE
+
+FORMAT = "censusvi-model"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+@dataclass
+class TrainedModel:
+    """The network plus what it needs to read new data: gene order and batch categories."""
+
+    vae: VAE
+    genes: GeneVocabulary
+    batch_keys: tuple[str, ...]
+    batch_categories: tuple[str, ...]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cfg = self.vae.cfg
+        if len(self.genes) != cfg.n_genes:
+            raise ValueError(f"{len(self.genes)} genes in the vocabulary but the model has {cfg.n_genes}")
+        if len(self.batch_categories) != cfg.n_batches:
+            raise ValueError(
+                f"{len(self.batch_categories)} batch categories but the model has {cfg.n_batches}"
+            )
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.vae.cfg
+
+    def batch_codes(self, labels: list[str]) -> torch.Tensor:
+        """Codes of batch labels; unknown labels are the query-mapping path's job, not this one."""
+        lookup = {b: i for i, b in enumerate(self.batch_categories)}
+        unknown = sorted({b for b in labels if b not in lookup})
+        if unknown:
+            raise ValueError(
+                f"{len(unknown)} batch(es) unknown to the model, e.g. {unknown[:3]}; the model knows "
+                f"{len(lookup)} batches built from {list(self.batch_keys)} (e.g. "
+                f"{list(self.batch_categories[:3])}). Map new batches onto the reference with "
+                "`censusvi map` instead of `embed`."
+            )
+        return torch.tensor([lookup[b] for b in labels], dtype=torch.long)
+
+
+def _config_dict(m: TrainedModel) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": m.config.to_dict(),
+        "genes": m.genes.to_dict(),
+        "batch_keys": list(m.batch_keys),
+        "batch_categories": list(m.batch_categories),
+        "provenance": m.provenance,
+    }
+
+
+def _atomic_dir(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished temporary directory into place, replacing any older one."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(m: TrainedModel, out: str | os.PathLike) -> Path:
+    out = Path(out)
+    tmp = _atomic_dir(out)
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in m.vae.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(_config_dict(m), indent=1))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a censusvi model directory: {CONFIG_FILE} is missing "
+            f"(expected {CONFIG_FILE} + {WEIGHTS_FILE}, as written by `censusvi pretrain`)"
+        )
+    try:
+        d = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON ({e}); the model directory is damaged") from e
+    if d.get("format") != FORMAT or d.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{cfg_file}: format {d.get('format')!r} v{d.get('format_version')} is not a "
+            f"{FORMAT} v<={FORMAT_VERSION} model"
+        )
+    return d
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedModel:
+    """Rebuild the model from its directory, checking every tensor's name and shape."""
+    path = Path(path)
+    d = read_config(path)
+    vae = VAE(ModelConfig.from_dict(d["model"]))
+    try:
+        state = load_file(str(path / WEIGHTS_FILE), device=str(device))
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read {path / WEIGHTS_FILE}: {e}. The model directory is damaged") from e
+    expected = vae.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"weights in {path} do not fit the architecture in its {CONFIG_FILE}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
+        )
+    vae.load_state_dict(state)
+    vae.to(device).eval()
+    return TrainedModel(
+        vae=vae,
+        genes=GeneVocabulary.from_dict(d["genes"]),
+        batch_keys=tuple(d["batch_keys"]),
+        batch_categories=tuple(d["batch_categories"]),
+        provenance=d.get("provenance", {}),
+    )

@@ -1,0 +1,221 @@
+"""The scVI variational autoencoder (Lopez et al. 2018), faithful to scvi-tools' ``VAE``.
+
+inference: log1p(x) -> encoder -> q(z|x) = N(m, exp(v) + 1e-4), z by reparameterisation;
+  library = log(sum x) (observed) or a second encoder's sample (latent, with a per-batch prior).
+generative: [z, batch] -> decoder -> softmax gene scale; rate = exp(library) * scale;
+  dispersion theta = exp(px_r) per gene (or per gene and batch).
+loss: -log p(x | rate, theta) + kl_weight * KL(q(z|x) || N(0, I)) (+ the library KL), averaged.
+
+What scvi-tools builds but an NB model never uses (the zero-inflation head, ``l_encoder`` with the
+observed library, ``px_r_decoder``) is not built here. Shapes: n cells, g genes, h hidden,
+k latent, c covariates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+from torch.nn import functional as F
+
+from censusvi.model.config import ModelConfig
+from censusvi.model.layers import FCLayers
+from censusvi.model.likelihoods import (
+    NonZeros,
+    log_nb_positive,
+    log_poisson,
+    log_zinb_positive,
+    nb_log_prob_sum_sparse,
+    poisson_log_prob_sum_sparse,
+)
+
+VAR_EPS = 1e-4  # scvi-tools' floor on the posterior variance; keeps q(z|x) from collapsing
+
+
+@dataclass(frozen=True)
+class Minibatch:
+    """Counts of n cells: dense ``x_ng``, its non-zeros (for the sparse loss) and covariate codes.
+
+    ``covariates_nc[:, 0]`` is the batch code; further columns are extra categorical covariates.
+    """
+
+    x_ng: torch.Tensor
+    covariates_nc: torch.Tensor
+    nz: NonZeros | None = None
+
+
+@dataclass(frozen=True)
+class Inference:
+    qz_mean_nk: torch.Tensor
+    qz_var_nk: torch.Tensor
+    z_nk: torch.Tensor
+    log_library_n1: torch.Tensor
+    ql_mean_n1: torch.Tensor | None = None
+    ql_var_n1: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Generative:
+    scale_ng: torch.Tensor  # softmax over genes: expected fraction of the cell's counts
+    rate_ng: torch.Tensor  # expected counts: library * scale
+    theta: torch.Tensor  # inverse dispersion, (g,) or (n, g)
+    zi_logits_ng: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    loss: torch.Tensor  # scalar: mean over cells of reconstruction + kl_weight * KL
+    reconstruction_n: torch.Tensor  # -log p(x | z)
+    kl_n: torch.Tensor  # KL of z plus, with a latent library, the library's KL
+
+    @property
+    def elbo_n(self) -> torch.Tensor:
+        """Negative ELBO per cell at full KL weight (what validation reports)."""
+        return self.reconstruction_n + self.kl_n
+
+
+class GaussianEncoder(nn.Module):
+    """FC stack -> mean and variance of a diagonal Gaussian (scvi-tools' ``Encoder``)."""
+
+    def __init__(self, n_in: int, n_out: int, cfg: ModelConfig, n_layers: int) -> None:
+        super().__init__()
+        covs = cfg.covariate_sizes if cfg.encode_covariates else ()
+        self.fc = FCLayers(n_in, cfg.n_hidden, n_layers, covs, cfg.dropout_rate)
+        self.mean = nn.Linear(cfg.n_hidden, n_out)
+        self.var = nn.Linear(cfg.n_hidden, n_out)
+        self.encode_covariates = cfg.encode_covariates
+
+    def forward(
+        self, h_ng: torch.Tensor, covariates_nc: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.fc(h_ng, covariates_nc if self.encode_covariates else None)
+        return self.mean(q), torch.exp(self.var(q)) + VAR_EPS
+
+
+class Decoder(nn.Module):
+    """[z, covariates] -> gene scale (softmax), and zero-inflation logits for ZINB."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc = FCLayers(cfg.n_latent, cfg.n_hidden, cfg.n_layers, cfg.covariate_sizes, 0.0)
+        self.scale = nn.Linear(cfg.n_hidden, cfg.n_genes)
+        self.zi_logits = nn.Linear(cfg.n_hidden, cfg.n_genes) if cfg.likelihood == "zinb" else None
+
+    def forward(
+        self, z_nk: torch.Tensor, covariates_nc: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.fc(z_nk, covariates_nc)
+        zi = self.zi_logits(h) if self.zi_logits is not None else None
+        return self.scale(h), zi
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.z_encoder = GaussianEncoder(cfg.n_genes, cfg.n_latent, cfg, cfg.n_layers)
+        self.l_encoder = (
+            GaussianEncoder(cfg.n_genes, 1, cfg, n_layers=1) if cfg.latent_library else None
+        )
+        self.decoder = Decoder(cfg)
+        if cfg.likelihood != "poisson":
+            shape = (cfg.n_genes,) if cfg.dispersion == "gene" else (cfg.n_genes, cfg.n_batches)
+            self.px_r = nn.Parameter(torch.randn(shape))  # log theta, scvi-tools' init
+        else:
+            self.px_r = None
+        # Prior of the latent log library per batch; set from training data by the trainer.
+        self.register_buffer("library_log_means", torch.zeros(cfg.n_batches))
+        self.register_buffer("library_log_vars", torch.ones(cfg.n_batches))
+
+    def inference(self, x_ng: torch.Tensor, covariates_nc: torch.Tensor, sample: bool = True) -> Inference:
+        h_ng = torch.log1p(x_ng)
+        qz_m, qz_v = self.z_encoder(h_ng, covariates_nc)
+        z = qz_m + qz_v.sqrt() * torch.randn_like(qz_m) if sample else qz_m
+        if self.l_encoder is None:
+            return Inference(qz_m, qz_v, z, torch.log(x_ng.sum(1, keepdim=True)))
+        ql_m, ql_v = self.l_encoder(h_ng, covariates_nc)
+        log_lib = ql_m + ql_v.sqrt() * torch.randn_like(ql_m) if sample else ql_m
+        return Inference(qz_m, qz_v, z, log_lib, ql_m, ql_v)
+
+    def generative(
+        self, z_nk: torch.Tensor, log_library_n1: torch.Tensor, covariates_nc: torch.Tensor
+    ) -> Generative:
+        logits_ng, zi = self.decoder(z_nk, covariates_nc)
+        scale_ng = F.softmax(logits_ng, dim=-1)
+        rate_ng = torch.exp(log_library_n1) * scale_ng
+        return Generative(scale_ng, rate_ng, self._theta(covariates_nc), zi)
+
+    def _theta(self, covariates_nc: torch.Tensor) -> torch.Tensor:
+        if self.px_r is None:
+            return torch.empty(0, device=covariates_nc.device)
+        if self.px_r.dim() == 1:
+            return torch.exp(self.px_r)
+        return torch.exp(self.px_r.t()[covariates_nc[:, 0]])  # (n, g)
+
+    def reconstruction_n(self, mb: Minibatch, gen: Generative) -> torch.Tensor:
+        """-log p(x | z) per cell; the sparse path when non-zeros are given (same value)."""
+        lik, x, mu = self.cfg.likelihood, mb.x_ng, gen.rate_ng
+        if mb.nz is not None and lik == "nb":
+            return -nb_log_prob_sum_sparse(mb.nz, mu, gen.theta)
+        if mb.nz is not None and lik == "poisson":
+            return -poisson_log_prob_sum_sparse(mb.nz, mu)
+        if lik == "nb":
+            return -log_nb_positive(x, mu, gen.theta).sum(-1)
+        if lik == "zinb":
+            return -log_zinb_positive(x, mu, gen.theta, gen.zi_logits_ng).sum(-1)
+        return -log_poisson(x, mu).sum(-1)
+
+    def loss(self, mb: Minibatch, kl_weight: float = 1.0) -> LossOutput:
+        inf = self.inference(mb.x_ng, mb.covariates_nc)
+        gen = self.generative(inf.z_nk, inf.log_library_n1, mb.covariates_nc)
+        rec_n = self.reconstruction_n(mb, gen)
+        qz = Normal(inf.qz_mean_nk, inf.qz_var_nk.sqrt())
+        kl_z_n = kl_divergence(qz, Normal(0.0, 1.0)).sum(-1)
+        kl_l_n = torch.zeros_like(kl_z_n)
+        if inf.ql_mean_n1 is not None:
+            batch_n = mb.covariates_nc[:, 0]
+            prior = Normal(self.library_log_means[batch_n], self.library_log_vars[batch_n].sqrt())
+            ql = Normal(inf.ql_mean_n1[:, 0], inf.ql_var_n1[:, 0].sqrt())
+            kl_l_n = kl_divergence(ql, prior)
+        # scvi-tools warms up only the z term; the library KL always has weight 1.
+        loss = torch.mean(rec_n + kl_weight * kl_z_n + kl_l_n)
+        return LossOutput(loss, rec_n, kl_z_n + kl_l_n)
+
+    @torch.no_grad()
+    def latent_mean(self, x_ng: torch.Tensor, covariates_nc: torch.Tensor) -> torch.Tensor:
+        """Mean of q(z|x): the embedding (``obsm["X_scvi"]``)."""
+        return self.inference(x_ng, covariates_nc, sample=False).qz_mean_nk
+
+    @torch.no_grad()
+    def normalized_expression(
+        self, x_ng: torch.Tensor, covariates_nc: torch.Tensor, library_size: float | None = None
+    ) -> torch.Tensor:
+        """Decoded gene scale at the posterior mean of z; times ``library_size`` if given."""
+        inf = self.inference(x_ng, covariates_nc, sample=False)
+        scale = self.generative(inf.z_nk, inf.log_library_n1, covariates_nc).scale_ng
+        return scale * library_size if library_size is not None else scale
+
+
+def n_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def n_parameters_scvi_tools(cfg: ModelConfig) -> int:
+    """Parameters of the same model as scvi-tools builds it (with its unused heads).
+
+    scvi-tools also builds ``l_encoder`` (1 layer), ``px_r_decoder`` and ``px_dropout_decoder``
+    whatever the likelihood; the Census figure (5.2 M + 256 per batch) counts them.
+    """
+    g, h, k = cfg.n_genes, cfg.n_hidden, cfg.n_latent
+    cov = sum(cfg.covariate_sizes)
+    enc_cov = cov if cfg.encode_covariates else 0
+    fc = lambda n_in, n_layers, c: sum(  # noqa: E731
+        (i_n + c) * h + h + 2 * h for i_n in [n_in] + [h] * (n_layers - 1)
+    )
+    z_enc = fc(g, cfg.n_layers, enc_cov) + 2 * (h * k + k)
+    l_enc = fc(g, 1, enc_cov) + 2 * (h + 1)
+    dec = fc(k, cfg.n_layers, cov) + 3 * (h * g + g)
+    px_r = g if cfg.dispersion == "gene" else g * cfg.n_batches
+    return z_enc + l_enc + dec + px_r
