@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from censusvi.model.config import ModelConfig
 from censusvi.model.layers import FCLayers
+from censusvi.model.minibatch import Minibatch
 from censusvi.model.likelihoods import (
     NonZeros,
     log_nb_positive,
@@ -32,18 +33,6 @@ from censusvi.model.likelihoods import (
 )
 
 VAR_EPS = 1e-4  # scvi-tools' floor on the posterior variance; keeps q(z|x) from collapsing
-
-
-@dataclass(frozen=True)
-class Minibatch:
-    """Counts of n cells: dense ``x_ng``, its non-zeros (for the sparse loss) and covariate codes.
-
-    ``covariates_nc[:, 0]`` is the batch code; further columns are extra categorical covariates.
-    """
-
-    x_ng: torch.Tensor
-    covariates_nc: torch.Tensor
-    nz: NonZeros | None = None
 
 
 @dataclass(frozen=True)

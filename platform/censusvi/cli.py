@@ -1,0 +1,168 @@
+"""The ``censusvi`` command line. Each subcommand parses, builds a config and calls the library.
+
+Command lines named in the issues are contracts: ``ingest``, ``pretrain``, ``embed``, ``info``.
+Errors the user can fix (bad input, bad settings) print one ``censusvi: error: ...`` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, FloatingPointError)
+
+
+def _keys(s: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in s.split(",") if k.strip())
+
+
+def cmd_ingest(a: argparse.Namespace) -> int:
+    from censusvi.data.soma import ingest
+
+    out = ingest(a.files, a.out)
+    print(f"wrote SOMA experiment {out}")
+    return 0
+
+
+def cmd_pretrain(a: argparse.Namespace) -> int:
+    from censusvi.train.pretrain import load_pretrain_config, pretrain
+
+    data: dict[str, Any] = {"source": a.source}
+    for flag, key in (("batch_keys", "batch_keys"), ("hvg_keys", "hvg_keys")):
+        if getattr(a, flag) is not None:
+            data[key] = _keys(getattr(a, flag))
+    for key in ("n_hvg", "obs_filter", "layer"):
+        if getattr(a, key) is not None:
+            data[key] = getattr(a, key)
+    train: dict[str, Any] = {}
+    for key in ("max_epochs", "batch_size", "lr", "seed", "device"):
+        if getattr(a, key) is not None:
+            train[key] = getattr(a, key)
+    if a.early_stopping:
+        train["early_stopping"] = True
+    model: dict[str, Any] = {}
+    for key in ("n_hidden", "n_latent", "n_layers", "likelihood"):
+        if getattr(a, key) is not None:
+            model[key] = getattr(a, key)
+    cfg = load_pretrain_config(a.config, {"data": data, "train": train, "model": model})
+    trained, history = pretrain(cfg, a.out, quiet=a.quiet, resume=not a.no_resume)
+    last = history.epochs[-1]
+    print(json.dumps({
+        "model": str(a.out), "epochs": len(history.epochs), "final_train_loss": round(last.train_loss, 3),
+        "final_val_elbo": None if last.val_elbo is None else round(last.val_elbo, 3),
+        "n_genes": len(trained.genes), "n_batches": len(trained.batch_categories),
+    }))
+    return 0
+
+
+def cmd_embed(a: argparse.Namespace) -> int:
+    from censusvi.inference import embed
+
+    adata = embed(a.model, a.data, a.out, layer=a.layer, batch_size=a.batch_size)
+    print(f"wrote {a.out}: obsm['X_scvi'] {adata.obsm['X_scvi'].shape}")
+    return 0
+
+
+def model_info(model_dir: str) -> dict[str, Any]:
+    from censusvi.model.io import load_model
+    from censusvi.model.vae import n_parameters, n_parameters_scvi_tools
+
+    m = load_model(model_dir)
+    return {
+        "architecture": m.config.to_dict(),
+        "n_parameters": n_parameters(m.vae),
+        "n_parameters_scvi_tools": n_parameters_scvi_tools(m.config),
+        "n_genes": len(m.genes),
+        "n_batches": len(m.batch_categories),
+        "batch_keys": list(m.batch_keys),
+        "provenance": {k: v for k, v in m.provenance.items() if k != "config"},
+    }
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    info = model_info(a.model)
+    if a.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    arch = info["architecture"]
+    print(f"censusvi scVI model {a.model}")
+    print(f"  genes {info['n_genes']}, batches {info['n_batches']} (keys {','.join(info['batch_keys'])})")
+    print(f"  encoder {arch['n_layers']} x {arch['n_hidden']} -> latent {arch['n_latent']}; "
+          f"likelihood {arch['likelihood']}, dispersion {arch['dispersion']}, "
+          f"library {'latent' if arch['latent_library'] else 'observed'}")
+    print(f"  parameters {info['n_parameters']:,} ({info['n_parameters_scvi_tools']:,} as scvi-tools "
+          "builds it, with heads this likelihood never uses)")
+    for k, v in info["provenance"].items():
+        print(f"  {k}: {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="censusvi", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("ingest", help="build a local SOMA experiment (Census schema) from .h5ad files")
+    s.add_argument("files", nargs="+")
+    s.add_argument("--out", required=True, help="DIR.soma to create")
+    s.set_defaults(fn=cmd_ingest)
+
+    s = sub.add_parser("pretrain", help="train an scVI reference model")
+    s.add_argument("--source", help="an .h5ad file or a SOMA experiment (path or census://VERSION)")
+    s.add_argument("--batch-keys", help="obs columns whose concatenation is the batch")
+    s.add_argument("--hvg-keys", help="obs columns that stratify HVG selection")
+    s.add_argument("--n-hvg", type=int, help="highly variable genes to keep (0: all)")
+    s.add_argument("--obs-filter", help="e.g. 'is_primary_data == True and nnz >= 300'")
+    s.add_argument("--layer", help="where counts are in an .h5ad: a layer name or 'raw'")
+    s.add_argument("--max-epochs", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--device", help="cpu or cuda")
+    s.add_argument("--n-hidden", type=int)
+    s.add_argument("--n-latent", type=int)
+    s.add_argument("--n-layers", type=int)
+    s.add_argument("--likelihood", choices=["nb", "zinb", "poisson"])
+    s.add_argument("--early-stopping", action="store_true")
+    s.add_argument("--config", help="YAML with sections data, model, train")
+    s.add_argument("--out", required=True, help="model directory to write")
+    s.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_pretrain)
+
+    s = sub.add_parser("embed", help="write obsm['X_scvi'] for a dataset of known batches")
+    s.add_argument("--model", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--layer")
+    s.add_argument("--batch-size", type=int, default=4096)
+    s.set_defaults(fn=cmd_embed)
+
+    s = sub.add_parser("info", help="architecture, parameter count and provenance of a model")
+    s.add_argument("model")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.fn(args)
+    except USER_ERRORS as e:
+        if args.verbose:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"censusvi: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

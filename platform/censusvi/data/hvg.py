@@ -1,0 +1,112 @@
+"""Highly variable genes, Seurat v3 flavour on raw counts, stratified, from streamed statistics.
+
+Same selection as ``scanpy.pp.highly_variable_genes(flavor="seurat_v3", batch_key=...)`` (what the
+Census model used, with strata = suspension_type x assay), but computed in two passes over row
+blocks so the matrix is never in memory:
+  1. per stratum and gene: n, sum x, sum x^2 -> mean, variance (ddof 1); a loess fit (span 0.3,
+     degree 2) of log10 variance on log10 mean gives the expected std of each gene;
+  2. per stratum and gene: sums of min(x, mean + std * sqrt(n)) and of its square -> the
+     standardised (clipped) variance.
+Genes are ranked within each stratum; the top N by median rank (ties: in more strata first) win.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from censusvi.data.source import CellSource, batch_labels, iter_blocks
+
+log = logging.getLogger(__name__)
+MIN_STRATUM_CELLS = 2  # a variance needs two cells; the loess fit itself needs many genes
+
+
+@dataclass(frozen=True)
+class HvgResult:
+    genes: np.ndarray  # source gene positions of the selected genes, in source order
+    variances_norm: np.ndarray  # (n_genes,) mean over strata of the standardised variance
+    rank: np.ndarray  # (n_genes,) median rank over strata (NaN where never in a stratum's top N)
+    n_strata_top: np.ndarray  # (n_genes,) strata in which the gene is in the top N
+    strata: tuple[str, ...]
+
+
+def _column_sums(x: sp.csr_matrix, power: int, n_genes: int) -> np.ndarray:
+    return np.bincount(x.indices, weights=x.data.astype(np.float64) ** power, minlength=n_genes)
+
+
+def _loess_std(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    from skmisc.loess import loess
+
+    not_const = var > 0
+    fitted = np.zeros_like(mean)
+    model = loess(np.log10(mean[not_const]), np.log10(var[not_const]), span=0.3, degree=2)
+    model.fit()
+    fitted[not_const] = model.outputs.fitted_values
+    return np.sqrt(10**fitted)
+
+
+def highly_variable_genes(
+    source: CellSource,
+    n_top: int,
+    strata_keys: list[str] | tuple[str, ...] = (),
+    block_size: int = 16384,
+) -> HvgResult:
+    """Select ``n_top`` genes of ``source``; ``strata_keys`` are obs columns (none: one stratum)."""
+    n_genes = len(source.var_ids)
+    if n_top > n_genes:
+        raise ValueError(f"--n-hvg {n_top} is more than the {n_genes} genes in {source.uri}")
+    if strata_keys:
+        labels = batch_labels(source.obs, list(strata_keys), source.uri)
+    else:
+        labels = np.zeros(len(source.obs), dtype=object)
+    strata, code = np.unique(labels.astype(str), return_inverse=True)
+    n_s = np.bincount(code, minlength=len(strata)).astype(np.float64)
+    rows = np.arange(len(source.obs))
+
+    s1 = np.zeros((len(strata), n_genes))
+    s2 = np.zeros((len(strata), n_genes))
+    for block, x in iter_blocks(source, rows, block_size):
+        for s in np.unique(code[block]):
+            xs = x[code[block] == s]
+            s1[s] += _column_sums(xs, 1, n_genes)
+            s2[s] += _column_sums(xs, 2, n_genes)
+
+    usable = n_s >= MIN_STRATUM_CELLS
+    if not usable.any():
+        raise ValueError(f"HVG selection needs at least {MIN_STRATUM_CELLS} cells in some stratum")
+    for s in np.flatnonzero(~usable):
+        log.warning("HVG: stratum %r has %d cell(s) and is skipped", strata[s], int(n_s[s]))
+    mean = s1 / n_s[:, None]
+    var = np.where(
+        usable[:, None], (s2 - n_s[:, None] * mean**2) / np.maximum(n_s[:, None] - 1, 1), 0.0
+    )
+    std = np.stack([_loess_std(mean[s], var[s]) if usable[s] else np.zeros(n_genes) for s in range(len(strata))])
+    clip = mean + std * np.sqrt(n_s)[:, None]
+
+    c1 = np.zeros_like(s1)
+    c2 = np.zeros_like(s1)
+    for block, x in iter_blocks(source, rows, block_size, check=False):
+        for s in np.unique(code[block]):
+            if not usable[s]:
+                continue
+            xs = x[code[block] == s]
+            v = np.minimum(xs.data.astype(np.float64), clip[s][xs.indices])
+            c1[s] += np.bincount(xs.indices, weights=v, minlength=n_genes)
+            c2[s] += np.bincount(xs.indices, weights=v**2, minlength=n_genes)
+
+    idx = np.flatnonzero(usable)
+    n, m, sd = n_s[idx, None], mean[idx], std[idx]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        norm_var = (n * m**2 + c2[idx] - 2 * c1[idx] * m) / ((n - 1) * sd**2)
+    norm_var = np.nan_to_num(norm_var, nan=0.0, posinf=0.0)  # std 0: constant gene, not variable
+    ranks = np.argsort(np.argsort(-norm_var, axis=1), axis=1).astype(np.float64)
+    n_top_strata = (ranks < n_top).sum(0)
+    ranks[ranks >= n_top] = np.nan
+    with np.errstate(all="ignore"):
+        median_rank = np.ma.median(np.ma.masked_invalid(ranks), axis=0).filled(np.nan)
+    order = np.lexsort((-n_top_strata, np.where(np.isnan(median_rank), np.inf, median_rank)))
+    chosen = np.sort(order[:n_top])
+    return HvgResult(chosen, norm_var.mean(0), median_rank, n_top_strata, tuple(strata[idx]))

@@ -1,0 +1,124 @@
+"""Reading a dataset through a trained model: latent means (``embed``) and decoded expression.
+
+Cells are streamed in blocks (bounded memory); genes are aligned to the model's vocabulary by
+Ensembl id; batches must be ones the model knows (new batches are the mapping path's job).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import torch
+
+from censusvi.data.cells import Cells
+from censusvi.data.h5ad import H5adSource, read_h5ad
+from censusvi.data.source import batch_labels
+from censusvi.data.vocabulary import DEFAULT_MIN_OVERLAP
+from censusvi.model.io import TrainedModel, load_model
+from censusvi.model.minibatch import minibatch_from_csr
+
+log = logging.getLogger(__name__)
+
+
+def reference_cells(
+    model: TrainedModel, source: H5adSource, min_overlap: float = DEFAULT_MIN_OVERLAP
+) -> tuple[Cells, dict]:
+    """The source's cells aligned to ``model``; raises on unknown batches or poor gene overlap."""
+    alignment = model.genes.align(source.var_ids, source.var_symbols, min_overlap=min_overlap)
+    labels = batch_labels(source.obs, list(model.batch_keys), source.uri)
+    codes = model.batch_codes(labels.tolist()).numpy().reshape(-1, 1)
+    cells = Cells(source, np.arange(len(source.obs)), alignment, codes, preload=False)
+    return cells, alignment.report()
+
+
+def _stream(model: TrainedModel, cells: Cells, batch_size: int, device: str, fn) -> tuple[np.ndarray, np.ndarray]:
+    """Apply ``fn(vae, minibatch)`` to every non-empty cell; returns (kept positions, stacked rows)."""
+    vae = model.vae.to(device).eval()
+    pos_out, rows_out = [], []
+    for pos, x, cov in cells.minibatches(batch_size, shuffle=False):
+        mb = minibatch_from_csr(x, cov, device, with_nonzeros=False)
+        with torch.no_grad():
+            rows_out.append(fn(vae, mb).cpu().numpy())
+        pos_out.append(pos)
+    if not pos_out:
+        raise ValueError(f"{cells.source.uri}: no cell has counts over the model's genes")
+    return np.concatenate(pos_out), np.concatenate(rows_out)
+
+
+def latent_representation(
+    model: TrainedModel, source: H5adSource, batch_size: int = 4096, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(positions of embedded cells, latent means (n, k), gene report)."""
+    cells, report = reference_cells(model, source)
+    pos, z = _stream(model, cells, batch_size, device, lambda v, mb: v.latent_mean(mb.x_ng, mb.covariates_nc))
+    return pos, z, report
+
+
+def get_normalized_expression(
+    model: TrainedModel,
+    adata: ad.AnnData,
+    library_size: float | None = None,
+    batch_size: int = 1024,
+    device: str = "cpu",
+    layer: str | None = None,
+) -> np.ndarray:
+    """Decoded, library-normalised expression (n_cells, model genes), scvi-tools' equivalent.
+
+    Each cell is decoded under its own batch at the posterior mean of z. ``library_size`` scales
+    the gene fractions (e.g. 1e4); None gives fractions summing to 1 per cell.
+    """
+    source = H5adSource("<AnnData>", adata=adata, layer=layer)
+    cells, _ = reference_cells(model, source)
+    pos, scale = _stream(
+        model, cells, batch_size, device,
+        lambda v, mb: v.normalized_expression(mb.x_ng, mb.covariates_nc, library_size),
+    )
+    if len(pos) != adata.n_obs:
+        raise ValueError(f"{adata.n_obs - len(pos)} cells have zero counts over the model's genes")
+    out = np.empty_like(scale)
+    out[pos] = scale
+    return out
+
+
+def write_h5ad_atomic(adata: ad.AnnData, out: str | os.PathLike) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=".h5ad", dir=out.parent)
+    os.close(fd)
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def embed(
+    model_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    layer: str | None = None,
+    batch_size: int = 4096,
+) -> ad.AnnData:
+    """``censusvi embed``: write ``obsm["X_scvi"]`` (latent means) for the file's cells."""
+    model = load_model(model_dir)
+    adata = read_h5ad(data)
+    source = H5adSource(data, adata=adata, layer=layer)
+    pos, z, report = latent_representation(model, source, batch_size)
+    if len(pos) < adata.n_obs:
+        log.warning("%s: %d of %d cells had no counts over the model's genes and are left out",
+                    data, adata.n_obs - len(pos), adata.n_obs)
+        adata = adata[np.sort(pos)].copy()
+        z = z[np.argsort(pos)]
+    else:
+        z = z[np.argsort(pos)]
+    adata.obsm["X_scvi"] = z.astype(np.float32)
+    adata.uns["censusvi"] = {"model": str(model_dir), "genes": report}
+    write_h5ad_atomic(adata, out)
+    return adata

@@ -1,0 +1,172 @@
+"""The single-process training loop: Adam as scvi-tools sets it up, KL warm-up, validation ELBO,
+early stopping, per-epoch checkpoints that a rerun resumes from.
+
+``train_epoch`` and ``validation_elbo`` are the pieces the distributed trainer reuses; ``fit``
+only sequences them. Randomness is derived from (seed, epoch), so a resumed run continues exactly
+as the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from censusvi.model.minibatch import Minibatch
+from censusvi.model.vae import VAE
+from censusvi.train.checkpoint import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training schedule; defaults are the Census model's (100 epochs, lr 1e-4, warm-up 20)."""
+
+    max_epochs: int = 100
+    batch_size: int = 1024
+    lr: float = 1e-4
+    weight_decay: float = 1e-6  # scvi-tools' TrainingPlan default
+    adam_eps: float = 0.01  # scvi-tools' TrainingPlan default (large on purpose: stabler Adam)
+    n_epochs_kl_warmup: int = 20
+    train_fraction: float = 0.9
+    early_stopping: bool = False  # the Census model trained all 100 epochs
+    patience: int = 45  # scvi-tools' early_stopping_patience
+    min_delta: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.max_epochs < 1 or self.batch_size < 3:
+            raise ValueError(f"max_epochs={self.max_epochs}, batch_size={self.batch_size}: need >=1 and >=3")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ValueError(f"train_fraction={self.train_fraction} must be in (0, 1]")
+
+
+def kl_weight(epoch: int, n_epochs_kl_warmup: int) -> float:
+    """Linear warm-up from 0 at epoch 0 to 1 at ``n_epochs_kl_warmup`` (scvi-tools' schedule)."""
+    if n_epochs_kl_warmup <= 0:
+        return 1.0
+    return min(1.0, epoch / n_epochs_kl_warmup)
+
+
+def make_optimizer(vae: VAE, cfg: TrainConfig) -> torch.optim.Adam:
+    params = [p for p in vae.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    train_loss: float
+    val_elbo: float | None
+    cells_per_s: float
+    kl_weight: float
+
+
+def train_epoch(
+    vae: VAE,
+    opt: torch.optim.Optimizer,
+    batches: Iterable[Minibatch],
+    kl_w: float,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[float, int]:
+    """One pass; returns (cell-weighted mean loss, cells seen)."""
+    vae.train()
+    total, n = 0.0, 0
+    for mb in batches:
+        out = vae.loss(mb, kl_w)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        total += out.loss.item() * mb.n_cells
+        n += mb.n_cells
+        if on_step is not None:
+            on_step(mb.n_cells, out.loss.item())
+    if n == 0:
+        raise ValueError("no training cells left after filtering; check the data and the filter")
+    return total / n, n
+
+
+@torch.no_grad()
+def validation_elbo(vae: VAE, batches: Iterable[Minibatch]) -> float:
+    """Negative ELBO per cell (reconstruction + full-weight KL), scvi-tools' ``elbo_validation``."""
+    vae.eval()
+    total, n = 0.0, 0
+    for mb in batches:
+        out = vae.loss(mb, 1.0)
+        total += out.elbo_n.sum().item()
+        n += mb.n_cells
+    return total / max(n, 1)
+
+
+@dataclass
+class History:
+    epochs: list[EpochStats] = field(default_factory=list)
+    best_val: float = math.inf
+    bad_epochs: int = 0
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epochs": [asdict(e) for e in self.epochs],
+            "best_val": self.best_val,
+            "bad_epochs": self.bad_epochs,
+            "stopped_early": self.stopped_early,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> History:
+        return cls([EpochStats(**e) for e in d["epochs"]], d["best_val"], d["bad_epochs"], d["stopped_early"])
+
+
+def fit(
+    vae: VAE,
+    train_batches: Callable[[int], Iterable[Minibatch]],
+    val_batches: Callable[[], Iterable[Minibatch]] | None,
+    cfg: TrainConfig,
+    checkpoint: CheckpointStore | None = None,
+    progress: Callable[[EpochStats], None] | None = None,
+) -> History:
+    """Train ``vae``; ``train_batches(epoch)`` gives that epoch's shuffled minibatches."""
+    opt = make_optimizer(vae, cfg)
+    history = History()
+    start = 0
+    if checkpoint is not None and checkpoint.exists():
+        state = checkpoint.load(vae, opt)
+        history = History.from_dict(state["history"])
+        start = len(history.epochs)
+        log.info("resuming from %s at epoch %d", checkpoint.path, start)
+    for epoch in range(start, cfg.max_epochs):
+        if history.stopped_early:
+            break
+        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        kl_w = kl_weight(epoch, cfg.n_epochs_kl_warmup)
+        t0 = time.perf_counter()
+        loss, n = train_epoch(vae, opt, train_batches(epoch), kl_w)
+        rate = n / (time.perf_counter() - t0)
+        val = validation_elbo(vae, val_batches()) if val_batches is not None else None
+        stats = EpochStats(epoch, loss, val, rate, kl_w)
+        history.epochs.append(stats)
+        monitored = val if val is not None else loss
+        if monitored < history.best_val - cfg.min_delta:
+            history.best_val, history.bad_epochs = monitored, 0
+        else:
+            history.bad_epochs += 1
+        if cfg.early_stopping and history.bad_epochs >= cfg.patience:
+            history.stopped_early = True
+            log.info("early stopping at epoch %d: no improvement for %d epochs", epoch, cfg.patience)
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss} at epoch {epoch}; lower the learning rate (lr={cfg.lr})"
+            )
+        if checkpoint is not None:
+            checkpoint.save(vae, opt, {"history": history.to_dict()})
+        if progress is not None:
+            progress(stats)
+    return history

@@ -1,0 +1,203 @@
+"""``censusvi pretrain``: source -> HVG vocabulary -> batch categories -> train/val split -> fit -> save.
+
+Everything a later reader of the model directory needs (genes, batch categories, source, filter,
+cell counts, epochs, code version) goes into its config.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform as py_platform
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from censusvi import __version__
+from censusvi.data.cells import Cells
+from censusvi.data.hvg import highly_variable_genes
+from censusvi.data.soma import open_source
+from censusvi.data.source import CellSource, batch_labels
+from censusvi.data.vocabulary import GeneVocabulary
+from censusvi.model.config import ModelConfig
+from censusvi.model.io import TrainedModel, save_model
+from censusvi.model.minibatch import minibatch_from_csr
+from censusvi.model.vae import VAE
+from censusvi.train.checkpoint import CheckpointStore
+from censusvi.train.loop import EpochStats, History, TrainConfig, fit
+
+log = logging.getLogger(__name__)
+CENSUS_BATCH_KEYS = ("dataset_id", "assay", "suspension_type", "donor_id")
+CENSUS_HVG_KEYS = ("suspension_type", "assay")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = ""
+    obs_filter: str | None = None
+    layer: str | None = None
+    batch_keys: tuple[str, ...] = CENSUS_BATCH_KEYS
+    hvg_keys: tuple[str, ...] | None = None  # None: CENSUS_HVG_KEYS that obs has
+    n_hvg: int = 8000  # 0: keep every gene
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """ModelConfig minus what the data decide (n_genes, n_batches)."""
+
+    n_hidden: int = 128
+    n_latent: int = 50
+    n_layers: int = 2
+    dropout_rate: float = 0.1
+    likelihood: str = "nb"
+    dispersion: str = "gene"
+    latent_library: bool = False
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _section(cls, d: dict[str, Any] | None, name: str):
+    d = dict(d or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {name} setting(s) {unknown}; known: {sorted(known)}")
+    for k in ("batch_keys", "hvg_keys"):
+        if isinstance(d.get(k), str):
+            d[k] = tuple(s.strip() for s in d[k].split(",") if s.strip())
+        elif isinstance(d.get(k), list):
+            d[k] = tuple(d[k])
+    return cls(**d)
+
+
+def load_pretrain_config(path: str | os.PathLike | None, overrides: dict[str, dict[str, Any]]) -> PretrainConfig:
+    """YAML sections ``data``, ``model``, ``train``; ``overrides`` (from flags) win."""
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"cannot read config {path}: {e}") from e
+    unknown = sorted(set(raw) - {"data", "model", "train"})
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {unknown}; use data, model, train")
+    merged = {s: {**(raw.get(s) or {}), **overrides.get(s, {})} for s in ("data", "model", "train")}
+    return PretrainConfig(
+        _section(DataConfig, merged["data"], "data"),
+        _section(ModelSettings, merged["model"], "model"),
+        _section(TrainConfig, merged["train"], "train"),
+    )
+
+
+def choose_genes(source: CellSource, cfg: DataConfig) -> GeneVocabulary:
+    ids, syms = np.array(source.var_ids, dtype=object), np.array(source.var_symbols, dtype=object)
+    if cfg.n_hvg <= 0 or cfg.n_hvg >= len(ids):
+        return GeneVocabulary(tuple(ids), tuple(syms))
+    keys = cfg.hvg_keys if cfg.hvg_keys is not None else tuple(k for k in CENSUS_HVG_KEYS if k in source.obs)
+    hvg = highly_variable_genes(source, cfg.n_hvg, keys)
+    log.info("selected %d HVGs over %d strata of %s", len(hvg.genes), len(hvg.strata), list(keys))
+    return GeneVocabulary(tuple(ids[hvg.genes]), tuple(syms[hvg.genes]))
+
+
+def split_rows(n: int, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    n_train = n if train_fraction >= 1 else max(1, int(round(n * train_fraction)))
+    return np.sort(perm[:n_train]), np.sort(perm[n_train:])
+
+
+def library_prior(cells: Cells, n_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-batch mean and variance of log library size (the latent library's prior)."""
+    s1, s2, n = np.zeros(n_batches), np.zeros(n_batches), np.zeros(n_batches)
+    for _, x, cov in cells.minibatches(65536, shuffle=False):
+        log_lib = np.log(np.asarray(x.sum(1)).ravel())
+        np.add.at(s1, cov[:, 0], log_lib)
+        np.add.at(s2, cov[:, 0], log_lib**2)
+        np.add.at(n, cov[:, 0], 1)
+    mean = s1 / np.maximum(n, 1)
+    var = np.maximum(s2 / np.maximum(n, 1) - mean**2, 1e-4)
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(var, dtype=torch.float32)
+
+
+def pretrain(
+    cfg: PretrainConfig, out: str | os.PathLike, quiet: bool = False, resume: bool = True
+) -> tuple[TrainedModel, History]:
+    from tqdm.auto import tqdm
+
+    d, t = cfg.data, cfg.train
+    if not d.source:
+        raise ValueError("no data source: pass --source PATH (an .h5ad file or a SOMA experiment)")
+    source = open_source(d.source, obs_filter=d.obs_filter, layer=d.layer)
+    if len(source.obs) == 0:
+        raise ValueError(f"{d.source}: no cells pass the filter {d.obs_filter!r}")
+    labels = batch_labels(source.obs, list(d.batch_keys), d.source)
+    categories, codes = np.unique(labels.astype(str), return_inverse=True)
+    genes = choose_genes(source, d)
+    alignment = genes.align(source.var_ids, source.var_symbols, min_overlap=1.0)
+    train_rows, val_rows = split_rows(len(source.obs), t.train_fraction, t.seed)
+    cov = codes.reshape(-1, 1)
+    train_cells = Cells(source, train_rows, alignment, cov[train_rows])
+    val_cells = Cells(source, val_rows, alignment, cov[val_rows]) if len(val_rows) else None
+
+    m = cfg.model
+    model_cfg = ModelConfig(n_genes=len(genes), n_batches=len(categories), **asdict(m))
+    torch.manual_seed(t.seed)
+    vae = VAE(model_cfg)
+    if model_cfg.latent_library:
+        means, variances = library_prior(train_cells, len(categories))
+        vae.library_log_means.copy_(means)
+        vae.library_log_vars.copy_(variances)
+    vae.to(t.device)
+
+    def batches(cells: Cells, shuffle: bool, seed: int):
+        for _, x, c in cells.minibatches(t.batch_size, shuffle=shuffle, seed=seed):
+            yield minibatch_from_csr(x, c, t.device)
+
+    fingerprint = {"config": cfg.to_dict(), "genes": list(genes.ids), "n_cells": len(source.obs)}
+    ckpt = CheckpointStore(Path(f"{out}.checkpoint"), fingerprint) if resume else None
+    bar = tqdm(total=t.max_epochs, desc="pretrain", unit="epoch", disable=True if quiet else None)
+
+    def progress(s: EpochStats) -> None:
+        bar.n = s.epoch + 1
+        val = f"{s.val_elbo:.1f}" if s.val_elbo is not None else "-"
+        bar.set_postfix_str(f"cells/s={s.cells_per_s:,.0f} loss={s.train_loss:.1f} val_elbo={val}")
+
+    history = fit(
+        vae,
+        lambda epoch: batches(train_cells, True, t.seed * 1_000_003 + epoch),
+        (lambda: batches(val_cells, False, 0)) if val_cells is not None else None,
+        t,
+        ckpt,
+        progress,
+    )
+    bar.close()
+    provenance = {
+        "source": d.source,
+        "obs_filter": d.obs_filter,
+        "n_cells": len(source.obs),
+        "n_train_cells": len(train_rows),
+        "n_val_cells": len(val_rows),
+        "epochs": len(history.epochs),
+        "final_val_elbo": history.epochs[-1].val_elbo,
+        "final_train_loss": history.epochs[-1].train_loss,
+        "config": cfg.to_dict(),
+        "censusvi_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": py_platform.python_version(),
+    }
+    trained = TrainedModel(vae.cpu(), genes, tuple(d.batch_keys), tuple(categories.tolist()), provenance)
+    save_model(trained, out)
+    if ckpt is not None:
+        ckpt.remove()
+    return trained, history
