@@ -83,7 +83,15 @@ def highly_variable_genes(
     var = np.where(
         usable[:, None], (s2 - n_s[:, None] * mean**2) / np.maximum(n_s[:, None] - 1, 1), 0.0
     )
-    std = np.stack([_loess_std(mean[s], var[s]) if usable[s] else np.zeros(n_genes) for s in range(len(strata))])
+    std = np.zeros_like(mean)
+    for s in np.flatnonzero(usable):
+        try:
+            std[s] = _loess_std(mean[s], var[s])
+        except ValueError as e:  # skmisc: singular fit, typical of strata with few cells
+            usable[s] = False
+            log.warning("HVG: stratum %r (%d cells) skipped: loess fit failed (%s)", strata[s], int(n_s[s]), e)
+    if not usable.any():
+        raise ValueError(f"HVG selection failed in every stratum of {list(strata_keys)}; use fewer --hvg-keys")
     clip = mean + std * np.sqrt(n_s)[:, None]
 
     c1 = np.zeros_like(s1)

@@ -144,6 +144,8 @@ class SomaSource:
         self._joinids = self.obs["soma_joinid"].to_numpy()
         var = ms.var.read().concat().to_pandas().sort_values("soma_joinid")
         self._var_joinids = var["soma_joinid"].to_numpy()
+        self._col_of = np.full(int(self._var_joinids.max()) + 1, -1, dtype=np.int64)
+        self._col_of[self._var_joinids] = np.arange(len(self._var_joinids))
         self.var_ids = var["feature_id"].astype(str).tolist()
         self.var_symbols = var["feature_name"].astype(str).tolist()
         self._x: tiledbsoma.SparseNDArray = ms.X[x_layer]
@@ -151,8 +153,10 @@ class SomaSource:
     def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
         jid = self._joinids[rows]
         tbl = self._x.read(coords=(jid,)).tables().concat()
-        r = np.searchsorted(jid, tbl["soma_dim_0"].to_numpy())
-        c = np.searchsorted(self._var_joinids, tbl["soma_dim_1"].to_numpy())
+        row_of = np.full(int(jid[-1]) + 1, -1, dtype=np.int64)  # joinid -> row (sorted, so small)
+        row_of[jid] = np.arange(len(jid))
+        r = row_of[tbl["soma_dim_0"].to_numpy()]
+        c = self._col_of[tbl["soma_dim_1"].to_numpy()]
         v = tbl["soma_data"].to_numpy().astype(np.float32)
         return sp.csr_matrix((v, (r, c)), shape=(len(jid), len(self._var_joinids)))
 

@@ -29,6 +29,7 @@ from censusvi.model.likelihoods import (
     log_poisson,
     log_zinb_positive,
     nb_log_prob_sum_sparse,
+    nb_nll_from_logits,
     poisson_log_prob_sum_sparse,
 )
 
@@ -156,10 +157,16 @@ class VAE(nn.Module):
             return -log_zinb_positive(x, mu, gen.theta, gen.zi_logits_ng).sum(-1)
         return -log_poisson(x, mu).sum(-1)
 
-    def loss(self, mb: Minibatch, kl_weight: float = 1.0) -> LossOutput:
+    def loss(self, mb: Minibatch, kl_weight: float = 1.0, fused: bool = True) -> LossOutput:
+        """``fused``: NB from logits in one autograd node (same value; ``False`` for reference)."""
         inf = self.inference(mb.x_ng, mb.covariates_nc)
-        gen = self.generative(inf.z_nk, inf.log_library_n1, mb.covariates_nc)
-        rec_n = self.reconstruction_n(mb, gen)
+        if fused and mb.nz is not None and self.cfg.likelihood == "nb":
+            logits_ng, _ = self.decoder(inf.z_nk, mb.covariates_nc)
+            theta = self._theta(mb.covariates_nc)
+            rec_n = nb_nll_from_logits(logits_ng, inf.log_library_n1, theta, mb.nz)
+        else:
+            gen = self.generative(inf.z_nk, inf.log_library_n1, mb.covariates_nc)
+            rec_n = self.reconstruction_n(mb, gen)
         qz = Normal(inf.qz_mean_nk, inf.qz_var_nk.sqrt())
         kl_z_n = kl_divergence(qz, Normal(0.0, 1.0)).sum(-1)
         kl_l_n = torch.zeros_like(kl_z_n)

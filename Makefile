@@ -1,0 +1,31 @@
+# censusvi: `make demo` runs the main job on ../shared/data; `make test` passes the suite.
+SHELL := /bin/bash
+PY := .venv/bin/python
+DATA ?= ../shared/data
+DEMO_OUT ?= demo_out
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: setup demo test bench lint format clean
+
+setup:
+	@bash .ci/setup-venv
+
+demo: setup
+	$(PY) -m censusvi.demo --data $(DATA) --out $(DEMO_OUT)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/train_throughput.py
+
+lint: setup
+	.venv/bin/ruff check platform tests bench jobs
+	.venv/bin/ruff format --check platform tests bench jobs
+
+format: setup
+	.venv/bin/ruff format platform tests bench jobs
+	.venv/bin/ruff check --fix platform tests bench jobs
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache
