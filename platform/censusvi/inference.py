@@ -55,7 +55,7 @@ def latent_representation(
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(positions of embedded cells, latent means (n, k), gene report)."""
     cells, report = reference_cells(model, source)
-    pos, z = _stream(model, cells, batch_size, device, lambda v, mb: v.latent_mean(mb.x_ng, mb.covariates_nc))
+    pos, z = _stream(model, cells, batch_size, device, lambda v, mb: v.latent_mean(mb))
     return pos, z, report
 
 
@@ -76,7 +76,7 @@ def get_normalized_expression(
     cells, _ = reference_cells(model, source)
     pos, scale = _stream(
         model, cells, batch_size, device,
-        lambda v, mb: v.normalized_expression(mb.x_ng, mb.covariates_nc, library_size),
+        lambda v, mb: v.normalized_expression(mb, library_size),
     )
     if len(pos) != adata.n_obs:
         raise ValueError(f"{adata.n_obs - len(pos)} cells have zero counts over the model's genes")

@@ -119,12 +119,18 @@ class VAE(nn.Module):
         self.register_buffer("library_log_means", torch.zeros(cfg.n_batches))
         self.register_buffer("library_log_vars", torch.ones(cfg.n_batches))
 
-    def inference(self, x_ng: torch.Tensor, covariates_nc: torch.Tensor, sample: bool = True) -> Inference:
-        h_ng = torch.log1p(x_ng)
+    @property
+    def needs_dense_counts(self) -> bool:
+        """Whether the loss reads dense raw counts (ZINB); NB and Poisson use non-zeros only."""
+        return self.cfg.likelihood == "zinb"
+
+    def inference(self, mb: Minibatch, sample: bool = True) -> Inference:
+        """q(z|x) from log1p counts; the observed library is ``mb.log_library_n1``."""
+        h_ng, covariates_nc = mb.h_ng, mb.covariates_nc
         qz_m, qz_v = self.z_encoder(h_ng, covariates_nc)
         z = qz_m + qz_v.sqrt() * torch.randn_like(qz_m) if sample else qz_m
         if self.l_encoder is None:
-            return Inference(qz_m, qz_v, z, torch.log(x_ng.sum(1, keepdim=True)))
+            return Inference(qz_m, qz_v, z, mb.log_library_n1)
         ql_m, ql_v = self.l_encoder(h_ng, covariates_nc)
         log_lib = ql_m + ql_v.sqrt() * torch.randn_like(ql_m) if sample else ql_m
         return Inference(qz_m, qz_v, z, log_lib, ql_m, ql_v)
@@ -147,6 +153,8 @@ class VAE(nn.Module):
     def reconstruction_n(self, mb: Minibatch, gen: Generative) -> torch.Tensor:
         """-log p(x | z) per cell; the sparse path when non-zeros are given (same value)."""
         lik, x, mu = self.cfg.likelihood, mb.x_ng, gen.rate_ng
+        if x is None and (mb.nz is None or lik == "zinb"):
+            raise ValueError(f"the {lik} loss needs dense counts: build the minibatch with_counts=True")
         if mb.nz is not None and lik == "nb":
             return -nb_log_prob_sum_sparse(mb.nz, mu, gen.theta)
         if mb.nz is not None and lik == "poisson":
@@ -159,7 +167,7 @@ class VAE(nn.Module):
 
     def loss(self, mb: Minibatch, kl_weight: float = 1.0, fused: bool = True) -> LossOutput:
         """``fused``: NB from logits in one autograd node (same value; ``False`` for reference)."""
-        inf = self.inference(mb.x_ng, mb.covariates_nc)
+        inf = self.inference(mb)
         if fused and mb.nz is not None and self.cfg.likelihood == "nb":
             logits_ng, _ = self.decoder(inf.z_nk, mb.covariates_nc)
             theta = self._theta(mb.covariates_nc)
@@ -180,17 +188,15 @@ class VAE(nn.Module):
         return LossOutput(loss, rec_n, kl_z_n + kl_l_n)
 
     @torch.no_grad()
-    def latent_mean(self, x_ng: torch.Tensor, covariates_nc: torch.Tensor) -> torch.Tensor:
+    def latent_mean(self, mb: Minibatch) -> torch.Tensor:
         """Mean of q(z|x): the embedding (``obsm["X_scvi"]``)."""
-        return self.inference(x_ng, covariates_nc, sample=False).qz_mean_nk
+        return self.inference(mb, sample=False).qz_mean_nk
 
     @torch.no_grad()
-    def normalized_expression(
-        self, x_ng: torch.Tensor, covariates_nc: torch.Tensor, library_size: float | None = None
-    ) -> torch.Tensor:
+    def normalized_expression(self, mb: Minibatch, library_size: float | None = None) -> torch.Tensor:
         """Decoded gene scale at the posterior mean of z; times ``library_size`` if given."""
-        inf = self.inference(x_ng, covariates_nc, sample=False)
-        scale = self.generative(inf.z_nk, inf.log_library_n1, covariates_nc).scale_ng
+        inf = self.inference(mb, sample=False)
+        scale = self.generative(inf.z_nk, inf.log_library_n1, mb.covariates_nc).scale_ng
         return scale * library_size if library_size is not None else scale
 
 

@@ -162,7 +162,7 @@ def pretrain(
 
     def batches(cells: Cells, shuffle: bool, seed: int):
         for _, x, c in cells.minibatches(t.batch_size, shuffle=shuffle, seed=seed):
-            yield minibatch_from_csr(x, c, t.device)
+            yield minibatch_from_csr(x, c, t.device, with_counts=vae.needs_dense_counts)
 
     fingerprint = {"config": cfg.to_dict(), "genes": list(genes.ids), "n_cells": len(source.obs)}
     ckpt = CheckpointStore(Path(f"{out}.checkpoint"), fingerprint) if resume else None

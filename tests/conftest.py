@@ -1,0 +1,51 @@
+"""Shared fixtures: the bundled real data beside the repo, and small simulated counts."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CELLBENCH = SHARED / "cellbench_lung_celllines.h5ad"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    logging.getLogger("censusvi").setLevel(logging.INFO)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not CELLBENCH.exists():
+        pytest.fail(f"the bundled real data are missing: {SHARED} (expected beside the repo)")
+    return SHARED
+
+
+def simulated_adata(n_cells: int = 300, n_genes: int = 200, n_batches: int = 3, seed: int = 0) -> ad.AnnData:
+    """NB counts with two cell types and a batch shift; Ensembl-like ids in var['gene_ids']."""
+    rng = np.random.default_rng(seed)
+    kind = rng.integers(0, 2, n_cells)
+    batch = rng.integers(0, n_batches, n_cells)
+    base = rng.gamma(0.5, 1.0, (2, n_genes))
+    shift = rng.gamma(5.0, 0.2, (n_batches, n_genes))
+    mu = base[kind] * shift[batch] * rng.lognormal(1.5, 0.3, (n_cells, 1))
+    x = rng.negative_binomial(5, 5 / (5 + mu)).astype(np.float32)
+    x[:, 0] += 1  # no empty cells
+    obs = pd.DataFrame(
+        {"batch": [f"b{b}" for b in batch], "cell_type": [f"t{k}" for k in kind]},
+        index=[f"c{i}" for i in range(n_cells)],
+    )
+    var = pd.DataFrame(
+        {"gene_ids": [f"ENSG{i:011d}" for i in range(n_genes)]}, index=[f"G{i}" for i in range(n_genes)]
+    )
+    return ad.AnnData(sp.csr_matrix(x), obs=obs, var=var)
+
+
+@pytest.fixture
+def sim_adata() -> ad.AnnData:
+    return simulated_adata()

@@ -1,0 +1,50 @@
+"""The network: parameter counts as the Census model card, covariate injection, likelihood options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from censusvi.model.config import ModelConfig
+from censusvi.model.layers import InjectedLinear
+from censusvi.model.minibatch import Minibatch
+from censusvi.model.vae import VAE, n_parameters, n_parameters_scvi_tools
+
+
+def test_census_parameter_count():
+    """5,206,246 + 256 per batch as scvi-tools builds it; ~7.1 M at ~7,400 batches."""
+    for n_batches in (1, 7400):
+        cfg = ModelConfig(n_genes=8000, n_batches=n_batches)
+        assert n_parameters_scvi_tools(cfg) == 5_206_246 + 256 * n_batches
+        # censusvi leaves out l_encoder (1,024,642) and the two unused 128 x 8000 heads
+        assert n_parameters(VAE(cfg)) == 5_206_246 + 256 * n_batches - 1_024_642 - 2 * 1_032_000
+    assert abs(n_parameters_scvi_tools(ModelConfig(n_genes=8000, n_batches=7400)) - 7.1e6) < 0.1e6
+
+
+def test_injection_equals_one_hot_concatenation():
+    layer = InjectedLinear(5, 3, (4, 2))
+    h = torch.randn(6, 5)
+    cov = torch.tensor([[0, 1], [3, 0], [2, 1], [1, 1], [0, 0], [3, 1]])
+    one_hot = torch.cat([h, F.one_hot(cov[:, 0], 4).float(), F.one_hot(cov[:, 1], 2).float()], 1)
+    torch.testing.assert_close(layer(h, cov), layer.linear(one_hot))
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
+def test_losses_finite_and_shaped(likelihood):
+    cfg = ModelConfig(n_genes=40, n_batches=2, n_hidden=8, n_latent=3, likelihood=likelihood)
+    vae = VAE(cfg)
+    x = torch.poisson(torch.full((7, 40), 2.0))
+    mb = Minibatch.from_dense(x, torch.randint(0, 2, (7, 1)))
+    out = vae.loss(mb)
+    assert out.reconstruction_n.shape == (7,) and torch.isfinite(out.loss)
+    assert vae.latent_mean(mb).shape == (7, 3)
+    scale = vae.normalized_expression(mb)
+    torch.testing.assert_close(scale.sum(1), torch.ones(7))
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="likelihood='gamma'.*nb"):
+        ModelConfig(n_genes=10, n_batches=1, likelihood="gamma")
+    with pytest.raises(ValueError, match="dispersion='gene-cell'"):
+        ModelConfig(n_genes=10, n_batches=1, dispersion="gene-cell")
