@@ -47,7 +47,9 @@ def prepare(out: Path, data_dir: Path, n_cells: int, n_genes: int, reps: int, se
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, pool.n_obs, n_cells)
     x = sp.csr_matrix(pool.X[pick][:, hvg.genes], dtype=np.float32)
-    base = (pool.obs["dataset_id"].astype(str) + "|" + pool.obs["donor_id"].astype(str)).to_numpy()[pick]
+    base = (pool.obs["dataset_id"].astype(str) + "|" + pool.obs["donor_id"].astype(str)).to_numpy()[
+        pick
+    ]
     rep = rng.integers(0, reps, n_cells)  # split each real batch into replicate batches
     batch = np.array([f"{b}|rep{r}" for b, r in zip(base, rep)])
     cats, codes = np.unique(batch, return_inverse=True)
@@ -57,8 +59,15 @@ def prepare(out: Path, data_dir: Path, n_cells: int, n_genes: int, reps: int, se
     n_train = int(round(0.9 * x.shape[0]))
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(
-        out, indptr=x.indptr, indices=x.indices, data=x.data, shape=np.array(x.shape),
-        batch=codes, n_batches=len(cats), train=np.sort(perm[:n_train]), val=np.sort(perm[n_train:]),
+        out,
+        indptr=x.indptr,
+        indices=x.indices,
+        data=x.data,
+        shape=np.array(x.shape),
+        batch=codes,
+        n_batches=len(cats),
+        train=np.sort(perm[:n_train]),
+        val=np.sort(perm[n_train:]),
     )
 
 
@@ -78,7 +87,13 @@ def run_ours(data: Path, epochs: int, lr: float, device: str, threads: int) -> d
     from censusvi.model.config import ModelConfig
     from censusvi.model.minibatch import minibatch_from_csr
     from censusvi.model.vae import VAE
-    from censusvi.train.loop import TrainConfig, kl_weight, make_optimizer, train_epoch, validation_elbo
+    from censusvi.train.loop import (
+        TrainConfig,
+        kl_weight,
+        make_optimizer,
+        train_epoch,
+        validation_elbo,
+    )
 
     torch.set_num_threads(threads)
     x, batch, n_batches, train, val = load(data)
@@ -90,18 +105,26 @@ def run_ours(data: Path, epochs: int, lr: float, device: str, threads: int) -> d
     xt, ct = x[train], cov[train]
 
     def batches(rows_x, rows_c, shuffle, seed):
-        order = np.random.default_rng(seed).permutation(rows_x.shape[0]) if shuffle else np.arange(rows_x.shape[0])
+        order = (
+            np.random.default_rng(seed).permutation(rows_x.shape[0])
+            if shuffle
+            else np.arange(rows_x.shape[0])
+        )
         for s in range(0, len(order), cfg.batch_size):
             sel = order[s : s + cfg.batch_size]
             if len(sel) >= 3:
-                yield minibatch_from_csr(rows_x[sel], rows_c[sel], device, with_counts=vae.needs_dense_counts)
+                yield minibatch_from_csr(
+                    rows_x[sel], rows_c[sel], device, with_counts=vae.needs_dense_counts
+                )
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     epoch_s = []
     for epoch in range(epochs):
         sync()
         t0 = time.perf_counter()
-        train_epoch(vae, opt, batches(xt, ct, True, epoch), kl_weight(epoch, cfg.n_epochs_kl_warmup))
+        train_epoch(
+            vae, opt, batches(xt, ct, True, epoch), kl_weight(epoch, cfg.n_epochs_kl_warmup)
+        )
         sync()
         epoch_s.append(time.perf_counter() - t0)
     val_elbo = validation_elbo(vae, batches(x[val], cov[val], False, 0))
@@ -141,8 +164,15 @@ def run_scvi(data: Path, epochs: int, lr: float, device: str, threads: int) -> d
     adata.obs_names = adata.obs_names.astype(str)
     tr = adata[train].copy()
     scvi.model.SCVI.setup_anndata(tr, batch_key="batch")
-    model = scvi.model.SCVI(tr, n_hidden=128, n_latent=50, n_layers=2, gene_likelihood="nb",
-                            dropout_rate=0.1, encode_covariates=False)
+    model = scvi.model.SCVI(
+        tr,
+        n_hidden=128,
+        n_latent=50,
+        n_layers=2,
+        gene_likelihood="nb",
+        dropout_rate=0.1,
+        encode_covariates=False,
+    )
 
     class EpochTimer(pl.Callback):
         def __init__(self) -> None:
@@ -156,10 +186,17 @@ def run_scvi(data: Path, epochs: int, lr: float, device: str, threads: int) -> d
 
     timer = EpochTimer()
     model.train(
-        max_epochs=epochs, batch_size=1024, train_size=1.0, early_stopping=False,
-        accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1,
-        plan_kwargs={"lr": lr, "n_epochs_kl_warmup": 20}, callbacks=[timer],
-        enable_progress_bar=False, logger=False, enable_checkpointing=False,
+        max_epochs=epochs,
+        batch_size=1024,
+        train_size=1.0,
+        early_stopping=False,
+        accelerator="gpu" if device.startswith("cuda") else "cpu",
+        devices=1,
+        plan_kwargs={"lr": lr, "n_epochs_kl_warmup": 20},
+        callbacks=[timer],
+        enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
     )
     va = adata[val].copy()
     model.module.eval()
@@ -181,8 +218,24 @@ def run_scvi(data: Path, epochs: int, lr: float, device: str, threads: int) -> d
 def in_subprocess(which: str, a: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        cmd = [sys.executable, __file__, "--run", which, "--data", str(a.data), "--epochs", str(a.epochs),
-               "--lr", str(a.lr), "--device", a.device, "--threads", str(a.threads), "--json", str(out)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--run",
+            which,
+            "--data",
+            str(a.data),
+            "--epochs",
+            str(a.epochs),
+            "--lr",
+            str(a.lr),
+            "--device",
+            a.device,
+            "--threads",
+            str(a.threads),
+            "--json",
+            str(out),
+        ]
         subprocess.run(cmd, check=True)
         return json.loads(out.read_text())
 
@@ -212,19 +265,30 @@ def main() -> int:
             print(f"censusvi training cells/s: {r['train_cells_per_s']:.0f}")
         return 0
     x, batch, n_batches, train, val = load(a.data)
-    print(f"data: {x.shape[0]} cells x {x.shape[1]} genes, {x.nnz / np.prod(x.shape):.1%} non-zero, "
-          f"{n_batches} batches; {len(train)} train / {len(val)} val; {a.epochs} epochs, lr {a.lr}, "
-          f"device {a.device}, {a.threads} threads", flush=True)
+    print(
+        f"data: {x.shape[0]} cells x {x.shape[1]} genes, {x.nnz / np.prod(x.shape):.1%} non-zero, "
+        f"{n_batches} batches; {len(train)} train / {len(val)} val; {a.epochs} epochs, lr {a.lr}, "
+        f"device {a.device}, {a.threads} threads",
+        flush=True,
+    )
     results = [in_subprocess("scvi", a), in_subprocess("ours", a)]
-    print(f"{'framework':22s} {'train cells/s':>14s} {'infer cells/s':>14s} {'val -ELBO':>10s} {'peak RSS MB':>12s}")
+    print(
+        f"{'framework':22s} {'train cells/s':>14s} {'infer cells/s':>14s} {'val -ELBO':>10s} {'peak RSS MB':>12s}"
+    )
     for r in results:
-        print(f"{r['framework']:22s} {r['train_cells_per_s']:14,.0f} {r['infer_cells_per_s']:14,.0f} "
-              f"{r['val_elbo']:10.2f} {r['peak_rss_mb']:12,.0f}")
+        print(
+            f"{r['framework']:22s} {r['train_cells_per_s']:14,.0f} {r['infer_cells_per_s']:14,.0f} "
+            f"{r['val_elbo']:10.2f} {r['peak_rss_mb']:12,.0f}"
+        )
     theirs, ours = results
     gap = (ours["val_elbo"] - theirs["val_elbo"]) / abs(theirs["val_elbo"])
     print(f"validation ELBO difference (ours - scvi-tools, relative): {gap:+.2%}")
-    print(f"inference speedup vs scvi-tools: {ours['infer_cells_per_s'] / theirs['infer_cells_per_s']:.2f}")
-    print(f"training speedup vs scvi-tools: {ours['train_cells_per_s'] / theirs['train_cells_per_s']:.2f}")
+    print(
+        f"inference speedup vs scvi-tools: {ours['infer_cells_per_s'] / theirs['infer_cells_per_s']:.2f}"
+    )
+    print(
+        f"training speedup vs scvi-tools: {ours['train_cells_per_s'] / theirs['train_cells_per_s']:.2f}"
+    )
     return 0
 
 

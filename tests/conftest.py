@@ -26,7 +26,9 @@ def shared_data() -> Path:
     return SHARED
 
 
-def simulated_adata(n_cells: int = 300, n_genes: int = 200, n_batches: int = 3, seed: int = 0) -> ad.AnnData:
+def simulated_adata(
+    n_cells: int = 300, n_genes: int = 200, n_batches: int = 3, seed: int = 0
+) -> ad.AnnData:
     """NB counts with two cell types and a batch shift; Ensembl-like ids in var['gene_ids']."""
     rng = np.random.default_rng(seed)
     kind = rng.integers(0, 2, n_cells)
@@ -41,7 +43,8 @@ def simulated_adata(n_cells: int = 300, n_genes: int = 200, n_batches: int = 3, 
         index=[f"c{i}" for i in range(n_cells)],
     )
     var = pd.DataFrame(
-        {"gene_ids": [f"ENSG{i:011d}" for i in range(n_genes)]}, index=[f"G{i}" for i in range(n_genes)]
+        {"gene_ids": [f"ENSG{i:011d}" for i in range(n_genes)]},
+        index=[f"G{i}" for i in range(n_genes)],
     )
     return ad.AnnData(sp.csr_matrix(x), obs=obs, var=var)
 

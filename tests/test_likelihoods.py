@@ -20,7 +20,6 @@ from censusvi.model.likelihoods import (
 from censusvi.model.minibatch import Minibatch, minibatch_from_csr
 from censusvi.model.vae import VAE
 
-torch.set_default_dtype(torch.float64)
 RNG = np.random.default_rng(0)
 X = RNG.negative_binomial(2, 0.3, (20, 30)).astype(np.float64) * (RNG.random((20, 30)) < 0.4)
 MU = RNG.gamma(2.0, 2.0, (20, 30))
@@ -77,8 +76,15 @@ def test_fused_nb_loss_and_gradients_equal_dense_formula(dispersion, latent_libr
     """The fast path must be the same model: loss and every gradient equal the dense scVI formula."""
     x = sp.csr_matrix(X)
     cov = RNG.integers(0, 3, (20, 1))
-    cfg = ModelConfig(n_genes=30, n_batches=3, n_hidden=16, n_latent=4, dispersion=dispersion,
-                      latent_library=latent_library, dropout_rate=0.0)
+    cfg = ModelConfig(
+        n_genes=30,
+        n_batches=3,
+        n_hidden=16,
+        n_latent=4,
+        dispersion=dispersion,
+        latent_library=latent_library,
+        dropout_rate=0.0,
+    )
     torch.manual_seed(0)
     vae = VAE(cfg).double()
     dense = Minibatch.from_dense(torch.tensor(X), torch.tensor(cov))

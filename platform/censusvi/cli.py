@@ -50,11 +50,18 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     cfg = load_pretrain_config(a.config, {"data": data, "train": train, "model": model})
     trained, history = pretrain(cfg, a.out, quiet=a.quiet, resume=not a.no_resume)
     last = history.epochs[-1]
-    print(json.dumps({
-        "model": str(a.out), "epochs": len(history.epochs), "final_train_loss": round(last.train_loss, 3),
-        "final_val_elbo": None if last.val_elbo is None else round(last.val_elbo, 3),
-        "n_genes": len(trained.genes), "n_batches": len(trained.batch_categories),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": str(a.out),
+                "epochs": len(history.epochs),
+                "final_train_loss": round(last.train_loss, 3),
+                "final_val_elbo": None if last.val_elbo is None else round(last.val_elbo, 3),
+                "n_genes": len(trained.genes),
+                "n_batches": len(trained.batch_categories),
+            }
+        )
+    )
     return 0
 
 
@@ -89,12 +96,18 @@ def cmd_info(a: argparse.Namespace) -> int:
         return 0
     arch = info["architecture"]
     print(f"censusvi scVI model {a.model}")
-    print(f"  genes {info['n_genes']}, batches {info['n_batches']} (keys {','.join(info['batch_keys'])})")
-    print(f"  encoder {arch['n_layers']} x {arch['n_hidden']} -> latent {arch['n_latent']}; "
-          f"likelihood {arch['likelihood']}, dispersion {arch['dispersion']}, "
-          f"library {'latent' if arch['latent_library'] else 'observed'}")
-    print(f"  parameters {info['n_parameters']:,} ({info['n_parameters_scvi_tools']:,} as scvi-tools "
-          "builds it, with heads this likelihood never uses)")
+    print(
+        f"  genes {info['n_genes']}, batches {info['n_batches']} (keys {','.join(info['batch_keys'])})"
+    )
+    print(
+        f"  encoder {arch['n_layers']} x {arch['n_hidden']} -> latent {arch['n_latent']}; "
+        f"likelihood {arch['likelihood']}, dispersion {arch['dispersion']}, "
+        f"library {'latent' if arch['latent_library'] else 'observed'}"
+    )
+    print(
+        f"  parameters {info['n_parameters']:,} ({info['n_parameters_scvi_tools']:,} as scvi-tools "
+        "builds it, with heads this likelihood never uses)"
+    )
     for k, v in info["provenance"].items():
         print(f"  {k}: {v}")
     return 0
@@ -105,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("ingest", help="build a local SOMA experiment (Census schema) from .h5ad files")
+    s = sub.add_parser(
+        "ingest", help="build a local SOMA experiment (Census schema) from .h5ad files"
+    )
     s.add_argument("files", nargs="+")
     s.add_argument("--out", required=True, help="DIR.soma to create")
     s.set_defaults(fn=cmd_ingest)

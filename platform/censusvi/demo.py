@@ -51,11 +51,19 @@ def run(data: Path, out: Path, max_epochs: int | None = None) -> dict:
         embedded = out / f"{name}.embedded.h5ad"
         step(["embed", "--model", str(model), "--data", str(census_h5ad), "--out", str(embedded)])
         a = ad.read_h5ad(embedded)
-        results.update(per_group_scores(a.obsm["X_scvi"], a.obs["cell_type"].to_numpy(), a.obs["dataset_id"].to_numpy()))
-    print("\nLatent space, per dataset (labelled cells; kNN k=15 leave-one-out; silhouette in [-1, 1]):")
+        results.update(
+            per_group_scores(
+                a.obsm["X_scvi"], a.obs["cell_type"].to_numpy(), a.obs["dataset_id"].to_numpy()
+            )
+        )
+    print(
+        "\nLatent space, per dataset (labelled cells; kNN k=15 leave-one-out; silhouette in [-1, 1]):"
+    )
     print(f"{'dataset':34s} {'cells':>6s} {'types':>5s} {'kNN acc':>8s} {'silhouette':>10s}")
     for name, r in results.items():
-        print(f"{name:34s} {r['n_cells']:6d} {r['n_types']:5d} {r['knn_accuracy']:8.3f} {r['silhouette']:10.3f}")
+        print(
+            f"{name:34s} {r['n_cells']:6d} {r['n_types']:5d} {r['knn_accuracy']:8.3f} {r['silhouette']:10.3f}"
+        )
     summary = {"wall_s": round(time.perf_counter() - t0, 1), "per_dataset": results}
     (out / "demo_metrics.json").write_text(json.dumps(summary, indent=1))
     print(f"\ndemo finished in {summary['wall_s']} s; metrics in {out / 'demo_metrics.json'}")

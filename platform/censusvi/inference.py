@@ -36,7 +36,9 @@ def reference_cells(
     return cells, alignment.report()
 
 
-def _stream(model: TrainedModel, cells: Cells, batch_size: int, device: str, fn) -> tuple[np.ndarray, np.ndarray]:
+def _stream(
+    model: TrainedModel, cells: Cells, batch_size: int, device: str, fn
+) -> tuple[np.ndarray, np.ndarray]:
     """Apply ``fn(vae, minibatch)`` to every non-empty cell; returns (kept positions, stacked rows)."""
     vae = model.vae.to(device).eval()
     pos_out, rows_out = [], []
@@ -75,7 +77,10 @@ def get_normalized_expression(
     source = H5adSource("<AnnData>", adata=adata, layer=layer)
     cells, _ = reference_cells(model, source)
     pos, scale = _stream(
-        model, cells, batch_size, device,
+        model,
+        cells,
+        batch_size,
+        device,
         lambda v, mb: v.normalized_expression(mb, library_size),
     )
     if len(pos) != adata.n_obs:
@@ -112,8 +117,12 @@ def embed(
     source = H5adSource(data, adata=adata, layer=layer)
     pos, z, report = latent_representation(model, source, batch_size)
     if len(pos) < adata.n_obs:
-        log.warning("%s: %d of %d cells had no counts over the model's genes and are left out",
-                    data, adata.n_obs - len(pos), adata.n_obs)
+        log.warning(
+            "%s: %d of %d cells had no counts over the model's genes and are left out",
+            data,
+            adata.n_obs - len(pos),
+            adata.n_obs,
+        )
         adata = adata[np.sort(pos)].copy()
         z = z[np.argsort(pos)]
     else:

@@ -68,7 +68,11 @@ class Cells:
         n = len(self.rows)
         if self.preload or not shuffle:
             order = rng.permutation(n) if shuffle else np.arange(n)
-            groups = [order] if self.preload else np.array_split(order, max(1, -(-n // self.io_batch_cells)))
+            groups = (
+                [order]
+                if self.preload
+                else np.array_split(order, max(1, -(-n // self.io_batch_cells)))
+            )
         else:
             starts = np.arange(0, n, self.shuffle_chunk)
             chunks = [np.arange(s, min(s + self.shuffle_chunk, n)) for s in rng.permutation(starts)]
@@ -90,4 +94,8 @@ class Cells:
                     continue  # batch norm needs >1 cell; scvi-tools also skips tiny last batches
                 yield pos, xb, self.covariates_nc[pos]
         if n_empty:
-            log.warning("%s: skipped %d cells with zero counts over the model's genes", self.source.uri, n_empty)
+            log.warning(
+                "%s: skipped %d cells with zero counts over the model's genes",
+                self.source.uri,
+                n_empty,
+            )

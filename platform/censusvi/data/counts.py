@@ -25,7 +25,9 @@ def check_counts(x: sp.csr_matrix, where: str) -> None:
         return
     if not np.isfinite(v).all():
         n_bad = int((~np.isfinite(v)).sum())
-        raise CountsError(f"{where}: {n_bad} NaN or infinite values; raw counts are finite integers")
+        raise CountsError(
+            f"{where}: {n_bad} NaN or infinite values; raw counts are finite integers"
+        )
     if (v < 0).any():
         raise CountsError(
             f"{where}: negative values (min {v.min():g}); the data look centred or scaled, not raw "

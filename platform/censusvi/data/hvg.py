@@ -89,9 +89,16 @@ def highly_variable_genes(
             std[s] = _loess_std(mean[s], var[s])
         except ValueError as e:  # skmisc: singular fit, typical of strata with few cells
             usable[s] = False
-            log.warning("HVG: stratum %r (%d cells) skipped: loess fit failed (%s)", strata[s], int(n_s[s]), e)
+            log.warning(
+                "HVG: stratum %r (%d cells) skipped: loess fit failed (%s)",
+                strata[s],
+                int(n_s[s]),
+                e,
+            )
     if not usable.any():
-        raise ValueError(f"HVG selection failed in every stratum of {list(strata_keys)}; use fewer --hvg-keys")
+        raise ValueError(
+            f"HVG selection failed in every stratum of {list(strata_keys)}; use fewer --hvg-keys"
+        )
     clip = mean + std * np.sqrt(n_s)[:, None]
 
     c1 = np.zeros_like(s1)

@@ -42,7 +42,9 @@ def census_obs(adata: ad.AnnData, dataset_id: str, x: sp.csr_matrix) -> pd.DataF
     """The Census obs columns for one file's cells, filled from aliases or defaults."""
     obs = pd.DataFrame(index=[f"{dataset_id}:{n}" for n in adata.obs_names])
     src = adata.obs
-    obs["dataset_id"] = src["dataset_id"].astype(str).to_numpy() if "dataset_id" in src else dataset_id
+    obs["dataset_id"] = (
+        src["dataset_id"].astype(str).to_numpy() if "dataset_id" in src else dataset_id
+    )
     for col, aliases in OBS_ALIASES.items():
         found = next((a for a in aliases if a in src.columns), None)
         default = "cell" if col == "suspension_type" else "unknown"
@@ -87,18 +89,32 @@ def ingest(files: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     try:
         adatas = [harmonise(f) for f in files]
         mapping = tiledbsoma.io.register_anndatas(
-            None, adatas, measurement_name=MEASUREMENT, obs_field_name="obs_id",
+            None,
+            adatas,
+            measurement_name=MEASUREMENT,
+            obs_field_name="obs_id",
             var_field_name="feature_id",
         )
         tiledbsoma.io.from_anndata(
-            str(tmp), adatas[0], MEASUREMENT, ingest_mode="schema_only", X_layer_name=X_LAYER,
-            obs_id_name="obs_id", var_id_name="feature_id", registration_mapping=mapping,
+            str(tmp),
+            adatas[0],
+            MEASUREMENT,
+            ingest_mode="schema_only",
+            X_layer_name=X_LAYER,
+            obs_id_name="obs_id",
+            var_id_name="feature_id",
+            registration_mapping=mapping,
         )
         mapping.prepare_experiment(str(tmp))
         for a in adatas:
             tiledbsoma.io.from_anndata(
-                str(tmp), a, MEASUREMENT, X_layer_name=X_LAYER, obs_id_name="obs_id",
-                var_id_name="feature_id", registration_mapping=mapping,
+                str(tmp),
+                a,
+                MEASUREMENT,
+                X_layer_name=X_LAYER,
+                obs_id_name="obs_id",
+                var_id_name="feature_id",
+                registration_mapping=mapping,
             )
         os.rename(tmp, out)
     finally:
@@ -119,7 +135,9 @@ def open_experiment(uri: str):
         census = cellxgene_census.open_soma(census_version=version)
         return census["census_data"]["homo_sapiens"]
     if "://" not in uri and not Path(uri).exists():
-        raise FileNotFoundError(f"{uri}: no such SOMA experiment (build one with `censusvi ingest`)")
+        raise FileNotFoundError(
+            f"{uri}: no such SOMA experiment (build one with `censusvi ingest`)"
+        )
     try:
         return tiledbsoma.Experiment.open(uri)
     except Exception as e:
@@ -139,7 +157,9 @@ class SomaSource:
             obs = self.exp.obs.read(value_filter=obs_filter).concat().to_pandas()
         except Exception as e:
             cols = list(self.exp.obs.schema.names)
-            raise ValueError(f"obs filter {obs_filter!r} failed on {uri}: {e}; obs has {cols}") from e
+            raise ValueError(
+                f"obs filter {obs_filter!r} failed on {uri}: {e}; obs has {cols}"
+            ) from e
         self.obs = obs.sort_values("soma_joinid").reset_index(drop=True)
         self._joinids = self.obs["soma_joinid"].to_numpy()
         var = ms.var.read().concat().to_pandas().sort_values("soma_joinid")

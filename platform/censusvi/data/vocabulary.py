@@ -77,7 +77,9 @@ class GeneVocabulary:
         min_overlap: float = DEFAULT_MIN_OVERLAP,
     ) -> GeneAlignment:
         """Match the dataset's genes to this vocabulary; raise if too few match."""
-        data_ids = [str(i) if i is not None and str(i) not in ("", "nan", "None") else "" for i in data_ids]
+        data_ids = [
+            str(i) if i is not None and str(i) not in ("", "nan", "None") else "" for i in data_ids
+        ]
         by_id = {gid: j for j, gid in enumerate(data_ids) if gid}
         by_sym: dict[str, int] = {}
         if data_symbols is not None:
@@ -93,7 +95,11 @@ class GeneVocabulary:
                 index[m], n_sym = by_sym[sym], n_sym + 1
         al = GeneAlignment(index, len(self.ids), n_id, n_sym, len(data_ids))
         if al.overlap < min_overlap:
-            expected = "Ensembl ids (e.g. ENSG00000141510)" if _looks_like_ensembl(self.ids) else "gene ids"
+            expected = (
+                "Ensembl ids (e.g. ENSG00000141510)"
+                if _looks_like_ensembl(self.ids)
+                else "gene ids"
+            )
             found = [i for i in data_ids[:3] if i] or [str(s) for s in (data_symbols or [])[:3]]
             raise ValueError(
                 f"only {al.n_matched} of the model's {len(self.ids)} genes "

@@ -26,7 +26,9 @@ def knn_label_accuracy(z: np.ndarray, labels: np.ndarray, k: int = 15) -> float:
     return float((cats[votes.argmax(1)] == labels).mean())
 
 
-def label_silhouette(z: np.ndarray, labels: np.ndarray, seed: int = 0, max_cells: int = 20000) -> float:
+def label_silhouette(
+    z: np.ndarray, labels: np.ndarray, seed: int = 0, max_cells: int = 20000
+) -> float:
     """Silhouette width of the labels in [-1, 1] (higher: types better separated)."""
     labels = np.asarray(labels).astype(str)
     if len(np.unique(labels)) < 2:
@@ -34,7 +36,9 @@ def label_silhouette(z: np.ndarray, labels: np.ndarray, seed: int = 0, max_cells
     return float(silhouette_score(z, labels, sample_size=min(max_cells, len(z)), random_state=seed))
 
 
-def per_group_scores(z: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict[str, dict[str, float]]:
+def per_group_scores(
+    z: np.ndarray, labels: np.ndarray, groups: np.ndarray
+) -> dict[str, dict[str, float]]:
     """kNN accuracy and silhouette within each group (e.g. dataset) of labelled cells."""
     labels, groups = np.asarray(labels).astype(str), np.asarray(groups).astype(str)
     out: dict[str, dict[str, float]] = {}

@@ -58,5 +58,7 @@ class ModelConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown model settings {unknown}; this censusvi knows {sorted(known)}")
+            raise ValueError(
+                f"unknown model settings {unknown}; this censusvi knows {sorted(known)}"
+            )
         return cls(**d)

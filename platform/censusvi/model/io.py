@@ -41,7 +41,9 @@ class TrainedModel:
     def __post_init__(self) -> None:
         cfg = self.vae.cfg
         if len(self.genes) != cfg.n_genes:
-            raise ValueError(f"{len(self.genes)} genes in the vocabulary but the model has {cfg.n_genes}")
+            raise ValueError(
+                f"{len(self.genes)} genes in the vocabulary but the model has {cfg.n_genes}"
+            )
         if len(self.batch_categories) != cfg.n_batches:
             raise ValueError(
                 f"{len(self.batch_categories)} batch categories but the model has {cfg.n_batches}"
@@ -118,7 +120,9 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     try:
         d = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file} is not valid JSON ({e}); the model directory is damaged") from e
+        raise ValueError(
+            f"{cfg_file} is not valid JSON ({e}); the model directory is damaged"
+        ) from e
     if d.get("format") != FORMAT or d.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(
             f"{cfg_file}: format {d.get('format')!r} v{d.get('format_version')} is not a "
@@ -135,7 +139,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
     try:
         state = load_file(str(path / WEIGHTS_FILE), device=str(device))
     except (FileNotFoundError, SafetensorError, OSError) as e:
-        raise ValueError(f"cannot read {path / WEIGHTS_FILE}: {e}. The model directory is damaged") from e
+        raise ValueError(
+            f"cannot read {path / WEIGHTS_FILE}: {e}. The model directory is damaged"
+        ) from e
     expected = vae.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

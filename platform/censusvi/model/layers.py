@@ -23,7 +23,9 @@ class InjectedLinear(nn.Module):
         self.n_in = n_in
         self.linear = nn.Linear(n_in + sum(covariate_sizes), n_out)
         offsets = torch.tensor([0, *covariate_sizes[:-1]], dtype=torch.long).cumsum(0)
-        self.register_buffer("offsets", offsets if covariate_sizes else offsets[:0], persistent=False)
+        self.register_buffer(
+            "offsets", offsets if covariate_sizes else offsets[:0], persistent=False
+        )
 
     def forward(self, h_ni: torch.Tensor, covariates_nc: torch.Tensor | None) -> torch.Tensor:
         w = self.linear.weight
@@ -55,9 +57,7 @@ class FCLayers(nn.Module):
         self.linears = nn.ModuleList(
             InjectedLinear(a, b, covariate_sizes) for a, b in zip(sizes[:-1], sizes[1:])
         )
-        self.norms = nn.ModuleList(
-            nn.BatchNorm1d(b, momentum=0.01, eps=1e-3) for b in sizes[1:]
-        )
+        self.norms = nn.ModuleList(nn.BatchNorm1d(b, momentum=0.01, eps=1e-3) for b in sizes[1:])
         self.dropout = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
 
     def forward(self, h: torch.Tensor, covariates_nc: torch.Tensor | None) -> torch.Tensor:

@@ -153,12 +153,16 @@ class _NBNllFromLogits(torch.autograd.Function):
             - torch.lgamma(x + 1)
         )
         nll_n = dense_n - torch.zeros_like(dense_n).index_add_(0, row, sparse_e)
-        ctx.save_for_backward(s_ng, mu_ng, tpm_ng, log_tpm_ng, theta, row, col, flat, x, mu_e, tpm_e, th_e)
+        ctx.save_for_backward(
+            s_ng, mu_ng, tpm_ng, log_tpm_ng, theta, row, col, flat, x, mu_e, tpm_e, th_e
+        )
         return nll_n
 
     @staticmethod
     def backward(ctx, grad_n):  # noqa: D102
-        s_ng, mu_ng, tpm_ng, log_tpm_ng, theta, row, col, flat, x, mu_e, tpm_e, th_e = ctx.saved_tensors
+        s_ng, mu_ng, tpm_ng, log_tpm_ng, theta, row, col, flat, x, mu_e, tpm_e, th_e = (
+            ctx.saved_tensors
+        )
         per_gene = theta.dim() == 1
         g_n1 = grad_n[:, None]
         theta_over_tpm = theta / tpm_ng

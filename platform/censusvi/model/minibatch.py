@@ -38,7 +38,9 @@ class Minibatch:
     @classmethod
     def from_dense(cls, x_ng: torch.Tensor, covariates_nc: torch.Tensor) -> Minibatch:
         """From dense counts (tests, small inputs): no non-zero list, dense likelihood path."""
-        return cls(torch.log1p(x_ng), torch.log(x_ng.sum(1, keepdim=True)), covariates_nc, None, x_ng)
+        return cls(
+            torch.log1p(x_ng), torch.log(x_ng.sum(1, keepdim=True)), covariates_nc, None, x_ng
+        )
 
 
 def _dense(indptr, col, val, shape, device: torch.device) -> torch.Tensor:
@@ -64,7 +66,9 @@ def minibatch_from_csr(
     col = torch.from_numpy(x.indices.astype(np.int64)).to(device)
     val = torch.from_numpy(values).to(device)
     if device.type == "cpu":
-        h_ng = torch.from_numpy(sp.csr_matrix((log_values, x.indices, x.indptr), shape=x.shape).toarray())
+        h_ng = torch.from_numpy(
+            sp.csr_matrix((log_values, x.indices, x.indptr), shape=x.shape).toarray()
+        )
         x_ng = torch.from_numpy(x.toarray()) if with_counts else None
         row = torch.from_numpy(np.repeat(np.arange(n, dtype=np.int64), np.diff(x.indptr)))
     else:

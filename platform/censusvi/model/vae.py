@@ -22,9 +22,7 @@ from torch.nn import functional as F
 
 from censusvi.model.config import ModelConfig
 from censusvi.model.layers import FCLayers
-from censusvi.model.minibatch import Minibatch
 from censusvi.model.likelihoods import (
-    NonZeros,
     log_nb_positive,
     log_poisson,
     log_zinb_positive,
@@ -32,6 +30,7 @@ from censusvi.model.likelihoods import (
     nb_nll_from_logits,
     poisson_log_prob_sum_sparse,
 )
+from censusvi.model.minibatch import Minibatch
 
 VAR_EPS = 1e-4  # scvi-tools' floor on the posterior variance; keeps q(z|x) from collapsing
 
@@ -154,7 +153,9 @@ class VAE(nn.Module):
         """-log p(x | z) per cell; the sparse path when non-zeros are given (same value)."""
         lik, x, mu = self.cfg.likelihood, mb.x_ng, gen.rate_ng
         if x is None and (mb.nz is None or lik == "zinb"):
-            raise ValueError(f"the {lik} loss needs dense counts: build the minibatch with_counts=True")
+            raise ValueError(
+                f"the {lik} loss needs dense counts: build the minibatch with_counts=True"
+            )
         if mb.nz is not None and lik == "nb":
             return -nb_log_prob_sum_sparse(mb.nz, mu, gen.theta)
         if mb.nz is not None and lik == "poisson":
@@ -193,7 +194,9 @@ class VAE(nn.Module):
         return self.inference(mb, sample=False).qz_mean_nk
 
     @torch.no_grad()
-    def normalized_expression(self, mb: Minibatch, library_size: float | None = None) -> torch.Tensor:
+    def normalized_expression(
+        self, mb: Minibatch, library_size: float | None = None
+    ) -> torch.Tensor:
         """Decoded gene scale at the posterior mean of z; times ``library_size`` if given."""
         inf = self.inference(mb, sample=False)
         scale = self.generative(inf.z_nk, inf.log_library_n1, mb.covariates_nc).scale_ng

@@ -32,8 +32,10 @@ class CheckpointStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
         try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()},
-                      str(tmp / "weights.safetensors"))
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()},
+                str(tmp / "weights.safetensors"),
+            )
             torch.save(opt.state_dict(), tmp / "optimizer.pt")  # tensors and numbers only
             (tmp / "state.json").write_text(json.dumps({"fingerprint": self.fingerprint, **state}))
             old = self.path.with_name(f".{self.path.name}.old")
@@ -50,7 +52,8 @@ class CheckpointStore:
         state = json.loads((self.path / "state.json").read_text())
         if state.get("fingerprint") != self.fingerprint:
             diff = sorted(
-                k for k in set(self.fingerprint) | set(state.get("fingerprint", {}))
+                k
+                for k in set(self.fingerprint) | set(state.get("fingerprint", {}))
                 if self.fingerprint.get(k) != state.get("fingerprint", {}).get(k)
             )
             raise ValueError(
@@ -59,7 +62,9 @@ class CheckpointStore:
             )
         device = next(vae.parameters()).device
         vae.load_state_dict(load_file(str(self.path / "weights.safetensors"), device=str(device)))
-        opt.load_state_dict(torch.load(self.path / "optimizer.pt", weights_only=True, map_location=device))
+        opt.load_state_dict(
+            torch.load(self.path / "optimizer.pt", weights_only=True, map_location=device)
+        )
         return state
 
     def remove(self) -> None:

@@ -43,7 +43,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1 or self.batch_size < 3:
-            raise ValueError(f"max_epochs={self.max_epochs}, batch_size={self.batch_size}: need >=1 and >=3")
+            raise ValueError(
+                f"max_epochs={self.max_epochs}, batch_size={self.batch_size}: need >=1 and >=3"
+            )
         if not 0.0 < self.train_fraction <= 1.0:
             raise ValueError(f"train_fraction={self.train_fraction} must be in (0, 1]")
 
@@ -89,7 +91,10 @@ def train_epoch(
         if on_step is not None:
             on_step(mb.n_cells, out.loss.item())
     if n == 0:
-        raise ValueError("no training cells left after filtering; check the data and the filter")
+        raise ValueError(
+            "no training cells: every cell has zero counts over the model's genes (or none passed "
+            "the filter); check that X holds raw counts and that the filter keeps cells"
+        )
     return total / n, n
 
 
@@ -122,7 +127,12 @@ class History:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> History:
-        return cls([EpochStats(**e) for e in d["epochs"]], d["best_val"], d["bad_epochs"], d["stopped_early"])
+        return cls(
+            [EpochStats(**e) for e in d["epochs"]],
+            d["best_val"],
+            d["bad_epochs"],
+            d["stopped_early"],
+        )
 
 
 def fit(
@@ -160,7 +170,9 @@ def fit(
             history.bad_epochs += 1
         if cfg.early_stopping and history.bad_epochs >= cfg.patience:
             history.stopped_early = True
-            log.info("early stopping at epoch %d: no improvement for %d epochs", epoch, cfg.patience)
+            log.info(
+                "early stopping at epoch %d: no improvement for %d epochs", epoch, cfg.patience
+            )
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"training loss became {loss} at epoch {epoch}; lower the learning rate (lr={cfg.lr})"

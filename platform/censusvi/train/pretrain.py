@@ -82,7 +82,9 @@ def _section(cls, d: dict[str, Any] | None, name: str):
     return cls(**d)
 
 
-def load_pretrain_config(path: str | os.PathLike | None, overrides: dict[str, dict[str, Any]]) -> PretrainConfig:
+def load_pretrain_config(
+    path: str | os.PathLike | None, overrides: dict[str, dict[str, Any]]
+) -> PretrainConfig:
     """YAML sections ``data``, ``model``, ``train``; ``overrides`` (from flags) win."""
     raw: dict[str, Any] = {}
     if path:
@@ -105,7 +107,11 @@ def choose_genes(source: CellSource, cfg: DataConfig) -> GeneVocabulary:
     ids, syms = np.array(source.var_ids, dtype=object), np.array(source.var_symbols, dtype=object)
     if cfg.n_hvg <= 0 or cfg.n_hvg >= len(ids):
         return GeneVocabulary(tuple(ids), tuple(syms))
-    keys = cfg.hvg_keys if cfg.hvg_keys is not None else tuple(k for k in CENSUS_HVG_KEYS if k in source.obs)
+    keys = (
+        cfg.hvg_keys
+        if cfg.hvg_keys is not None
+        else tuple(k for k in CENSUS_HVG_KEYS if k in source.obs)
+    )
     hvg = highly_variable_genes(source, cfg.n_hvg, keys)
     log.info("selected %d HVGs over %d strata of %s", len(hvg.genes), len(hvg.strata), list(keys))
     return GeneVocabulary(tuple(ids[hvg.genes]), tuple(syms[hvg.genes]))
@@ -164,7 +170,11 @@ def pretrain(
         for _, x, c in cells.minibatches(t.batch_size, shuffle=shuffle, seed=seed):
             yield minibatch_from_csr(x, c, t.device, with_counts=vae.needs_dense_counts)
 
-    fingerprint = {"config": cfg.to_dict(), "genes": list(genes.ids), "n_cells": len(source.obs)}
+    # What makes a checkpoint this run's: everything but the stopping rules (a rerun may extend).
+    run_settings = cfg.to_dict()
+    for key in ("max_epochs", "early_stopping", "patience", "min_delta", "device"):
+        run_settings["train"].pop(key)
+    fingerprint = {"config": run_settings, "genes": list(genes.ids), "n_cells": len(source.obs)}
     ckpt = CheckpointStore(Path(f"{out}.checkpoint"), fingerprint) if resume else None
     bar = tqdm(total=t.max_epochs, desc="pretrain", unit="epoch", disable=True if quiet else None)
 
@@ -196,7 +206,9 @@ def pretrain(
         "torch_version": torch.__version__,
         "python_version": py_platform.python_version(),
     }
-    trained = TrainedModel(vae.cpu(), genes, tuple(d.batch_keys), tuple(categories.tolist()), provenance)
+    trained = TrainedModel(
+        vae.cpu(), genes, tuple(d.batch_keys), tuple(categories.tolist()), provenance
+    )
     save_model(trained, out)
     if ckpt is not None:
         ckpt.remove()

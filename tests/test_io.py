@@ -1,0 +1,104 @@
+"""Model directories: bit-exact round trip, and precise errors for damaged or mismatched files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from censusvi.data.vocabulary import GeneVocabulary
+from censusvi.model.config import ModelConfig
+from censusvi.model.io import TrainedModel, load_model, save_model
+from censusvi.model.minibatch import Minibatch
+from censusvi.model.vae import VAE
+
+
+def small_model(n_batches: int = 3) -> TrainedModel:
+    torch.manual_seed(0)
+    vae = VAE(ModelConfig(n_genes=20, n_batches=n_batches, n_hidden=8, n_latent=4))
+    genes = GeneVocabulary(
+        tuple(f"ENSG{i:011d}" for i in range(20)), tuple(f"G{i}" for i in range(20))
+    )
+    return TrainedModel(
+        vae.eval(), genes, ("batch",), tuple(f"b{i}" for i in range(n_batches)), {"n_cells": 5}
+    )
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    m = small_model()
+    with torch.no_grad():  # non-default running stats must survive too
+        m.vae.z_encoder.fc.norms[0].running_mean.uniform_()
+    save_model(m, tmp_path / "m")
+    back = load_model(tmp_path / "m")
+    for (k, a), (k2, b) in zip(m.vae.state_dict().items(), back.vae.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    assert back.genes == m.genes and back.batch_categories == m.batch_categories
+    mb = Minibatch.from_dense(
+        torch.poisson(torch.full((5, 20), 3.0)), torch.zeros(5, 1, dtype=torch.long)
+    )
+    assert torch.equal(m.vae.latent_mean(mb), back.vae.latent_mean(mb))
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "config.json",
+        "weights.safetensors",
+    ]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_overwrite_replaces_atomically(tmp_path):
+    save_model(small_model(3), tmp_path / "m")
+    save_model(small_model(4), tmp_path / "m")
+    assert load_model(tmp_path / "m").config.n_batches == 4
+
+
+def test_missing_config_says_what_a_model_dir_is(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        load_model(tmp_path)
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    save_model(small_model(), tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["model"]["n_hidden"] = 16
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        ValueError,
+        match=r"wrong shapes.*z_encoder.fc.linears.0.linear.weight: file \(8, 20\) vs model \(16, 20\)",
+    ):
+        load_model(tmp_path / "m")
+
+
+def test_vocabulary_length_mismatch(tmp_path):
+    save_model(small_model(), tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["genes"]["ids"].pop()
+    cfg["genes"]["symbols"].pop()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="19 genes in the vocabulary but the model has 20"):
+        load_model(tmp_path / "m")
+
+
+def test_truncated_weights(tmp_path):
+    save_model(small_model(), tmp_path / "m")
+    w = tmp_path / "m" / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(ValueError, match="weights.safetensors.*damaged"):
+        load_model(tmp_path / "m")
+
+
+def test_extra_tensor_is_refused(tmp_path):
+    save_model(small_model(), tmp_path / "m")
+    w = tmp_path / "m" / "weights.safetensors"
+    state = load_file(str(w))
+    state["evil"] = torch.zeros(1)
+    save_file(state, str(w))
+    with pytest.raises(ValueError, match=r"unexpected \['evil'\]"):
+        load_model(tmp_path / "m")
+
+
+def test_unknown_batch_points_to_mapping():
+    with pytest.raises(ValueError, match="unknown to the model.*censusvi map"):
+        small_model().batch_codes(["b0", "new-lab"])
+    assert np.array_equal(small_model().batch_codes(["b2", "b0"]).numpy(), [2, 0])

@@ -1,0 +1,170 @@
+"""Pretraining on real data: the ELBO falls, cell lines separate across technologies, reruns resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import KNeighborsClassifier
+
+from censusvi.cli import main
+from censusvi.data.h5ad import H5adSource
+from censusvi.inference import latent_representation
+from censusvi.model.io import load_model
+from censusvi.train import checkpoint as ckpt_mod
+from censusvi.train.loop import TrainConfig, kl_weight
+from censusvi.train.pretrain import DataConfig, PretrainConfig, load_pretrain_config, pretrain
+from conftest import simulated_adata
+
+
+@pytest.fixture(scope="module")
+def cellbench_model(shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cb") / "model"
+    cfg = PretrainConfig(
+        data=DataConfig(
+            source=str(shared_data / "cellbench_lung_celllines.h5ad"),
+            batch_keys=("batch",),
+            hvg_keys=("assay",),
+            n_hvg=2000,
+        ),
+        train=TrainConfig(max_epochs=60, lr=1e-3, seed=0),
+    )
+    model, history = pretrain(cfg, out, quiet=True)
+    return out, model, history
+
+
+def test_elbo_decreases_on_real_data(cellbench_model):
+    _, _, history = cellbench_model
+    val = [e.val_elbo for e in history.epochs]
+    assert val[-1] < 0.8 * val[0]
+    assert np.mean(val[-5:]) < np.mean(val[20:25])  # still falling after the KL warm-up
+
+
+def test_cell_lines_transfer_across_technologies(cellbench_model, shared_data):
+    """kNN on CEL-seq2 cells' latent predicts the Drop-seq cells' cell line (demuxlet labels)."""
+    out, _, _ = cellbench_model
+    model = load_model(out)
+    src = H5adSource(shared_data / "cellbench_lung_celllines.h5ad")
+    pos, z, report = latent_representation(model, src)
+    assert report["overlap"] == 1.0 and len(pos) == 1021
+    obs = src.obs.iloc[pos]
+    ref, query = (obs["assay"] == "CEL-seq2").to_numpy(), (obs["assay"] == "Drop-seq").to_numpy()
+    knn = KNeighborsClassifier(15).fit(z[ref], obs["cell_type"].to_numpy()[ref])
+    acc = (knn.predict(z[query]) == obs["cell_type"].to_numpy()[query]).mean()
+    chance = obs["cell_type"][query].value_counts(normalize=True).max()
+    assert acc >= 0.9 > chance
+
+
+def test_kl_warmup_schedule():
+    assert [kl_weight(e, 20) for e in (0, 5, 20, 50)] == [0.0, 0.25, 1.0, 1.0]
+    assert kl_weight(0, 0) == 1.0
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    src = tmp_path / "x.h5ad"
+    simulated_adata(n_cells=200).write_h5ad(src)
+    cfg = PretrainConfig(
+        data=DataConfig(source=str(src), batch_keys=("batch",), n_hvg=0),
+        train=TrainConfig(max_epochs=4, lr=1e-3, batch_size=64),
+    )
+    straight, _ = pretrain(cfg, tmp_path / "straight", quiet=True)
+
+    saves = []
+    real_save = ckpt_mod.CheckpointStore.save
+
+    def crash_after_second_epoch(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(ckpt_mod.CheckpointStore, "save", crash_after_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, tmp_path / "resumed", quiet=True)
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.checkpoint").exists()
+    monkeypatch.setattr(ckpt_mod.CheckpointStore, "save", real_save)
+    resumed, history = pretrain(cfg, tmp_path / "resumed", quiet=True)
+    assert len(history.epochs) == 4
+    for k, v in straight.vae.state_dict().items():
+        assert torch.equal(v, resumed.vae.state_dict()[k]), k
+    assert not (tmp_path / "resumed.checkpoint").exists()
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path, monkeypatch):
+    src = tmp_path / "x.h5ad"
+    simulated_adata(n_cells=120).write_h5ad(src)
+    cfg = PretrainConfig(
+        data=DataConfig(source=str(src), batch_keys=("batch",), n_hvg=0),
+        train=TrainConfig(max_epochs=2, batch_size=64),
+    )
+    monkeypatch.setattr(ckpt_mod.CheckpointStore, "remove", lambda self: None)  # keep it
+    pretrain(cfg, tmp_path / "m", quiet=True)
+    other = PretrainConfig(data=cfg.data, train=TrainConfig(max_epochs=2, batch_size=64, lr=0.5))
+    with pytest.raises(ValueError, match=r"different run \(differs in \['config'\]\)"):
+        pretrain(other, tmp_path / "m", quiet=True)
+
+
+def test_yaml_config_and_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("data:\n  n_hvg: 123\n  batch_keys: a,b\ntrain:\n  lr: 0.01\n")
+    cfg = load_pretrain_config(y, {"train": {"max_epochs": 7}, "data": {"source": "s.h5ad"}})
+    assert (cfg.data.n_hvg, cfg.data.batch_keys, cfg.train.lr, cfg.train.max_epochs) == (
+        123,
+        ("a", "b"),
+        0.01,
+        7,
+    )
+    y.write_text("train:\n  learning_rate: 0.01\n")
+    with pytest.raises(ValueError, match=r"unknown train setting\(s\) \['learning_rate'\]"):
+        load_pretrain_config(y, {})
+
+
+def test_cli_contract_pretrain_info_embed(tmp_path, capsys):
+    src = tmp_path / "x.h5ad"
+    simulated_adata().write_h5ad(src)
+    assert (
+        main(
+            [
+                "pretrain",
+                "--source",
+                str(src),
+                "--batch-keys",
+                "batch",
+                "--n-hvg",
+                "100",
+                "--max-epochs",
+                "3",
+                "--quiet",
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "m"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"architecture", "n_parameters", "n_genes", "n_batches", "provenance"} <= set(info)
+    assert (info["n_genes"], info["n_batches"], info["architecture"]["n_latent"]) == (100, 3, 50)
+    assert info["provenance"]["n_cells"] == 300 and info["provenance"]["epochs"] == 3
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                str(tmp_path / "m"),
+                "--data",
+                str(src),
+                "--out",
+                str(tmp_path / "e.h5ad"),
+            ]
+        )
+        == 0
+    )
+    import anndata as ad
+
+    e = ad.read_h5ad(tmp_path / "e.h5ad")
+    assert e.obsm["X_scvi"].shape == (300, 50) and np.isfinite(e.obsm["X_scvi"]).all()
+    assert e.uns["censusvi"]["genes"]["matched"] == 100
