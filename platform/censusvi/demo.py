@@ -33,10 +33,12 @@ def run(data: Path, out: Path, max_epochs: int | None = None) -> dict:
     t0 = time.perf_counter()
     soma, model = out / "reference.soma", out / "model"
 
-    def step(args: list[str]) -> None:
+    def step(args: list[str], required: bool = True) -> bool:
         print(f"\n$ censusvi {' '.join(args)}", flush=True)
-        if cli(args) != 0:
+        ok = cli(args) == 0
+        if not ok and required:
             raise SystemExit(f"censusvi {args[0]} failed")
+        return ok
 
     step(["ingest", *files, "--out", str(soma)])
     pre = ["pretrain", "--source", str(soma), "--config", str(CONFIG), "--out", str(model)]
@@ -49,7 +51,9 @@ def run(data: Path, out: Path, max_epochs: int | None = None) -> dict:
         census_h5ad = out / f"{name}.census.h5ad"  # the file with Census obs columns (batch keys)
         harmonise(f).write_h5ad(census_h5ad)
         embedded = out / f"{name}.embedded.h5ad"
-        step(["embed", "--model", str(model), "--data", str(census_h5ad), "--out", str(embedded)])
+        if not step(["embed", "--model", str(model), "--data", str(census_h5ad), "--out", str(embedded)], False):
+            print(f"(skipped {name}: embed refused it, see the error above)")
+            continue
         a = ad.read_h5ad(embedded)
         results.update(
             per_group_scores(
