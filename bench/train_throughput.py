@@ -127,6 +127,16 @@ def run_ours(
                     with_counts=dense_formula or vae.needs_dense_counts,
                 )
 
+    if device.startswith("cuda"):  # data in GPU memory, as the Census model was trained
+        from censusvi.model.minibatch import DeviceCSR
+
+        on_device = {"train": DeviceCSR(xt, ct, device), "val": DeviceCSR(x[val], cov[val], device)}
+        kw = {"with_nonzeros": not dense_formula, "with_counts": dense_formula or vae.needs_dense_counts}
+
+        def batches(rows_x, rows_c, shuffle, seed):  # noqa: F811
+            part = on_device["train" if rows_x is xt else "val"]
+            return part.minibatches(cfg.batch_size, shuffle, seed, **kw)
+
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     epoch_s = []
     for epoch in range(epochs):
