@@ -168,3 +168,42 @@ def test_cli_contract_pretrain_info_embed(tmp_path, capsys):
     e = ad.read_h5ad(tmp_path / "e.h5ad")
     assert e.obsm["X_scvi"].shape == (300, 50) and np.isfinite(e.obsm["X_scvi"]).all()
     assert e.uns["censusvi"]["genes"]["matched"] == 100
+
+
+def test_early_stopping_stops_after_patience(tmp_path):
+    src = tmp_path / "x.h5ad"
+    simulated_adata(n_cells=120).write_h5ad(src)
+    # min_delta so large that no epoch after the first counts as an improvement
+    train = TrainConfig(max_epochs=10, batch_size=64, early_stopping=True, patience=2, min_delta=1e9)
+    cfg = PretrainConfig(data=DataConfig(source=str(src), batch_keys=("batch",), n_hvg=0), train=train)
+    model, history = pretrain(cfg, tmp_path / "m", quiet=True)
+    assert history.stopped_early and len(history.epochs) == 3
+    assert model.provenance["epochs"] == 3
+
+
+def test_console_script_is_installed(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "censusvi"
+    exe = str(exe) if exe.exists() else shutil.which("censusvi")
+    assert exe, "the censusvi console script is not installed (pip install -e .)"
+    r = subprocess.run([exe, "info", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert r.returncode == 2 and "censusvi: error:" in r.stderr and "config.json is missing" in r.stderr
+
+
+def test_python_api_latent_and_normalized_expression(tmp_path):
+    import censusvi
+
+    a = simulated_adata()
+    a.write_h5ad(tmp_path / "x.h5ad")
+    cfg = PretrainConfig(data=DataConfig(source=str(tmp_path / "x.h5ad"), batch_keys=("batch",), n_hvg=0),
+                         train=TrainConfig(max_epochs=2, batch_size=64))
+    pretrain(cfg, tmp_path / "m", quiet=True)
+    model = censusvi.load_model(tmp_path / "m")
+    z = censusvi.get_latent_representation(model, a)
+    expr = censusvi.get_normalized_expression(model, a, library_size=1e4)
+    assert z.shape == (300, 50) and expr.shape == (300, 200)
+    np.testing.assert_allclose(expr.sum(1), 1e4, rtol=1e-4)

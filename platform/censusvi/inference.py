@@ -61,6 +61,18 @@ def latent_representation(
     return pos, z, report
 
 
+def get_latent_representation(
+    model: TrainedModel, adata: ad.AnnData, batch_size: int = 4096, device: str = "cpu", layer: str | None = None
+) -> np.ndarray:
+    """Latent means (n_cells, n_latent) of an in-memory AnnData, in its cell order."""
+    pos, z, _ = latent_representation(model, H5adSource("<AnnData>", adata=adata, layer=layer), batch_size, device)
+    if len(pos) != adata.n_obs:
+        raise ValueError(f"{adata.n_obs - len(pos)} cells have zero counts over the model's genes")
+    out = np.empty_like(z)
+    out[pos] = z
+    return out
+
+
 def get_normalized_expression(
     model: TrainedModel,
     adata: ad.AnnData,

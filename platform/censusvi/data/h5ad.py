@@ -81,6 +81,13 @@ class H5adSource:
         self._x = counts_matrix(adata, layer)
         self.backed = bool(adata.isbacked)
         obs = adata.obs
+        if not self.backed and ("nnz" not in obs or "raw_sum" not in obs):
+            # Census-derived columns, so Census filters ("nnz >= 300") work on any h5ad.
+            x = to_csr32(self._x)
+            self._x = x
+            obs = obs.copy()
+            obs["nnz"] = np.diff(x.indptr) if "nnz" not in obs else obs["nnz"]
+            obs["raw_sum"] = np.asarray(x.sum(1)).ravel() if "raw_sum" not in obs else obs["raw_sum"]
         self._rows = np.arange(adata.n_obs)
         if obs_filter:
             try:
