@@ -131,7 +131,10 @@ def run_ours(
         from censusvi.model.minibatch import DeviceCSR
 
         on_device = {"train": DeviceCSR(xt, ct, device), "val": DeviceCSR(x[val], cov[val], device)}
-        kw = {"with_nonzeros": not dense_formula, "with_counts": dense_formula or vae.needs_dense_counts}
+        kw = {
+            "with_nonzeros": not dense_formula,
+            "with_counts": dense_formula or vae.needs_dense_counts,
+        }
 
         def batches(rows_x, rows_c, shuffle, seed):  # noqa: F811
             part = on_device["train" if rows_x is xt else "val"]

@@ -19,7 +19,9 @@ def test_host_minibatch_fields():
     x = counts()
     mb = minibatch_from_csr(x[:4], np.array([0, 1, 2, 0]), with_counts=True)
     np.testing.assert_allclose(mb.h_ng.numpy(), np.log1p(x[:4].toarray()), rtol=1e-6)
-    np.testing.assert_allclose(mb.log_library_n1.numpy().ravel(), np.log(x[:4].sum(1).A.ravel()), rtol=1e-6)
+    np.testing.assert_allclose(
+        mb.log_library_n1.numpy().ravel(), np.log(x[:4].sum(1).A.ravel()), rtol=1e-6
+    )
     dense = np.zeros((4, 30), dtype=np.float32)
     dense[mb.nz.row.numpy(), mb.nz.col.numpy()] = mb.nz.value.numpy()
     np.testing.assert_array_equal(dense, x[:4].toarray())

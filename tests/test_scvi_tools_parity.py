@@ -22,11 +22,17 @@ scvi = pytest.importorskip("scvi")
 def test_copied_weights_give_scvi_tools_outputs(n_layers):
     adata = simulated_adata(n_cells=64, n_genes=120)
     scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
-    theirs = scvi.model.SCVI(adata, n_hidden=32, n_latent=6, n_layers=n_layers, gene_likelihood="nb")
-    theirs.train(max_epochs=2, batch_size=32, accelerator="cpu", enable_progress_bar=False, logger=False)
+    theirs = scvi.model.SCVI(
+        adata, n_hidden=32, n_latent=6, n_layers=n_layers, gene_likelihood="nb"
+    )
+    theirs.train(
+        max_epochs=2, batch_size=32, accelerator="cpu", enable_progress_bar=False, logger=False
+    )
     module = theirs.module.eval()
 
-    ours = VAE(ModelConfig(n_genes=120, n_batches=3, n_hidden=32, n_latent=6, n_layers=n_layers)).eval()
+    ours = VAE(
+        ModelConfig(n_genes=120, n_batches=3, n_hidden=32, n_latent=6, n_layers=n_layers)
+    ).eval()
     ours.load_state_dict(state_dict_from_scvi_tools(module.state_dict(), ours.state_dict()))
 
     codes = adata.obs["_scvi_batch"].to_numpy().astype(np.int64).reshape(-1, 1)

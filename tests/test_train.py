@@ -174,8 +174,12 @@ def test_early_stopping_stops_after_patience(tmp_path):
     src = tmp_path / "x.h5ad"
     simulated_adata(n_cells=120).write_h5ad(src)
     # min_delta so large that no epoch after the first counts as an improvement
-    train = TrainConfig(max_epochs=10, batch_size=64, early_stopping=True, patience=2, min_delta=1e9)
-    cfg = PretrainConfig(data=DataConfig(source=str(src), batch_keys=("batch",), n_hvg=0), train=train)
+    train = TrainConfig(
+        max_epochs=10, batch_size=64, early_stopping=True, patience=2, min_delta=1e9
+    )
+    cfg = PretrainConfig(
+        data=DataConfig(source=str(src), batch_keys=("batch",), n_hvg=0), train=train
+    )
     model, history = pretrain(cfg, tmp_path / "m", quiet=True)
     assert history.stopped_early and len(history.epochs) == 3
     assert model.provenance["epochs"] == 3
@@ -191,7 +195,11 @@ def test_console_script_is_installed(tmp_path):
     exe = str(exe) if exe.exists() else shutil.which("censusvi")
     assert exe, "the censusvi console script is not installed (pip install -e .)"
     r = subprocess.run([exe, "info", str(tmp_path / "nope")], capture_output=True, text=True)
-    assert r.returncode == 2 and "censusvi: error:" in r.stderr and "config.json is missing" in r.stderr
+    assert (
+        r.returncode == 2
+        and "censusvi: error:" in r.stderr
+        and "config.json is missing" in r.stderr
+    )
 
 
 def test_python_api_latent_and_normalized_expression(tmp_path):
@@ -199,8 +207,10 @@ def test_python_api_latent_and_normalized_expression(tmp_path):
 
     a = simulated_adata()
     a.write_h5ad(tmp_path / "x.h5ad")
-    cfg = PretrainConfig(data=DataConfig(source=str(tmp_path / "x.h5ad"), batch_keys=("batch",), n_hvg=0),
-                         train=TrainConfig(max_epochs=2, batch_size=64))
+    cfg = PretrainConfig(
+        data=DataConfig(source=str(tmp_path / "x.h5ad"), batch_keys=("batch",), n_hvg=0),
+        train=TrainConfig(max_epochs=2, batch_size=64),
+    )
     pretrain(cfg, tmp_path / "m", quiet=True)
     model = censusvi.load_model(tmp_path / "m")
     z = censusvi.get_latent_representation(model, a)

@@ -68,7 +68,7 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 def cmd_embed(a: argparse.Namespace) -> int:
     from censusvi.inference import embed
 
-    adata = embed(a.model, a.data, a.out, layer=a.layer, batch_size=a.batch_size)
+    adata = embed(a.model, a.data, a.out, a.layer, a.batch_size, a.min_gene_overlap)
     print(f"wrote {a.out}: obsm['X_scvi'] {adata.obsm['X_scvi'].shape}")
     return 0
 
@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--layer")
     s.add_argument("--batch-size", type=int, default=4096)
+    s.add_argument(
+        "--min-gene-overlap",
+        type=float,
+        default=0.5,
+        help="fraction of the model's genes the data must have (default 0.5)",
+    )
     s.set_defaults(fn=cmd_embed)
 
     s = sub.add_parser("info", help="architecture, parameter count and provenance of a model")

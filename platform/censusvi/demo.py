@@ -21,6 +21,7 @@ from censusvi.data.soma import harmonise
 from censusvi.evaluate.latent import per_group_scores
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEMO_MIN_OVERLAP = 0.3
 
 
 def run(data: Path, out: Path, max_epochs: int | None = None) -> dict:
@@ -49,9 +50,14 @@ def run(data: Path, out: Path, max_epochs: int | None = None) -> dict:
     for f in files:
         name = Path(f).name.removesuffix(".h5ad")
         census_h5ad = out / f"{name}.census.h5ad"  # the file with Census obs columns (batch keys)
-        harmonise(f).write_h5ad(census_h5ad)
+        a = harmonise(f)
+        a.strings_to_categoricals()
+        a.write_h5ad(census_h5ad)
         embedded = out / f"{name}.embedded.h5ad"
-        if not step(["embed", "--model", str(model), "--data", str(census_h5ad), "--out", str(embedded)], False):
+        # These are the training files: each measured only part of the union gene axis the
+        # model's HVGs were drawn from, so the demo accepts a lower overlap than a new query.
+        embed = ["embed", "--model", str(model), "--data", str(census_h5ad), "--out", str(embedded)]
+        if not step([*embed, "--min-gene-overlap", str(DEMO_MIN_OVERLAP)], required=False):
             print(f"(skipped {name}: embed refused it, see the error above)")
             continue
         a = ad.read_h5ad(embedded)

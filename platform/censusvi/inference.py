@@ -53,19 +53,29 @@ def _stream(
 
 
 def latent_representation(
-    model: TrainedModel, source: H5adSource, batch_size: int = 4096, device: str = "cpu"
+    model: TrainedModel,
+    source: H5adSource,
+    batch_size: int = 4096,
+    device: str = "cpu",
+    min_overlap: float = DEFAULT_MIN_OVERLAP,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(positions of embedded cells, latent means (n, k), gene report)."""
-    cells, report = reference_cells(model, source)
+    cells, report = reference_cells(model, source, min_overlap)
     pos, z = _stream(model, cells, batch_size, device, lambda v, mb: v.latent_mean(mb))
     return pos, z, report
 
 
 def get_latent_representation(
-    model: TrainedModel, adata: ad.AnnData, batch_size: int = 4096, device: str = "cpu", layer: str | None = None
+    model: TrainedModel,
+    adata: ad.AnnData,
+    batch_size: int = 4096,
+    device: str = "cpu",
+    layer: str | None = None,
 ) -> np.ndarray:
     """Latent means (n_cells, n_latent) of an in-memory AnnData, in its cell order."""
-    pos, z, _ = latent_representation(model, H5adSource("<AnnData>", adata=adata, layer=layer), batch_size, device)
+    pos, z, _ = latent_representation(
+        model, H5adSource("<AnnData>", adata=adata, layer=layer), batch_size, device
+    )
     if len(pos) != adata.n_obs:
         raise ValueError(f"{adata.n_obs - len(pos)} cells have zero counts over the model's genes")
     out = np.empty_like(z)
@@ -122,12 +132,13 @@ def embed(
     out: str | os.PathLike,
     layer: str | None = None,
     batch_size: int = 4096,
+    min_overlap: float = DEFAULT_MIN_OVERLAP,
 ) -> ad.AnnData:
     """``censusvi embed``: write ``obsm["X_scvi"]`` (latent means) for the file's cells."""
     model = load_model(model_dir)
     adata = read_h5ad(data)
     source = H5adSource(data, adata=adata, layer=layer)
-    pos, z, report = latent_representation(model, source, batch_size)
+    pos, z, report = latent_representation(model, source, batch_size, min_overlap=min_overlap)
     if len(pos) < adata.n_obs:
         log.warning(
             "%s: %d of %d cells had no counts over the model's genes and are left out",

@@ -87,7 +87,9 @@ class H5adSource:
             self._x = x
             obs = obs.copy()
             obs["nnz"] = np.diff(x.indptr) if "nnz" not in obs else obs["nnz"]
-            obs["raw_sum"] = np.asarray(x.sum(1)).ravel() if "raw_sum" not in obs else obs["raw_sum"]
+            obs["raw_sum"] = (
+                np.asarray(x.sum(1)).ravel() if "raw_sum" not in obs else obs["raw_sum"]
+            )
         self._rows = np.arange(adata.n_obs)
         if obs_filter:
             try:

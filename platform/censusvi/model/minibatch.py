@@ -10,7 +10,6 @@ the CSR arrays are moved and densified on the device: ~10x fewer bytes than a de
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -49,7 +48,9 @@ class Minibatch:
 def _dense(indptr, col, val, shape, device: torch.device) -> torch.Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta": we only densify
         warnings.simplefilter("ignore", UserWarning)
-        csr = torch.sparse_csr_tensor(indptr, col, val, size=shape, device=device, check_invariants=False)
+        csr = torch.sparse_csr_tensor(
+            indptr, col, val, size=shape, device=device, check_invariants=False
+        )
         return csr.to_dense()
 
 
@@ -71,7 +72,9 @@ def minibatch_from_csr(
     val = torch.from_numpy(x.data.astype(np.float32, copy=False)).to(device, non_blocking=True)
     if device.type == "cpu":
         values = val.numpy()
-        h_ng = torch.from_numpy(sp.csr_matrix((np.log1p(values), x.indices, x.indptr), shape=x.shape).toarray())
+        h_ng = torch.from_numpy(
+            sp.csr_matrix((np.log1p(values), x.indices, x.indptr), shape=x.shape).toarray()
+        )
         x_ng = torch.from_numpy(x.toarray()) if with_counts else None
         col = torch.from_numpy(x.indices.astype(np.int64))
         row = torch.from_numpy(np.repeat(np.arange(n, dtype=np.int64), np.diff(x.indptr)))
@@ -80,7 +83,9 @@ def minibatch_from_csr(
         col = torch.from_numpy(x.indices).to(device, non_blocking=True).long()
         h_ng = _dense(indptr, col, torch.log1p(val), x.shape, device)
         x_ng = _dense(indptr, col, val, x.shape, device) if with_counts else None
-        row = torch.repeat_interleave(torch.arange(n, device=device), indptr[1:] - indptr[:-1], output_size=x.nnz)
+        row = torch.repeat_interleave(
+            torch.arange(n, device=device), indptr[1:] - indptr[:-1], output_size=x.nnz
+        )
     library = torch.zeros(n, device=device).index_add_(0, row, val)
     log_lib = torch.log(library).unsqueeze(1)
     nz = NonZeros(row=row, col=col, value=val) if with_nonzeros else None
@@ -96,7 +101,9 @@ class DeviceCSR:
     host, so without this the GPU idles while the host slices and copies every minibatch.
     """
 
-    def __init__(self, x: sp.csr_matrix, covariates_nc: np.ndarray, device: torch.device | str) -> None:
+    def __init__(
+        self, x: sp.csr_matrix, covariates_nc: np.ndarray, device: torch.device | str
+    ) -> None:
         self.device = torch.device(device)
         self.n_genes = x.shape[1]
         self.row_nnz = np.diff(x.indptr)  # host copy: sizes each gather without a sync
@@ -110,7 +117,11 @@ class DeviceCSR:
         return len(self.row_nnz)
 
     def minibatch(
-        self, rows: np.ndarray, rows_device: torch.Tensor, with_nonzeros: bool = True, with_counts: bool = False
+        self,
+        rows: np.ndarray,
+        rows_device: torch.Tensor,
+        with_nonzeros: bool = True,
+        with_counts: bool = False,
     ) -> Minibatch:
         """Cells ``rows`` (host copy for sizes, device copy for the gather) as a minibatch."""
         n, nnz = len(rows), int(self.row_nnz[rows].sum())
@@ -131,8 +142,12 @@ class DeviceCSR:
     def minibatches(
         self, batch_size: int, shuffle: bool, seed: int, **kwargs
     ) -> Iterator[Minibatch]:
-        order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
+        order = (
+            np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
+        )
         order_device = torch.from_numpy(order).to(self.device)
         for s in range(0, len(order), batch_size):
             if len(order) - s >= 3 or not shuffle:  # batch norm needs >1 cell
-                yield self.minibatch(order[s : s + batch_size], order_device[s : s + batch_size], **kwargs)
+                yield self.minibatch(
+                    order[s : s + batch_size], order_device[s : s + batch_size], **kwargs
+                )

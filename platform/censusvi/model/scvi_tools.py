@@ -13,7 +13,9 @@ import re
 
 import torch
 
-_FC = re.compile(r"^(z_encoder\.encoder|l_encoder\.encoder|decoder\.px_decoder)\.fc_layers\.Layer (\d+)\.(\d)\.(.+)$")
+_FC = re.compile(
+    r"^(z_encoder\.encoder|l_encoder\.encoder|decoder\.px_decoder)\.fc_layers\.Layer (\d+)\.(\d)\.(.+)$"
+)
 _PREFIX = {
     "z_encoder.encoder": "z_encoder.fc",
     "l_encoder.encoder": "l_encoder.fc",
@@ -36,8 +38,12 @@ def censusvi_name(scvi_name: str) -> str | None:
         prefix, layer, part, rest = m.groups()
         kind = {"0": "linears", "1": "norms"}.get(part)
         if kind is None:
-            raise ValueError(f"{scvi_name}: unexpected FC sub-layer {part} (layer norm is not supported)")
-        return f"{_PREFIX[prefix]}.{kind}.{layer}." + ("linear." + rest if kind == "linears" else rest)
+            raise ValueError(
+                f"{scvi_name}: unexpected FC sub-layer {part} (layer norm is not supported)"
+            )
+        return f"{_PREFIX[prefix]}.{kind}.{layer}." + (
+            "linear." + rest if kind == "linears" else rest
+        )
     for old, new in _RENAMES.items():
         if scvi_name.startswith(old):
             return new + scvi_name[len(old) :]
