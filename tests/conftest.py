@@ -52,3 +52,17 @@ def simulated_adata(
 @pytest.fixture
 def sim_adata() -> ad.AnnData:
     return simulated_adata()
+
+
+@pytest.fixture(scope="session")
+def soma_exp(shared_data, tmp_path_factory):
+    """Two real datasets ingested into one SOMA experiment (built once per test session)."""
+    from censusvi.data.soma import ingest
+
+    out = tmp_path_factory.mktemp("soma") / "ref.soma"
+    files = [
+        shared_data / "cellbench_lung_celllines.h5ad",
+        shared_data / "pbmc_kang_ctrl_stim_harmony.h5ad",
+    ]
+    ingest(files, out)
+    return out, files

@@ -21,17 +21,6 @@ CENSUS_OBS = {
 }
 
 
-@pytest.fixture(scope="session")
-def soma_exp(shared_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("soma") / "ref.soma"
-    files = [
-        shared_data / "cellbench_lung_celllines.h5ad",
-        shared_data / "pbmc_kang_ctrl_stim_harmony.h5ad",
-    ]
-    ingest(files, out)
-    return out, files
-
-
 def test_schema_and_gene_union(soma_exp):
     out, files = soma_exp
     src = SomaSource(str(out))

@@ -217,3 +217,42 @@ def test_python_api_latent_and_normalized_expression(tmp_path):
     expr = censusvi.get_normalized_expression(model, a, library_size=1e4)
     assert z.shape == (300, 50) and expr.shape == (300, 200)
     np.testing.assert_allclose(expr.sum(1), 1e4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "model_settings",
+    [
+        {"likelihood": "zinb"},
+        {"likelihood": "poisson"},
+        {"latent_library": True, "dispersion": "gene-batch"},
+        {"encode_covariates": True},
+    ],
+)
+def test_model_options_train_save_and_embed(tmp_path, model_settings):
+    from censusvi.train.pretrain import ModelSettings
+
+    a = simulated_adata(n_cells=150)
+    a.obs["sex"] = np.where(np.arange(150) % 2, "female", "male")
+    a.write_h5ad(tmp_path / "x.h5ad")
+    data = DataConfig(
+        source=str(tmp_path / "x.h5ad"),
+        batch_keys=("batch",),
+        n_hvg=0,
+        categorical_covariate_keys=("sex",),
+    )
+    cfg = PretrainConfig(
+        data,
+        ModelSettings(n_hidden=16, n_latent=4, **model_settings),
+        TrainConfig(max_epochs=2, batch_size=64),
+    )
+    _, history = pretrain(cfg, tmp_path / "m", quiet=True)
+    assert all(np.isfinite(e.val_elbo) for e in history.epochs)
+    model = load_model(tmp_path / "m")
+    assert model.config.extra_categories == (2,) and model.covariate_keys == ("sex",)
+    for k, v in model_settings.items():
+        assert getattr(model.config, k) == v
+    z = latent_representation(model, H5adSource(tmp_path / "x.h5ad"))[1]
+    assert z.shape == (150, 4) and np.isfinite(z).all()
+    a.obs["sex"] = "unknown-sex"
+    with pytest.raises(ValueError, match=r"obs\['sex'\] has values the model never saw"):
+        latent_representation(model, H5adSource("q", adata=a))

@@ -31,7 +31,11 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     from censusvi.train.pretrain import load_pretrain_config, pretrain
 
     data: dict[str, Any] = {"source": a.source}
-    for flag, key in (("batch_keys", "batch_keys"), ("hvg_keys", "hvg_keys")):
+    for flag, key in (
+        ("batch_keys", "batch_keys"),
+        ("hvg_keys", "hvg_keys"),
+        ("covariate_keys", "categorical_covariate_keys"),
+    ):
         if getattr(a, flag) is not None:
             data[key] = _keys(getattr(a, flag))
     for key in ("n_hvg", "obs_filter", "layer"):
@@ -129,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--source", help="an .h5ad file or a SOMA experiment (path or census://VERSION)")
     s.add_argument("--batch-keys", help="obs columns whose concatenation is the batch")
     s.add_argument("--hvg-keys", help="obs columns that stratify HVG selection")
+    s.add_argument(
+        "--covariate-keys", help="extra categorical obs columns injected beside the batch"
+    )
     s.add_argument("--n-hvg", type=int, help="highly variable genes to keep (0: all)")
     s.add_argument("--obs-filter", help="e.g. 'is_primary_data == True and nnz >= 300'")
     s.add_argument("--layer", help="where counts are in an .h5ad: a layer name or 'raw'")

@@ -17,7 +17,6 @@ import torch
 
 from censusvi.data.cells import Cells
 from censusvi.data.h5ad import H5adSource, read_h5ad
-from censusvi.data.source import batch_labels
 from censusvi.data.vocabulary import DEFAULT_MIN_OVERLAP
 from censusvi.model.io import TrainedModel, load_model
 from censusvi.model.minibatch import minibatch_from_csr
@@ -30,8 +29,7 @@ def reference_cells(
 ) -> tuple[Cells, dict]:
     """The source's cells aligned to ``model``; raises on unknown batches or poor gene overlap."""
     alignment = model.genes.align(source.var_ids, source.var_symbols, min_overlap=min_overlap)
-    labels = batch_labels(source.obs, list(model.batch_keys), source.uri)
-    codes = model.batch_codes(labels.tolist()).numpy().reshape(-1, 1)
+    codes = model.covariate_codes(source.obs, source.uri)
     cells = Cells(source, np.arange(len(source.obs)), alignment, codes, preload=False)
     return cells, alignment.report()
 

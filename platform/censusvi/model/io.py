@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -37,9 +38,18 @@ class TrainedModel:
     batch_keys: tuple[str, ...]
     batch_categories: tuple[str, ...]
     provenance: dict[str, Any] = field(default_factory=dict)
+    covariate_keys: tuple[str, ...] = ()
+    """Extra categorical covariates (obs columns) injected beside the batch, in order."""
+    covariate_categories: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self) -> None:
         cfg = self.vae.cfg
+        sizes = tuple(len(c) for c in self.covariate_categories)
+        if len(self.covariate_keys) != len(sizes) or sizes != cfg.extra_categories:
+            raise ValueError(
+                f"covariates {list(self.covariate_keys)} with {list(sizes)} levels do not match the "
+                f"model's extra_categories {list(cfg.extra_categories)}"
+            )
         if len(self.genes) != cfg.n_genes:
             raise ValueError(
                 f"{len(self.genes)} genes in the vocabulary but the model has {cfg.n_genes}"
@@ -66,6 +76,27 @@ class TrainedModel:
             )
         return torch.tensor([lookup[b] for b in labels], dtype=torch.long)
 
+    def covariate_codes(self, obs, where: str) -> np.ndarray:
+        """(n, 1 + k) codes: the batch (from ``batch_keys``) then each extra covariate."""
+        from censusvi.data.source import batch_labels
+
+        cols = [self.batch_codes(batch_labels(obs, list(self.batch_keys), where).tolist()).numpy()]
+        for key, cats in zip(self.covariate_keys, self.covariate_categories):
+            if key not in obs.columns:
+                raise ValueError(
+                    f"{where}: covariate column {key!r} (used by the model) is not in obs"
+                )
+            lookup = {c: i for i, c in enumerate(cats)}
+            values = obs[key].astype(str).to_numpy()
+            unknown = sorted(set(values) - set(lookup))
+            if unknown:
+                raise ValueError(
+                    f"{where}: obs[{key!r}] has values the model never saw: {unknown[:3]}; "
+                    f"it knows {list(cats[:5])}"
+                )
+            cols.append(np.array([lookup[v] for v in values], dtype=np.int64))
+        return np.stack(cols, axis=1)
+
 
 def _config_dict(m: TrainedModel) -> dict[str, Any]:
     return {
@@ -75,6 +106,10 @@ def _config_dict(m: TrainedModel) -> dict[str, Any]:
         "genes": m.genes.to_dict(),
         "batch_keys": list(m.batch_keys),
         "batch_categories": list(m.batch_categories),
+        "covariates": {
+            "keys": list(m.covariate_keys),
+            "categories": [list(c) for c in m.covariate_categories],
+        },
         "provenance": m.provenance,
     }
 
@@ -163,4 +198,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
         batch_keys=tuple(d["batch_keys"]),
         batch_categories=tuple(d["batch_categories"]),
         provenance=d.get("provenance", {}),
+        covariate_keys=tuple(d.get("covariates", {}).get("keys", ())),
+        covariate_categories=tuple(tuple(c) for c in d.get("covariates", {}).get("categories", ())),
     )

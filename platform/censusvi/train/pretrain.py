@@ -43,6 +43,7 @@ class DataConfig:
     batch_keys: tuple[str, ...] = CENSUS_BATCH_KEYS
     hvg_keys: tuple[str, ...] | None = None  # None: CENSUS_HVG_KEYS that obs has
     n_hvg: int = 8000  # 0: keep every gene
+    categorical_covariate_keys: tuple[str, ...] = ()  # injected beside the batch (decoder)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class ModelSettings:
     likelihood: str = "nb"
     dispersion: str = "gene"
     latent_library: bool = False
+    encode_covariates: bool = False  # the Census model's False: embeddings need no surgery
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def _section(cls, d: dict[str, Any] | None, name: str):
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"unknown {name} setting(s) {unknown}; known: {sorted(known)}")
-    for k in ("batch_keys", "hvg_keys"):
+    for k in ("batch_keys", "hvg_keys", "categorical_covariate_keys"):
         if isinstance(d.get(k), str):
             d[k] = tuple(s.strip() for s in d[k].split(",") if s.strip())
         elif isinstance(d.get(k), list):
@@ -152,12 +154,24 @@ def pretrain(
     genes = choose_genes(source, d)
     alignment = genes.align(source.var_ids, source.var_symbols, min_overlap=1.0)
     train_rows, val_rows = split_rows(len(source.obs), t.train_fraction, t.seed)
-    cov = codes.reshape(-1, 1)
+    extra_cats, extra_codes = [], []
+    for key in d.categorical_covariate_keys:
+        cats, c = np.unique(
+            batch_labels(source.obs, [key], d.source).astype(str), return_inverse=True
+        )
+        extra_cats.append(tuple(cats.tolist()))
+        extra_codes.append(c)
+    cov = np.stack([codes, *extra_codes], axis=1).astype(np.int64)
     train_cells = Cells(source, train_rows, alignment, cov[train_rows])
     val_cells = Cells(source, val_rows, alignment, cov[val_rows]) if len(val_rows) else None
 
     m = cfg.model
-    model_cfg = ModelConfig(n_genes=len(genes), n_batches=len(categories), **asdict(m))
+    model_cfg = ModelConfig(
+        n_genes=len(genes),
+        n_batches=len(categories),
+        extra_categories=tuple(len(c) for c in extra_cats),
+        **asdict(m),
+    )
     torch.manual_seed(t.seed)
     vae = VAE(model_cfg)
     if model_cfg.latent_library:
@@ -207,7 +221,13 @@ def pretrain(
         "python_version": py_platform.python_version(),
     }
     trained = TrainedModel(
-        vae.cpu(), genes, tuple(d.batch_keys), tuple(categories.tolist()), provenance
+        vae.cpu(),
+        genes,
+        tuple(d.batch_keys),
+        tuple(categories.tolist()),
+        provenance,
+        covariate_keys=tuple(d.categorical_covariate_keys),
+        covariate_categories=tuple(extra_cats),
     )
     save_model(trained, out)
     if ckpt is not None:
