@@ -62,3 +62,20 @@ def test_refuses_to_overwrite_and_bad_filter(soma_exp, tmp_path):
         ingest(soma_exp[1], soma_exp[0])
     with pytest.raises(ValueError, match="obs filter 'no_such_column == 1' failed"):
         SomaSource(str(soma_exp[0]), obs_filter="no_such_column == 1")
+
+
+def test_census_uri_opens_through_cellxgene_census(soma_exp, monkeypatch):
+    """census://VERSION goes to cellxgene_census.open_soma (offline here: a local experiment stands in)."""
+    import cellxgene_census
+    import tiledbsoma
+
+    asked = {}
+
+    def fake_open_soma(census_version):
+        asked["version"] = census_version
+        return {"census_data": {"homo_sapiens": tiledbsoma.Experiment.open(str(soma_exp[0]))}}
+
+    monkeypatch.setattr(cellxgene_census, "open_soma", fake_open_soma)
+    src = SomaSource("census://2025-11-08", obs_filter=CENSUS_FILTER)
+    assert asked == {"version": "2025-11-08"} and len(src.obs) > 0
+    assert src.read_rows(np.arange(3)).shape == (3, len(src.var_ids))

@@ -256,3 +256,20 @@ def test_model_options_train_save_and_embed(tmp_path, model_settings):
     a.obs["sex"] = "unknown-sex"
     with pytest.raises(ValueError, match=r"obs\['sex'\] has values the model never saw"):
         latent_representation(model, H5adSource("q", adata=a))
+
+
+def test_device_cache_path_trains_like_the_host_path(tmp_path):
+    """The GPU data path (counts held on the device) run on the CPU: same data, a working model."""
+    a = simulated_adata(n_cells=200)
+    a.write_h5ad(tmp_path / "x.h5ad")
+    data = DataConfig(source=str(tmp_path / "x.h5ad"), batch_keys=("batch",), n_hvg=0)
+    results = {}
+    for cache in (False, True):
+        cfg = PretrainConfig(
+            data=data, train=TrainConfig(max_epochs=8, lr=1e-2, batch_size=64, device_cache=cache)
+        )
+        _, history = pretrain(cfg, tmp_path / f"m{cache}", quiet=True)
+        results[cache] = [e.val_elbo for e in history.epochs]
+    for vals in results.values():
+        assert vals[-1] < vals[0]
+    assert abs(results[True][-1] - results[False][-1]) / results[False][-1] < 0.05

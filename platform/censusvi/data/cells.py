@@ -43,6 +43,18 @@ class Cells:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def non_empty_matrix(self) -> tuple[sp.csr_matrix, np.ndarray]:
+        """All aligned counts and covariates, cells with no counts left out (for device caches)."""
+        x = self._read(np.arange(len(self.rows)))
+        keep = np.diff(x.indptr) > 0
+        if not keep.all():
+            log.warning(
+                "%s: left out %d cells with zero counts over the model's genes",
+                self.source.uri,
+                int((~keep).sum()),
+            )
+        return x[keep], self.covariates_nc[keep]
+
     def _read(self, positions: np.ndarray) -> sp.csr_matrix:
         """Aligned counts of ``self.rows[positions]`` (positions sorted)."""
         if self.preload:

@@ -40,6 +40,8 @@ class TrainConfig:
     min_delta: float = 0.0
     seed: int = 0
     device: str = "cpu"
+    device_cache: bool | None = None
+    """Hold in-memory counts on the device and cut minibatches there (None: on for a GPU)."""
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1 or self.batch_size < 3:

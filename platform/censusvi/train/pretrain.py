@@ -25,7 +25,7 @@ from censusvi.data.source import CellSource, batch_labels
 from censusvi.data.vocabulary import GeneVocabulary
 from censusvi.model.config import ModelConfig
 from censusvi.model.io import TrainedModel, save_model
-from censusvi.model.minibatch import minibatch_from_csr
+from censusvi.model.minibatch import DeviceCSR, minibatch_from_csr
 from censusvi.model.vae import VAE
 from censusvi.train.checkpoint import CheckpointStore
 from censusvi.train.loop import EpochStats, History, TrainConfig, fit
@@ -180,13 +180,25 @@ def pretrain(
         vae.library_log_vars.copy_(variances)
     vae.to(t.device)
 
+    on_device: dict[int, DeviceCSR] = {}
+
     def batches(cells: Cells, shuffle: bool, seed: int):
+        cache = (
+            t.device_cache if t.device_cache is not None else torch.device(t.device).type != "cpu"
+        )
+        if cache and cells.preload:
+            # Data in memory and a GPU: keep the counts there and cut minibatches on the device.
+            if id(cells) not in on_device:
+                on_device[id(cells)] = DeviceCSR(*cells.non_empty_matrix(), t.device)
+            kw = {"with_counts": vae.needs_dense_counts}
+            yield from on_device[id(cells)].minibatches(t.batch_size, shuffle, seed, **kw)
+            return
         for _, x, c in cells.minibatches(t.batch_size, shuffle=shuffle, seed=seed):
             yield minibatch_from_csr(x, c, t.device, with_counts=vae.needs_dense_counts)
 
     # What makes a checkpoint this run's: everything but the stopping rules (a rerun may extend).
     run_settings = cfg.to_dict()
-    for key in ("max_epochs", "early_stopping", "patience", "min_delta", "device"):
+    for key in ("max_epochs", "early_stopping", "patience", "min_delta", "device", "device_cache"):
         run_settings["train"].pop(key)
     fingerprint = {"config": run_settings, "genes": list(genes.ids), "n_cells": len(source.obs)}
     ckpt = CheckpointStore(Path(f"{out}.checkpoint"), fingerprint) if resume else None
