@@ -122,20 +122,15 @@ def sim_model(tmp_path_factory):
     return d / "m"
 
 
+def embed_args(model, data: str, out) -> list[str]:
+    return ["embed", "--model", str(model), "--data", data, "--out", str(out)]
+
+
 def test_embed_gene_overlap_below_threshold(sim_model, tmp_path, capsys):
     a = simulated_adata()
     a.var["gene_ids"] = [f"ENSG{i:011d}" if i < 80 else f"OTHER{i}" for i in range(a.n_vars)]
     code, err = run_cli(
-        [
-            "embed",
-            "--model",
-            str(sim_model),
-            "--data",
-            write(a, tmp_path / "q.h5ad"),
-            "--out",
-            str(tmp_path / "o.h5ad"),
-        ],
-        capsys,
+        embed_args(sim_model, write(a, tmp_path / "q.h5ad"), tmp_path / "o.h5ad"), capsys
     )
     assert code == 2 and "only 80 of the model's 200 genes (40.0%)" in err
     assert not (tmp_path / "o.h5ad").exists()
@@ -145,15 +140,6 @@ def test_embed_unknown_batch(sim_model, tmp_path, capsys):
     a = simulated_adata()
     a.obs["batch"] = "lab-x"
     code, err = run_cli(
-        [
-            "embed",
-            "--model",
-            str(sim_model),
-            "--data",
-            write(a, tmp_path / "q.h5ad"),
-            "--out",
-            str(tmp_path / "o.h5ad"),
-        ],
-        capsys,
+        embed_args(sim_model, write(a, tmp_path / "q.h5ad"), tmp_path / "o.h5ad"), capsys
     )
     assert code == 2 and "unknown to the model" in err and "censusvi map" in err
