@@ -77,6 +77,28 @@ def cmd_embed(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_scvi_tools(a: argparse.Namespace) -> int:
+    from censusvi.model.io import save_model
+    from censusvi.model.scvi_tools_io import import_scvi_tools
+
+    m = import_scvi_tools(a.dir, _keys(a.batch_keys) if a.batch_keys else None)
+    save_model(m, a.out)
+    print(
+        f"wrote {a.out}: {len(m.genes)} genes, {len(m.batch_categories)} batches "
+        f"(batch = {'+'.join(m.batch_keys)}), likelihood {m.config.likelihood}"
+    )
+    return 0
+
+
+def cmd_export_scvi_tools(a: argparse.Namespace) -> int:
+    from censusvi.model.io import load_model
+    from censusvi.model.scvi_tools_io import export_scvi_tools
+
+    export_scvi_tools(load_model(a.model), a.out)
+    print(f"wrote {a.out}/model.pt (open with scvi.model.SCVI.load({str(a.out)!r}, adata))")
+    return 0
+
+
 def model_info(model_dir: str) -> dict[str, Any]:
     from censusvi.model.io import load_model
     from censusvi.model.vae import n_parameters, n_parameters_scvi_tools
@@ -168,6 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of the model's genes the data must have (default 0.5)",
     )
     s.set_defaults(fn=cmd_embed)
+
+    s = sub.add_parser("import-scvi-tools", help="an scvi-tools SCVI directory -> a censusvi model")
+    s.add_argument("dir", help="scvi-tools model directory (holding model.pt)")
+    s.add_argument("--out", required=True)
+    s.add_argument(
+        "--batch-keys",
+        help="obs columns whose concatenation is the model's batch "
+        "(the Census model: dataset_id,assay,suspension_type,donor_id)",
+    )
+    s.set_defaults(fn=cmd_import_scvi_tools)
+
+    s = sub.add_parser("export-scvi-tools", help="a censusvi model -> a directory scvi-tools loads")
+    s.add_argument("model")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_export_scvi_tools)
 
     s = sub.add_parser("info", help="architecture, parameter count and provenance of a model")
     s.add_argument("model")

@@ -167,8 +167,15 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedModel:
-    """Rebuild the model from its directory, checking every tensor's name and shape."""
+    """Rebuild the model from its directory, checking every tensor's name and shape.
+
+    An scvi-tools model directory (``model.pt``, no ``config.json``) is imported on the fly.
+    """
     path = Path(path)
+    if not (path / CONFIG_FILE).exists() and (path / "model.pt").is_file():
+        from censusvi.model.scvi_tools_io import import_scvi_tools
+
+        return import_scvi_tools(path)
     d = read_config(path)
     vae = VAE(ModelConfig.from_dict(d["model"]))
     try:

@@ -72,3 +72,22 @@ def state_dict_from_scvi_tools(
     if missing:
         raise ValueError(f"the scvi-tools weights lack {missing[:5]}; is this an SCVI model?")
     return out
+
+
+def scvi_tools_name(ours: str) -> str:
+    """The scvi-tools name of a censusvi parameter (inverse of ``censusvi_name``)."""
+    m = re.match(
+        r"^(z_encoder|l_encoder|decoder)\.fc\.(linears|norms)\.(\d+)\.(?:linear\.)?(.+)$", ours
+    )
+    if m:
+        owner, kind, layer, rest = m.groups()
+        prefix = {
+            "z_encoder": "z_encoder.encoder",
+            "l_encoder": "l_encoder.encoder",
+            "decoder": "decoder.px_decoder",
+        }
+        return f"{prefix[owner]}.fc_layers.Layer {layer}.{0 if kind == 'linears' else 1}.{rest}"
+    for old, new in _RENAMES.items():
+        if ours.startswith(new):
+            return old + ours[len(new) :]
+    return ours  # px_r, library_log_means, library_log_vars

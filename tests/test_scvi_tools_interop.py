@@ -1,0 +1,129 @@
+"""An scvi-tools SCVI directory imports into censusvi (no pickle executed) and exports back.
+
+scvi-tools comes from the optional ``compare`` extra, which ``make test`` installs.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from censusvi.cli import main
+from censusvi.data.h5ad import H5adSource
+from censusvi.inference import get_normalized_expression, latent_representation
+from censusvi.model.io import load_model
+from censusvi.model.scvi_tools_io import import_scvi_tools, read_model_pt
+
+scvi = pytest.importorskip("scvi")
+
+
+@pytest.fixture(scope="module")
+def cellbench_scvi(shared_data, tmp_path_factory):
+    """A small SCVI with the Census settings (NB, observed library), trained and saved by scvi-tools."""
+    d = tmp_path_factory.mktemp("scvi")
+    a = ad.read_h5ad(shared_data / "cellbench_lung_celllines.h5ad")
+    a = a[:, np.argsort(-np.asarray(a.X.sum(0)).ravel())[:1500]].copy()
+    a.var_names = a.var["gene_ids"].astype(str).to_numpy()
+    scvi.model.SCVI.setup_anndata(a, batch_key="batch")
+    model = scvi.model.SCVI(a, n_hidden=32, n_latent=10, n_layers=2, gene_likelihood="nb")
+    model.train(max_epochs=5, batch_size=256, accelerator="cpu", enable_progress_bar=False)
+    model.save(d / "scvi_model", overwrite=True)  # history_ holds pandas frames: stand-ins on load
+    a.write_h5ad(d / "cells.h5ad")
+    return d / "scvi_model", d / "cells.h5ad", model
+
+
+def test_import_matches_scvi_tools(cellbench_scvi, tmp_path, capsys):
+    src_dir, cells, theirs = cellbench_scvi
+    assert main(["import-scvi-tools", str(src_dir), "--out", str(tmp_path / "m")]) == 0
+    ours = load_model(tmp_path / "m")
+    assert (
+        ours.config.likelihood == "nb"
+        and ours.config.n_layers == 2
+        and ours.batch_keys == ("batch",)
+    )
+    adata = ad.read_h5ad(cells)
+    pos, z, report = latent_representation(ours, H5adSource(cells))
+    assert report["overlap"] == 1.0
+    ref = theirs.get_latent_representation(adata)
+    assert np.abs(z[np.argsort(pos)] - ref).max() < 1e-5
+    # scvi-tools' get_normalized_expression samples z; compare its decoder at the posterior mean.
+    expr = get_normalized_expression(ours, adata)
+    x = torch.from_numpy(adata.X.toarray())
+    batch = torch.from_numpy(adata.obs["_scvi_batch"].to_numpy().astype(np.int64).reshape(-1, 1))
+    with torch.no_grad():
+        module = theirs.module.eval()
+        inf = module.inference(x, batch)
+        ref_expr = module.generative(inf["qz"].loc, inf["library"], batch)["px"].scale.numpy()
+    assert np.abs(expr - ref_expr).max() < 1e-5
+    assert load_model(src_dir).config == ours.config  # load_model reads scvi-tools dirs directly
+    history = read_model_pt(src_dir)["attr_dict"]["history_"]
+    assert history and all(type(v).__name__ == "_Inert" for v in history.values())  # pandas not run
+
+
+def test_export_loads_in_scvi_tools(cellbench_scvi, tmp_path):
+    src_dir, cells, _ = cellbench_scvi
+    ours = import_scvi_tools(src_dir)
+    assert main(["export-scvi-tools", str(src_dir), "--out", str(tmp_path / "back")]) == 0
+    adata = ad.read_h5ad(cells)
+    back = scvi.model.SCVI.load(str(tmp_path / "back"), adata=adata)
+    pos, z, _ = latent_representation(ours, H5adSource(cells))
+    assert np.abs(back.get_latent_representation(adata) - z[np.argsort(pos)]).max() < 1e-5
+
+
+def test_censusvi_trained_model_exports(tmp_path):
+    from censusvi.train.loop import TrainConfig
+    from censusvi.train.pretrain import DataConfig, ModelSettings, PretrainConfig, pretrain
+    from conftest import simulated_adata
+
+    a = simulated_adata(n_cells=120)
+    a.var_names = a.var["gene_ids"].to_numpy()
+    a.write_h5ad(tmp_path / "x.h5ad")
+    cfg = PretrainConfig(
+        DataConfig(source=str(tmp_path / "x.h5ad"), batch_keys=("batch",), n_hvg=0),
+        ModelSettings(n_hidden=16, n_latent=4),
+        TrainConfig(max_epochs=2, batch_size=64),
+    )
+    ours, _ = pretrain(cfg, tmp_path / "m", quiet=True)
+    assert main(["export-scvi-tools", str(tmp_path / "m"), "--out", str(tmp_path / "s")]) == 0
+    back = scvi.model.SCVI.load(str(tmp_path / "s"), adata=a)
+    pos, z, _ = latent_representation(ours, H5adSource(tmp_path / "x.h5ad"))
+    assert np.abs(back.get_latent_representation(a) - z[np.argsort(pos)]).max() < 1e-5
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickled_code_is_refused_not_run(tmp_path, capsys):
+    d = tmp_path / "evil"
+    d.mkdir()
+    torch.save(
+        {"model_state_dict": {}, "var_names": ["A"], "attr_dict": {"x": Exploit()}}, d / "model.pt"
+    )
+    with pytest.raises(
+        ValueError, match="needs (builtins.)?print to load.*does not run pickled code"
+    ):
+        read_model_pt(d)
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_unsupported_setting_is_named(cellbench_scvi, tmp_path):
+    src_dir = cellbench_scvi[0]
+    d = read_model_pt(src_dir)
+    d["attr_dict"]["init_params_"]["non_kwargs"]["latent_distribution"] = "ln"
+    d["attr_dict"]["history_"] = None  # its pandas frames were read as inert stand-ins
+    (tmp_path / "ln").mkdir()
+    torch.save(d, tmp_path / "ln" / "model.pt")
+    with pytest.raises(ValueError, match="latent_distribution='ln' is not supported"):
+        import_scvi_tools(tmp_path / "ln")
+
+
+def test_truncated_model_pt(cellbench_scvi, tmp_path):
+    (tmp_path / "t").mkdir()
+    data = (cellbench_scvi[0] / "model.pt").read_bytes()
+    (tmp_path / "t" / "model.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        read_model_pt(tmp_path / "t")
