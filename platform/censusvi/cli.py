@@ -99,6 +99,74 @@ def cmd_export_scvi_tools(a: argparse.Namespace) -> int:
     return 0
 
 
+def _surgery(a: argparse.Namespace):
+    from censusvi.mapping.surgery import SurgeryConfig
+
+    return SurgeryConfig(train=a.train, max_epochs=a.max_epochs)
+
+
+def cmd_map(a: argparse.Namespace) -> int:
+    from censusvi.data.h5ad import read_h5ad
+    from censusvi.inference import write_h5ad_atomic
+    from censusvi.mapping.query import map_query
+    from censusvi.model.io import load_model, save_model
+
+    adata = read_h5ad(a.query)
+    mq = map_query(
+        load_model(a.model), adata, a.batch_key, a.layer, _surgery(a), a.min_gene_overlap
+    )
+    out = adata[mq.positions].copy() if len(mq.positions) < adata.n_obs else adata
+    out.obsm["X_scvi"] = mq.latent.astype("float32")
+    out.obs["censusvi_nll_per_count"] = mq.nll_per_count
+    out.uns["censusvi"] = mq.report
+    write_h5ad_atomic(out, a.out)
+    if a.save_model:
+        save_model(mq.model, a.save_model)
+    print(
+        json.dumps(
+            {"out": str(a.out), **{k: v for k, v in mq.report.items() if k != "surgery_query_loss"}}
+        )
+    )
+    return 0
+
+
+def cmd_index(a: argparse.Namespace) -> int:
+    from censusvi.annotate.index import save_index
+    from censusvi.annotate.pipeline import index_reference
+    from censusvi.model.io import load_model
+
+    ix = index_reference(load_model(a.model), a.data, list(_keys(a.label_keys)), a.obs_filter)
+    save_index(ix, a.out)
+    print(
+        f"wrote {a.out}: {ix.meta['n_cells']} cells, {ix.meta['kind']} index, labels {ix.meta['label_keys']}"
+    )
+    return 0
+
+
+def cmd_annotate(a: argparse.Namespace) -> int:
+    from censusvi.annotate.index import load_index
+    from censusvi.annotate.pipeline import annotate
+    from censusvi.data.h5ad import read_h5ad
+    from censusvi.inference import write_h5ad_atomic
+    from censusvi.model.io import load_model
+
+    out, _ = annotate(
+        load_model(a.model),
+        load_index(a.index),
+        read_h5ad(a.query),
+        a.batch_key,
+        a.k,
+        a.unknown_threshold,
+        _surgery(a),
+        a.layer,
+    )
+    write_h5ad_atomic(out, a.out)
+    keys = [c.removeprefix("predicted_") for c in out.obs.columns if c.startswith("predicted_")]
+    summary = {k: out.obs[f"predicted_{k}"].value_counts().head(10).to_dict() for k in keys}
+    print(json.dumps({"out": str(a.out), "cells": out.n_obs, "predicted": summary}))
+    return 0
+
+
 def model_info(model_dir: str) -> dict[str, Any]:
     from censusvi.model.io import load_model
     from censusvi.model.vae import n_parameters, n_parameters_scvi_tools
@@ -205,6 +273,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_export_scvi_tools)
+
+    def query_args(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--model", required=True, help="model directory (censusvi or scvi-tools)")
+        s.add_argument("--query", required=True, help="the query .h5ad (raw counts)")
+        s.add_argument("--batch-key", required=True, help="the query's obs column of batches")
+        s.add_argument("--out", required=True)
+        s.add_argument("--layer", help="where counts are: a layer name or 'raw'")
+        s.add_argument(
+            "--train",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="train the new batch columns (default: only if the encoder reads the batch)",
+        )
+        s.add_argument("--max-epochs", type=int, default=50, help="cap on surgery epochs")
+
+    s = sub.add_parser("map", help="map a query onto the reference latent space (scArches surgery)")
+    query_args(s)
+    s.add_argument("--min-gene-overlap", type=float, default=0.5)
+    s.add_argument("--save-model", help="also write the mapped model (reference + query batches)")
+    s.set_defaults(fn=cmd_map)
+
+    s = sub.add_parser("index", help="embed a labelled reference and build its FAISS index")
+    s.add_argument("--model", required=True)
+    s.add_argument("--data", required=True, help="reference .h5ad or SOMA experiment")
+    s.add_argument("--label-keys", required=True, help="obs columns to transfer, e.g. cell_type")
+    s.add_argument("--obs-filter")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_index)
+
+    s = sub.add_parser("annotate", help="map a query and transfer labels by weighted kNN")
+    query_args(s)
+    s.add_argument("--index", required=True, help="directory written by `censusvi index`")
+    s.add_argument("--k", type=int, default=15)
+    s.add_argument(
+        "--unknown-threshold",
+        type=float,
+        default=1.0,
+        help="uncertainty above which a cell is 'Unknown' (1.0: never)",
+    )
+    s.set_defaults(fn=cmd_annotate)
 
     s = sub.add_parser("info", help="architecture, parameter count and provenance of a model")
     s.add_argument("model")

@@ -80,7 +80,14 @@ class TrainedModel:
         """(n, 1 + k) codes: the batch (from ``batch_keys``) then each extra covariate."""
         from censusvi.data.source import batch_labels
 
-        cols = [self.batch_codes(batch_labels(obs, list(self.batch_keys), where).tolist()).numpy()]
+        batch = self.batch_codes(batch_labels(obs, list(self.batch_keys), where).tolist()).numpy()
+        return np.concatenate(
+            [batch.reshape(-1, 1), self.extra_covariate_codes(obs, where)], axis=1
+        )
+
+    def extra_covariate_codes(self, obs, where: str) -> np.ndarray:
+        """(n, k) codes of the extra categorical covariates (k may be 0)."""
+        cols: list[np.ndarray] = []
         for key, cats in zip(self.covariate_keys, self.covariate_categories):
             if key not in obs.columns:
                 raise ValueError(
@@ -95,7 +102,7 @@ class TrainedModel:
                     f"it knows {list(cats[:5])}"
                 )
             cols.append(np.array([lookup[v] for v in values], dtype=np.int64))
-        return np.stack(cols, axis=1)
+        return np.stack(cols, axis=1) if cols else np.zeros((len(obs), 0), dtype=np.int64)
 
 
 def _config_dict(m: TrainedModel) -> dict[str, Any]:

@@ -82,15 +82,27 @@ def train_epoch(
     batches: Iterable[Minibatch],
     kl_w: float,
     on_step: Callable[[int, float], None] | None = None,
+    after_step: Callable[[], None] | None = None,
+    freeze_batchnorm: bool = False,
 ) -> tuple[float, int]:
-    """One pass; returns (cell-weighted mean loss, cells seen)."""
+    """One pass; returns (cell-weighted mean loss, cells seen).
+
+    ``after_step`` runs after every optimiser step and ``freeze_batchnorm`` keeps batch-norm
+    statistics fixed: query mapping uses both to leave the reference untouched.
+    """
     vae.train()
+    if freeze_batchnorm:
+        for m in vae.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.eval()
     total, n = None, 0
     for mb in batches:
         out = vae.loss(mb, kl_w)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
+        if after_step is not None:
+            after_step()
         # Summed on the device: a .item() per step would stall a GPU pipeline on every batch.
         step_total = out.loss.detach() * mb.n_cells
         total = step_total if total is None else total + step_total

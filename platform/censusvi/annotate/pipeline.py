@@ -1,0 +1,72 @@
+"""``censusvi index`` and ``censusvi annotate``: reference embeddings -> FAISS; query -> labels."""
+
+from __future__ import annotations
+
+import os
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from censusvi.annotate.index import LabelIndex, build_index
+from censusvi.annotate.transfer import transfer_labels
+from censusvi.data.soma import open_source
+from censusvi.inference import latent_representation
+from censusvi.mapping.query import MappedQuery, map_query
+from censusvi.mapping.surgery import SurgeryConfig
+from censusvi.model.io import TrainedModel
+
+DEFAULT_K = 15  # scArches' default neighbour count
+
+
+def index_reference(
+    model: TrainedModel,
+    data: str | os.PathLike,
+    label_keys: list[str],
+    obs_filter: str | None = None,
+) -> LabelIndex:
+    """Embed the reference (an .h5ad or SOMA experiment of batches the model knows) and index it."""
+    source = open_source(str(data), obs_filter=obs_filter)
+    missing = [k for k in label_keys if k not in source.obs.columns]
+    if missing:
+        raise ValueError(
+            f"label key(s) {missing} not in the reference's obs; it has {sorted(source.obs.columns)}"
+        )
+    pos, z, _ = latent_representation(model, source)
+    labels = source.obs.iloc[pos][label_keys].astype(str)
+    return build_index(z, labels, {"reference": str(data), "obs_filter": obs_filter})
+
+
+def annotate(
+    model: TrainedModel,
+    index: LabelIndex,
+    adata: ad.AnnData,
+    batch_key: str,
+    k: int = DEFAULT_K,
+    unknown_threshold: float = 1.0,
+    surgery: SurgeryConfig | None = None,
+    layer: str | None = None,
+) -> tuple[ad.AnnData, MappedQuery]:
+    """Map the query, then transfer every label key of the index; returns the annotated cells."""
+    if index.meta.get("dim") != model.config.n_latent:
+        raise ValueError(
+            f"the index holds {index.meta.get('dim')}-d embeddings but the model's latent is "
+            f"{model.config.n_latent}-d: build the index with this model"
+        )
+    mapped = map_query(model, adata, batch_key, layer=layer, surgery=surgery)
+    out = adata[mapped.positions].copy() if len(mapped.positions) < adata.n_obs else adata.copy()
+    out.obsm["X_scvi"] = mapped.latent.astype(np.float32)
+    out.obs["censusvi_nll_per_count"] = mapped.nll_per_count
+    dist, idx = index.search(mapped.latent, k)
+    for key in index.labels.columns:
+        res = transfer_labels(dist, index.labels[key].to_numpy()[idx], unknown_threshold)
+        out.obs[f"predicted_{key}"] = pd.Categorical(res["predicted"].to_numpy())
+        out.obs[f"{key}_probability"] = res["probability"].to_numpy()
+        out.obs[f"{key}_uncertainty"] = res["uncertainty"].to_numpy()
+    out.uns["censusvi"] = {
+        **mapped.report,
+        "k": k,
+        "unknown_threshold": unknown_threshold,
+        "index": {kk: v for kk, v in index.meta.items() if kk != "label_keys"},
+    }
+    return out, mapped

@@ -1,0 +1,50 @@
+"""Label transfer by weighted kNN in the latent space (scArches' ``weighted_knn_transfer``).
+
+For each query cell with neighbour distances d_1..d_k: s = (2 / std(d))^2, weights
+w_j = exp(-d_j / s) normalised to sum 1; the probability of a label is the summed weight of the
+neighbours carrying it; uncertainty = 1 - top probability; above ``unknown_threshold`` the
+prediction is ``Unknown``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+UNKNOWN = "Unknown"
+
+
+def kernel_weights(distances: np.ndarray) -> np.ndarray:
+    std = distances.std(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = (2.0 / std) ** 2
+        w = np.exp(-distances / scale)
+    w = np.where(np.isfinite(w), w, 1.0)  # equal distances: equal weights
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def transfer_labels(
+    distances: np.ndarray, neighbour_labels: np.ndarray, unknown_threshold: float = 1.0
+) -> pd.DataFrame:
+    """Columns ``predicted``, ``probability``, ``uncertainty`` for each query cell."""
+    w = kernel_weights(distances)
+    cats, codes = np.unique(neighbour_labels.astype(str), return_inverse=True)
+    codes = codes.reshape(neighbour_labels.shape)
+    prob = np.zeros((len(w), len(cats)))
+    np.add.at(prob, (np.repeat(np.arange(len(w)), w.shape[1]), codes.ravel()), w.ravel())
+    top = prob.argmax(1)
+    p_top = np.clip(prob[np.arange(len(w)), top], 0.0, 1.0)  # sums of weights can exceed 1 by ~1e-8
+    uncertainty = 1.0 - p_top
+    predicted = np.where(uncertainty > unknown_threshold, UNKNOWN, cats[top])
+    return pd.DataFrame({"predicted": predicted, "probability": p_top, "uncertainty": uncertainty})
+
+
+def expected_calibration_error(prob: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> float:
+    """ECE: |accuracy - confidence| averaged over equal-width confidence bins, weighted by size."""
+    bins = np.clip((prob * n_bins).astype(int), 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        m = bins == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - prob[m].mean())
+    return float(ece)

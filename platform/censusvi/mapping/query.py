@@ -1,0 +1,95 @@
+"""``censusvi map``: a new dataset onto the reference latent space (gene alignment + surgery)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import torch
+
+from censusvi.data.cells import Cells
+from censusvi.data.h5ad import H5adSource
+from censusvi.data.vocabulary import DEFAULT_MIN_OVERLAP
+from censusvi.mapping.surgery import SurgeryConfig, extend_batches, query_batches, train_new_columns
+from censusvi.model.io import TrainedModel
+from censusvi.model.minibatch import minibatch_from_csr
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MappedQuery:
+    model: TrainedModel  # the reference extended with the query's batches
+    positions: np.ndarray  # rows of the query that were mapped (cells with counts), sorted
+    latent: np.ndarray  # (len(positions), n_latent) posterior means
+    nll_per_count: np.ndarray  # reconstruction QC: -log p(x | z) / total counts, per cell
+    report: dict
+
+
+def map_query(
+    model: TrainedModel,
+    adata: ad.AnnData,
+    batch_key: str,
+    layer: str | None = None,
+    surgery: SurgeryConfig | None = None,
+    min_overlap: float = DEFAULT_MIN_OVERLAP,
+) -> MappedQuery:
+    surgery = surgery or SurgeryConfig()
+    if batch_key not in adata.obs.columns:
+        raise ValueError(
+            f"--batch-key {batch_key!r} is not an obs column; obs has {sorted(adata.obs.columns)}"
+        )
+    source = H5adSource("query", adata=adata, layer=layer)
+    alignment = model.genes.align(source.var_ids, source.var_symbols, min_overlap=min_overlap)
+    labels = adata.obs[batch_key].astype(str).to_numpy()
+    new = query_batches(labels, model.batch_categories)
+    mapped, trainable = extend_batches(model, new) if new else (model, {})
+    lookup = {b: i for i, b in enumerate(mapped.batch_categories)}
+    cov = np.array([lookup[b] for b in labels], dtype=np.int64).reshape(-1, 1)
+    cov = np.concatenate([cov, model.extra_covariate_codes(adata.obs, "query")], axis=1)
+    cells = Cells(source, np.arange(adata.n_obs), alignment, cov, preload=True)
+    needs_training = surgery.train if surgery.train is not None else model.config.encode_covariates
+    losses: list[float] = []
+    if needs_training and trainable:
+
+        def batches(epoch: int):
+            for _, x, c in cells.minibatches(
+                surgery.batch_size, shuffle=True, seed=surgery.seed + epoch
+            ):
+                yield minibatch_from_csr(x, c, with_counts=mapped.vae.needs_dense_counts)
+
+        losses = train_new_columns(mapped, trainable, batches, surgery)
+    pos_parts, z_parts, nll_parts = [], [], []
+    vae = mapped.vae.eval()
+    for pos, x, c in cells.minibatches(4096, shuffle=False):
+        mb = minibatch_from_csr(x, c, with_counts=vae.needs_dense_counts)
+        with torch.no_grad():
+            inf = vae.inference(mb, sample=False)
+            gen = vae.generative(inf.z_nk, inf.log_library_n1, mb.covariates_nc)
+            nll = vae.reconstruction_n(mb, gen) / torch.exp(mb.log_library_n1[:, 0])
+        pos_parts.append(pos)
+        z_parts.append(inf.qz_mean_nk.numpy())
+        nll_parts.append(nll.numpy())
+    if not pos_parts:
+        raise ValueError("no query cell has counts over the model's genes")
+    positions = np.concatenate(pos_parts)
+    order = np.argsort(positions)
+    counts = dict(zip(*np.unique(labels, return_counts=True)))
+    report = {
+        "genes": alignment.report(),
+        "cells_per_batch": {str(k): int(v) for k, v in counts.items()},
+        "new_batches": new,
+        "cells_mapped": int(len(positions)),
+        "cells_without_counts": int(adata.n_obs - len(positions)),
+        "surgery_epochs": len(losses),
+        "surgery_query_loss": [round(v, 3) for v in losses],
+    }
+    return MappedQuery(
+        mapped,
+        positions[order],
+        np.concatenate(z_parts)[order],
+        np.concatenate(nll_parts)[order],
+        report,
+    )

@@ -1,0 +1,143 @@
+"""Annotation: weighted kNN label transfer over a FAISS index, across technologies on real data."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from censusvi.annotate.transfer import expected_calibration_error, kernel_weights, transfer_labels
+from censusvi.cli import main
+
+
+def test_kernel_and_transfer_on_a_table():
+    d = np.array([[0.1, 0.2, 0.3], [1.0, 1.0, 1.0]])
+    w = kernel_weights(d)
+    np.testing.assert_allclose(w.sum(1), 1.0)
+    assert w[0, 0] > w[0, 1] > w[0, 2] and np.allclose(w[1], 1 / 3)
+    labels = np.array([["T", "T", "B"], ["T", "B", "NK"]])
+    res = transfer_labels(d, labels, unknown_threshold=0.6)
+    assert res["predicted"].tolist() == ["T", "Unknown"]
+    np.testing.assert_allclose(res["probability"] + res["uncertainty"], 1.0)
+    assert res["probability"][0] == pytest.approx(w[0, 0] + w[0, 1])
+
+
+def test_ece():
+    assert expected_calibration_error(np.array([1.0, 1.0]), np.array([True, True])) == 0.0
+    assert expected_calibration_error(
+        np.array([0.9, 0.9]), np.array([False, False])
+    ) == pytest.approx(0.9)
+
+
+@pytest.fixture(scope="module")
+def cellbench_split(shared_data, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cbsplit")
+    a = ad.read_h5ad(shared_data / "cellbench_lung_celllines.h5ad")
+    ref, query = a[a.obs["assay"] == "CEL-seq2"].copy(), a[a.obs["assay"] == "Drop-seq"].copy()
+    ref.write_h5ad(d / "ref.h5ad")
+    query.write_h5ad(d / "query.h5ad")
+    assert (
+        main(
+            [
+                "pretrain",
+                "--source",
+                str(d / "ref.h5ad"),
+                "--batch-keys",
+                "batch",
+                "--n-hvg",
+                "2000",
+                "--hvg-keys",
+                "batch",
+                "--max-epochs",
+                "40",
+                "--lr",
+                "1e-3",
+                "--quiet",
+                "--out",
+                str(d / "m"),
+            ]
+        )
+        == 0
+    )
+    return d
+
+
+def test_cross_technology_annotation_cli(cellbench_split, capsys):
+    d = cellbench_split
+    assert (
+        main(
+            [
+                "index",
+                "--model",
+                str(d / "m"),
+                "--data",
+                str(d / "ref.h5ad"),
+                "--label-keys",
+                "cell_type",
+                "--out",
+                str(d / "ix"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "annotate",
+                "--model",
+                str(d / "m"),
+                "--index",
+                str(d / "ix"),
+                "--query",
+                str(d / "query.h5ad"),
+                "--batch-key",
+                "batch",
+                "--out",
+                str(d / "annotated.h5ad"),
+            ]
+        )
+        == 0
+    )
+    out = ad.read_h5ad(d / "annotated.h5ad")
+    for col in ("predicted_cell_type", "cell_type_probability", "cell_type_uncertainty"):
+        assert col in out.obs
+    acc = (out.obs["predicted_cell_type"].astype(str) == out.obs["cell_type"].astype(str)).mean()
+    assert acc >= 0.9, acc  # Drop-seq cells labelled from CEL-seq2 cells through the latent space
+    p = out.obs["cell_type_probability"].to_numpy()
+    assert ((p > 0) & (p <= 1)).all()
+    np.testing.assert_allclose(p + out.obs["cell_type_uncertainty"].to_numpy(), 1.0)
+    assert out.uns["censusvi"]["new_batches"] == ["sc_dropseq"] and out.obsm["X_scvi"].shape == (
+        210,
+        50,
+    )
+
+
+def test_map_cli_writes_latent_and_report(cellbench_split):
+    d = cellbench_split
+    assert (
+        main(
+            [
+                "map",
+                "--model",
+                str(d / "m"),
+                "--query",
+                str(d / "query.h5ad"),
+                "--batch-key",
+                "batch",
+                "--train",
+                "--max-epochs",
+                "3",
+                "--out",
+                str(d / "mapped.h5ad"),
+                "--save-model",
+                str(d / "mm"),
+            ]
+        )
+        == 0
+    )
+    out = ad.read_h5ad(d / "mapped.h5ad")
+    assert out.obsm["X_scvi"].shape == (210, 50) and "censusvi_nll_per_count" in out.obs
+    assert out.uns["censusvi"]["genes"]["overlap"] == 1.0
+    from censusvi.model.io import load_model
+
+    assert load_model(d / "mm").batch_categories[-1] == "sc_dropseq"
