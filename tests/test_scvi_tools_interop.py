@@ -28,7 +28,7 @@ def cellbench_scvi(shared_data, tmp_path_factory):
     a.var_names = a.var["gene_ids"].astype(str).to_numpy()
     scvi.model.SCVI.setup_anndata(a, batch_key="batch")
     model = scvi.model.SCVI(a, n_hidden=32, n_latent=10, n_layers=2, gene_likelihood="nb")
-    model.train(max_epochs=5, batch_size=256, accelerator="cpu", enable_progress_bar=False)
+    model.train(max_epochs=40, batch_size=256, accelerator="cpu", enable_progress_bar=False)
     model.save(d / "scvi_model", overwrite=True)  # history_ holds pandas frames: stand-ins on load
     a.write_h5ad(d / "cells.h5ad")
     return d / "scvi_model", d / "cells.h5ad", model
@@ -127,3 +127,42 @@ def test_truncated_model_pt(cellbench_scvi, tmp_path):
     (tmp_path / "t" / "model.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated"):
         read_model_pt(tmp_path / "t")
+
+
+def test_imported_model_maps_and_annotates(cellbench_scvi, tmp_path):
+    """The scvi-tools model, imported without scvi-tools code, labels a query from a new lab."""
+    src_dir, cells, theirs = cellbench_scvi
+    a = ad.read_h5ad(cells)
+    a[a.obs["assay"] == "CEL-seq2"].write_h5ad(
+        tmp_path / "ref.h5ad"
+    )  # labels come from CEL-seq2 only
+    index_args = ["index", "--model", str(src_dir), "--data", str(tmp_path / "ref.h5ad")]
+    assert main([*index_args, "--label-keys", "cell_type", "--out", str(tmp_path / "ix")]) == 0
+    q = a[a.obs["assay"] == "Drop-seq"].copy()
+    q.obs["lab"] = "new-lab"
+    q.write_h5ad(tmp_path / "q.h5ad")
+    query_args = [
+        "--query",
+        str(tmp_path / "q.h5ad"),
+        "--batch-key",
+        "lab",
+        "--out",
+        str(tmp_path / "a.h5ad"),
+    ]
+    assert (
+        main(["annotate", "--model", str(src_dir), "--index", str(tmp_path / "ix"), *query_args])
+        == 0
+    )
+    out = ad.read_h5ad(tmp_path / "a.h5ad")
+    assert out.uns["censusvi"]["new_batches"] == ["new-lab"]
+    # Same model, same answer: the labels equal a weighted kNN on scvi-tools' own latent space.
+    from sklearn.neighbors import NearestNeighbors
+
+    from censusvi.annotate.transfer import transfer_labels
+
+    ref = a[a.obs["assay"] == "CEL-seq2"]
+    z_ref, z_q = theirs.get_latent_representation(ref), theirs.get_latent_representation(q)
+    dist, idx = NearestNeighbors(n_neighbors=15).fit(z_ref).kneighbors(z_q)
+    expected = transfer_labels(dist, ref.obs["cell_type"].astype(str).to_numpy()[idx])["predicted"]
+    agree = (out.obs["predicted_cell_type"].astype(str).to_numpy() == expected.to_numpy()).mean()
+    assert agree >= 0.99, agree
