@@ -141,3 +141,26 @@ def test_map_cli_writes_latent_and_report(cellbench_split):
     from censusvi.model.io import load_model
 
     assert load_model(d / "mm").batch_categories[-1] == "sc_dropseq"
+
+
+def test_unseen_cell_type_is_flagged_uncertain(cellbench_split, tmp_path):
+    """A cell line missing from the reference gets high uncertainty (AUROC of uncertainty)."""
+    from sklearn.metrics import roc_auc_score
+
+    from censusvi.annotate.index import load_index, save_index
+    from censusvi.annotate.pipeline import annotate, index_reference
+    from censusvi.model.io import load_model
+
+    d = cellbench_split
+    ref = ad.read_h5ad(d / "ref.h5ad")
+    held_out = "H2228"  # present in the Drop-seq query
+    ref[ref.obs["cell_type"] != held_out].write_h5ad(tmp_path / "ref_minus.h5ad")
+    model = load_model(d / "m")
+    save_index(index_reference(model, tmp_path / "ref_minus.h5ad", ["cell_type"]), tmp_path / "ix")
+    out, _ = annotate(model, load_index(tmp_path / "ix"), ad.read_h5ad(d / "query.h5ad"), "batch")
+    is_novel = (out.obs["cell_type"] == held_out).to_numpy()
+    assert 0 < is_novel.sum() < len(is_novel)
+    auroc = roc_auc_score(is_novel, out.obs["cell_type_uncertainty"].to_numpy())
+    assert auroc >= 0.85, auroc
+    ev = out.uns["censusvi"]["evaluation"]["cell_type"]
+    assert ev["n_cells_with_reference_label"] == int((~is_novel).sum()) and 0 <= ev["ece"] <= 1

@@ -163,7 +163,12 @@ def cmd_annotate(a: argparse.Namespace) -> int:
     write_h5ad_atomic(out, a.out)
     keys = [c.removeprefix("predicted_") for c in out.obs.columns if c.startswith("predicted_")]
     summary = {k: out.obs[f"predicted_{k}"].value_counts().head(10).to_dict() for k in keys}
-    print(json.dumps({"out": str(a.out), "cells": out.n_obs, "predicted": summary}))
+    evaluation = out.uns["censusvi"]["evaluation"]
+    print(
+        json.dumps(
+            {"out": str(a.out), "cells": out.n_obs, "predicted": summary, "evaluation": evaluation}
+        )
+    )
     return 0
 
 

@@ -35,8 +35,20 @@ class LabelIndex:
         return np.sqrt(np.maximum(d2, 0)), idx
 
 
+def reference_distance_quantiles(
+    index: faiss.Index, z: np.ndarray, k: int, seed: int
+) -> dict[str, float]:
+    """How far reference cells are from their own k neighbours (self excluded): median and 99th
+    percentile of the mean distance. A query cell much farther than this is unlike the reference."""
+    rows = np.random.default_rng(seed).choice(len(z), min(len(z), 20_000), replace=False)
+    kk = min(k + 1, index.ntotal)
+    d2, _ = index.search(z[rows], kk)
+    mean_d = np.sqrt(np.maximum(d2[:, 1:], 0)).mean(1) if kk > 1 else np.zeros(len(rows))
+    return {"k": k, "q50": float(np.quantile(mean_d, 0.5)), "q99": float(np.quantile(mean_d, 0.99))}
+
+
 def build_index(
-    z: np.ndarray, labels: pd.DataFrame, meta: dict | None = None, seed: int = 0
+    z: np.ndarray, labels: pd.DataFrame, meta: dict | None = None, seed: int = 0, k: int = 15
 ) -> LabelIndex:
     z = np.ascontiguousarray(z, dtype=np.float32)
     n, dim = z.shape
@@ -60,6 +72,7 @@ def build_index(
         "kind": kind,
         "label_keys": list(labels.columns),
     }
+    info["neighbour_distance"] = reference_distance_quantiles(index, z, k, seed)
     return LabelIndex(index, labels.reset_index(drop=True).astype(str), info)
 
 

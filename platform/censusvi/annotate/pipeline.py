@@ -59,14 +59,50 @@ def annotate(
     out.obs["censusvi_nll_per_count"] = mapped.nll_per_count
     dist, idx = index.search(mapped.latent, k)
     for key in index.labels.columns:
-        res = transfer_labels(dist, index.labels[key].to_numpy()[idx], unknown_threshold)
+        neighbours = index.labels[key].to_numpy()[idx]
+        res = transfer_labels(
+            dist, neighbours, unknown_threshold, index.meta.get("neighbour_distance")
+        )
         out.obs[f"predicted_{key}"] = pd.Categorical(res["predicted"].to_numpy())
         out.obs[f"{key}_probability"] = res["probability"].to_numpy()
         out.obs[f"{key}_uncertainty"] = res["uncertainty"].to_numpy()
+    evaluation = {  # where the query carries true labels: how well the transfer did
+        key: label_transfer_metrics(
+            out.obs[key],
+            out.obs[f"predicted_{key}"],
+            out.obs[f"{key}_probability"],
+            set(index.labels[key]),
+        )
+        for key in index.labels.columns
+        if key in out.obs.columns
+    }
     out.uns["censusvi"] = {
         **mapped.report,
         "k": k,
         "unknown_threshold": unknown_threshold,
         "index": {kk: v for kk, v in index.meta.items() if kk != "label_keys"},
+        "evaluation": evaluation,
     }
     return out, mapped
+
+
+def label_transfer_metrics(truth, predicted, probability, reference_labels: set[str]) -> dict:
+    """Accuracy, macro-F1 and expected calibration error over cells whose true label the
+    reference holds (the others cannot be right; a good annotator marks them uncertain)."""
+    from sklearn.metrics import f1_score
+
+    from censusvi.annotate.transfer import expected_calibration_error
+
+    truth, predicted = np.asarray(truth).astype(str), np.asarray(predicted).astype(str)
+    known = np.isin(truth, sorted(reference_labels))
+    if not known.any():
+        return {"n_cells_with_reference_label": 0}
+    correct = truth[known] == predicted[known]
+    return {
+        "n_cells_with_reference_label": int(known.sum()),
+        "accuracy": float(correct.mean()),
+        "macro_f1": float(
+            f1_score(truth[known], predicted[known], average="macro", zero_division=0)
+        ),
+        "ece": expected_calibration_error(np.asarray(probability, dtype=float)[known], correct),
+    }

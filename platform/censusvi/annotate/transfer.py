@@ -3,7 +3,8 @@
 For each query cell with neighbour distances d_1..d_k: s = (2 / std(d))^2, weights
 w_j = exp(-d_j / s) normalised to sum 1; the probability of a label is the summed weight of the
 neighbours carrying it; uncertainty = 1 - top probability; above ``unknown_threshold`` the
-prediction is ``Unknown``.
+prediction is ``Unknown``. censusvi adds one step scArches lacks: the weights are scaled by how
+typical the cell's neighbour distances are for the reference (``typicality``).
 """
 
 from __future__ import annotations
@@ -23,11 +24,32 @@ def kernel_weights(distances: np.ndarray) -> np.ndarray:
     return w / w.sum(axis=1, keepdims=True)
 
 
+def typicality(distances: np.ndarray, reference: dict[str, float] | None) -> np.ndarray:
+    """1 for cells as close to their neighbours as reference cells are to theirs, decaying to 0
+    beyond the reference's 99th percentile (in units of its q99 - q50 spread).
+
+    The kernel weights alone are relative: a cell of a type the reference lacks still gets a
+    confident label from whichever type is least far. Its absolute distance gives it away.
+    """
+    if not reference:
+        return np.ones(len(distances))
+    spread = max(reference["q99"] - reference["q50"], 1e-6)
+    excess = np.maximum(distances.mean(1) - reference["q99"], 0.0)
+    return np.exp(-excess / spread)
+
+
 def transfer_labels(
-    distances: np.ndarray, neighbour_labels: np.ndarray, unknown_threshold: float = 1.0
+    distances: np.ndarray,
+    neighbour_labels: np.ndarray,
+    unknown_threshold: float = 1.0,
+    reference_distance: dict[str, float] | None = None,
 ) -> pd.DataFrame:
-    """Columns ``predicted``, ``probability``, ``uncertainty`` for each query cell."""
-    w = kernel_weights(distances)
+    """Columns ``predicted``, ``probability``, ``uncertainty`` for each query cell.
+
+    With ``reference_distance`` (from the index) probabilities are scaled by ``typicality``: the
+    missing mass is the chance that the cell is of a type the reference does not hold.
+    """
+    w = kernel_weights(distances) * typicality(distances, reference_distance)[:, None]
     cats, codes = np.unique(neighbour_labels.astype(str), return_inverse=True)
     codes = codes.reshape(neighbour_labels.shape)
     prob = np.zeros((len(w), len(cats)))
