@@ -166,3 +166,12 @@ def test_imported_model_maps_and_annotates(cellbench_scvi, tmp_path):
     expected = transfer_labels(dist, ref.obs["cell_type"].astype(str).to_numpy()[idx])["predicted"]
     agree = (out.obs["predicted_cell_type"].astype(str).to_numpy() == expected.to_numpy()).mean()
     assert agree >= 0.99, agree
+
+
+def test_pyro_param_store_entry_is_dropped(cellbench_scvi, tmp_path):
+    d = read_model_pt(cellbench_scvi[0])
+    d["attr_dict"]["history_"] = None
+    d["model_state_dict"]["pyro_param_store"] = {"params": {}, "constraints": {}}
+    (tmp_path / "p").mkdir()
+    torch.save(d, tmp_path / "p" / "model.pt")
+    assert import_scvi_tools(tmp_path / "p").config.n_latent == 10
