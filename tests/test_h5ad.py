@@ -22,3 +22,10 @@ def test_census_filter_on_plain_h5ad(shared_data):
     assert 0 < len(src.obs) < 1200 and (src.obs["nnz"] >= 300).all()
     x = src.read_rows(np.arange(len(src.obs)))
     np.testing.assert_array_equal(np.diff(x.indptr), src.obs["nnz"].to_numpy())
+
+
+def test_genes_without_ensembl_id_keep_their_symbol(shared_data):
+    """pbmc_3chem has 344 genes with no Ensembl id: they stay addressable by symbol, ids unique."""
+    src = H5adSource(shared_data / "pbmc_3chem_symphony_small.h5ad")
+    assert len(set(src.var_ids)) == len(src.var_ids) == 1767
+    assert sum(not i.startswith("ENSG") for i in src.var_ids) == 344

@@ -38,8 +38,9 @@ def gene_ids_and_symbols(var: pd.DataFrame) -> tuple[list[str], list[str]]:
     syms = next((var[c] for c in SYMBOL_COLUMNS if c in var.columns), None)
     id_list = names if ids is None else [("" if pd.isna(v) else str(v)) for v in ids]
     sym_list = names if syms is None else [str(v) for v in syms]
-    if ids is not None and syms is None and id_list == names:
-        sym_list = names
+    # A gene without an Ensembl id keeps its symbol as id (as `censusvi ingest` does), so every
+    # gene stays addressable and ids stay unique.
+    id_list = [i if i else s for i, s in zip(id_list, sym_list)]
     return id_list, sym_list
 
 

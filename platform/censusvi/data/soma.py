@@ -65,8 +65,7 @@ def harmonise(path: str | os.PathLike) -> ad.AnnData:
     x = to_csr32(adata.X)
     check_counts(x, str(path))
     ids, symbols = gene_ids_and_symbols(adata.var)
-    feature_id = [i if i else s for i, s in zip(ids, symbols)]  # symbol where no Ensembl id
-    var = pd.DataFrame({"feature_name": symbols}, index=pd.Index(feature_id, name="feature_id"))
+    var = pd.DataFrame({"feature_name": symbols}, index=pd.Index(ids, name="feature_id"))
     keep = ~var.index.duplicated()
     if not keep.all():
         log.warning("%s: %d duplicated gene ids dropped (first kept)", path, int((~keep).sum()))
