@@ -138,47 +138,129 @@ def library_prior(cells: Cells, n_batches: int) -> tuple[torch.Tensor, torch.Ten
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(var, dtype=torch.float32)
 
 
-def pretrain(
-    cfg: PretrainConfig, out: str | os.PathLike, quiet: bool = False, resume: bool = True
-) -> tuple[TrainedModel, History]:
-    from tqdm.auto import tqdm
+@dataclass
+class RunPlan:
+    """Everything decided before training: cells, genes, batch codes, split, architecture.
 
+    Built once on the driver (``plan_run``); the distributed trainer rebuilds the same plan in
+    each worker from the data source and the decided genes and categories (``plan_from``).
+    """
+
+    cfg: PretrainConfig
+    source: CellSource
+    genes: GeneVocabulary
+    categories: tuple[str, ...]
+    extra_cats: tuple[tuple[str, ...], ...]
+    cov: np.ndarray  # (n_cells, 1 + k) codes: batch, then extra covariates
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    model_cfg: ModelConfig
+
+    def cells(self, rows: np.ndarray) -> Cells:
+        alignment = self.genes.align(self.source.var_ids, self.source.var_symbols, min_overlap=1.0)
+        return Cells(self.source, rows, alignment, self.cov[rows])
+
+    def new_vae(self, train_cells: Cells) -> VAE:
+        torch.manual_seed(self.cfg.train.seed)  # every worker builds identical initial weights
+        vae = VAE(self.model_cfg)
+        if self.model_cfg.latent_library:
+            means, variances = library_prior(train_cells, len(self.categories))
+            vae.library_log_means.copy_(means)
+            vae.library_log_vars.copy_(variances)
+        return vae
+
+    def trained_model(
+        self, vae: VAE, history: History, extra: dict[str, Any] | None = None
+    ) -> TrainedModel:
+        d = self.cfg.data
+        provenance = {
+            "source": d.source,
+            "obs_filter": d.obs_filter,
+            "n_cells": len(self.source.obs),
+            "n_train_cells": len(self.train_rows),
+            "n_val_cells": len(self.val_rows),
+            "epochs": len(history.epochs),
+            "final_val_elbo": history.epochs[-1].val_elbo,
+            "final_train_loss": history.epochs[-1].train_loss,
+            "config": self.cfg.to_dict(),
+            "censusvi_version": __version__,
+            "torch_version": torch.__version__,
+            "python_version": py_platform.python_version(),
+            **(extra or {}),
+        }
+        return TrainedModel(
+            vae.cpu(),
+            self.genes,
+            tuple(d.batch_keys),
+            self.categories,
+            provenance,
+            covariate_keys=tuple(d.categorical_covariate_keys),
+            covariate_categories=self.extra_cats,
+        )
+
+
+def plan_from(
+    cfg: PretrainConfig,
+    genes: GeneVocabulary | None = None,
+    categories: tuple[str, ...] | None = None,
+    extra_cats: tuple[tuple[str, ...], ...] | None = None,
+) -> RunPlan:
+    """The run's plan; genes and categories are chosen here unless given (as in a worker)."""
     d, t = cfg.data, cfg.train
     if not d.source:
         raise ValueError("no data source: pass --source PATH (an .h5ad file or a SOMA experiment)")
     source = open_source(d.source, obs_filter=d.obs_filter, layer=d.layer)
     if len(source.obs) == 0:
         raise ValueError(f"{d.source}: no cells pass the filter {d.obs_filter!r}")
-    labels = batch_labels(source.obs, list(d.batch_keys), d.source)
-    categories, codes = np.unique(labels.astype(str), return_inverse=True)
-    genes = choose_genes(source, d)
-    alignment = genes.align(source.var_ids, source.var_symbols, min_overlap=1.0)
-    train_rows, val_rows = split_rows(len(source.obs), t.train_fraction, t.seed)
-    extra_cats, extra_codes = [], []
-    for key in d.categorical_covariate_keys:
-        cats, c = np.unique(
-            batch_labels(source.obs, [key], d.source).astype(str), return_inverse=True
-        )
-        extra_cats.append(tuple(cats.tolist()))
-        extra_codes.append(c)
-    cov = np.stack([codes, *extra_codes], axis=1).astype(np.int64)
-    train_cells = Cells(source, train_rows, alignment, cov[train_rows])
-    val_cells = Cells(source, val_rows, alignment, cov[val_rows]) if len(val_rows) else None
 
-    m = cfg.model
+    def codes_of(
+        keys: list[str], known: tuple[str, ...] | None
+    ) -> tuple[tuple[str, ...], np.ndarray]:
+        labels = batch_labels(source.obs, keys, d.source).astype(str)
+        if known is None:
+            cats, codes = np.unique(labels, return_inverse=True)
+            return tuple(cats.tolist()), codes
+        lookup = {c: i for i, c in enumerate(known)}
+        return known, np.array([lookup[v] for v in labels], dtype=np.int64)
+
+    categories, codes = codes_of(list(d.batch_keys), categories)
+    extra = [
+        codes_of([k], extra_cats[i] if extra_cats else None)
+        for i, k in enumerate(d.categorical_covariate_keys)
+    ]
+    genes = genes if genes is not None else choose_genes(source, d)
+    train_rows, val_rows = split_rows(len(source.obs), t.train_fraction, t.seed)
     model_cfg = ModelConfig(
         n_genes=len(genes),
         n_batches=len(categories),
-        extra_categories=tuple(len(c) for c in extra_cats),
-        **asdict(m),
+        extra_categories=tuple(len(c) for c, _ in extra),
+        **asdict(cfg.model),
     )
-    torch.manual_seed(t.seed)
-    vae = VAE(model_cfg)
-    if model_cfg.latent_library:
-        means, variances = library_prior(train_cells, len(categories))
-        vae.library_log_means.copy_(means)
-        vae.library_log_vars.copy_(variances)
-    vae.to(t.device)
+    cov = np.stack([codes, *(c for _, c in extra)], axis=1).astype(np.int64)
+    return RunPlan(
+        cfg,
+        source,
+        genes,
+        categories,
+        tuple(c for c, _ in extra),
+        cov,
+        train_rows,
+        val_rows,
+        model_cfg,
+    )
+
+
+def pretrain(
+    cfg: PretrainConfig, out: str | os.PathLike, quiet: bool = False, resume: bool = True
+) -> tuple[TrainedModel, History]:
+    from tqdm.auto import tqdm
+
+    t = cfg.train
+    plan = plan_from(cfg)
+    genes, source = plan.genes, plan.source
+    train_cells = plan.cells(plan.train_rows)
+    val_cells = plan.cells(plan.val_rows) if len(plan.val_rows) else None
+    vae = plan.new_vae(train_cells).to(t.device)
 
     on_device: dict[int, DeviceCSR] = {}
 
@@ -218,29 +300,7 @@ def pretrain(
         progress,
     )
     bar.close()
-    provenance = {
-        "source": d.source,
-        "obs_filter": d.obs_filter,
-        "n_cells": len(source.obs),
-        "n_train_cells": len(train_rows),
-        "n_val_cells": len(val_rows),
-        "epochs": len(history.epochs),
-        "final_val_elbo": history.epochs[-1].val_elbo,
-        "final_train_loss": history.epochs[-1].train_loss,
-        "config": cfg.to_dict(),
-        "censusvi_version": __version__,
-        "torch_version": torch.__version__,
-        "python_version": py_platform.python_version(),
-    }
-    trained = TrainedModel(
-        vae.cpu(),
-        genes,
-        tuple(d.batch_keys),
-        tuple(categories.tolist()),
-        provenance,
-        covariate_keys=tuple(d.categorical_covariate_keys),
-        covariate_categories=tuple(extra_cats),
-    )
+    trained = plan.trained_model(vae, history)
     save_model(trained, out)
     if ckpt is not None:
         ckpt.remove()
