@@ -178,6 +178,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
 
     An scvi-tools model directory (``model.pt``, no ``config.json``) is imported on the fly.
     """
+    if str(path).startswith("models:/"):  # a registered version in MLflow
+        from censusvi.registry.mlflow_store import download_model
+
+        path = download_model(str(path))
     path = Path(path)
     if not (path / CONFIG_FILE).exists() and (path / "model.pt").is_file():
         from censusvi.model.scvi_tools_io import import_scvi_tools

@@ -188,6 +188,10 @@ class VAE(nn.Module):
         loss = torch.mean(rec_n + kl_weight * kl_z_n + kl_l_n)
         return LossOutput(loss, rec_n, kl_z_n + kl_l_n)
 
+    def forward(self, mb: Minibatch, kl_weight: float = 1.0) -> LossOutput:
+        """The loss: what DistributedDataParallel calls, so gradients sync across workers."""
+        return self.loss(mb, kl_weight)
+
     @torch.no_grad()
     def latent_mean(self, mb: Minibatch) -> torch.Tensor:
         """Mean of q(z|x): the embedding (``obsm["X_scvi"]``)."""

@@ -97,7 +97,7 @@ def train_epoch(
                 m.eval()
     total, n = None, 0
     for mb in batches:
-        out = vae.loss(mb, kl_w)
+        out = vae(mb, kl_w)  # forward: works for a DDP-wrapped model too
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -123,10 +123,10 @@ def validation_elbo(vae: VAE, batches: Iterable[Minibatch]) -> float:
     vae.eval()
     total, n = torch.zeros(()), 0
     for mb in batches:
-        out = vae.loss(mb, 1.0)
+        out = vae(mb, 1.0)
         total = total.to(out.loss.device) + out.elbo_n.sum()
         n += mb.n_cells
-    return total.item() / max(n, 1)
+    return total.item() / max(n, 1) if n else float("nan")
 
 
 @dataclass

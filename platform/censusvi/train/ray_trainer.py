@@ -1,0 +1,179 @@
+"""Distributed pretraining with Ray Train: DDP over N workers running the core loop's pieces.
+
+The driver decides the run once (``plan_from``: genes, batch categories, split) and ships that
+decision; each worker rebuilds the same plan from the data source, takes an equal shard of the
+training cells (DDP needs the same step count on every rank), and runs ``train_epoch`` on the
+DDP-wrapped model, so the model and loss are the single-process ones. Rank 0 writes a checkpoint
+every epoch; every rank reports; a restarted worker group resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from censusvi.data.vocabulary import GeneVocabulary
+from censusvi.model.minibatch import minibatch_from_csr
+from censusvi.train.loop import (
+    EpochStats,
+    History,
+    kl_weight,
+    make_optimizer,
+    train_epoch,
+    validation_elbo,
+)
+from censusvi.train.pretrain import PretrainConfig, RunPlan, load_pretrain_config, plan_from
+
+log = logging.getLogger(__name__)
+
+
+def _config_dict(cfg: PretrainConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists: plain data for Ray
+
+
+def _plan_in_worker(config: dict[str, Any]) -> RunPlan:
+    cfg = load_pretrain_config(None, config["cfg"])
+    extra = tuple(tuple(c) for c in config["extra_cats"])
+    return plan_from(
+        cfg, GeneVocabulary.from_dict(config["genes"]), tuple(config["categories"]), extra
+    )
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    from safetensors.torch import load_file, save_file
+
+    plan = _plan_in_worker(config)
+    t = plan.cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    per_rank = len(plan.train_rows) // world
+    train_cells = plan.cells(plan.train_rows[rank::world][:per_rank])
+    val_cells = plan.cells(plan.val_rows[rank::world]) if len(plan.val_rows) >= world else None
+    vae = plan.new_vae(train_cells)
+    device = ray.train.torch.get_device()
+    vae.to(device)
+    opt = make_optimizer(vae, t)
+    history = History()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            vae.load_state_dict(load_file(str(Path(d) / "weights.safetensors"), device=str(device)))
+            opt.load_state_dict(
+                torch.load(Path(d) / "optimizer.pt", weights_only=True, map_location=device)
+            )
+            history = History.from_dict(json.loads((Path(d) / "history.json").read_text()))
+    model = ray.train.torch.prepare_model(vae, move_to_device=False)
+
+    def batches(cells, shuffle: bool, seed: int):
+        for _, x, c in cells.minibatches(t.batch_size, shuffle=shuffle, seed=seed):
+            yield minibatch_from_csr(x, c, device, with_counts=vae.needs_dense_counts)
+
+    for epoch in range(len(history.epochs), t.max_epochs):
+        torch.manual_seed(t.seed * 100_003 + epoch * 1009 + rank)
+        kl_w = kl_weight(epoch, t.n_epochs_kl_warmup)
+        t0 = time.perf_counter()
+        loss, n = train_epoch(
+            model, opt, batches(train_cells, True, t.seed * 1_000_003 + epoch * 7919 + rank), kl_w
+        )
+        seconds = time.perf_counter() - t0
+        val_sum, val_n = 0.0, 0
+        if val_cells is not None:
+            val = validation_elbo(model, batches(val_cells, False, 0))
+            val_n = len(val_cells)
+            val_sum = val * val_n if np.isfinite(val) else 0.0
+        loss_sum, n_sum, val_sum, val_n_sum, rate_sum = _all_reduce_sum(
+            [loss * n, n, val_sum, val_n, n / seconds]
+        )
+        stats = EpochStats(
+            epoch, loss_sum / n_sum, val_sum / val_n_sum if val_n_sum else None, rate_sum, kl_w
+        )
+        history.epochs.append(stats)
+        monitored = stats.val_elbo if stats.val_elbo is not None else stats.train_loss
+        history.best_val = min(history.best_val, monitored)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": stats.train_loss,
+            "cells_per_s": rate_sum,
+            "cells_per_s_per_worker": rate_sum / world,
+            "kl_weight": kl_w,
+            "val_elbo": stats.val_elbo if stats.val_elbo is not None else stats.train_loss,
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()},
+                    str(Path(tmp) / "weights.safetensors"),
+                )
+                torch.save(opt.state_dict(), Path(tmp) / "optimizer.pt")
+                (Path(tmp) / "history.json").write_text(json.dumps(history.to_dict()))
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+def pretrain_distributed(
+    cfg: PretrainConfig,
+    out: str,
+    num_workers: int = 2,
+    use_gpu: bool = False,
+    storage_path: str | None = None,
+    run_name: str | None = None,
+    max_failures: int = 2,
+    keep_checkpoints: int = 2,
+):
+    """Train with Ray Train and write the model directory ``out``; returns (model, history)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from safetensors.torch import load_file
+
+    from censusvi.model.io import save_model
+
+    plan = plan_from(cfg)
+    config = {
+        "cfg": _config_dict(cfg),
+        "genes": plan.genes.to_dict(),
+        "categories": list(plan.categories),
+        "extra_cats": [list(c) for c in plan.extra_cats],
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(Path(storage_path).resolve()) if storage_path else None,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        vae = plan.new_vae(plan.cells(plan.train_rows[:0]))
+        vae.load_state_dict(load_file(str(Path(d) / "weights.safetensors")))
+        history = History.from_dict(json.loads((Path(d) / "history.json").read_text()))
+    extra = {"num_workers": num_workers, "ray_result_path": str(result.path)}
+    trained = plan.trained_model(vae.eval(), history, extra)
+    save_model(trained, out)
+    return trained, history
