@@ -13,6 +13,7 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,9 @@ def pretrain_distributed(
 
     from censusvi.model.io import save_model
 
+    source = cfg.data.source
+    if "://" not in source and Path(source).exists():  # workers run in another directory
+        cfg = replace(cfg, data=replace(cfg.data, source=str(Path(source).resolve())))
     plan = plan_from(cfg)
     config = {
         "cfg": _config_dict(cfg),
