@@ -78,3 +78,24 @@ def test_one_worker_matches_single_process_elbo(local_ray, tmp_path):
     _, h_local = pretrain(cfg, tmp_path / "m_local", quiet=True)
     ray_val, local_val = h_ray.epochs[-1].val_elbo, h_local.epochs[-1].val_elbo
     assert abs(ray_val - local_val) / abs(local_val) < 0.01, (ray_val, local_val)
+
+
+def test_worker_failure_resumes_from_checkpoint(local_ray, tmp_path):
+    from censusvi.train.ray_trainer import pretrain_distributed
+
+    a = simulated_adata(n_cells=200)
+    a.write_h5ad(tmp_path / "x.h5ad")
+    marker = tmp_path / "failed.txt"
+    model, history = pretrain_distributed(
+        small_cfg(str(tmp_path / "x.h5ad"), epochs=4),
+        str(tmp_path / "m"),
+        num_workers=2,
+        storage_path=str(tmp_path / "ray"),
+        max_failures=2,
+        inject_failure={"epoch": 2, "marker": str(marker)},
+    )
+    assert marker.read_text() == "worker failed at epoch 2"  # it really failed mid-run
+    assert [e.epoch for e in history.epochs] == [0, 1, 2, 3]  # and resumed: epochs 0-1 not redone
+    assert history.epochs[-1].val_elbo < history.epochs[0].val_elbo
+    assert load_model(tmp_path / "m").provenance["epochs"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.tmp")]

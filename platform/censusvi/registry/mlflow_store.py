@@ -80,7 +80,11 @@ def log_and_register(
             mlflow.log_metrics(metrics, step=e.epoch)
         mlflow.log_dict(prov.get("config", {}), "config.json")
         mlflow.log_dict(trained.genes.to_dict(), "genes.json")
-        mlflow.set_tags({"git_commit": git_commit(), **(extra_tags or {})})
+        run_tags = {"git_commit": git_commit(), **(extra_tags or {})}
+        for key in ("num_workers", "restarts_from_checkpoint"):  # a resumed run says so
+            if key in prov:
+                run_tags[key] = str(prov[key])
+        mlflow.set_tags(run_tags)
         mlflow.log_artifacts(str(model_dir), artifact_path="model")
         artifact_uri = f"{run.info.artifact_uri}/model"
     client = MlflowClient()

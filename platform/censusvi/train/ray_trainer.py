@@ -89,7 +89,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for _, x, c in cells.minibatches(t.batch_size, shuffle=shuffle, seed=seed):
             yield minibatch_from_csr(x, c, device, with_counts=vae.needs_dense_counts)
 
+    failure = config.get("inject_failure")  # fault-injection hook for tests: {"epoch", "marker"}
     for epoch in range(len(history.epochs), t.max_epochs):
+        if (
+            failure
+            and epoch == failure["epoch"]
+            and rank == 0
+            and not Path(failure["marker"]).exists()
+        ):
+            Path(failure["marker"]).write_text(f"worker failed at epoch {epoch}")
+            raise RuntimeError(f"injected worker failure at epoch {epoch}")
         torch.manual_seed(t.seed * 100_003 + epoch * 1009 + rank)
         kl_w = kl_weight(epoch, t.n_epochs_kl_warmup)
         t0 = time.perf_counter()
@@ -141,6 +150,7 @@ def pretrain_distributed(
     run_name: str | None = None,
     max_failures: int = 2,
     keep_checkpoints: int = 2,
+    inject_failure: dict[str, Any] | None = None,
 ):
     """Train with Ray Train and write the model directory ``out``; returns (model, history)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -158,6 +168,7 @@ def pretrain_distributed(
         "genes": plan.genes.to_dict(),
         "categories": list(plan.categories),
         "extra_cats": [list(c) for c in plan.extra_cats],
+        "inject_failure": inject_failure,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -177,7 +188,19 @@ def pretrain_distributed(
         vae = plan.new_vae(plan.cells(plan.train_rows[:0]))
         vae.load_state_dict(load_file(str(Path(d) / "weights.safetensors")))
         history = History.from_dict(json.loads((Path(d) / "history.json").read_text()))
-    extra = {"num_workers": num_workers, "ray_result_path": str(result.path)}
+    extra = {
+        "num_workers": num_workers,
+        "ray_result_path": str(result.path),
+        "restarts_from_checkpoint": _restarts(result),
+    }
     trained = plan.trained_model(vae.eval(), history, extra)
     save_model(trained, out)
     return trained, history
+
+
+def _restarts(result) -> int:
+    """How many times the worker group resumed from a checkpoint (epochs reported twice)."""
+    df = getattr(result, "metrics_dataframe", None)
+    if df is None or "epoch" not in getattr(df, "columns", ()):
+        return 0
+    return int(len(df) - df["epoch"].nunique())
