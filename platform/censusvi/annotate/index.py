@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pandas as pd
+
+from censusvi.atomic import atomic_directory
 
 EXACT_MAX = 200_000
 NPROBE = 16
@@ -77,20 +77,11 @@ def build_index(
 
 
 def save_index(ix: LabelIndex, out: str | os.PathLike) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         faiss.write_index(ix.index, str(tmp / "index.faiss"))
         ix.labels.to_parquet(tmp / "labels.parquet")
         (tmp / "index.json").write_text(json.dumps(ix.meta, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def load_index(path: str | os.PathLike) -> LabelIndex:

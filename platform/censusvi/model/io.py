@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from censusvi.atomic import atomic_directory
 from censusvi.data.vocabulary import GeneVocabulary
 from censusvi.model.config import ModelConfig
 from censusvi.model.vae import VAE
@@ -121,34 +120,12 @@ def _config_dict(m: TrainedModel) -> dict[str, Any]:
     }
 
 
-def _atomic_dir(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temporary directory into place, replacing any older one."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_model(m: TrainedModel, out: str | os.PathLike) -> Path:
-    out = Path(out)
-    tmp = _atomic_dir(out)
-    try:
+    with atomic_directory(out) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in m.vae.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(_config_dict(m), indent=1))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:

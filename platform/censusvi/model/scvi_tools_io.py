@@ -13,14 +13,13 @@ import collections
 import os
 import pickle
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from censusvi.atomic import atomic_directory
 from censusvi.data.vocabulary import GeneVocabulary
 from censusvi.model.config import ModelConfig
 from censusvi.model.io import TrainedModel
@@ -374,17 +373,8 @@ def export_scvi_tools(m: TrainedModel, out: str | os.PathLike) -> Path:
         "run_name_": None,
         "get_normalized_function_name_": "get_normalized_expression",
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         torch.save(
             {"model_state_dict": state, "var_names": genes, "attr_dict": attr}, tmp / MODEL_FILE
         )
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)

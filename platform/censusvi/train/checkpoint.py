@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from censusvi.atomic import atomic_directory
 from censusvi.model.vae import VAE
 
 
@@ -29,24 +29,11 @@ class CheckpointStore:
         return (self.path / "state.json").is_file()
 
     def save(self, vae: VAE, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
-        try:
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()},
-                str(tmp / "weights.safetensors"),
-            )
+        with atomic_directory(self.path) as tmp:
+            weights = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
+            save_file(weights, str(tmp / "weights.safetensors"))
             torch.save(opt.state_dict(), tmp / "optimizer.pt")  # tensors and numbers only
             (tmp / "state.json").write_text(json.dumps({"fingerprint": self.fingerprint, **state}))
-            old = self.path.with_name(f".{self.path.name}.old")
-            if self.path.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(self.path, old)
-            os.rename(tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def load(self, vae: VAE, opt: torch.optim.Optimizer) -> dict[str, Any]:
         state = json.loads((self.path / "state.json").read_text())
