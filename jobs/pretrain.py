@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = raw.get("out", "runs/model")
     if not ray.is_initialized():
-        ray.init(address="auto" if _cluster_reachable() else None, include_dashboard=False)
+        ray.init()  # joins RAY_ADDRESS or a `ray start` cluster here; else starts a local Ray
     model, history = pretrain_distributed(
         cfg,
         out,
@@ -95,13 +95,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     return 0
-
-
-def _cluster_reachable() -> bool:
-    """A running cluster to join (RAY_ADDRESS set, or a local head started by `ray start`)."""
-    import os
-
-    return bool(os.environ.get("RAY_ADDRESS")) or Path("/tmp/ray/ray_current_cluster").exists()
 
 
 if __name__ == "__main__":
