@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -68,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = raw.get("out", "runs/model")
     if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS or a `ray start` cluster here; else starts a local Ray
+        if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: the job's runtime env applies
+            ray.init()
+        else:  # a local Ray (or a `ray start` head here): workers import this checkout's package
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "platform")}})
     model, history = pretrain_distributed(
         cfg,
         out,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -19,11 +21,13 @@ ray = pytest.importorskip("ray")
 def local_ray():
     """One local Ray for the whole test session (starting one costs seconds)."""
     if not ray.is_initialized():
+        platform_dir = str(Path(__file__).resolve().parents[1] / "platform")
         ray.init(
             num_cpus=2,
             object_store_memory=300 * 1024**2,
             include_dashboard=False,
             log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": platform_dir}},  # workers import this checkout
         )
     yield
     ray.shutdown()
@@ -54,6 +58,7 @@ def test_two_workers_train_register_and_embed_identically(local_ray, tmp_path, m
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id, version = log_and_register(model, history, tmp_path / "m", uri, "censusvi-test")
     assert version == "1"
+    assert (tmp_path / "artifacts").is_dir()  # artifacts beside the sqlite store, not in the cwd
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     registered = load_model("models:/censusvi-test/1")
     z_dir = latent_representation(load_model(tmp_path / "m"), H5adSource(tmp_path / "x.h5ad"))[1]
@@ -62,7 +67,11 @@ def test_two_workers_train_register_and_embed_identically(local_ray, tmp_path, m
     import mlflow
 
     run = mlflow.get_run(run_id)
-    assert {"train_loss", "val_elbo", "cells_per_s"} <= set(run.data.metrics)
+    assert {"train_loss", "val_elbo", "val_reconstruction", "val_kl", "cells_per_s"} <= set(
+        run.data.metrics
+    )
+    last = history.epochs[-1]
+    assert abs(last.val_reconstruction + last.val_kl - last.val_elbo) < 1e-6 * abs(last.val_elbo)
     assert run.data.params["train.lr"] == "0.01" and "git_commit" in run.data.tags
 
 

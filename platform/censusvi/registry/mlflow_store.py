@@ -50,6 +50,20 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _experiment_id(uri: str) -> str:
+    """The pretraining experiment; with a sqlite store its artifacts live beside the database
+    (MLflow's default would be ./mlruns under whatever directory the job started in)."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(DEFAULT_EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return mlflow.create_experiment(DEFAULT_EXPERIMENT, artifact_location=location)
+
+
 def log_and_register(
     trained,
     history,
@@ -65,9 +79,8 @@ def log_and_register(
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(DEFAULT_EXPERIMENT)
     prov = trained.provenance
-    with mlflow.start_run(run_name=run_name) as run:
+    with mlflow.start_run(experiment_id=_experiment_id(uri), run_name=run_name) as run:
         mlflow.log_params(_flatten(prov.get("config", {})))
         for e in history.epochs:
             metrics = {
@@ -75,8 +88,9 @@ def log_and_register(
                 "cells_per_s": e.cells_per_s,
                 "kl_weight": e.kl_weight,
             }
-            if e.val_elbo is not None:
-                metrics["val_elbo"] = e.val_elbo
+            for metric in ("val_elbo", "val_reconstruction", "val_kl"):
+                if getattr(e, metric) is not None:
+                    metrics[metric] = getattr(e, metric)
             mlflow.log_metrics(metrics, step=e.epoch)
         mlflow.log_dict(prov.get("config", {}), "config.json")
         mlflow.log_dict(trained.genes.to_dict(), "genes.json")

@@ -74,6 +74,8 @@ class EpochStats:
     val_elbo: float | None
     cells_per_s: float
     kl_weight: float
+    val_reconstruction: float | None = None  # the two parts of val_elbo, per cell
+    val_kl: float | None = None
 
 
 def train_epoch(
@@ -117,16 +119,35 @@ def train_epoch(
     return total.item() / n, n
 
 
+@dataclass(frozen=True)
+class ValidationTerms:
+    """Per-cell means on held-out cells: -ELBO and its reconstruction and KL parts."""
+
+    elbo: float
+    reconstruction: float
+    kl: float
+    n_cells: int
+
+
 @torch.no_grad()
-def validation_elbo(vae: VAE, batches: Iterable[Minibatch]) -> float:
-    """Negative ELBO per cell (reconstruction + full-weight KL), scvi-tools' ``elbo_validation``."""
+def validation_terms(vae: VAE, batches: Iterable[Minibatch]) -> ValidationTerms:
+    """Reconstruction + full-weight KL per cell: scvi-tools' ``elbo_validation`` and its parts."""
     vae.eval()
-    total, n = torch.zeros(()), 0
+    rec, kl, n = torch.zeros(()), torch.zeros(()), 0
     for mb in batches:
         out = vae(mb, 1.0)
-        total = total.to(out.loss.device) + out.elbo_n.sum()
+        rec = rec.to(out.loss.device) + out.reconstruction_n.sum()
+        kl = kl.to(out.loss.device) + out.kl_n.sum()
         n += mb.n_cells
-    return total.item() / max(n, 1) if n else float("nan")
+    if n == 0:
+        return ValidationTerms(float("nan"), float("nan"), float("nan"), 0)
+    r, k = rec.item() / n, kl.item() / n
+    return ValidationTerms(r + k, r, k, n)
+
+
+def validation_elbo(vae: VAE, batches: Iterable[Minibatch]) -> float:
+    """Negative ELBO per cell on held-out cells (``validation_terms(...).elbo``)."""
+    return validation_terms(vae, batches).elbo
 
 
 @dataclass
@@ -179,8 +200,17 @@ def fit(
         t0 = time.perf_counter()
         loss, n = train_epoch(vae, opt, train_batches(epoch), kl_w)
         rate = n / (time.perf_counter() - t0)
-        val = validation_elbo(vae, val_batches()) if val_batches is not None else None
-        stats = EpochStats(epoch, loss, val, rate, kl_w)
+        terms = validation_terms(vae, val_batches()) if val_batches is not None else None
+        stats = EpochStats(
+            epoch,
+            loss,
+            terms and terms.elbo,
+            rate,
+            kl_w,
+            terms and terms.reconstruction,
+            terms and terms.kl,
+        )
+        val = stats.val_elbo
         history.epochs.append(stats)
         monitored = val if val is not None else loss
         if monitored < history.best_val - cfg.min_delta:

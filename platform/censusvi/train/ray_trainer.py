@@ -17,7 +17,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from censusvi.data.vocabulary import GeneVocabulary
@@ -28,7 +27,7 @@ from censusvi.train.loop import (
     kl_weight,
     make_optimizer,
     train_epoch,
-    validation_elbo,
+    validation_terms,
 )
 from censusvi.train.pretrain import PretrainConfig, RunPlan, load_pretrain_config, plan_from
 
@@ -106,16 +105,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model, opt, batches(train_cells, True, t.seed * 1_000_003 + epoch * 7919 + rank), kl_w
         )
         seconds = time.perf_counter() - t0
-        val_sum, val_n = 0.0, 0
-        if val_cells is not None:
-            val = validation_elbo(model, batches(val_cells, False, 0))
-            val_n = len(val_cells)
-            val_sum = val * val_n if np.isfinite(val) else 0.0
-        loss_sum, n_sum, val_sum, val_n_sum, rate_sum = _all_reduce_sum(
-            [loss * n, n, val_sum, val_n, n / seconds]
+        terms = (
+            validation_terms(model, batches(val_cells, False, 0)) if val_cells is not None else None
         )
+        has_val = terms is not None and terms.n_cells > 0
+        v_n = terms.n_cells if has_val else 0
+        v_rec, v_kl = (terms.reconstruction * v_n, terms.kl * v_n) if has_val else (0.0, 0.0)
+        loss_sum, n_sum, rec_sum, kl_sum, v_n_sum, rate_sum = _all_reduce_sum(
+            [loss * n, n, v_rec, v_kl, v_n, n / seconds]
+        )
+        rec, kl = (rec_sum / v_n_sum, kl_sum / v_n_sum) if v_n_sum else (None, None)
         stats = EpochStats(
-            epoch, loss_sum / n_sum, val_sum / val_n_sum if val_n_sum else None, rate_sum, kl_w
+            epoch, loss_sum / n_sum, rec + kl if v_n_sum else None, rate_sum, kl_w, rec, kl
         )
         history.epochs.append(stats)
         monitored = stats.val_elbo if stats.val_elbo is not None else stats.train_loss
@@ -127,6 +128,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "cells_per_s_per_worker": rate_sum / world,
             "kl_weight": kl_w,
             "val_elbo": stats.val_elbo if stats.val_elbo is not None else stats.train_loss,
+            "val_reconstruction": rec if rec is not None else float("nan"),
+            "val_kl": kl if kl is not None else float("nan"),
         }
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -178,7 +181,11 @@ def pretrain_distributed(
             name=run_name,
             storage_path=str(Path(storage_path).resolve()) if storage_path else None,
             failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=keep_checkpoints,  # the best k by validation ELBO (and the latest)
+                checkpoint_score_attribute="val_elbo",
+                checkpoint_score_order="min",
+            ),
         ),
     )
     result = trainer.fit()
