@@ -6,12 +6,8 @@ without error but give a meaningless model, so they are refused here, not downst
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import scipy.sparse as sp
-
-log = logging.getLogger(__name__)
 
 
 class CountsError(ValueError):
@@ -41,22 +37,6 @@ def check_counts(x: sp.csr_matrix, where: str) -> None:
             "log-normalised, not raw UMI counts. Raw counts usually live in .raw.X or "
             "layers['counts']: pass --layer counts (or --layer raw)."
         )
-
-
-def nonempty_rows(x: sp.csr_matrix, where: str) -> np.ndarray:
-    """Boolean mask of cells with at least one count; logs how many are dropped, raises if all."""
-    keep = np.diff(x.indptr) > 0
-    if x.nnz:
-        keep &= np.add.reduceat(np.append(x.data, 0), x.indptr[:-1]) > 0
-    n_drop = int((~keep).sum())
-    if n_drop == x.shape[0] and x.shape[0] > 0:
-        raise CountsError(
-            f"{where}: all {x.shape[0]} cells have zero counts over the model's genes; check that "
-            "the gene ids match the model and that X holds counts"
-        )
-    if n_drop:
-        log.warning("%s: dropped %d of %d cells with zero counts", where, n_drop, x.shape[0])
-    return keep
 
 
 def to_csr32(x) -> sp.csr_matrix:
