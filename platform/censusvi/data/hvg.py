@@ -78,7 +78,7 @@ def highly_variable_genes(
     if not usable.any():
         raise ValueError(f"HVG selection needs at least {MIN_STRATUM_CELLS} cells in some stratum")
     for s in np.flatnonzero(~usable):
-        log.warning("HVG: stratum %r has %d cell(s) and is skipped", strata[s], int(n_s[s]))
+        log.warning("HVG: stratum %r has %d cell(s) and is skipped", str(strata[s]), int(n_s[s]))
     mean = s1 / n_s[:, None]
     var = np.where(
         usable[:, None], (s2 - n_s[:, None] * mean**2) / np.maximum(n_s[:, None] - 1, 1), 0.0
@@ -91,7 +91,7 @@ def highly_variable_genes(
             usable[s] = False
             log.warning(
                 "HVG: stratum %r (%d cells) skipped: loess fit failed (%s)",
-                strata[s],
+                str(strata[s]),
                 int(n_s[s]),
                 e,
             )
