@@ -115,11 +115,7 @@ def cmd_map(a: argparse.Namespace) -> int:
     mq = map_query(
         load_model(a.model), adata, a.batch_key, a.layer, _surgery(a), a.min_gene_overlap
     )
-    out = adata[mq.positions].copy() if len(mq.positions) < adata.n_obs else adata
-    out.obsm["X_scvi"] = mq.latent.astype("float32")
-    out.obs["censusvi_nll_per_count"] = mq.nll_per_count
-    out.uns["censusvi"] = mq.report
-    write_h5ad_atomic(out, a.out)
+    write_h5ad_atomic(mq.annotated_copy(adata), a.out)
     if a.save_model:
         save_model(mq.model, a.save_model)
     print(

@@ -74,10 +74,15 @@ def get_latent_representation(
     pos, z, _ = latent_representation(
         model, H5adSource("<AnnData>", adata=adata, layer=layer), batch_size, device
     )
-    if len(pos) != adata.n_obs:
-        raise ValueError(f"{adata.n_obs - len(pos)} cells have zero counts over the model's genes")
-    out = np.empty_like(z)
-    out[pos] = z
+    return _in_cell_order(pos, z, adata.n_obs)
+
+
+def _in_cell_order(pos: np.ndarray, rows: np.ndarray, n_cells: int) -> np.ndarray:
+    """Rows for every cell, in the input's order; a cell without counts is an error here."""
+    if len(pos) != n_cells:
+        raise ValueError(f"{n_cells - len(pos)} cells have zero counts over the model's genes")
+    out = np.empty_like(rows)
+    out[pos] = rows
     return out
 
 
@@ -103,11 +108,7 @@ def get_normalized_expression(
         device,
         lambda v, mb: v.normalized_expression(mb, library_size),
     )
-    if len(pos) != adata.n_obs:
-        raise ValueError(f"{adata.n_obs - len(pos)} cells have zero counts over the model's genes")
-    out = np.empty_like(scale)
-    out[pos] = scale
-    return out
+    return _in_cell_order(pos, scale, adata.n_obs)
 
 
 def write_h5ad_atomic(adata: ad.AnnData, out: str | os.PathLike) -> Path:
@@ -145,10 +146,7 @@ def embed(
             adata.n_obs,
         )
         adata = adata[np.sort(pos)].copy()
-        z = z[np.argsort(pos)]
-    else:
-        z = z[np.argsort(pos)]
-    adata.obsm["X_scvi"] = z.astype(np.float32)
+    adata.obsm["X_scvi"] = z[np.argsort(pos)].astype(np.float32)
     adata.uns["censusvi"] = {"model": str(model_dir), "genes": report}
     write_h5ad_atomic(adata, out)
     return adata

@@ -54,9 +54,7 @@ def annotate(
             f"{model.config.n_latent}-d: build the index with this model"
         )
     mapped = map_query(model, adata, batch_key, layer=layer, surgery=surgery)
-    out = adata[mapped.positions].copy() if len(mapped.positions) < adata.n_obs else adata.copy()
-    out.obsm["X_scvi"] = mapped.latent.astype(np.float32)
-    out.obs["censusvi_nll_per_count"] = mapped.nll_per_count
+    out = mapped.annotated_copy(adata)
     dist, idx = index.search(mapped.latent, k)
     for key in index.labels.columns:
         neighbours = index.labels[key].to_numpy()[idx]
@@ -77,7 +75,7 @@ def annotate(
         if key in out.obs.columns
     }
     out.uns["censusvi"] = {
-        **mapped.report,
+        **out.uns["censusvi"],
         "k": k,
         "unknown_threshold": unknown_threshold,
         "index": {kk: v for kk, v in index.meta.items() if kk != "label_keys"},

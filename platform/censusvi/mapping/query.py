@@ -27,6 +27,14 @@ class MappedQuery:
     nll_per_count: np.ndarray  # reconstruction QC: -log p(x | z) / total counts, per cell
     report: dict
 
+    def annotated_copy(self, adata: ad.AnnData) -> ad.AnnData:
+        """The mapped cells of ``adata`` with ``obsm["X_scvi"]``, the QC column and the report."""
+        out = adata[self.positions].copy() if len(self.positions) < adata.n_obs else adata.copy()
+        out.obsm["X_scvi"] = self.latent.astype(np.float32)
+        out.obs["censusvi_nll_per_count"] = self.nll_per_count
+        out.uns["censusvi"] = dict(self.report)
+        return out
+
 
 def map_query(
     model: TrainedModel,
