@@ -59,21 +59,15 @@ def extend_batches(
     ref_state = ref.vae.state_dict()
     new_state = vae.state_dict()
     trainable: dict[str, torch.Tensor] = {}
-    ref_linears = {id(m): name for name, m in ref.vae.named_modules()}
-    new_names = {name for name, m in vae.named_modules() if isinstance(m, InjectedLinear)}
-    batch_layers = {ref_linears[id(m)] for m in _batch_linears(ref.vae)}
+    batch_ids = {id(m) for m in _batch_linears(ref.vae)}
+    batch_layers = {name for name, m in ref.vae.named_modules() if id(m) in batch_ids}
     for key, new in new_state.items():
         old = ref_state[key]
-        layer = key.rsplit(".linear.weight", 1)[0]
-        if key.endswith(".linear.weight") and layer in batch_layers and layer in new_names:
+        if key.endswith(".linear.weight") and key.removesuffix(".linear.weight") in batch_layers:
             n_in = old.shape[1] - sum(ref.config.covariate_sizes)
-            start, stop = (
-                n_in + n_ref,
-                n_in + n_ref + n_new,
-            )  # new columns go after the reference batches
-            ref_cols = old[:, n_in : n_in + n_ref]
+            start, stop = n_in + n_ref, n_in + n_ref + n_new  # new columns after the reference's
             new[:, :start] = old[:, :start]
-            new[:, start:stop] = ref_cols.mean(1, keepdim=True)
+            new[:, start:stop] = old[:, n_in:start].mean(1, keepdim=True)
             new[:, stop:] = old[:, start:]
             mask = torch.zeros_like(new, dtype=torch.bool)
             mask[:, start:stop] = True
