@@ -1,6 +1,7 @@
 """The ``censusvi`` command line. Each subcommand parses, builds a config and calls the library.
 
-Command lines named in the issues are contracts: ``ingest``, ``pretrain``, ``embed``, ``info``.
+Command lines named in the issues are contracts: ``ingest``, ``pretrain``, ``embed``, ``info``,
+``map``, ``index``, ``annotate``, ``models register|promote|list``, ``serve``.
 Errors the user can fix (bad input, bad settings) print one ``censusvi: error: ...`` line and exit 2.
 """
 
@@ -12,7 +13,17 @@ import logging
 import sys
 from typing import Any
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, FloatingPointError)
+from censusvi.registry.versions import PromotionRefused
+
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    KeyError,
+    FloatingPointError,
+    TimeoutError,
+    PromotionRefused,
+)
 
 
 def _keys(s: str) -> tuple[str, ...]:
@@ -168,6 +179,58 @@ def cmd_annotate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_register(a: argparse.Namespace) -> int:
+    from censusvi.registry.versions import register_version
+
+    version = register_version(a.model_dir, a.index, a.name)
+    print(version)  # a contract: the new version number, alone on stdout
+    return 0
+
+
+def cmd_models_list(a: argparse.Namespace) -> int:
+    from censusvi.registry.versions import list_versions
+
+    rows = list_versions(a.name)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        aliases = ",".join(r["aliases"]) or "-"
+        metrics = " ".join(
+            f"{k.removeprefix('eval.')}={v:.3f}" for k, v in sorted(r["metrics"].items())
+        )
+        print(f"{r['name']}\t{r['version']}\t{aliases}\tindex={r['has_index']}\t{metrics}")
+    return 0
+
+
+def cmd_models_promote(a: argparse.Namespace) -> int:
+    from censusvi.registry.versions import promote
+
+    previous = promote(a.name, a.version, a.alias, force=a.force, tolerance=a.tolerance)
+    print(f"{a.name}@{a.alias}: version {previous or '-'} -> {a.version}")
+    return 0
+
+
+def cmd_models_rollback(a: argparse.Namespace) -> int:
+    from censusvi.registry.versions import alias_holder, rollback
+
+    current = alias_holder(a.name, a.alias)
+    previous = rollback(a.name, a.alias)
+    print(f"{a.name}@{a.alias}: version {current} -> {previous}")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from censusvi.server import run_foreground
+
+    settings: dict[str, Any] = {"model": a.model, "token": a.token, "max_cells": a.max_cells}
+    if a.index:
+        settings["index"] = a.index
+    if a.allow_surgery:
+        settings["allow_surgery"] = True
+    return run_foreground(settings, a.host, a.port, a.quiet)
+
+
 def model_info(model_dir: str) -> dict[str, Any]:
     from censusvi.model.io import load_model
     from censusvi.model.vae import n_parameters, n_parameters_scvi_tools
@@ -315,6 +378,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(fn=cmd_annotate)
 
+    models = sub.add_parser("models", help="registered versions: register, list, promote, rollback")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    s = msub.add_parser(
+        "register", help="register a model directory and its index; prints the version"
+    )
+    s.add_argument("model_dir")
+    s.add_argument("--index", help="INDEX_DIR from `censusvi index` (needed to annotate)")
+    s.add_argument("--name", default="censusvi-scvi")
+    s.set_defaults(fn=cmd_models_register)
+    s = msub.add_parser("list", help="versions, aliases and evaluation metrics")
+    s.add_argument("name", nargs="?", help="one registered model (default: all)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_models_list)
+    s = msub.add_parser(
+        "promote", help="point an alias at a version unless its evaluation is worse"
+    )
+    s.add_argument("name")
+    s.add_argument("version")
+    s.add_argument("--alias", default="production")
+    s.add_argument("--force", action="store_true", help="promote even when metrics are worse")
+    s.add_argument(
+        "--tolerance", type=float, default=0.0, help="how much worse a metric may be (absolute)"
+    )
+    s.set_defaults(fn=cmd_models_promote)
+    s = msub.add_parser("rollback", help="move an alias back to its previous version")
+    s.add_argument("name")
+    s.add_argument("--alias", default="production")
+    s.set_defaults(fn=cmd_models_rollback)
+
+    s = sub.add_parser("serve", help="the Ray Serve app (HTTP) in the foreground until Ctrl-C")
+    s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or DIR")
+    s.add_argument("--index", help="with a model directory: its index directory")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (default: no auth)")
+    s.add_argument("--max-cells", type=int, default=50_000, help="cells per request (413 above)")
+    s.add_argument(
+        "--allow-surgery", action="store_true", help="train new batch columns per request"
+    )
+    s.add_argument("--quiet", action="store_true", help="no replica logs on the terminal")
+    s.set_defaults(fn=cmd_serve)
+
     s = sub.add_parser("info", help="architecture, parameter count and provenance of a model")
     s.add_argument("model")
     s.add_argument("--json", action="store_true")
@@ -330,8 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.fn(args)
-    except USER_ERRORS as e:
-        if args.verbose:
+    except Exception as e:
+        # The registry's own errors (no such version, bad URI) are the user's to fix too.
+        if args.verbose or not (
+            isinstance(e, USER_ERRORS) or type(e).__name__ == "MlflowException"
+        ):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"censusvi: error: {msg}", file=sys.stderr)

@@ -70,16 +70,17 @@ def map_query(
 
         losses = train_new_columns(mapped, trainable, batches, surgery)
     pos_parts, z_parts, nll_parts = [], [], []
-    vae = mapped.vae.eval()
+    device = next(model.vae.parameters()).device  # surgery trains on the CPU; mapping runs here
+    vae = mapped.vae.to(device).eval()
     for pos, x, c in cells.minibatches(4096, shuffle=False):
-        mb = minibatch_from_csr(x, c, with_counts=vae.needs_dense_counts)
+        mb = minibatch_from_csr(x, c, device, with_counts=vae.needs_dense_counts)
         with torch.no_grad():
             inf = vae.inference(mb, sample=False)
             gen = vae.generative(inf.z_nk, inf.log_library_n1, mb.covariates_nc)
             nll = vae.reconstruction_n(mb, gen) / torch.exp(mb.log_library_n1[:, 0])
         pos_parts.append(pos)
-        z_parts.append(inf.qz_mean_nk.numpy())
-        nll_parts.append(nll.numpy())
+        z_parts.append(inf.qz_mean_nk.cpu().numpy())
+        nll_parts.append(nll.cpu().numpy())
     if not pos_parts:
         raise ValueError("no query cell has counts over the model's genes")
     positions = np.concatenate(pos_parts)

@@ -100,7 +100,7 @@ def log_and_register(
                 run_tags[key] = str(prov[key])
         mlflow.set_tags(run_tags)
         mlflow.log_artifacts(str(model_dir), artifact_path="model")
-        artifact_uri = f"{run.info.artifact_uri}/model"
+        artifact_uri = run.info.artifact_uri  # model/ beside the run's config and genes
     client = MlflowClient()
     try:
         client.get_registered_model(name)

@@ -1,0 +1,141 @@
+"""A Python client for the censusvi Serve app: AnnData in, the same AnnData annotated out.
+
+Large AnnData are sent in chunks below the server's cell limit (Arrow bodies: compact and
+exact), answers are stitched back in cell order, and calls are retried on connection errors and
+on 502/503/504 (embedding and annotation are pure functions of the request, so retrying is safe).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import requests
+
+from censusvi.data.counts import to_csr32
+from censusvi.data.h5ad import counts_matrix, gene_ids_and_symbols
+from censusvi.wire import ARROW, decode_result, encode_arrow_request
+
+RETRY_STATUS = (502, 503, 504)
+
+
+class ServiceError(RuntimeError):
+    """The service refused the request; ``status`` is the HTTP code, the message its reason."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+class Client:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        chunk_size: int = 5_000,
+        retries: int = 3,
+        timeout_s: float = 300.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.chunk_size, self.retries, self.timeout_s = chunk_size, retries, timeout_s
+        self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def _call(self, method: str, path: str, **kw: Any) -> requests.Response:
+        for attempt in range(self.retries + 1):
+            try:
+                r = self.session.request(method, f"{self.url}{path}", timeout=self.timeout_s, **kw)
+            except requests.ConnectionError:
+                if attempt == self.retries:
+                    raise
+            else:
+                if r.status_code < 400:
+                    return r
+                if r.status_code not in RETRY_STATUS or attempt == self.retries:
+                    try:
+                        message = r.json().get("error", r.text)
+                    except ValueError:
+                        message = r.text
+                    raise ServiceError(r.status_code, message)
+            time.sleep(min(0.5 * 2**attempt, 8.0))
+        raise AssertionError("unreachable")
+
+    def health(self) -> dict:
+        return self._call("GET", "/healthz").json()
+
+    def models(self) -> dict:
+        return self._call("GET", "/v1/models").json()
+
+    def embed(self, adata: ad.AnnData, batch_key: str, layer: str | None = None) -> ad.AnnData:
+        """The mapped cells with ``obsm["X_scvi"]`` (cells without counts are left out)."""
+        return self._run("/v1/embed", adata, batch_key, layer)
+
+    def annotate(
+        self,
+        adata: ad.AnnData,
+        batch_key: str,
+        layer: str | None = None,
+        k: int | None = None,
+        unknown_threshold: float | None = None,
+    ) -> ad.AnnData:
+        """A copy of the mapped cells with ``obsm["X_scvi"]`` and, per label key of the served
+        index, ``obs["predicted_KEY"]``, ``obs["KEY_probability"]``, ``obs["KEY_uncertainty"]``."""
+        params = {
+            k_: v for k_, v in (("k", k), ("unknown_threshold", unknown_threshold)) if v is not None
+        }
+        return self._run("/v1/annotate", adata, batch_key, layer, params)
+
+    def _run(
+        self,
+        path: str,
+        adata: ad.AnnData,
+        batch_key: str,
+        layer: str | None,
+        params: dict | None = None,
+    ) -> ad.AnnData:
+        if batch_key not in adata.obs.columns:
+            raise ValueError(
+                f"batch_key {batch_key!r} is not an obs column; obs has {sorted(adata.obs.columns)}"
+            )
+        x = to_csr32(counts_matrix(adata, layer))
+        genes, _ = gene_ids_and_symbols(adata.var)
+        batch = adata.obs[batch_key].astype(str).to_numpy()
+        answers = []
+        for start in range(0, adata.n_obs, self.chunk_size):
+            stop = min(start + self.chunk_size, adata.n_obs)
+            body = encode_arrow_request(x[start:stop], genes, batch[start:stop])
+            r = self._call(
+                "POST",
+                path,
+                data=body,
+                params=params or {},
+                headers={"Content-Type": ARROW, "Accept": ARROW},
+            )
+            res = decode_result(r.content, r.headers.get("content-type", ""))
+            res["positions"] = res["positions"] + start
+            answers.append(res)
+        return _annotated_copy(adata, answers)
+
+
+def _annotated_copy(adata: ad.AnnData, answers: list[dict]) -> ad.AnnData:
+    positions = np.concatenate([a["positions"] for a in answers])
+    out = adata[positions].copy() if len(positions) < adata.n_obs else adata.copy()
+    out.obsm["X_scvi"] = np.concatenate([a["latent"] for a in answers]).astype(np.float32)
+    out.obs["censusvi_nll_per_count"] = np.concatenate([a["nll_per_count"] for a in answers])
+    for key in answers[0]["labels"]:
+        frame = pd.concat([a["labels"][key] for a in answers], ignore_index=True)
+        out.obs[f"predicted_{key}"] = pd.Categorical(frame["predicted"].astype(str).to_numpy())
+        out.obs[f"{key}_probability"] = frame["probability"].to_numpy(np.float64)
+        out.obs[f"{key}_uncertainty"] = frame["uncertainty"].to_numpy(np.float64)
+    versions = sorted({str(a["model"]["version"]) for a in answers})
+    out.uns["censusvi"] = {
+        "model": answers[0]["model"]["name"],
+        "versions": versions,  # more than one when the alias moved between chunks
+        "cells_mapped": int(len(positions)),
+        "cells_sent": int(adata.n_obs),
+    }
+    return out

@@ -1,0 +1,251 @@
+"""Model versions that carry everything needed to serve them, and a gated alias promotion.
+
+A version's artifacts are ``model/`` (config.json + safetensors) and, for a servable version,
+``index/`` (FAISS + label table + the index's held-out label-transfer evaluation). Its evaluation
+metrics are the registering run's metrics named ``eval.*``; promotion compares them with the
+current alias holder's and refuses a worse candidate with the numbers. Every alias move is
+appended to a registered-model tag (``alias_history.<alias>``), which is what ``rollback`` undoes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from censusvi.registry.mlflow_store import (
+    DEFAULT_MODEL_NAME,
+    _experiment_id,
+    git_commit,
+    tracking_uri,
+)
+
+EVAL_PREFIX = "eval."
+LOWER_IS_BETTER = ("ece", "elbo", "nll", "loss")  # metric-name endings; the rest: higher is better
+
+
+class PromotionRefused(RuntimeError):
+    """The candidate's evaluation is worse than the alias holder's (the message has the numbers)."""
+
+
+@dataclass(frozen=True)
+class VersionFiles:
+    """A local copy of a registered (or plain on-disk) model and its index."""
+
+    name: str
+    version: str
+    model_dir: Path
+    index_dir: Path | None
+
+
+def _client(uri: str | None = None):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = uri or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def evaluation_metrics(index_dir: str | os.PathLike | None) -> dict[str, float]:
+    """``eval.<label key>.<metric>`` from the index's held-out label-transfer evaluation."""
+    if index_dir is None:
+        return {}
+    meta = json.loads((Path(index_dir) / "index.json").read_text())
+    return {
+        f"{EVAL_PREFIX}{key}.{name}": float(value)
+        for key, metrics in meta.get("evaluation", {}).items()
+        for name, value in metrics.items()
+        if isinstance(value, (int, float)) and not name.startswith("n_")
+    }
+
+
+def register_version(
+    model_dir: str | os.PathLike,
+    index_dir: str | os.PathLike | None,
+    name: str = DEFAULT_MODEL_NAME,
+    uri: str | None = None,
+    extra_metrics: dict[str, float] | None = None,
+) -> str:
+    """Log the model (and its index) as one run's artifacts and register them; returns the version."""
+    import mlflow
+
+    from censusvi.annotate.index import load_index
+    from censusvi.model.io import read_config
+
+    cfg = read_config(model_dir)  # refuses anything that is not a model directory
+    if index_dir is not None:
+        ix = load_index(index_dir)
+        n_latent = cfg["model"]["n_latent"]
+        if ix.meta.get("dim") != n_latent:
+            raise ValueError(
+                f"the index in {index_dir} holds {ix.meta.get('dim')}-d embeddings but the model's "
+                f"latent is {n_latent}-d: build the index with this model (`censusvi index`)"
+            )
+    client = _client(uri)
+    metrics = {**evaluation_metrics(index_dir), **(extra_metrics or {})}
+    with mlflow.start_run(experiment_id=_experiment_id(mlflow.get_tracking_uri())) as run:
+        mlflow.log_artifacts(str(model_dir), artifact_path="model")
+        if index_dir is not None:
+            mlflow.log_artifacts(str(index_dir), artifact_path="index")
+        if metrics:
+            mlflow.log_metrics(metrics)
+        mlflow.set_tags({"git_commit": git_commit(), "model_dir": str(Path(model_dir).resolve())})
+    try:
+        client.get_registered_model(name)
+    except Exception:  # MlflowException: not registered yet
+        client.create_registered_model(name)
+    prov = cfg.get("provenance", {})
+    tags = {
+        "source": str(prov.get("source")),
+        "n_genes": str(len(cfg["genes"]["ids"])) if "ids" in cfg.get("genes", {}) else "",
+        "n_batches": str(len(cfg["batch_categories"])),
+        "has_index": str(index_dir is not None).lower(),
+    }
+    mv = client.create_model_version(
+        name, source=run.info.artifact_uri, run_id=run.info.run_id, tags=tags
+    )
+    return str(mv.version)
+
+
+def version_metrics(name: str, version: str, uri: str | None = None) -> dict[str, float]:
+    client = _client(uri)
+    mv = client.get_model_version(name, version)
+    if not mv.run_id:
+        return {}
+    return {
+        k: v for k, v in client.get_run(mv.run_id).data.metrics.items() if k.startswith(EVAL_PREFIX)
+    }
+
+
+def alias_holder(name: str, alias: str, uri: str | None = None) -> str | None:
+    try:
+        return str(_client(uri).get_model_version_by_alias(name, alias).version)
+    except Exception:  # MlflowException: the alias is not set
+        return None
+
+
+def compare_metrics(
+    candidate: dict[str, float], holder: dict[str, float], tolerance: float = 0.0
+) -> list[str]:
+    """The shared metrics on which the candidate is worse by more than ``tolerance``, each as
+    'name: candidate vs holder'."""
+    worse = []
+    for key in sorted(set(candidate) & set(holder)):
+        lower_better = key.endswith(LOWER_IS_BETTER)
+        c, h = candidate[key], holder[key]
+        if (c > h + tolerance) if lower_better else (c < h - tolerance):
+            direction = "lower" if lower_better else "higher"
+            worse.append(f"{key}: {c:.4f} vs {h:.4f} ({direction} is better)")
+    return worse
+
+
+def _append_history(client, name: str, alias: str, version: str) -> None:
+    key = f"alias_history.{alias}"
+    history = client.get_registered_model(name).tags.get(key, "")
+    client.set_registered_model_tag(
+        name, key, ",".join([*filter(None, history.split(",")), version])
+    )
+
+
+def promote(
+    name: str,
+    version: str,
+    alias: str = "production",
+    force: bool = False,
+    tolerance: float = 0.0,
+    uri: str | None = None,
+) -> str | None:
+    """Point ``alias`` at ``version`` unless its evaluation is worse than the holder's; returns
+    the previous holder."""
+    client = _client(uri)
+    client.get_model_version(name, version)  # raises with MLflow's message if it does not exist
+    holder = alias_holder(name, alias, uri)
+    if holder is not None and holder != str(version) and not force:
+        worse = compare_metrics(
+            version_metrics(name, version, uri), version_metrics(name, holder, uri), tolerance
+        )
+        if worse:
+            raise PromotionRefused(
+                f"version {version} is worse than {name}@{alias} (version {holder}) on "
+                + "; ".join(worse)
+                + ". Promote anyway with --force"
+            )
+    client.set_registered_model_alias(name, alias, str(version))
+    _append_history(client, name, alias, str(version))
+    return holder
+
+
+def rollback(name: str, alias: str = "production", uri: str | None = None) -> str:
+    """Move ``alias`` back to the version it pointed at before the last promotion."""
+    client = _client(uri)
+    key = f"alias_history.{alias}"
+    history = [v for v in client.get_registered_model(name).tags.get(key, "").split(",") if v]
+    if len(history) < 2:
+        raise ValueError(
+            f"{name}@{alias} has no earlier version to roll back to (history: {history})"
+        )
+    previous = history[-2]
+    client.set_registered_model_alias(name, alias, previous)
+    client.set_registered_model_tag(name, key, ",".join(history[:-1]))
+    return previous
+
+
+def list_versions(name: str | None = None, uri: str | None = None) -> list[dict]:
+    """One row per version: name, version, aliases, has_index, created, evaluation metrics."""
+    client = _client(uri)
+    names = [name] if name else [m.name for m in client.search_registered_models()]
+    rows = []
+    for n in names:
+        for mv in sorted(client.search_model_versions(f"name='{n}'"), key=lambda m: int(m.version)):
+            rows.append(
+                {
+                    "name": n,
+                    "version": str(mv.version),
+                    "aliases": list(client.get_model_version(n, mv.version).aliases),
+                    "has_index": mv.tags.get("has_index", "false"),
+                    "metrics": version_metrics(n, mv.version, uri),
+                }
+            )
+    return rows
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` -> (name, version, alias)."""
+    rest = uri.removeprefix("models:/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, None, alias
+    name, _, version = rest.partition("/")
+    if not name or not version:
+        raise ValueError(f"{uri!r} is not models:/NAME/VERSION or models:/NAME@ALIAS")
+    return name, version, None
+
+
+def resolve_version(uri: str, tracking: str | None = None) -> str:
+    """The version number a ``models:/`` URI points at now (an alias moves; a number does not)."""
+    name, version, alias = parse_model_uri(uri)
+    if version is not None:
+        return version
+    held = alias_holder(name, alias, tracking)
+    if held is None:
+        raise ValueError(
+            f"{name}@{alias} is not set: promote a version first (`censusvi models promote`)"
+        )
+    return held
+
+
+def fetch_version(
+    name: str, version: str, dst: str | os.PathLike, uri: str | None = None
+) -> VersionFiles:
+    """Download one version's model (and index, when it has one) under ``dst``."""
+    from censusvi.registry.mlflow_store import download_model
+
+    if uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    root = download_model(f"models:/{name}/{version}", dst)
+    model_dir = root / "model" if (root / "model" / "config.json").is_file() else root
+    index_dir = root / "index" if (root / "index" / "index.json").is_file() else None
+    return VersionFiles(name, str(version), model_dir, index_dir)

@@ -1,0 +1,544 @@
+"""The censusvi Ray Serve application: HTTP ingress -> mapping (the model) -> annotation (FAISS).
+
+- ``Mapper`` holds model versions and maps queries exactly as ``censusvi map`` does; small
+  requests arriving together with the same gene list are joined into one forward pass
+  (``@serve.batch``). Mapping is row-independent, so a joined answer equals a lone one.
+- ``Annotator`` holds each version's FAISS index and label table and transfers labels as
+  ``censusvi annotate`` does, also batched.
+- ``Metrics`` keeps the Prometheus counters for ``GET /metrics`` (one replica, fed by every ingress).
+- ``Ingress`` (FastAPI): auth, size limits, payload decoding, and the served version. It pins one
+  version per request and polls the registry; when the alias moves it warms the new version in
+  the mappers and annotators first, then switches. Replicas keep the previous version loaded, so
+  requests already under way finish on it: none is dropped.
+
+``build_app(args)`` is the builder ``serve run serve/config.yaml`` and ``censusvi serve`` call.
+"""
+
+import asyncio
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+
+log = logging.getLogger("censusvi.serve")
+app = FastAPI(title="censusvi", description="scVI reference mapping and cell-type annotation")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``build_app`` accepts (the ``args`` of serve/config.yaml)."""
+
+    model: str = "models:/censusvi-scvi@production"  # a models:/ URI or a model directory
+    index: str | None = None  # only with a model directory: its index directory
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI
+    token: str | None = None  # bearer token; None: no auth
+    max_cells: int = 50_000  # per request (413 above)
+    max_request_mb: float = 512.0  # per request body (413 above)
+    registry_poll_s: float = 10.0  # how often an alias is re-resolved
+    allow_surgery: bool = (
+        False  # train new batch columns per request (models that encode the batch)
+    )
+    k: int = 15
+    unknown_threshold: float = 1.0
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> "Settings":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(args) - known - {"deployments"})
+        if unknown:
+            raise ValueError(f"unknown serve settings {unknown}; known: {sorted(known)}")
+        s = cls(**{k: v for k, v in args.items() if k in known})
+        tracking = s.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        token = s.token or os.environ.get("CENSUSVI_SERVE_TOKEN") or None
+        return cls(**{**asdict(s), "tracking_uri": tracking, "token": token})
+
+    @property
+    def registered(self) -> bool:
+        return self.model.startswith("models:/")
+
+
+def current_version(s: Settings) -> str:
+    from censusvi.registry.versions import resolve_version
+
+    return resolve_version(s.model, s.tracking_uri) if s.registered else "local"
+
+
+class VersionCache:
+    """The last ``capacity`` versions, loaded once each (threads asking together wait for one)."""
+
+    def __init__(self, s: Settings, load: Callable[[Any], Any], capacity: int = 2) -> None:
+        self.s, self.load, self.capacity = s, load, capacity
+        self.items: OrderedDict[str, Any] = OrderedDict()
+        self.lock = threading.Lock()
+        self.tmp = tempfile.TemporaryDirectory(prefix="censusvi-serve-")
+
+    def files(self, version: str):
+        from censusvi.registry.versions import VersionFiles, fetch_version, parse_model_uri
+
+        if not self.s.registered:
+            idx = self.s.index
+            return VersionFiles(self.s.model, "local", self.s.model, idx)
+        name = parse_model_uri(self.s.model)[0]
+        return fetch_version(name, version, f"{self.tmp.name}/{version}", self.s.tracking_uri)
+
+    def get(self, version: str) -> Any:
+        with self.lock:
+            if version not in self.items:
+                self.items[version] = self.load(self.files(version))
+                while len(self.items) > self.capacity:
+                    self.items.popitem(last=False)
+            self.items.move_to_end(version)
+            return self.items[version]
+
+
+def _error(status: int, message: str) -> dict:
+    return {"error": message, "status": status}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class Mapper:
+    def __init__(self, settings: dict) -> None:
+        import torch
+
+        from censusvi.model.io import load_model
+
+        self.s = Settings(**settings)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU replica uses its GPU
+        self.models = VersionCache(self.s, lambda f: (f, load_model(f.model_dir, device)))
+        self.models.get(current_version(self.s))  # fail at start, not on the first request
+
+    def load(self, version: str) -> str:
+        self.models.get(version)
+        return version
+
+    def info(self, version: str) -> dict:
+        files, m = self.models.get(version)
+        return {
+            "name": files.name,
+            "version": files.version,
+            "n_genes": len(m.genes),
+            "n_latent": m.config.n_latent,
+            "n_batches": len(m.batch_categories),
+            "batch_keys": list(m.batch_keys),
+            "encode_covariates": m.config.encode_covariates,
+            "likelihood": m.config.likelihood,
+        }
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def map(self, requests: list[tuple[Any, str]]) -> list[dict]:
+        """Each call passes one (cells, version) tuple; Serve hands a list of them here."""
+        return await asyncio.to_thread(self._map_all, requests)
+
+    def _map_all(self, requests: list[tuple[Any, str]]) -> list[dict]:
+        results: list[dict | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, (cells, version) in enumerate(requests):
+            _, model = self.models.get(version)
+            new = sorted(set(cells.batch) - set(model.batch_categories))
+            if new and model.config.encode_covariates:
+                if not self.s.allow_surgery:
+                    results[i] = _error(
+                        422,
+                        f"batch(es) {new[:5]} are not batches of the reference, and this model "
+                        "encodes the batch, so their latent needs surgery training: map the query "
+                        "with `censusvi map` (or label cells with reference batches); this server "
+                        "runs without allow_surgery",
+                    )
+                    continue
+                groups[(version, i)] = [i]  # surgery trains on one query's cells only
+            else:
+                groups.setdefault((version, tuple(cells.genes)), []).append(i)
+        for (version, _), members in groups.items():
+            for i, res in zip(members, self._map_group(version, [requests[i][0] for i in members])):
+                results[i] = res
+        return results
+
+    def _map_group(self, version: str, parts: list) -> list[dict]:
+        from censusvi.wire import QueryCells
+
+        if len(parts) > 1:
+            joined = QueryCells(
+                sp.vstack([p.x for p in parts]).tocsr(),
+                parts[0].genes,
+                np.concatenate([p.batch for p in parts]),
+            )
+            try:
+                whole = self._map_one(version, joined)
+            except ValueError:  # one part's fault: map each alone to say whose
+                return [self._map_safely(version, p) for p in parts]
+            return self._split(whole, parts)
+        return [self._map_safely(version, parts[0])]
+
+    def _map_safely(self, version: str, cells) -> dict:
+        try:
+            return self._map_one(version, cells)
+        except ValueError as e:
+            return _error(422, str(e))
+
+    def _map_one(self, version: str, cells) -> dict:
+        from censusvi.mapping.query import map_query
+
+        _, model = self.models.get(version)
+        mq = map_query(model, cells.to_anndata(), "batch")
+        return {
+            "positions": mq.positions,
+            "latent": mq.latent,
+            "nll_per_count": mq.nll_per_count,
+            "report": mq.report,
+        }
+
+    @staticmethod
+    def _split(whole: dict, parts: list) -> list[dict]:
+        out, start = [], 0
+        for p in parts:
+            stop = start + p.n_cells
+            keep = (whole["positions"] >= start) & (whole["positions"] < stop)
+            labels, counts = np.unique(p.batch, return_counts=True)
+            report = {
+                **whole["report"],
+                "cells_per_batch": {str(b): int(c) for b, c in zip(labels, counts)},
+                "new_batches": [b for b in whole["report"]["new_batches"] if b in set(labels)],
+                "cells_mapped": int(keep.sum()),
+                "cells_without_counts": int(p.n_cells - keep.sum()),
+            }
+            out.append(
+                {
+                    "positions": whole["positions"][keep] - start,
+                    "latent": whole["latent"][keep],
+                    "nll_per_count": whole["nll_per_count"][keep],
+                    "report": report,
+                }
+            )
+            start = stop
+        return out
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class Annotator:
+    def __init__(self, settings: dict) -> None:
+        from censusvi.annotate.index import load_index
+
+        self.s = Settings(**settings)
+        self.indexes = VersionCache(
+            self.s, lambda f: load_index(f.index_dir) if f.index_dir else None
+        )
+        self.indexes.get(current_version(self.s))
+
+    def load(self, version: str) -> str:
+        self.indexes.get(version)
+        return version
+
+    def info(self, version: str) -> dict:
+        ix = self.indexes.get(version)
+        if ix is None:
+            return {"index": None}
+        return {
+            "index": {k: ix.meta.get(k) for k in ("n_cells", "kind", "label_keys", "evaluation")}
+        }
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def annotate(self, requests: list[tuple[np.ndarray, str, int, float]]) -> list[dict]:
+        return await asyncio.to_thread(self._annotate_all, requests)
+
+    def _annotate_all(self, requests: list[tuple[np.ndarray, str, int, float]]) -> list[dict]:
+        from censusvi.annotate.pipeline import transfer_all
+
+        results: list[dict | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, version, k, thr) in enumerate(requests):
+            groups.setdefault((version, k, thr), []).append(i)
+        for (version, k, thr), members in groups.items():
+            ix = self.indexes.get(version)
+            if ix is None:
+                for i in members:
+                    results[i] = _error(
+                        409,
+                        f"model version {version} was registered without an index, so it cannot "
+                        "annotate: register it with `censusvi models register MODEL --index DIR`",
+                    )
+                continue
+            latent = np.concatenate([requests[i][0] for i in members])
+            labels = transfer_all(ix, latent, k, thr) if len(latent) else {}
+            start = 0
+            for i in members:
+                stop = start + len(requests[i][0])
+                results[i] = {
+                    "labels": {
+                        key: frame.iloc[start:stop].reset_index(drop=True)
+                        for key, frame in labels.items()
+                    }
+                }
+                start = stop
+        return results
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class Metrics:
+    """Prometheus counters for the whole app (ingress replicas report here)."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "censusvi_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "censusvi_errors",
+            "requests answered with an error status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "censusvi_request_seconds",
+            "request latency",
+            ["endpoint"],
+            registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.cells = Counter(
+            "censusvi_cells", "cells answered", ["endpoint"], registry=self.registry
+        )
+        self.rate = Gauge(
+            "censusvi_cells_per_second",
+            "cells answered per second over the last 60 s",
+            registry=self.registry,
+        )
+        self.served = Gauge(
+            "censusvi_model_version",
+            "the model version being served",
+            ["name"],
+            registry=self.registry,
+        )
+        self.recent: deque[tuple[float, int]] = deque()
+
+    def record(self, endpoint: str, status: int, seconds: float, cells: int) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        if status >= 400:
+            self.errors.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+        if cells:
+            self.cells.labels(endpoint).inc(cells)
+            self.recent.append((time.monotonic(), cells))
+
+    def serving(self, name: str, version: str) -> None:
+        if version.isdigit():
+            self.served.clear()
+            self.served.labels(name).set(int(version))
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        now = time.monotonic()
+        while self.recent and self.recent[0][0] < now - self.WINDOW_S:
+            self.recent.popleft()
+        self.rate.set(sum(c for _, c in self.recent) / self.WINDOW_S)
+        return generate_latest(self.registry)
+
+
+def _positive(value: str | None, default, kind: type, name: str, low, high):
+    if value is None:
+        return default
+    try:
+        v = kind(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a {kind.__name__}") from None
+    if not low <= v <= high:
+        raise ValueError(f"{name}={v} is outside [{low}, {high}]")
+    return v
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, mapper, annotator, metrics, settings: dict) -> None:
+        self.mapper, self.annotator, self.metrics = mapper, annotator, metrics
+        self.s = Settings(**settings)
+        self.version = current_version(self.s)
+        self.model_name = self.s.model.removeprefix("models:/").split("@")[0].split("/")[0]
+        self.metrics.serving.remote(self.model_name, self.version)
+        if self.s.registered and "@" in self.s.model:
+            threading.Thread(target=self._follow_alias, daemon=True).start()
+
+    def _follow_alias(self) -> None:
+        """Re-resolve the alias; warm a new version everywhere it is needed, then switch."""
+        while True:
+            time.sleep(self.s.registry_poll_s)
+            try:
+                version = current_version(self.s)
+                if version != self.version:
+                    self.mapper.load.remote(version).result()
+                    self.annotator.load.remote(version).result()
+                    log.info("alias %s moved: serving version %s", self.s.model, version)
+                    self.version = version
+                    self.metrics.serving.remote(self.model_name, version)
+            except Exception as e:  # the registry being briefly unreachable must not stop serving
+                log.warning("registry poll failed (still serving %s): %s", self.version, e)
+
+    def _authorised(self, request: Request) -> bool:
+        if not self.s.token:
+            return True
+        return request.headers.get("authorization", "") == f"Bearer {self.s.token}"
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "model": self.model_name, "version": self.version}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        if not self._authorised(request):
+            return self._unauthorised()
+        version = self.version
+        info = await self.mapper.info.remote(version)
+        info.update(await self.annotator.info.remote(version))
+        info.update(
+            uri=self.s.model,
+            limits={"max_cells": self.s.max_cells, "max_request_mb": self.s.max_request_mb},
+        )
+        return JSONResponse(info)
+
+    @app.get("/metrics")
+    async def prometheus(self) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(await self.metrics.render.remote(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/embed")
+    async def embed(self, request: Request) -> Response:
+        return await self._answer(request, "embed")
+
+    @app.post("/v1/annotate")
+    async def annotate(self, request: Request) -> Response:
+        return await self._answer(request, "annotate")
+
+    @staticmethod
+    def _unauthorised() -> Response:
+        return JSONResponse(
+            {"error": "missing or wrong bearer token: send 'Authorization: Bearer <token>'"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    async def _answer(self, request: Request, endpoint: str) -> Response:
+        t0 = time.perf_counter()
+        response, cells = await self._compute(request, endpoint)
+        self.metrics.record.remote(endpoint, response.status_code, time.perf_counter() - t0, cells)
+        return response
+
+    async def _read_body(self, request: Request) -> tuple[bytes, str] | Response:
+        limit = int(self.s.max_request_mb * 2**20)
+        too_big = JSONResponse(
+            {
+                "error": f"the request body exceeds the limit of {self.s.max_request_mb:g} MB: "
+                "split the cells over several requests (censusvi.client.Client does)"
+            },
+            status_code=413,
+        )
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            return too_big
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form()
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                return JSONResponse(
+                    {"error": "a multipart upload needs the .h5ad in a field named 'file'"},
+                    status_code=422,
+                )
+            body, ctype = await upload.read(), "application/x-hdf5"
+        else:
+            body = await request.body()
+        return too_big if len(body) > limit else (body, ctype)
+
+    async def _compute(self, request: Request, endpoint: str) -> tuple[Response, int]:
+        from censusvi.wire import ARROW, decode_request, encode_result
+
+        if not self._authorised(request):
+            return self._unauthorised(), 0
+        read = await self._read_body(request)
+        if isinstance(read, Response):
+            return read, 0
+        body, ctype = read
+        q = request.query_params
+        try:
+            k = _positive(q.get("k"), self.s.k, int, "k", 1, 1000)
+            thr = _positive(
+                q.get("unknown_threshold"),
+                self.s.unknown_threshold,
+                float,
+                "unknown_threshold",
+                0.0,
+                1.0,
+            )
+            cells = await asyncio.to_thread(
+                decode_request, body, ctype, q.get("batch_key"), q.get("layer")
+            )
+        except ValueError as e:
+            return JSONResponse({"error": str(e)}, status_code=422), 0
+        if cells.n_cells > self.s.max_cells:
+            return JSONResponse(
+                {
+                    "error": f"the request holds {cells.n_cells} cells; the limit is "
+                    f"{self.s.max_cells} cells per request: split it (censusvi.client.Client does)"
+                },
+                status_code=413,
+            ), 0
+        version = self.version  # one version answers the whole request
+        mapped = await self.mapper.map.remote((cells, version))
+        if "error" in mapped:
+            return JSONResponse({"error": mapped["error"]}, status_code=mapped["status"]), 0
+        result = {
+            "model": {"name": self.model_name, "version": version},
+            "n_cells": cells.n_cells,
+            **mapped,
+        }
+        if endpoint == "annotate":
+            labelled = await self.annotator.annotate.remote((mapped["latent"], version, k, thr))
+            if "error" in labelled:
+                return JSONResponse({"error": labelled["error"]}, status_code=labelled["status"]), 0
+            result["labels"] = labelled["labels"]
+        payload, media = await asyncio.to_thread(
+            encode_result, result, ARROW in request.headers.get("accept", "")
+        )
+        return Response(payload, media_type=media), len(mapped["positions"])
+
+
+def build_app(args: dict[str, Any]):
+    """The application for ``serve run serve/config.yaml`` / ``censusvi serve``. ``args`` are
+    ``Settings`` fields; ``deployments`` (name -> options) overrides deployment options."""
+    import ray
+
+    s = Settings.from_args(args)
+    current_version(s)  # an unset alias or a missing model fails here, with its reason
+    overrides = dict(args.get("deployments") or {})
+    mapper_opts = dict(overrides.get("Mapper", {}))
+    has_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    if has_gpu and "num_gpus" not in mapper_opts.get("ray_actor_options", {}):
+        mapper_opts["ray_actor_options"] = {
+            **mapper_opts.get("ray_actor_options", {}),
+            "num_gpus": 1,
+        }
+    settings = asdict(s)
+    mapper = Mapper.options(**mapper_opts).bind(settings)
+    annotator = Annotator.options(**overrides.get("Annotator", {})).bind(settings)
+    metrics = Metrics.options(**overrides.get("Metrics", {})).bind()
+    return Ingress.options(**overrides.get("Ingress", {})).bind(
+        mapper, annotator, metrics, settings
+    )
