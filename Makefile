@@ -20,12 +20,12 @@ bench: setup
 	$(PY) bench/train_throughput.py
 
 lint: setup
-	.venv/bin/ruff check platform tests bench jobs
-	.venv/bin/ruff format --check platform tests bench jobs
+	.venv/bin/ruff check platform tests bench jobs serve
+	.venv/bin/ruff format --check platform tests bench jobs serve
 
 format: setup
-	.venv/bin/ruff format platform tests bench jobs
-	.venv/bin/ruff check --fix platform tests bench jobs
+	.venv/bin/ruff format platform tests bench jobs serve
+	.venv/bin/ruff check --fix platform tests bench jobs serve
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

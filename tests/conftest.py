@@ -55,6 +55,29 @@ def sim_adata() -> ad.AnnData:
 
 
 @pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the whole test session (starting one costs seconds). Workers import
+    this checkout: censusvi from platform/, the Serve app from serve/."""
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        root = Path(__file__).resolve().parents[1]
+        ray.init(
+            num_cpus=2,
+            object_store_memory=300 * 1024**2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={
+                "env_vars": {"PYTHONPATH": os.pathsep.join([str(root / "platform"), str(root)])}
+            },
+        )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def soma_exp(shared_data, tmp_path_factory):
     """Two real datasets ingested into one SOMA experiment (built once per test session)."""
     from censusvi.data.soma import ingest

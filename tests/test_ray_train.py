@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -15,22 +13,6 @@ from censusvi.train.pretrain import DataConfig, ModelSettings, PretrainConfig, p
 from conftest import simulated_adata
 
 ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="session")
-def local_ray():
-    """One local Ray for the whole test session (starting one costs seconds)."""
-    if not ray.is_initialized():
-        platform_dir = str(Path(__file__).resolve().parents[1] / "platform")
-        ray.init(
-            num_cpus=2,
-            object_store_memory=300 * 1024**2,
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": platform_dir}},  # workers import this checkout
-        )
-    yield
-    ray.shutdown()
 
 
 def small_cfg(src: str, epochs: int = 3) -> PretrainConfig:
