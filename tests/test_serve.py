@@ -1,0 +1,334 @@
+"""The Serve app over real HTTP on 127.0.0.1, serving versions from a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import scipy.sparse as sp
+
+from censusvi.annotate.index import load_index, save_index
+from censusvi.annotate.pipeline import annotate, index_reference
+from censusvi.client import Client, ServiceError
+from censusvi.model.io import load_model
+from censusvi.registry.versions import PromotionRefused, promote, register_version
+from censusvi.server import wait_healthy
+from censusvi.train.loop import TrainConfig
+from censusvi.train.pretrain import DataConfig, ModelSettings, PretrainConfig, pretrain
+from censusvi.wire import ARROW, decode_result, encode_arrow_request
+from conftest import simulated_adata
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "censusvi-test"
+POOL = simulated_adata(n_cells=1400, n_batches=3, seed=1)  # one draw: same cell-type programs
+NO_CPU = {"ray_actor_options": {"num_cpus": 0}}  # share the session's 2-CPU Ray with Ray Train
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """Two registered versions: 1 encodes the batch (production), 2 does not (a candidate)."""
+    tmp = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    POOL[:600].copy().write_h5ad(tmp / "ref.h5ad")
+    dirs = {}
+    for version, (seed, encode, epochs) in {"1": (0, True, 8), "2": (1, False, 2)}.items():
+        cfg = PretrainConfig(
+            DataConfig(source=str(tmp / "ref.h5ad"), batch_keys=("batch",), n_hvg=0),
+            ModelSettings(n_hidden=16, n_latent=4, encode_covariates=encode),
+            TrainConfig(max_epochs=epochs, lr=1e-2, batch_size=64, seed=seed),
+        )
+        model, _ = pretrain(cfg, tmp / f"m{version}", quiet=True)
+        save_index(index_reference(model, tmp / "ref.h5ad", ["cell_type"]), tmp / f"ix{version}")
+        assert register_version(tmp / f"m{version}", tmp / f"ix{version}", NAME, uri) == version
+        dirs[version] = (tmp / f"m{version}", tmp / f"ix{version}")
+    promote(NAME, "1", "production", uri=uri)
+    yield uri, dirs
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="module")
+def served(local_ray, registry):
+    """The app as serve/app.py builds it, on a free loopback port, limits small enough to test."""
+    from ray import serve
+
+    sys.path.insert(0, str(ROOT))
+    from serve.app import build_app
+
+    uri, _ = registry
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {
+        "model": f"models:/{NAME}@production",
+        "tracking_uri": uri,
+        "registry_poll_s": 0.5,
+        "max_cells": 500,
+        "max_request_mb": 1,
+        "deployments": {d: NO_CPU for d in ("Ingress", "Mapper", "Annotator", "Metrics")},
+    }
+    serve.run(build_app(args), name="censusvi", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, 120)
+    yield url
+    serve.shutdown()
+
+
+def query(n: int = 200, seed: int = 2):
+    """Cells the reference did not see, of its cell types and batches (b0..b2)."""
+    rows = 600 + np.random.default_rng(seed).choice(len(POOL) - 600, n, replace=False)
+    return POOL[np.sort(rows)].copy()
+
+
+def in_process(registry, version: str, adata):
+    model_dir, index_dir = registry[1][version]
+    out, _ = annotate(load_model(model_dir), load_index(index_dir), adata, "batch")
+    return out
+
+
+def assert_same_annotation(served_out, local_out):
+    np.testing.assert_allclose(served_out.obsm["X_scvi"], local_out.obsm["X_scvi"], atol=1e-5)
+    assert list(served_out.obs["predicted_cell_type"].astype(str)) == list(
+        local_out.obs["predicted_cell_type"].astype(str)
+    )
+    np.testing.assert_allclose(
+        served_out.obs["cell_type_probability"], local_out.obs["cell_type_probability"], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        served_out.obs["cell_type_uncertainty"], local_out.obs["cell_type_uncertainty"], atol=1e-5
+    )
+
+
+def test_client_annotate_equals_in_process_annotate(served, registry):
+    q = query()
+    out = Client(served, chunk_size=70).annotate(q, batch_key="batch")  # 3 chunked requests
+    assert out.uns["censusvi"]["versions"] == ["1"] and out.n_obs == q.n_obs
+    assert_same_annotation(out, in_process(registry, "1", q))
+    assert out.obs["predicted_cell_type"].astype(str).eq(q.obs["cell_type"]).mean() > 0.9
+
+
+def test_json_and_h5ad_bodies_answer_like_arrow(served, registry, tmp_path):
+    q = query(60, seed=3)
+    local = in_process(registry, "1", q)
+    x = sp.csr_matrix(q.X)
+    body = {
+        "genes": list(q.var["gene_ids"]),
+        "indptr": x.indptr.tolist(),
+        "indices": x.indices.tolist(),
+        "data": x.data.tolist(),
+        "batch": list(q.obs["batch"]),
+    }
+    r = requests.post(f"{served}/v1/annotate", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert res["model"] == {"name": NAME, "version": "1"} and res["n_cells"] == 60
+    np.testing.assert_allclose(np.array(res["latent"]), local.obsm["X_scvi"], atol=1e-5)
+    assert res["labels"]["cell_type"]["predicted"] == list(
+        local.obs["predicted_cell_type"].astype(str)
+    )
+    q.write_h5ad(tmp_path / "q.h5ad")
+    r = requests.post(
+        f"{served}/v1/annotate",
+        params={"batch_key": "batch"},
+        files={"file": ("q.h5ad", (tmp_path / "q.h5ad").read_bytes())},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(np.array(r.json()["latent"]), local.obsm["X_scvi"], atol=1e-5)
+    r = requests.post(
+        f"{served}/v1/embed",
+        data=encode_arrow_request(x, list(q.var["gene_ids"]), q.obs["batch"]),
+        headers={"Content-Type": ARROW, "Accept": ARROW},
+        timeout=60,
+    )
+    embedded = decode_result(r.content, r.headers["content-type"])
+    assert embedded["labels"] == {}
+    np.testing.assert_allclose(embedded["latent"], local.obsm["X_scvi"], atol=1e-5)
+
+
+def test_concurrent_small_requests_are_batched_without_changing_answers(served, registry):
+    parts = [query(30, seed=10 + i) for i in range(8)]
+    outs: list = [None] * len(parts)
+
+    def call(i: int) -> None:
+        outs[i] = Client(served).annotate(parts[i], batch_key="batch")
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(parts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for part, out in zip(parts, outs):
+        assert_same_annotation(out, in_process(registry, "1", part))
+
+
+def post_json(url: str, body: dict | bytes, **kw) -> requests.Response:
+    data = body if isinstance(body, bytes) else json.dumps(body)
+    return requests.post(
+        f"{url}/v1/annotate",
+        data=data,
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+        **kw,
+    )
+
+
+def csr_body(q, **change) -> dict:
+    x = sp.csr_matrix(q.X)
+    body = {
+        "genes": list(q.var["gene_ids"]),
+        "indptr": x.indptr.tolist(),
+        "indices": x.indices.tolist(),
+        "data": x.data.tolist(),
+        "batch": list(q.obs["batch"]),
+    }
+    return {**body, **change}
+
+
+def test_every_error_answers_its_status_and_reason(served):
+    q = query(20, seed=4)
+
+    def error_of(r: requests.Response) -> tuple[int, str]:
+        return r.status_code, r.json()["error"]
+
+    status, msg = error_of(post_json(served, csr_body(query(600, seed=5))))
+    assert status == 413 and "limit is 500 cells" in msg
+    status, msg = error_of(post_json(served, b"{" + b" " * (2 * 2**20) + b"}"))
+    assert status == 413 and "limit of 1 MB" in msg
+    status, msg = error_of(post_json(served, csr_body(q, genes=[f"XYZ{i}" for i in range(200)])))
+    assert status == 422 and "ENSG" in msg  # names the id type the model expects
+    body = csr_body(q)
+    status, msg = error_of(post_json(served, {**body, "data": [v + 0.5 for v in body["data"]]}))
+    assert status == 422 and "non-integer" in msg
+    status, msg = error_of(post_json(served, {**body, "data": [float("nan")] + body["data"][1:]}))
+    assert status == 422 and "NaN" in msg
+    status, msg = error_of(post_json(served, {**body, "batch": ["lab-x"] * 20}))
+    assert status == 422 and "lab-x" in msg and "censusvi map" in msg
+    status, msg = error_of(post_json(served, {**body, "batch": ["b0"] * 3}))
+    assert status == 422 and "3 labels for 20 cells" in msg
+    status, msg = error_of(post_json(served, {k: v for k, v in body.items() if k != "genes"}))
+    assert status == 422 and "'genes'" in msg
+    status, msg = error_of(post_json(served, body, params={"k": "0"}))
+    assert status == 422 and "k=0" in msg
+    r = requests.post(f"{served}/v1/annotate", data=b"x", headers={"Content-Type": "text/csv"})
+    assert r.status_code == 422 and "unsupported content type" in r.json()["error"]
+    with pytest.raises(ServiceError) as e:
+        Client(served).annotate(q[:, :10].copy(), batch_key="batch")
+    assert e.value.status == 422 and "only 10 of the model's 200 genes" in str(e.value)
+
+
+def test_models_health_and_metrics(served):
+    assert requests.get(f"{served}/healthz", timeout=10).json()["version"] == "1"
+    info = requests.get(f"{served}/v1/models", timeout=10).json()
+    assert info["name"] == NAME and info["version"] == "1" and info["n_latent"] == 4
+    assert info["index"]["label_keys"] == ["cell_type"] and info["limits"]["max_cells"] == 500
+
+    def counter(text: str, line_start: str) -> float:
+        return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(line_start))
+
+    before = requests.get(f"{served}/metrics", timeout=10).text
+    Client(served).annotate(query(40, seed=6), batch_key="batch")
+    post_json(served, csr_body(query(20), batch=["b0"]))  # 422
+    time.sleep(0.5)  # the ingress reports to the metrics replica without waiting
+    after = requests.get(f"{served}/metrics", timeout=10).text
+    ok = 'censusvi_requests_total{endpoint="annotate",status="200"}'
+    assert counter(after, ok) == counter(before, ok) + 1
+    cells = 'censusvi_cells_total{endpoint="annotate"}'
+    assert counter(after, cells) == counter(before, cells) + 40
+    err = 'censusvi_errors_total{endpoint="annotate",status="422"}'
+    assert counter(after, err) == counter(before, err) + 1
+    assert 'censusvi_request_seconds_bucket{endpoint="annotate",le="+Inf"}' in after
+    assert f'censusvi_model_version{{name="{NAME}"}} 1.0' in after
+
+
+def test_alias_move_during_a_stream_drops_nothing_and_switches(served, registry):
+    """Last in this module: it leaves version 2 in production."""
+    uri, _ = registry
+    q = query(25, seed=7)
+    answers: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def stream() -> None:
+        client = Client(served, retries=0)
+        while not stop.is_set():
+            try:
+                out = client.embed(q, batch_key="batch")
+                answers.append((200, out.uns["censusvi"]["versions"][0]))
+            except Exception as e:  # any failure is what this test looks for
+                answers.append((getattr(e, "status", 0), repr(e)))
+
+    threads = [threading.Thread(target=stream) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    with pytest.raises(PromotionRefused):  # version 2 trained 2 epochs: its evaluation is worse
+        promote(NAME, "2", "production", uri=uri)
+    promote(NAME, "2", "production", force=True, uri=uri)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(v == "2" for _, v in answers[-3:]):
+        time.sleep(0.2)
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join()
+    failures = [a for a in answers if a[0] != 200]
+    assert not failures, failures[:3]
+    versions = [v for _, v in answers]
+    assert versions[0] == "1" and versions[-1] == "2" and len(versions) > 20
+    assert versions.index("2") > 0 and set(versions[versions.index("2") + 3 :]) == {"2"}
+    out = Client(served).annotate(q, batch_key="batch")
+    assert out.uns["censusvi"]["versions"] == ["2"]
+    assert_same_annotation(out, in_process(registry, "2", q))
+
+
+def test_cli_serve_with_token_until_sigterm(registry, tmp_path):
+    """The contract command line: ready on /healthz, bearer auth, stops on SIGTERM."""
+    uri, dirs = registry
+    port, token = free_port(), "s3cret"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "censusvi.cli", "serve", "--model", f"models:/{NAME}/1",
+         "--port", str(port), "--token", token, "--quiet"],
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT / "platform")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, 180)
+        assert requests.get(f"{url}/v1/models", timeout=10).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert requests.get(f"{url}/v1/models", headers=wrong, timeout=10).status_code == 401
+        with pytest.raises(ServiceError) as e:
+            Client(url).annotate(query(10), batch_key="batch")
+        assert e.value.status == 401 and "bearer token" in str(e.value)
+        q = query(30, seed=8)
+        assert_same_annotation(
+            Client(url, token=token).annotate(q, batch_key="batch"), in_process(registry, "1", q)
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    assert "ready at" in out and "stopping" in out
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/healthz", timeout=5)
