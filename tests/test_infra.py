@@ -59,3 +59,30 @@ def test_census_config_is_loadable():
         and cfg.model.n_hidden == 128
         and cfg.train.lr == 1e-4
     )
+
+
+def test_serve_configs_name_the_app_and_its_settings():
+    """serve/config.yaml and the RayService's serveConfigV2 build the app serve/app.py defines."""
+    import dataclasses
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from serve import app as serve_app
+
+    service = docs(ROOT / "infra/kuberay/rayservice.yaml")[0]
+    assert service["kind"] == "RayService"
+    configs = [yaml.safe_load((ROOT / "serve/config.yaml").read_text())]
+    configs.append(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    fields = {f.name for f in dataclasses.fields(serve_app.Settings)}
+    for cfg in configs:
+        (application,) = cfg["applications"]
+        module, attr = application["import_path"].split(":")
+        assert module == "serve.app" and callable(getattr(serve_app, attr))
+        assert set(application["args"]) <= fields, set(application["args"]) - fields
+        names = {d["name"] for d in application["deployments"]}
+        assert names == {"Ingress", "Mapper", "Annotator", "Metrics"}
+        for d in application["deployments"]:
+            assert getattr(serve_app, d["name"]).name == d["name"]
+            scaling = d.get("autoscaling_config")
+            if scaling:
+                assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"]

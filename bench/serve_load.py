@@ -1,0 +1,190 @@
+"""Load on the Serve app over loopback: N concurrent clients for T seconds, 100- and 2,000-cell requests.
+
+A Census-architecture model (2 x 128, 50 latent, 2,000 HVGs) is trained on the FACS-sorted PBMC
+reference of pbmc_zheng_sorted_donorA_mudan.h5ad, indexed on its 9 sorted types, registered in a
+temporary MLflow store and promoted; the app runs with serve/config.yaml's deployments
+(autoscaling on) on a local Ray. Requests are the unlabelled donor-A cells (a new batch),
+resampled to each request size, sent as Arrow to ``POST /v1/annotate``. Reports throughput
+(cells/s), latency p50/p95/p99, errors, and the Mapper/Annotator/Ingress replica counts over time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "platform"), str(ROOT)]
+
+from censusvi.wire import ARROW, encode_arrow_request  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "pbmc_zheng_sorted_donorA_mudan.h5ad"
+
+
+def register_model(tmp: Path, epochs: int) -> str:
+    from censusvi.annotate.index import save_index
+    from censusvi.annotate.pipeline import index_reference
+    from censusvi.registry.versions import promote, register_version
+    from censusvi.train.loop import TrainConfig
+    from censusvi.train.pretrain import DataConfig, ModelSettings, PretrainConfig, pretrain
+
+    reference = "cell_type != 'unknown'"
+    cfg = PretrainConfig(
+        DataConfig(source=str(DATA), obs_filter=reference, batch_keys=("batch",), n_hvg=2000),
+        ModelSettings(),  # the Census architecture
+        TrainConfig(max_epochs=epochs, batch_size=256, lr=1e-3, seed=0),
+    )
+    model, _ = pretrain(cfg, tmp / "model", quiet=True)
+    save_index(index_reference(model, DATA, ["cell_type"], reference), tmp / "index")
+    version = register_version(tmp / "model", tmp / "index", "censusvi-bench")
+    promote("censusvi-bench", version, "production")
+    return version
+
+
+def request_bodies(n_cells: int, n_bodies: int = 8) -> list[bytes]:
+    import anndata as ad
+
+    from censusvi.data.counts import to_csr32
+    from censusvi.data.h5ad import gene_ids_and_symbols
+
+    a = ad.read_h5ad(DATA)
+    a = a[a.obs["cell_type"] == "unknown"]
+    x, genes = to_csr32(a.X), gene_ids_and_symbols(a.var)[0]
+    rng = np.random.default_rng(0)
+    bodies = []
+    for _ in range(n_bodies):
+        rows = rng.choice(a.n_obs, n_cells, replace=n_cells > a.n_obs)
+        bodies.append(encode_arrow_request(x[rows], genes, ["donorA"] * n_cells))
+    return bodies
+
+
+def replica_counts() -> dict[str, int]:
+    from ray import serve
+
+    app = serve.status().applications.get("censusvi")
+    if app is None:
+        return {}
+    return {name: int(d.replica_states.get("RUNNING", 0)) for name, d in app.deployments.items()}
+
+
+def load_phase(url: str, bodies: list[bytes], n_cells: int, clients: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        session = requests.Session()
+        j = i
+        while time.monotonic() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                r = session.post(
+                    f"{url}/v1/annotate",
+                    data=bodies[j % len(bodies)],
+                    headers={"Content-Type": ARROW, "Accept": ARROW},
+                    timeout=120,
+                )
+                ok = r.status_code == 200
+                err = None if ok else f"{r.status_code}: {r.text[:200]}"
+            except requests.RequestException as e:
+                err = repr(e)
+            with lock:
+                if err:
+                    errors.append(err)
+                else:
+                    latencies.append(time.perf_counter() - t0)
+            j += clients
+
+    timeline: list[dict] = []
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t_start = time.monotonic()
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        timeline.append({"t": round(time.monotonic() - t_start, 1), **replica_counts()})
+        time.sleep(1.0)
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t_start
+    lat = np.array(latencies) * 1000
+    return {
+        "cells_per_request": n_cells,
+        "clients": clients,
+        "seconds": round(wall, 1),
+        "requests": len(latencies),
+        "errors": len(errors),
+        "error_examples": errors[:3],
+        "cells_per_s": round(len(latencies) * n_cells / wall, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
+        "p95_ms": round(float(np.percentile(lat, 95)), 1) if len(lat) else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
+        "replicas_over_time": timeline,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--sizes", default="100,2000")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--logical-cpus", type=int, default=8, help="Ray CPUs (room to autoscale)")
+    p.add_argument("--out", type=Path, default=ROOT / ".bench" / "serve_load.json")
+    a = p.parse_args()
+    import ray
+    from ray import serve
+
+    from censusvi.server import deployment_options, wait_healthy
+
+    tmp = Path(tempfile.mkdtemp(prefix="censusvi-serve-load-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    version = register_model(tmp, a.epochs)
+    ray.init(
+        num_cpus=a.logical_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path[:2])}},
+    )
+    from serve.app import build_app
+
+    port = 8765
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"model": "models:/censusvi-bench@production", "deployments": deployment_options()}
+    serve.run(build_app(args), name="censusvi", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, 300)
+    phases = []
+    for n in (int(s) for s in a.sizes.split(",")):
+        bodies = request_bodies(n)
+        phases.append(load_phase(url, bodies, n, a.clients, a.seconds))
+        ph = phases[-1]
+        peak = max((row.get("Mapper", 0) for row in ph["replicas_over_time"]), default=0)
+        print(
+            f"{n:>5}-cell requests, {a.clients} clients, {ph['seconds']} s: "
+            f"{ph['cells_per_s']:,.0f} cells/s, p50 {ph['p50_ms']} ms, p95 {ph['p95_ms']} ms, "
+            f"p99 {ph['p99_ms']} ms, errors {ph['errors']}, Mapper replicas up to {peak}",
+            flush=True,
+        )
+    serve.shutdown()
+    ray.shutdown()
+    result = {"model_version": version, "cpu_count": os.cpu_count(), "phases": phases}
+    a.out.parent.mkdir(exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=1))
+    errors = sum(ph["errors"] for ph in phases)
+    print(f"serve load errors: {errors} (details in {a.out})")
+    return 0 if errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
