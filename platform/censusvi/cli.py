@@ -1,7 +1,7 @@
 """The ``censusvi`` command line. Each subcommand parses, builds a config and calls the library.
 
 Command lines named in the issues are contracts: ``ingest``, ``pretrain``, ``embed``, ``info``,
-``map``, ``index``, ``annotate``, ``models register|promote|list``, ``serve``.
+``map``, ``index``, ``annotate``, ``models register|promote|list``, ``serve``, ``de``, ``impute``.
 Errors the user can fix (bad input, bad settings) print one ``censusvi: error: ...`` line and exit 2.
 """
 
@@ -176,6 +176,85 @@ def cmd_annotate(a: argparse.Namespace) -> int:
             {"out": str(a.out), "cells": out.n_obs, "predicted": summary, "evaluation": evaluation}
         )
     )
+    return 0
+
+
+def cmd_de(a: argparse.Namespace) -> int:
+    from censusvi.data.h5ad import read_h5ad
+    from censusvi.generative.de import DEConfig, differential_expression
+    from censusvi.model.io import load_model
+
+    cfg = DEConfig(
+        mode=a.mode,
+        delta=a.delta,
+        fdr=a.fdr,
+        n_samples=a.n_samples,
+        batch_correction=not a.no_batch_correction,
+        seed=a.seed,
+    )
+    res = differential_expression(
+        load_model(a.model),
+        read_h5ad(a.data),
+        a.groupby,
+        list(_keys(a.group1)),
+        a.group2,
+        a.batch_key,
+        cfg,
+        a.layer,
+        _surgery(a),
+        quiet=a.quiet,
+    )
+    write_csv_atomic(res, a.out)
+    summary = {}
+    for comparison, frame in res.groupby("comparison", sort=False):
+        top = frame.sort_values("bayes_factor", ascending=False).head(10)
+        summary[comparison] = {
+            "top_genes": top["gene_symbol"].tolist(),
+            **({"n_de_fdr": int(frame[f"is_de_fdr_{a.fdr}"].sum())} if a.mode == "change" else {}),
+        }
+    print(
+        json.dumps({"out": str(a.out), "genes": int(res.index.nunique()), "comparisons": summary})
+    )
+    return 0
+
+
+def write_csv_atomic(frame, out: str) -> None:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        frame.to_csv(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_impute(a: argparse.Namespace) -> int:
+    from censusvi.data.h5ad import read_h5ad
+    from censusvi.generative.impute import LAYER, impute
+    from censusvi.inference import write_h5ad_atomic
+    from censusvi.model.io import load_model
+
+    out = impute(
+        load_model(a.model),
+        read_h5ad(a.query),
+        list(_keys(a.genes)),
+        a.batch_key,
+        a.decode_batch,
+        a.library_size,
+        a.layer,
+        _surgery(a),
+        quiet=a.quiet,
+    )
+    write_h5ad_atomic(out, a.out)
+    info = out.uns["censusvi_imputation"]
+    print(json.dumps({"out": str(a.out), "layer": LAYER, "cells": out.n_obs, **info}))
     return 0
 
 
@@ -357,6 +436,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-gene-overlap", type=float, default=0.5)
     s.add_argument("--save-model", help="also write the mapped model (reference + query batches)")
     s.set_defaults(fn=cmd_map)
+
+    s = sub.add_parser("de", help="scVI Bayesian differential expression between groups of cells")
+    s.add_argument(
+        "--model", required=True, help="model directory, scvi-tools directory or models:/ URI"
+    )
+    s.add_argument("--data", required=True, help=".h5ad of raw counts")
+    s.add_argument("--groupby", required=True, help="obs column holding the groups")
+    s.add_argument("--group1", required=True, help="a group (or A,B,...: each in turn)")
+    s.add_argument("--group2", help="the other group (default: all other cells)")
+    s.add_argument("--batch-key", help="obs column of batches (default: the model's batch keys)")
+    s.add_argument("--out", required=True, help="CSV, one row per gene and comparison")
+    s.add_argument("--mode", choices=["change", "vanilla"], default="change")
+    s.add_argument("--delta", type=float, default=0.25, help="LFC threshold (change mode)")
+    s.add_argument("--fdr", type=float, default=0.05, help="posterior FDR target (change mode)")
+    s.add_argument("--n-samples", type=int, default=5000, help="posterior draws per group")
+    s.add_argument(
+        "--no-batch-correction",
+        action="store_true",
+        help="decode each cell under its own batch instead of marginalising over the reference's",
+    )
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--layer", help="where counts are: a layer name or 'raw'")
+    s.add_argument("--train", action=argparse.BooleanOptionalAction, default=None)
+    s.add_argument("--max-epochs", type=int, default=50, help="cap on surgery epochs (new batches)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_de)
+
+    s = sub.add_parser("impute", help="decoded expression of chosen genes, measured or not")
+    query_args(s)
+    s.add_argument(
+        "--genes", required=True, help="G1,G2,...: Ensembl ids or symbols the model knows"
+    )
+    s.add_argument("--decode-batch", help="decode every cell under this batch (default: its own)")
+    s.add_argument(
+        "--library-size", type=float, default=1e4, help="counts per this many (default 1e4)"
+    )
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_impute)
 
     s = sub.add_parser("index", help="embed a labelled reference and build its FAISS index")
     s.add_argument("--model", required=True)

@@ -55,6 +55,10 @@ class Cells:
             )
         return x[keep], self.covariates_nc[keep]
 
+    def read(self, positions: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Aligned counts and covariate codes of chosen cells (``positions`` sorted)."""
+        return self._read(positions), self.covariates_nc[positions]
+
     def _read(self, positions: np.ndarray) -> sp.csr_matrix:
         """Aligned counts of ``self.rows[positions]`` (positions sorted)."""
         if self.preload:

@@ -11,7 +11,7 @@ import torch
 
 from censusvi.data.cells import Cells
 from censusvi.data.h5ad import H5adSource
-from censusvi.data.vocabulary import DEFAULT_MIN_OVERLAP
+from censusvi.data.vocabulary import DEFAULT_MIN_OVERLAP, GeneAlignment
 from censusvi.mapping.surgery import SurgeryConfig, extend_batches, query_batches, train_new_columns
 from censusvi.model.io import TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
@@ -36,14 +36,27 @@ class MappedQuery:
         return out
 
 
-def map_query(
+@dataclass
+class PreparedQuery:
+    """A query read through the model: the model extended with (and, where needed, trained on)
+    its new batches, and its cells aligned to the model's genes with their covariate codes."""
+
+    model: TrainedModel
+    cells: Cells
+    labels: np.ndarray  # the batch label of every query cell
+    alignment: GeneAlignment
+    new_batches: list[str]
+    surgery_losses: list[float]
+
+
+def prepare_query(
     model: TrainedModel,
     adata: ad.AnnData,
     batch_key: str,
     layer: str | None = None,
     surgery: SurgeryConfig | None = None,
     min_overlap: float = DEFAULT_MIN_OVERLAP,
-) -> MappedQuery:
+) -> PreparedQuery:
     surgery = surgery or SurgeryConfig()
     if batch_key not in adata.obs.columns:
         raise ValueError(
@@ -69,6 +82,19 @@ def map_query(
                 yield minibatch_from_csr(x, c, with_counts=mapped.vae.needs_dense_counts)
 
         losses = train_new_columns(mapped, trainable, batches, surgery)
+    return PreparedQuery(mapped, cells, labels, alignment, new, losses)
+
+
+def map_query(
+    model: TrainedModel,
+    adata: ad.AnnData,
+    batch_key: str,
+    layer: str | None = None,
+    surgery: SurgeryConfig | None = None,
+    min_overlap: float = DEFAULT_MIN_OVERLAP,
+) -> MappedQuery:
+    q = prepare_query(model, adata, batch_key, layer, surgery, min_overlap)
+    mapped, cells, labels, alignment, new = q.model, q.cells, q.labels, q.alignment, q.new_batches
     pos_parts, z_parts, nll_parts = [], [], []
     device = next(model.vae.parameters()).device  # surgery trains on the CPU; mapping runs here
     vae = mapped.vae.to(device).eval()
@@ -92,8 +118,8 @@ def map_query(
         "new_batches": new,
         "cells_mapped": int(len(positions)),
         "cells_without_counts": int(adata.n_obs - len(positions)),
-        "surgery_epochs": len(losses),
-        "surgery_query_loss": [round(v, 3) for v in losses],
+        "surgery_epochs": len(q.surgery_losses),
+        "surgery_query_loss": [round(v, 3) for v in q.surgery_losses],
     }
     return MappedQuery(
         mapped,

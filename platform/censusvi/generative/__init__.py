@@ -1,0 +1,1 @@
+"""What the decoder gives beyond the latent space: differential expression and imputation."""

@@ -1,0 +1,269 @@
+"""scVI's Bayesian differential expression, as scvi-tools' ``differential_expression`` computes it.
+
+Each group's normalised expression h is sampled from the posterior: cells drawn with replacement,
+z ~ q(z | x), decoded under every reference batch (batch correction: the batch is marginalised)
+or under each cell's own batch. Draws of the two groups are paired (within a batch when
+marginalising) and, per gene:
+
+- ``vanilla``: p = P(h1 > h2), Bayes factor log p - log(1 - p);
+- ``change``: LFC = log2(h1 + c) - log2(h2 + c) with c the pseudocount scvi-tools estimates from
+  genes without counts; proba_de = max(P(LFC >= delta), P(LFC < -delta)); the Bayes factor of
+  proba_de; LFC mean/median/std/min/max (with c / 1000); genes called DE at a posterior FDR.
+
+scvi-tools decodes n_samples / n_cells + 1 draws of every cell of a group under every batch and
+then keeps n_samples of them; here only the drawn cells are encoded (once) and only the kept
+draws are decoded: the same distribution for much less work.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from censusvi.data.source import batch_labels
+from censusvi.mapping.query import PreparedQuery, prepare_query
+from censusvi.mapping.surgery import SurgeryConfig
+from censusvi.model.io import TrainedModel
+from censusvi.model.minibatch import minibatch_from_csr
+
+log = logging.getLogger(__name__)
+EPS = 1e-8
+MODES = ("change", "vanilla")
+
+
+@dataclass(frozen=True)
+class DEConfig:
+    mode: str = "change"
+    delta: float = 0.25
+    fdr: float = 0.05
+    n_samples: int = 5000  # posterior draws per group (scvi-tools' n_samples_overall)
+    batch_correction: bool = True  # decode under the reference batches and marginalise
+    decode_batches: tuple[str, ...] | None = None  # None: every reference batch
+    pseudocounts: float | None = None  # None: estimated as scvi-tools does
+    threshold_counts: float = 0.01  # mean count below which a gene counts as unexpressed
+    seed: int = 0
+    batch_size: int = 2048  # draws decoded at once (bounds memory with the gene count)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: choose one of {MODES}")
+        if self.n_samples < 2:
+            raise ValueError(f"n_samples={self.n_samples}: at least 2 draws per group are needed")
+
+
+@dataclass
+class GroupCounts:
+    """Raw count statistics of one group over the model's genes (scvi-tools' all_stats)."""
+
+    mean: np.ndarray
+    nonzero: np.ndarray
+    normalized_mean: np.ndarray
+
+
+def _group_counts(q: PreparedQuery, masks: list[np.ndarray]) -> list[GroupCounts]:
+    """One streaming pass over the cells: per-group sums of counts, non-zeros, 1e4-normalised."""
+    g = len(q.model.genes)
+    sums = [np.zeros((3, g)) for _ in masks]
+    for pos, x, _ in q.cells.minibatches(4096, shuffle=False):
+        library = np.asarray(x.sum(1)).ravel()
+        for s, mask in zip(sums, masks):
+            sel = mask[pos]
+            if not sel.any():
+                continue
+            xs = x[sel]
+            s[0] += np.asarray(xs.sum(0)).ravel()
+            s[1] += np.asarray((xs != 0).sum(0)).ravel()
+            s[2] += np.asarray(xs.multiply(1e4 / library[sel, None]).sum(0)).ravel()
+    return [GroupCounts(*(s / max(int(m.sum()), 1))) for s, m in zip(sums, masks)]
+
+
+def _draw_scales(
+    q: PreparedQuery,
+    cells: np.ndarray,
+    decode_codes: list[int | None],
+    n_per_batch: int,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    cfg: DEConfig,
+    progress: tqdm,
+) -> np.ndarray:
+    """(len(decode_codes) * n_per_batch, genes) posterior draws of normalised expression."""
+    vae = q.model.vae.eval()
+    device = next(vae.parameters()).device
+    out = []
+    for code in decode_codes:
+        picks = rng.choice(cells, n_per_batch, replace=True)
+        unique, inverse = np.unique(picks, return_inverse=True)
+        x, cov = q.cells.read(unique)
+        with torch.no_grad():
+            inf = vae.inference(
+                minibatch_from_csr(x, cov, device, with_nonzeros=False), sample=False
+            )
+            cov_t = torch.as_tensor(cov, device=device)
+            if code is not None:
+                cov_t = cov_t.clone()
+                cov_t[:, 0] = code
+            for start in range(0, n_per_batch, cfg.batch_size):
+                idx = torch.as_tensor(inverse[start : start + cfg.batch_size], device=device)
+                mean, var = inf.qz_mean_nk[idx], inf.qz_var_nk[idx]
+                eps = torch.randn(mean.shape, generator=gen).to(device)
+                z = mean + var.sqrt() * eps
+                lib = torch.zeros(len(idx), 1, device=device)  # the scale does not depend on it
+                out.append(vae.generative(z, lib, cov_t[idx]).scale_ng.float().cpu().numpy())
+                progress.update(len(idx))
+    return np.concatenate(out)
+
+
+def estimate_pseudocounts(
+    scales1: np.ndarray, scales2: np.ndarray, zero1: np.ndarray, zero2: np.ndarray
+) -> float:
+    """scvi-tools' offset: the 90th percentile of the largest scale among unexpressed genes,
+    divided by the gene count (it shrinks LFCs of genes no cell expresses towards zero)."""
+    eps = []
+    for scales, zero in ((scales1, zero1), (scales2, zero2)):
+        eps.append(np.quantile(scales.max(0)[zero], 0.9) if zero.any() else 1e-10)
+    return float(max(1e-10, max(eps) / scales1.shape[1]))
+
+
+def fdr_calls(proba_de: pd.Series, fdr: float) -> pd.Series:
+    """Genes called DE so that the expected posterior FDR of the calls stays below ``fdr``."""
+    ordered = proba_de.sort_values(ascending=False)
+    cumulative = (1.0 - ordered).cumsum() / (1.0 + np.arange(len(ordered)))
+    called = pd.Series(False, index=ordered.index)
+    called.iloc[: int((cumulative <= fdr).sum())] = True
+    return called.loc[proba_de.index]
+
+
+def _compare(
+    s1: np.ndarray, s2: np.ndarray, c1: GroupCounts, c2: GroupCounts, cfg: DEConfig
+) -> dict:
+    scale1, scale2 = s1.mean(0), s2.mean(0)
+    if cfg.mode == "vanilla":
+        p1 = (s1 > s2).mean(0)
+        res = {
+            "proba_m1": p1,
+            "proba_m2": 1.0 - p1,
+            "bayes_factor": np.log(p1 + EPS) - np.log(1.0 - p1 + EPS),
+            "scale1": scale1,
+            "scale2": scale2,
+        }
+    else:
+        pc = cfg.pseudocounts
+        if pc is None:
+            pc = estimate_pseudocounts(
+                s1, s2, c1.mean < cfg.threshold_counts, c2.mean < cfg.threshold_counts
+            )
+        lfc = np.log2(s1 + pc) - np.log2(s2 + pc)
+        proba_de = np.maximum((lfc >= cfg.delta).mean(0), (lfc < -cfg.delta).mean(0))
+        reported = np.log2(s1 + 1e-3 * pc) - np.log2(s2 + 1e-3 * pc)
+        res = {
+            "proba_de": proba_de,
+            "proba_not_de": 1.0 - proba_de,
+            "bayes_factor": np.log(proba_de + EPS) - np.log(1.0 - proba_de + EPS),
+            "scale1": scale1,
+            "scale2": scale2,
+            "pseudocounts": pc,
+            "delta": cfg.delta,
+            "lfc_mean": reported.mean(0),
+            "lfc_median": np.median(reported, 0),
+            "lfc_std": reported.std(0),
+            "lfc_min": reported.min(0),
+            "lfc_max": reported.max(0),
+        }
+    return {
+        **res,
+        "raw_mean1": c1.mean,
+        "raw_mean2": c2.mean,
+        "non_zeros_proportion1": c1.nonzero,
+        "non_zeros_proportion2": c2.nonzero,
+        "raw_normalized_mean1": c1.normalized_mean,
+        "raw_normalized_mean2": c2.normalized_mean,
+    }
+
+
+def _decode_codes(model: TrainedModel, q: PreparedQuery, cfg: DEConfig) -> list[int | None]:
+    if not cfg.batch_correction:
+        return [None]  # each draw decoded under its cell's own batch
+    names = cfg.decode_batches or model.batch_categories  # the reference's batches
+    lookup = {b: i for i, b in enumerate(q.model.batch_categories)}
+    unknown = [b for b in names if b not in lookup]
+    if unknown:
+        raise ValueError(
+            f"decode batch(es) {unknown[:3]} are not batches of the model (e.g. "
+            f"{list(q.model.batch_categories[:3])})"
+        )
+    return [lookup[b] for b in names]
+
+
+def differential_expression(
+    model: TrainedModel,
+    adata: ad.AnnData,
+    groupby: str,
+    group1: str | list[str],
+    group2: str | None = None,
+    batch_key: str | None = None,
+    config: DEConfig | None = None,
+    layer: str | None = None,
+    surgery: SurgeryConfig | None = None,
+    quiet: bool = False,
+) -> pd.DataFrame:
+    """One row per model gene and comparison (``group1`` vs ``group2``, or vs the rest), sorted
+    by proba_de (change) or Bayes factor (vanilla). ``batch_key`` defaults to the model's own
+    batch keys (reference data); a query with new batches is mapped first (surgery)."""
+    cfg = config or DEConfig()
+    if groupby not in adata.obs.columns:
+        raise ValueError(
+            f"groupby {groupby!r} is not an obs column; obs has {sorted(adata.obs.columns)}"
+        )
+    labels = adata.obs[groupby].astype(str).to_numpy()
+    groups1 = [group1] if isinstance(group1, str) else list(group1)
+    for g in [*groups1, *([group2] if group2 is not None else [])]:
+        if g not in set(labels):
+            raise ValueError(
+                f"group {g!r} is not in obs[{groupby!r}]; it has {sorted(set(labels))[:20]}"
+            )
+    if batch_key is None:
+        adata = ad.AnnData(adata.X, obs=adata.obs.copy(), var=adata.var, layers=dict(adata.layers))
+        adata.obs["_censusvi_batch"] = batch_labels(adata.obs, model.batch_keys, "data")
+        batch_key = "_censusvi_batch"
+    q = prepare_query(model, adata, batch_key, layer, surgery)
+    nonempty = np.zeros(adata.n_obs, dtype=bool)
+    for pos, _, _ in q.cells.minibatches(4096, shuffle=False):
+        nonempty[pos] = True
+    codes = _decode_codes(model, q, cfg)
+    n_per_batch = max(int(cfg.n_samples / len(codes)), 2)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    frames = []
+    total = 2 * len(groups1) * len(codes) * n_per_batch
+    quiet = quiet or not sys.stderr.isatty()
+    with tqdm(total=total, desc="DE draws", unit="draw", disable=quiet) as progress:
+        for g1 in groups1:
+            m1 = (labels == g1) & nonempty
+            m2 = ((labels == group2) if group2 is not None else (labels != g1)) & nonempty
+            if not m1.any() or not m2.any():
+                raise ValueError(f"{g1} vs {group2 or 'rest'}: a group has no cells with counts")
+            c1, c2 = _group_counts(q, [m1, m2])
+            s1 = _draw_scales(q, np.flatnonzero(m1), codes, n_per_batch, rng, gen, cfg, progress)
+            s2 = _draw_scales(q, np.flatnonzero(m2), codes, n_per_batch, rng, gen, cfg, progress)
+            res = pd.DataFrame(
+                _compare(s1, s2, c1, c2, cfg), index=pd.Index(q.model.genes.ids, name="gene_id")
+            )
+            res.insert(0, "gene_symbol", list(q.model.genes.symbols))
+            res = res.sort_values(
+                "proba_de" if cfg.mode == "change" else "bayes_factor", ascending=False
+            )
+            if cfg.mode == "change":
+                res[f"is_de_fdr_{cfg.fdr}"] = fdr_calls(res["proba_de"], cfg.fdr)
+            g2 = "Rest" if group2 is None else group2
+            res["comparison"], res["group1"], res["group2"] = f"{g1} vs {g2}", g1, g2
+            res["n_cells1"], res["n_cells2"] = int(m1.sum()), int(m2.sum())
+            frames.append(res)
+    return pd.concat(frames)
