@@ -94,42 +94,43 @@ def _draw_scales(
     cfg: DEConfig,
     progress: tqdm,
 ) -> np.ndarray:
-    """(len(decode_codes) * n_per_batch, genes) posterior draws of normalised expression."""
+    """(genes, len(decode_codes) * n_per_batch) posterior draws of normalised expression: genes
+    by draws, so that per-gene statistics reduce over contiguous memory."""
     vae = q.model.vae.eval()
     device = next(vae.parameters()).device
-    out = []
-    for code in decode_codes:
-        picks = rng.choice(cells, n_per_batch, replace=True)
-        unique, inverse = np.unique(picks, return_inverse=True)
-        x, cov = q.cells.read(unique)
-        with torch.no_grad():
-            inf = vae.inference(
-                minibatch_from_csr(x, cov, device, with_nonzeros=False), sample=False
-            )
-            cov_t = torch.as_tensor(cov, device=device)
+    n = len(decode_codes) * n_per_batch
+    picks = rng.choice(cells, n, replace=True)  # draw b * n_per_batch + i decodes under code b
+    unique, inverse = np.unique(picks, return_inverse=True)
+    x, cov = q.cells.read(unique)
+    out = np.empty((len(q.model.genes), n), dtype=np.float32)
+    with torch.no_grad():
+        inf = vae.inference(minibatch_from_csr(x, cov, device, with_nonzeros=False), sample=False)
+        cov_t = torch.as_tensor(cov, device=device)
+        for b, code in enumerate(decode_codes):
+            cov_b = cov_t.clone()
             if code is not None:
-                cov_t = cov_t.clone()
-                cov_t[:, 0] = code
-            for start in range(0, n_per_batch, cfg.batch_size):
-                idx = torch.as_tensor(inverse[start : start + cfg.batch_size], device=device)
+                cov_b[:, 0] = code
+            for start in range(b * n_per_batch, (b + 1) * n_per_batch, cfg.batch_size):
+                stop = min(start + cfg.batch_size, (b + 1) * n_per_batch)
+                idx = torch.as_tensor(inverse[start:stop], device=device)
                 mean, var = inf.qz_mean_nk[idx], inf.qz_var_nk[idx]
-                eps = torch.randn(mean.shape, generator=gen).to(device)
-                z = mean + var.sqrt() * eps
+                z = mean + var.sqrt() * torch.randn(mean.shape, generator=gen).to(device)
                 lib = torch.zeros(len(idx), 1, device=device)  # the scale does not depend on it
-                out.append(vae.generative(z, lib, cov_t[idx]).scale_ng.float().cpu().numpy())
+                out[:, start:stop] = vae.generative(z, lib, cov_b[idx]).scale_ng.float().cpu().T
                 progress.update(len(idx))
-    return np.concatenate(out)
+    return out
 
 
 def estimate_pseudocounts(
     scales1: np.ndarray, scales2: np.ndarray, zero1: np.ndarray, zero2: np.ndarray
 ) -> float:
     """scvi-tools' offset: the 90th percentile of the largest scale among unexpressed genes,
-    divided by the gene count (it shrinks LFCs of genes no cell expresses towards zero)."""
+    divided by the gene count (it shrinks LFCs of genes no cell expresses towards zero).
+    ``scales*`` are genes x draws."""
     eps = []
     for scales, zero in ((scales1, zero1), (scales2, zero2)):
-        eps.append(np.quantile(scales.max(0)[zero], 0.9) if zero.any() else 1e-10)
-    return float(max(1e-10, max(eps) / scales1.shape[1]))
+        eps.append(np.quantile(scales.max(1)[zero], 0.9) if zero.any() else 1e-10)
+    return float(max(1e-10, max(eps) / scales1.shape[0]))
 
 
 def fdr_calls(proba_de: pd.Series, fdr: float) -> pd.Series:
@@ -141,12 +142,46 @@ def fdr_calls(proba_de: pd.Series, fdr: float) -> pd.Series:
     return called.loc[proba_de.index]
 
 
+def _median1(x: torch.Tensor) -> torch.Tensor:
+    """numpy's median along axis 1 (the mean of the two middle values for an even count)."""
+    n = x.shape[1]
+    lo = torch.kthvalue(x, (n + 1) // 2, dim=1).values
+    if n % 2:
+        return lo
+    # The next order statistic without a second selection: lo itself when it repeats past the
+    # middle, else the smallest value above it.
+    at_or_below = (x <= lo[:, None]).sum(1)
+    above = torch.where(x > lo[:, None], x, torch.inf).min(1).values
+    return (lo + torch.where(at_or_below > n // 2, lo, above)) / 2
+
+
+GENE_BLOCK = 64  # genes processed together: their draws stay in cache through every statistic
+
+
+def _lfc_statistics(t1: torch.Tensor, t2: torch.Tensor, pc: float, delta: float) -> dict:
+    """proba_de and the LFC summaries for a block of genes (rows) x draws (columns)."""
+    n = t1.shape[1]
+    lfc = torch.log2(t1 + pc) - torch.log2(t2 + pc)
+    proba_de = torch.maximum((lfc >= delta).sum(1), (lfc < -delta).sum(1)) / n
+    reported = torch.log2(t1 + 1e-3 * pc) - torch.log2(t2 + 1e-3 * pc)
+    return {
+        "proba_de": proba_de.double(),
+        "lfc_mean": reported.mean(1),
+        "lfc_median": _median1(reported),
+        "lfc_std": reported.std(1, correction=0),
+        "lfc_min": reported.min(1).values,
+        "lfc_max": reported.max(1).values,
+    }
+
+
 def _compare(
     s1: np.ndarray, s2: np.ndarray, c1: GroupCounts, c2: GroupCounts, cfg: DEConfig
 ) -> dict:
-    scale1, scale2 = s1.mean(0), s2.mean(0)
+    """Per-gene statistics of the paired draws (genes x draws, in cache-sized gene blocks)."""
+    t1, t2 = torch.from_numpy(s1), torch.from_numpy(s2)
+    scale1, scale2 = t1.mean(1).numpy(), t2.mean(1).numpy()
     if cfg.mode == "vanilla":
-        p1 = (s1 > s2).mean(0)
+        p1 = (t1 > t2).sum(1).numpy() / t1.shape[1]
         res = {
             "proba_m1": p1,
             "proba_m2": 1.0 - p1,
@@ -160,9 +195,12 @@ def _compare(
             pc = estimate_pseudocounts(
                 s1, s2, c1.mean < cfg.threshold_counts, c2.mean < cfg.threshold_counts
             )
-        lfc = np.log2(s1 + pc) - np.log2(s2 + pc)
-        proba_de = np.maximum((lfc >= cfg.delta).mean(0), (lfc < -cfg.delta).mean(0))
-        reported = np.log2(s1 + 1e-3 * pc) - np.log2(s2 + 1e-3 * pc)
+        blocks = [
+            _lfc_statistics(t1[i : i + GENE_BLOCK], t2[i : i + GENE_BLOCK], pc, cfg.delta)
+            for i in range(0, t1.shape[0], GENE_BLOCK)
+        ]
+        stats = {k: torch.cat([b[k] for b in blocks]).numpy() for k in blocks[0]}
+        proba_de = stats.pop("proba_de")
         res = {
             "proba_de": proba_de,
             "proba_not_de": 1.0 - proba_de,
@@ -171,11 +209,7 @@ def _compare(
             "scale2": scale2,
             "pseudocounts": pc,
             "delta": cfg.delta,
-            "lfc_mean": reported.mean(0),
-            "lfc_median": np.median(reported, 0),
-            "lfc_std": reported.std(0),
-            "lfc_min": reported.min(0),
-            "lfc_max": reported.max(0),
+            **stats,
         }
     return {
         **res,
