@@ -19,13 +19,12 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
-from censusvi.generative.de import DEConfig, differential_expression  # noqa: E402
+from censusvi.generative.de import DEConfig, differential_expression, top_genes  # noqa: E402
 from censusvi.model.io import load_model  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -46,13 +45,6 @@ def load_case(name: str) -> tuple[ad.AnnData, str, str]:
     a.var_names = a.var["gene_ids"].to_numpy()
     a.var_names_make_unique()
     return a, groupby, group
-
-
-def top_genes(res: pd.DataFrame, n: int = 50) -> set[str]:
-    order = res.assign(abs_lfc=res["lfc_mean"].abs()).sort_values(
-        ["bayes_factor", "abs_lfc"], ascending=False
-    )
-    return set(order.index[:n])
 
 
 def compare(
@@ -86,7 +78,7 @@ def compare(
     ours_s = time.perf_counter() - t0
     theirs = theirs.loc[ours.index]  # same genes, same order
     rho = spearmanr(ours["lfc_mean"], theirs["lfc_mean"]).statistic
-    overlap = len(top_genes(ours) & top_genes(theirs)) / 50
+    overlap = len(set(top_genes(ours).index) & set(top_genes(theirs).index)) / 50
     calls = (ours["is_de_fdr_0.05"] == theirs["is_de_fdr_0.05"]).mean()
     symbols = adata.var.loc[ours.index[:10], "symbol"].tolist()
     return {

@@ -89,3 +89,47 @@ def soma_exp(shared_data, tmp_path_factory):
     ]
     ingest(files, out)
     return out, files
+
+
+def scvi_tools_model(path, out_dir, n_genes: int | None, n_hidden: int, n_latent: int, epochs: int):
+    """An SCVI (NB, observed library, batch = obs['batch']) trained and saved by scvi-tools, on
+    a shared dataset with Ensembl ids as var_names; returns (model dir, cells .h5ad, model)."""
+    scvi = pytest.importorskip("scvi")
+    a = ad.read_h5ad(path)
+    if n_genes:
+        a = a[:, np.argsort(-np.asarray(a.X.sum(0)).ravel())[:n_genes]].copy()
+    ids = a.var["gene_ids"].astype(object)
+    a.var["symbol"] = a.var_names.astype(str)
+    a.var_names = np.where(ids.isna(), a.var_names, ids).astype(str)
+    a.var_names_make_unique()
+    a.var["gene_ids"] = a.var_names.to_numpy()
+    scvi.settings.seed = 0
+    scvi.model.SCVI.setup_anndata(a, batch_key="batch")
+    model = scvi.model.SCVI(
+        a, n_hidden=n_hidden, n_latent=n_latent, n_layers=2, gene_likelihood="nb"
+    )
+    model.train(max_epochs=epochs, batch_size=256, accelerator="cpu", enable_progress_bar=False)
+    model.save(
+        out_dir / "scvi_model", overwrite=True
+    )  # history_ holds pandas frames: stand-ins on load
+    a.write_h5ad(out_dir / "cells.h5ad")
+    return out_dir / "scvi_model", out_dir / "cells.h5ad", model
+
+
+@pytest.fixture(scope="session")
+def cellbench_scvi(shared_data, tmp_path_factory):
+    """A small SCVI with the Census settings on CellBench's 1,500 most-counted genes."""
+    return scvi_tools_model(CELLBENCH, tmp_path_factory.mktemp("scvi_cellbench"), 1500, 32, 10, 40)
+
+
+@pytest.fixture(scope="session")
+def pbmc_scvi(shared_data, tmp_path_factory):
+    """An SCVI on the three-chemistry PBMC panel (1,767 genes, 9 cell types)."""
+    return scvi_tools_model(
+        SHARED / "pbmc_3chem_symphony_small.h5ad",
+        tmp_path_factory.mktemp("scvi_pbmc"),
+        None,
+        64,
+        10,
+        60,
+    )

@@ -19,21 +19,6 @@ from censusvi.model.scvi_tools_io import import_scvi_tools, read_model_pt
 scvi = pytest.importorskip("scvi")
 
 
-@pytest.fixture(scope="module")
-def cellbench_scvi(shared_data, tmp_path_factory):
-    """A small SCVI with the Census settings (NB, observed library), trained and saved by scvi-tools."""
-    d = tmp_path_factory.mktemp("scvi")
-    a = ad.read_h5ad(shared_data / "cellbench_lung_celllines.h5ad")
-    a = a[:, np.argsort(-np.asarray(a.X.sum(0)).ravel())[:1500]].copy()
-    a.var_names = a.var["gene_ids"].astype(str).to_numpy()
-    scvi.model.SCVI.setup_anndata(a, batch_key="batch")
-    model = scvi.model.SCVI(a, n_hidden=32, n_latent=10, n_layers=2, gene_likelihood="nb")
-    model.train(max_epochs=40, batch_size=256, accelerator="cpu", enable_progress_bar=False)
-    model.save(d / "scvi_model", overwrite=True)  # history_ holds pandas frames: stand-ins on load
-    a.write_h5ad(d / "cells.h5ad")
-    return d / "scvi_model", d / "cells.h5ad", model
-
-
 def test_import_matches_scvi_tools(cellbench_scvi, tmp_path, capsys):
     src_dir, cells, theirs = cellbench_scvi
     assert main(["import-scvi-tools", str(src_dir), "--out", str(tmp_path / "m")]) == 0

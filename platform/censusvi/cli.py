@@ -181,7 +181,7 @@ def cmd_annotate(a: argparse.Namespace) -> int:
 
 def cmd_de(a: argparse.Namespace) -> int:
     from censusvi.data.h5ad import read_h5ad
-    from censusvi.generative.de import DEConfig, differential_expression
+    from censusvi.generative.de import DEConfig, differential_expression, top_genes
     from censusvi.model.io import load_model
 
     cfg = DEConfig(
@@ -207,7 +207,7 @@ def cmd_de(a: argparse.Namespace) -> int:
     write_csv_atomic(res, a.out)
     summary = {}
     for comparison, frame in res.groupby("comparison", sort=False):
-        top = frame.sort_values("bayes_factor", ascending=False).head(10)
+        top = top_genes(frame, 10)
         summary[comparison] = {
             "top_genes": top["gene_symbol"].tolist(),
             **({"n_de_fdr": int(frame[f"is_de_fdr_{a.fdr}"].sum())} if a.mode == "change" else {}),

@@ -236,6 +236,17 @@ def _decode_codes(model: TrainedModel, q: PreparedQuery, cfg: DEConfig) -> list[
     return [lookup[b] for b in names]
 
 
+def top_genes(res: pd.DataFrame, n: int = 50) -> pd.DataFrame:
+    """The ``n`` genes with the largest Bayes factor; many saturate (every draw beyond delta), so
+    ties are broken by the size of the mean log-fold change."""
+    ranked = res.assign(_abs_lfc=res["lfc_mean"].abs() if "lfc_mean" in res else 0.0)
+    return (
+        ranked.sort_values(["bayes_factor", "_abs_lfc"], ascending=False)
+        .head(n)
+        .drop(columns="_abs_lfc")
+    )
+
+
 def differential_expression(
     model: TrainedModel,
     adata: ad.AnnData,
