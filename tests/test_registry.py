@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,8 @@ from censusvi.train.loop import TrainConfig
 from censusvi.train.pretrain import DataConfig, ModelSettings, PretrainConfig, pretrain
 from conftest import simulated_adata
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def small_model_and_index(tmp_path, name: str, seed: int, epochs: int = 5):
     a = simulated_adata(n_cells=400, n_batches=3, seed=1)
@@ -31,6 +35,13 @@ def small_model_and_index(tmp_path, name: str, seed: int, epochs: int = 5):
     ix = index_reference(model, tmp_path / "ref.h5ad", ["cell_type"])
     save_index(ix, tmp_path / f"ix-{name}")
     return tmp_path / f"m-{name}", tmp_path / f"ix-{name}"
+
+
+def load_job(name: str):
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -102,6 +113,12 @@ def test_register_promote_gate_rollback_and_load(tmp_path, monkeypatch, capsys):
     np.testing.assert_array_equal(z_rolled, z_good)
     rc, _, err = run_cli(capsys, "models", "rollback", "censusvi-scvi")
     assert rc == 2 and "no earlier version" in err
+    promote_job = load_job("promote")  # the Ray-job entry point applies the same gate
+    assert promote_job.main(["--version", "2"]) == 3
+    assert "refused: version 2 is worse" in capsys.readouterr().err
+    assert promote_job.main(["--version", "2", "--force"]) == 0
+    assert promote_job.main(["--rollback"]) == 0
+    assert capsys.readouterr().out.strip().endswith("-> version 1")
 
 
 def test_register_refuses_an_index_of_another_model(tmp_path, monkeypatch, capsys):

@@ -102,7 +102,7 @@ def _draw_scales(
     picks = rng.choice(cells, n, replace=True)  # draw b * n_per_batch + i decodes under code b
     unique, inverse = np.unique(picks, return_inverse=True)
     x, cov = q.cells.read(unique)
-    out = np.empty((len(q.model.genes), n), dtype=np.float32)
+    out = torch.empty((len(q.model.genes), n), dtype=torch.float32)
     with torch.no_grad():
         inf = vae.inference(minibatch_from_csr(x, cov, device, with_nonzeros=False), sample=False)
         cov_t = torch.as_tensor(cov, device=device)
@@ -116,9 +116,9 @@ def _draw_scales(
                 mean, var = inf.qz_mean_nk[idx], inf.qz_var_nk[idx]
                 z = mean + var.sqrt() * torch.randn(mean.shape, generator=gen).to(device)
                 lib = torch.zeros(len(idx), 1, device=device)  # the scale does not depend on it
-                out[:, start:stop] = vae.generative(z, lib, cov_b[idx]).scale_ng.float().cpu().T
+                out[:, start:stop].copy_(vae.generative(z, lib, cov_b[idx]).scale_ng.T)
                 progress.update(len(idx))
-    return out
+    return out.numpy()
 
 
 def estimate_pseudocounts(
