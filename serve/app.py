@@ -20,6 +20,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -51,6 +52,9 @@ class Settings:
     )
     k: int = 15
     unknown_threshold: float = 1.0
+    results_kept: int = 100  # annotations kept for GET /explorer/{id}: at most this many,
+    results_max_cells: int = 500_000  # this many cells in all,
+    results_ttl_s: float = 3600.0  # and this long
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> "Settings":
@@ -234,10 +238,50 @@ class Annotator:
             self.s, lambda f: load_index(f.index_dir) if f.index_dir else None
         )
         self.indexes.get(current_version(self.s))
+        # The explorer's reference map, fitted on first use per version (a UMAP takes seconds).
+        self.layouts: OrderedDict[str, Any] = OrderedDict()
+        self.layout_lock = threading.Lock()
+
+    def _layout(self, version: str):
+        from censusvi.report.layout import fit_reference_layout
+
+        with self.layout_lock:
+            if version not in self.layouts:
+                self.layouts[version] = fit_reference_layout(self.indexes.get(version))
+                while len(self.layouts) > 2:
+                    self.layouts.popitem(last=False)
+            return self.layouts[version]
 
     def load(self, version: str) -> str:
         self.indexes.get(version)
         return version
+
+    def explore(self, item: dict) -> str:
+        """The explorer page of a kept result: its cells placed on this version's reference map."""
+        import pandas as pd
+
+        from censusvi.report.content import report_content
+        from censusvi.report.page import render_page
+
+        version = item["model"]["version"]
+        layout = self._layout(version)
+        key = next(iter(item["labels"]))
+        frame = item["labels"][key]
+        cells = pd.DataFrame(
+            {
+                f"predicted_{key}": frame["predicted"].to_numpy(),
+                f"{key}_probability": frame["probability"].to_numpy(),
+                f"{key}_uncertainty": frame["uncertainty"].to_numpy(),
+                "batch": item["batch"],
+                "censusvi_nll_per_count": item["nll_per_count"],
+            }
+        )
+        content = report_content(
+            cells, item["latent"], layout, key, item["report"],
+            title=f"censusvi explorer: {item['model']['name']} version {version}, "
+            f"result {item['result_id']}",
+        )  # fmt: skip
+        return render_page(content)
 
     def info(self, version: str) -> dict:
         ix = self.indexes.get(version)
@@ -352,6 +396,34 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class Results:
+    """Finished annotations for ``GET /explorer/{id}``, bounded in count, cells and age."""
+
+    def __init__(self, settings: dict) -> None:
+        self.s = Settings(**settings)
+        self.items: OrderedDict[str, dict] = OrderedDict()
+
+    def put(self, item: dict) -> str:
+        rid = uuid.uuid4().hex  # unguessable: the link is the key to the result
+        self.items[rid] = {**item, "result_id": rid, "kept_at": time.monotonic()}
+        self._evict()
+        return rid
+
+    def get(self, rid: str) -> dict | None:
+        self._evict()
+        return self.items.get(rid)
+
+    def _evict(self) -> None:
+        now = time.monotonic()
+        while self.items and (
+            len(self.items) > self.s.results_kept
+            or sum(len(i["latent"]) for i in self.items.values()) > self.s.results_max_cells
+            or now - next(iter(self.items.values()))["kept_at"] > self.s.results_ttl_s
+        ):
+            self.items.popitem(last=False)
+
+
 def _positive(value: str | None, default, kind: type, name: str, low, high):
     if value is None:
         return default
@@ -367,8 +439,9 @@ def _positive(value: str | None, default, kind: type, name: str, low, high):
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, mapper, annotator, metrics, settings: dict) -> None:
+    def __init__(self, mapper, annotator, metrics, results, settings: dict) -> None:
         self.mapper, self.annotator, self.metrics = mapper, annotator, metrics
+        self.results = results
         self.s = Settings(**settings)
         self.version = current_version(self.s)
         self.model_name = self.s.model.removeprefix("models:/").split("@")[0].split("/")[0]
@@ -412,6 +485,20 @@ class Ingress:
             limits={"max_cells": self.s.max_cells, "max_request_mb": self.s.max_request_mb},
         )
         return JSONResponse(info)
+
+    @app.get("/explorer/{result_id}")
+    async def explorer(self, result_id: str) -> Response:
+        """The mapping of one finished annotation, as an interactive page (no token needed:
+        the result id is unguessable, so the link itself grants access, as a share link)."""
+        item = await self.results.get.remote(result_id)
+        if item is None:
+            return JSONResponse(
+                {"error": f"no result {result_id!r}: results are kept for "
+                 f"{self.s.results_ttl_s:g} s and the last {self.s.results_kept}"},
+                status_code=404,
+            )  # fmt: skip
+        page = await self.annotator.explore.remote(item)
+        return Response(page, media_type="text/html")
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:
@@ -514,6 +601,9 @@ class Ingress:
             if "error" in labelled:
                 return JSONResponse({"error": labelled["error"]}, status_code=labelled["status"]), 0
             result["labels"] = labelled["labels"]
+            kept = {**result, "batch": cells.batch[mapped["positions"]]}
+            result["result_id"] = await self.results.put.remote(kept)
+            result["explorer"] = f"/explorer/{result['result_id']}"
         payload, media = await asyncio.to_thread(
             encode_result, result, ARROW in request.headers.get("accept", "")
         )
@@ -539,6 +629,7 @@ def build_app(args: dict[str, Any]):
     mapper = Mapper.options(**mapper_opts).bind(settings)
     annotator = Annotator.options(**overrides.get("Annotator", {})).bind(settings)
     metrics = Metrics.options(**overrides.get("Metrics", {})).bind()
+    results = Results.options(**overrides.get("Results", {})).bind(settings)
     return Ingress.options(**overrides.get("Ingress", {})).bind(
-        mapper, annotator, metrics, settings
+        mapper, annotator, metrics, results, settings
     )

@@ -133,3 +133,39 @@ def pbmc_scvi(shared_data, tmp_path_factory):
         10,
         60,
     )
+
+
+@pytest.fixture(scope="session")
+def cellbench_split(shared_data, tmp_path_factory):
+    """A model of CellBench's CEL-seq2 batches (ref.h5ad, m/) and the Drop-seq cells as a query."""
+    from censusvi.cli import main
+
+    d = tmp_path_factory.mktemp("cbsplit")
+    a = ad.read_h5ad(shared_data / "cellbench_lung_celllines.h5ad")
+    ref, query = a[a.obs["assay"] == "CEL-seq2"].copy(), a[a.obs["assay"] == "Drop-seq"].copy()
+    ref.write_h5ad(d / "ref.h5ad")
+    query.write_h5ad(d / "query.h5ad")
+    assert (
+        main(
+            [
+                "pretrain",
+                "--source",
+                str(d / "ref.h5ad"),
+                "--batch-keys",
+                "batch",
+                "--n-hvg",
+                "2000",
+                "--hvg-keys",
+                "batch",
+                "--max-epochs",
+                "40",
+                "--lr",
+                "1e-3",
+                "--quiet",
+                "--out",
+                str(d / "m"),
+            ]
+        )
+        == 0
+    )
+    return d

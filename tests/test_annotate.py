@@ -29,39 +29,6 @@ def test_ece():
     ) == pytest.approx(0.9)
 
 
-@pytest.fixture(scope="module")
-def cellbench_split(shared_data, tmp_path_factory):
-    d = tmp_path_factory.mktemp("cbsplit")
-    a = ad.read_h5ad(shared_data / "cellbench_lung_celllines.h5ad")
-    ref, query = a[a.obs["assay"] == "CEL-seq2"].copy(), a[a.obs["assay"] == "Drop-seq"].copy()
-    ref.write_h5ad(d / "ref.h5ad")
-    query.write_h5ad(d / "query.h5ad")
-    assert (
-        main(
-            [
-                "pretrain",
-                "--source",
-                str(d / "ref.h5ad"),
-                "--batch-keys",
-                "batch",
-                "--n-hvg",
-                "2000",
-                "--hvg-keys",
-                "batch",
-                "--max-epochs",
-                "40",
-                "--lr",
-                "1e-3",
-                "--quiet",
-                "--out",
-                str(d / "m"),
-            ]
-        )
-        == 0
-    )
-    return d
-
-
 def test_cross_technology_annotation_cli(cellbench_split, capsys):
     d = cellbench_split
     assert (

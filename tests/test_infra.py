@@ -80,7 +80,7 @@ def test_serve_configs_name_the_app_and_its_settings():
         assert module == "serve.app" and callable(getattr(serve_app, attr))
         assert set(application["args"]) <= fields, set(application["args"]) - fields
         names = {d["name"] for d in application["deployments"]}
-        assert names == {"Ingress", "Mapper", "Annotator", "Metrics"}
+        assert names == {"Ingress", "Mapper", "Annotator", "Metrics", "Results"}
         for d in application["deployments"]:
             assert getattr(serve_app, d["name"]).name == d["name"]
             scaling = d.get("autoscaling_config")

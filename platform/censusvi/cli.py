@@ -258,6 +258,27 @@ def cmd_impute(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    from censusvi.report.build import build_report
+
+    content = build_report(
+        a.mapped, a.reference, a.out, a.label_key, a.truth_key, a.batch_key, a.png_dir, a.per_type
+    )
+    e = content["evaluation"] or {}
+    print(
+        json.dumps(
+            {
+                "out": str(a.out),
+                "query_cells": content["n_query_cells"],
+                "reference_cells_drawn": len(content["reference"]["x"]),
+                **{k: e[k] for k in ("accuracy", "macro_f1", "ece") if k in e},
+                **({"png_dir": str(a.png_dir)} if a.png_dir else {}),
+            }
+        )
+    )
+    return 0
+
+
 def cmd_models_register(a: argparse.Namespace) -> int:
     from censusvi.registry.versions import register_version
 
@@ -474,6 +495,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_impute)
+
+    s = sub.add_parser("report", help="one self-contained HTML page of an annotated query")
+    s.add_argument("--mapped", required=True, help="the .h5ad `censusvi annotate` wrote")
+    s.add_argument("--reference", required=True, help="INDEX_DIR the query was annotated with")
+    s.add_argument("--out", required=True, help="report.html")
+    s.add_argument("--png-dir", help="also write static PNGs here")
+    s.add_argument("--label-key", help="which label to draw (default: the index's first)")
+    s.add_argument(
+        "--truth-key", help="obs column of true labels (default: the label key, if present)"
+    )
+    s.add_argument("--batch-key", help="obs column of batches (default: the one the mapping used)")
+    s.add_argument("--per-type", type=int, default=300, help="reference cells drawn per label")
+    s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("index", help="embed a labelled reference and build its FAISS index")
     s.add_argument("--model", required=True)

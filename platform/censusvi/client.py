@@ -137,5 +137,6 @@ def _annotated_copy(adata: ad.AnnData, answers: list[dict]) -> ad.AnnData:
         "versions": versions,  # more than one when the alias moved between chunks
         "cells_mapped": int(len(positions)),
         "cells_sent": int(adata.n_obs),
+        "explorer": [a["explorer"] for a in answers if a.get("explorer")],  # one page per request
     }
     return out

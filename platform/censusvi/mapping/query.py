@@ -114,6 +114,7 @@ def map_query(
     counts = dict(zip(*np.unique(labels, return_counts=True)))
     report = {
         "genes": alignment.report(),
+        "batch_key": batch_key,
         "cells_per_batch": {str(k): int(v) for k, v in counts.items()},
         "new_batches": new,
         "cells_mapped": int(len(positions)),

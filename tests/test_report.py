@@ -1,0 +1,68 @@
+"""The mapping report: one self-contained HTML page whose data and numbers are the annotation's."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from censusvi.cli import main
+
+
+def report_data(page: str) -> dict:
+    m = re.search(r'<script id="report-data" type="application/json">(.*?)</script>', page, re.S)
+    assert m, "the page embeds its data"
+    return json.loads(m.group(1).replace("<\\/", "</"))
+
+
+@pytest.fixture(scope="module")
+def annotated(cellbench_split):
+    d = cellbench_split
+    assert main(["index", "--model", str(d / "m"), "--data", str(d / "ref.h5ad"),
+                 "--label-keys", "cell_type", "--out", str(d / "ix-report")]) == 0  # fmt: skip
+    assert main(["annotate", "--model", str(d / "m"), "--index", str(d / "ix-report"),
+                 "--query", str(d / "query.h5ad"), "--batch-key", "batch",
+                 "--out", str(d / "annotated.h5ad")]) == 0  # fmt: skip
+    return d
+
+
+def test_report_holds_every_query_cell_and_the_evaluation(annotated, tmp_path, capsys):
+    d = annotated
+    capsys.readouterr()
+    assert main(["report", "--mapped", str(d / "annotated.h5ad"), "--reference", str(d / "ix-report"),
+                 "--out", str(tmp_path / "report.html"), "--png-dir", str(tmp_path / "png")]) == 0  # fmt: skip
+    printed = json.loads(capsys.readouterr().out)
+    page = (tmp_path / "report.html").read_text()
+    data = report_data(page)
+    out = ad.read_h5ad(d / "annotated.h5ad")
+    q = data["query"]
+    assert len(q["x"]) == len(q["predicted"]) == out.n_obs  # every query cell is drawn
+    assert q["predicted"] == out.obs["predicted_cell_type"].astype(str).tolist()
+    np.testing.assert_allclose(q["probability"], out.obs["cell_type_probability"], atol=1e-4)
+    assert np.isfinite(q["x"]).all() and np.isfinite(q["y"]).all()
+    evaluation = out.uns["censusvi"]["evaluation"]["cell_type"]
+    shown = data["evaluation"]
+    for key in ("accuracy", "macro_f1", "ece", "n_cells_with_reference_label"):
+        assert shown[key] == pytest.approx(evaluation[key]), key
+    assert sum(map(sum, shown["confusion"]["counts"])) == evaluation["n_cells_with_reference_label"]
+    assert sum(b["cells"] for b in shown["calibration"]) == evaluation["n_cells_with_reference_label"]
+    assert f"accuracy {evaluation['accuracy']:.3f}" in page and printed["accuracy"] == shown["accuracy"]
+    assert {r["label"] for r in data["predicted_counts"]} == set(q["predicted"])
+    assert set(data["reference"]["label"]) == {"A549", "H1975", "H2228", "H838", "HCC827"}
+    assert data["mapping"]["cells_per_batch"] == {"sc_dropseq": out.n_obs}
+    # self-contained: nothing is fetched when the file is opened
+    assert not re.search(r'(src|href)\s*=\s*["\']?(https?:)?//', page)
+    for name in ("umap_predicted", "umap_uncertainty", "umap_batch", "confusion", "calibration"):
+        png = tmp_path / "png" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_report_refuses_an_unannotated_file(cellbench_split, annotated, tmp_path, capsys):
+    d = cellbench_split
+    rc = main(["report", "--mapped", str(d / "query.h5ad"), "--reference", str(d / "ix-report"),
+               "--out", str(tmp_path / "r.html")])  # fmt: skip
+    assert rc == 2 and "censusvi annotate" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
