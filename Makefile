@@ -5,15 +5,18 @@ DATA ?= ../shared/data
 DEMO_OUT ?= demo_out
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup demo test bench lint format clean
+.PHONY: setup browser demo test bench lint format clean
 
 setup:
 	@bash .ci/setup-venv
 
+browser:  # Debian chromium + chromedriver for the explorer's browser test
+	@bash .ci/setup-browser
+
 demo: setup
 	$(PY) -m censusvi.demo --data $(DATA) --out $(DEMO_OUT)
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q tests
 
 bench: setup

@@ -48,8 +48,13 @@ def test_report_holds_every_query_cell_and_the_evaluation(annotated, tmp_path, c
     for key in ("accuracy", "macro_f1", "ece", "n_cells_with_reference_label"):
         assert shown[key] == pytest.approx(evaluation[key]), key
     assert sum(map(sum, shown["confusion"]["counts"])) == evaluation["n_cells_with_reference_label"]
-    assert sum(b["cells"] for b in shown["calibration"]) == evaluation["n_cells_with_reference_label"]
-    assert f"accuracy {evaluation['accuracy']:.3f}" in page and printed["accuracy"] == shown["accuracy"]
+    assert (
+        sum(b["cells"] for b in shown["calibration"]) == evaluation["n_cells_with_reference_label"]
+    )
+    assert (
+        f"accuracy {evaluation['accuracy']:.3f}" in page
+        and printed["accuracy"] == shown["accuracy"]
+    )
     assert {r["label"] for r in data["predicted_counts"]} == set(q["predicted"])
     assert set(data["reference"]["label"]) == {"A549", "H1975", "H2228", "H838", "HCC827"}
     assert data["mapping"]["cells_per_batch"] == {"sc_dropseq": out.n_obs}

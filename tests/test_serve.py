@@ -262,6 +262,46 @@ def test_models_health_and_metrics(served):
     assert f'censusvi_model_version{{name="{NAME}"}} 1.0' in after
 
 
+def chromium():
+    """Headless Debian Chromium driven by Debian's chromedriver (no browser download)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    for path in ("/usr/bin/chromium", "/usr/bin/chromedriver"):
+        assert Path(path).exists(), f"{path} missing: `make test` installs chromium-driver"
+    opts = Options()
+    opts.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1400"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+
+
+def test_explorer_page_in_a_real_browser(served, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    q = query(150, seed=9)
+    out = Client(served).annotate(q, batch_key="batch")
+    (link,) = out.uns["censusvi"]["explorer"]
+    predicted = set(out.obs["predicted_cell_type"].astype(str))
+    browser = chromium()
+    try:
+        browser.get(f"{served}{link}")
+        WebDriverWait(browser, 120).until(
+            lambda b: b.execute_script("return window.censusviReady === true")
+        )
+        legend = [li.get_attribute("data-label") for li in browser.find_elements(By.CSS_SELECTOR, "#legend li.legend-item")]  # fmt: skip
+        assert set(legend) == predicted
+        drawn = browser.execute_script("return JSON.parse(document.getElementById('report-data').textContent).query.x.length")  # fmt: skip
+        assert drawn == q.n_obs
+        browser.save_screenshot(str(tmp_path / "explorer.png"))
+    finally:
+        browser.quit()
+    assert (tmp_path / "explorer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert requests.get(f"{served}/explorer/{'0' * 32}", timeout=10).status_code == 404
+
+
 def test_alias_move_during_a_stream_drops_nothing_and_switches(served, registry):
     """Last in this module: it leaves version 2 in production."""
     uri, _ = registry
