@@ -71,3 +71,19 @@ def test_report_refuses_an_unannotated_file(cellbench_split, annotated, tmp_path
                "--out", str(tmp_path / "r.html")])  # fmt: skip
     assert rc == 2 and "censusvi annotate" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_progress_bars_show_on_a_terminal_only(monkeypatch):
+    import sys
+
+    from censusvi import progress
+
+    monkeypatch.setattr(progress, "QUIET", False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert not progress.bar(total=3).disable  # an interactive terminal: a bar
+    assert progress.bar(total=3, quiet=True).disable  # --quiet
+    monkeypatch.setattr(progress, "QUIET", True)
+    assert progress.bar(total=3).disable
+    monkeypatch.setattr(progress, "QUIET", False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert progress.bar(total=3).disable  # a log file or CI: no bar

@@ -381,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("files", nargs="+")
     s.add_argument("--out", required=True, help="DIR.soma to create")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_ingest)
 
     s = sub.add_parser("pretrain", help="train an scVI reference model")
@@ -421,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="fraction of the model's genes the data must have (default 0.5)",
     )
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_embed)
 
     s = sub.add_parser("import-scvi-tools", help="an scvi-tools SCVI directory -> a censusvi model")
@@ -451,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="train the new batch columns (default: only if the encoder reads the batch)",
         )
         s.add_argument("--max-epochs", type=int, default=50, help="cap on surgery epochs")
+        s.add_argument("--quiet", action="store_true", help="no progress bar")
 
     s = sub.add_parser("map", help="map a query onto the reference latent space (scArches surgery)")
     query_args(s)
@@ -493,7 +496,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--library-size", type=float, default=1e4, help="counts per this many (default 1e4)"
     )
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_impute)
 
     s = sub.add_parser("report", help="one self-contained HTML page of an annotated query")
@@ -507,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--batch-key", help="obs column of batches (default: the one the mapping used)")
     s.add_argument("--per-type", type=int, default=300, help="reference cells drawn per label")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("index", help="embed a labelled reference and build its FAISS index")
@@ -515,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label-keys", required=True, help="obs columns to transfer, e.g. cell_type")
     s.add_argument("--obs-filter")
     s.add_argument("--out", required=True)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_index)
 
     s = sub.add_parser("annotate", help="map a query and transfer labels by weighted kNN")
@@ -580,6 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        from censusvi import progress
+
+        progress.QUIET = True
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -20,6 +20,7 @@ from censusvi.data.h5ad import H5adSource, read_h5ad
 from censusvi.data.vocabulary import DEFAULT_MIN_OVERLAP
 from censusvi.model.io import TrainedModel, load_model
 from censusvi.model.minibatch import minibatch_from_csr
+from censusvi.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,14 @@ def _stream(
     """Apply ``fn(vae, minibatch)`` to every non-empty cell; returns (kept positions, stacked rows)."""
     vae = model.vae.to(device).eval()
     pos_out, rows_out = [], []
+    progress = bar(total=len(cells), desc="embed")
     for pos, x, cov in cells.minibatches(batch_size, shuffle=False):
         mb = minibatch_from_csr(x, cov, device, with_nonzeros=False)
         with torch.no_grad():
             rows_out.append(fn(vae, mb).cpu().numpy())
         pos_out.append(pos)
+        progress.update(len(pos))
+    progress.close()
     if not pos_out:
         raise ValueError(f"{cells.source.uri}: no cell has counts over the model's genes")
     return np.concatenate(pos_out), np.concatenate(rows_out)

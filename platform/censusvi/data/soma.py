@@ -21,6 +21,7 @@ import scipy.sparse as sp
 
 from censusvi.data.counts import check_counts, to_csr32
 from censusvi.data.h5ad import gene_ids_and_symbols, read_h5ad
+from censusvi.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def ingest(files: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)) / "exp"
     try:
-        adatas = [harmonise(f) for f in files]
+        adatas = [harmonise(f) for f in bar(files, desc="read", unit="file")]
         mapping = tiledbsoma.io.register_anndatas(
             None,
             adatas,
@@ -105,7 +106,7 @@ def ingest(files: list[str | os.PathLike], out: str | os.PathLike) -> Path:
             registration_mapping=mapping,
         )
         mapping.prepare_experiment(str(tmp))
-        for a in adatas:
+        for a in bar(adatas, desc="ingest", unit="file"):
             tiledbsoma.io.from_anndata(
                 str(tmp),
                 a,

@@ -18,7 +18,6 @@ draws are decoded: the same distribution for much less work.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 
 import anndata as ad
@@ -32,6 +31,7 @@ from censusvi.mapping.query import PreparedQuery, prepare_query
 from censusvi.mapping.surgery import SurgeryConfig
 from censusvi.model.io import TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
+from censusvi.progress import bar
 
 log = logging.getLogger(__name__)
 EPS = 1e-8
@@ -288,8 +288,7 @@ def differential_expression(
     gen = torch.Generator().manual_seed(cfg.seed)
     frames = []
     total = 2 * len(groups1) * len(codes) * n_per_batch
-    quiet = quiet or not sys.stderr.isatty()
-    with tqdm(total=total, desc="DE draws", unit="draw", disable=quiet) as progress:
+    with bar(total=total, desc="DE draws", unit="draw", quiet=quiet) as progress:
         for g1 in groups1:
             m1 = (labels == g1) & nonempty
             m2 = ((labels == group2) if group2 is not None else (labels != g1)) & nonempty

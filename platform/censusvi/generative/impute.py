@@ -7,19 +7,17 @@ Cells are streamed in minibatches; only the requested genes' columns are kept (b
 
 from __future__ import annotations
 
-import sys
-
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from tqdm.auto import tqdm
 
 from censusvi.mapping.query import prepare_query
 from censusvi.mapping.surgery import SurgeryConfig
 from censusvi.model.io import TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
+from censusvi.progress import bar
 
 LAYER = "censusvi_imputed"
 
@@ -75,9 +73,7 @@ def impute(
         code = lookup[decode_batch]
     pos_parts, val_parts = [], []
     cols_t = torch.as_tensor(cols, device=device)
-    with tqdm(
-        total=adata.n_obs, desc="impute", unit="cell", disable=quiet or not sys.stderr.isatty()
-    ) as bar:
+    with bar(total=adata.n_obs, desc="impute", quiet=quiet) as progress:
         for pos, x, cov in q.cells.minibatches(batch_size, shuffle=False):
             mb = minibatch_from_csr(x, cov, device, with_nonzeros=False)
             with torch.no_grad():
@@ -89,7 +85,7 @@ def impute(
                 scale = vae.generative(inf.z_nk, inf.log_library_n1, cov_t).scale_ng
                 val_parts.append((scale[:, cols_t] * library_size).cpu().numpy())
             pos_parts.append(pos)
-            bar.update(len(pos))
+            progress.update(len(pos))
     if not pos_parts:
         raise ValueError("no query cell has counts over the model's genes")
     positions = np.concatenate(pos_parts)

@@ -15,6 +15,7 @@ from censusvi.data.vocabulary import DEFAULT_MIN_OVERLAP, GeneAlignment
 from censusvi.mapping.surgery import SurgeryConfig, extend_batches, query_batches, train_new_columns
 from censusvi.model.io import TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
+from censusvi.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def map_query(
     pos_parts, z_parts, nll_parts = [], [], []
     device = next(model.vae.parameters()).device  # surgery trains on the CPU; mapping runs here
     vae = mapped.vae.to(device).eval()
-    for pos, x, c in cells.minibatches(4096, shuffle=False):
+    for pos, x, c in bar(cells.minibatches(4096, shuffle=False), desc="map", unit="batch"):
         mb = minibatch_from_csr(x, c, device, with_counts=vae.needs_dense_counts)
         with torch.no_grad():
             inf = vae.inference(mb, sample=False)

@@ -9,6 +9,7 @@ from pathlib import Path
 import anndata as ad
 
 from censusvi.annotate.index import load_index
+from censusvi.progress import bar
 from censusvi.report.content import report_content
 from censusvi.report.layout import fit_reference_layout
 from censusvi.report.page import render_page
@@ -46,15 +47,18 @@ def build_report(
     key = label_key or index.labels.columns[0]
     cells = mapped_cells_table(adata, key, batch_key)
     truth = truth_key or (key if key in adata.obs.columns else None)
-    layout = fit_reference_layout(index, key, per_type)
     uns = adata.uns.get("censusvi", {})
     mapping = {
         k: uns[k] for k in ("genes", "cells_per_batch", "new_batches", "cells_mapped") if k in uns
     }
-    content = report_content(
-        cells, adata.obsm["X_scvi"], layout, key, mapping, truth, uns.get("scib"),
-        title=f"censusvi mapping report: {Path(mapped).name}",
-    )  # fmt: skip
+    with bar(total=2, desc="report", unit="step") as progress:
+        layout = fit_reference_layout(index, key, per_type)  # the UMAP: most of the time
+        progress.update(1)
+        content = report_content(
+            cells, adata.obsm["X_scvi"], layout, key, mapping, truth, uns.get("scib"),
+            title=f"censusvi mapping report: {Path(mapped).name}",
+        )  # fmt: skip
+        progress.update(1)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
