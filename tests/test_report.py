@@ -87,3 +87,23 @@ def test_progress_bars_show_on_a_terminal_only(monkeypatch):
     monkeypatch.setattr(progress, "QUIET", False)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     assert progress.bar(total=3).disable  # a log file or CI: no bar
+
+
+def test_scib_table_appears_when_evaluation_ran():
+    from censusvi.report.page import render_page
+
+    content = {
+        "title": "t", "label_key": "cell_type", "n_query_cells": 1,
+        "reference": {"x": [0.0], "y": [0.0], "label": ["A"]},
+        "query": {"x": [1.0], "y": [1.0], "predicted": ["A"], "probability": [0.9],
+                  "uncertainty": [0.1], "batch": ["b"]},
+        "mapping": {}, "qc_nll_per_count": None, "evaluation": None,
+        "predicted_counts": [{"label": "A", "cells": 1, "mean_probability": 0.9}],
+        "scib": [{"embedding": "X_scvi", "bio_conservation": 0.71, "batch_correction": 0.62},
+                 {"embedding": "X_pca", "bio_conservation": 0.55, "batch_correction": 0.40}],
+    }  # fmt: skip
+    page = render_page(content)
+    assert "Integration (scib-metrics)" in page
+    assert "<td>X_scvi</td><td>0.710</td><td>0.620</td>" in page
+    content["scib"] = None
+    assert "scib-metrics" not in render_page(content)

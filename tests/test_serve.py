@@ -132,14 +132,7 @@ def test_json_and_h5ad_bodies_answer_like_arrow(served, registry, tmp_path):
     q = query(60, seed=3)
     local = in_process(registry, "1", q)
     x = sp.csr_matrix(q.X)
-    body = {
-        "genes": list(q.var["gene_ids"]),
-        "indptr": x.indptr.tolist(),
-        "indices": x.indices.tolist(),
-        "data": x.data.tolist(),
-        "batch": list(q.obs["batch"]),
-    }
-    r = requests.post(f"{served}/v1/annotate", json=body, timeout=60)
+    r = requests.post(f"{served}/v1/annotate", json=csr_body(q), timeout=60)
     assert r.status_code == 200, r.text
     res = r.json()
     assert res["model"] == {"name": NAME, "version": "1"} and res["n_cells"] == 60

@@ -1,11 +1,11 @@
-"""Write a directory under a temporary name and rename it into place: never half-written."""
+"""Write a file or directory under a temporary name and rename it into place: never half-written."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,3 +28,18 @@ def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_atomic(out: str | os.PathLike, write: Callable[[Path], object], suffix: str = "") -> Path:
+    """Call ``write(tmp_path)`` for a temporary file beside ``out``, then rename it to ``out``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=suffix, dir=out.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out

@@ -180,6 +180,7 @@ def cmd_annotate(a: argparse.Namespace) -> int:
 
 
 def cmd_de(a: argparse.Namespace) -> int:
+    from censusvi.atomic import write_atomic
     from censusvi.data.h5ad import read_h5ad
     from censusvi.generative.de import DEConfig, differential_expression, top_genes
     from censusvi.model.io import load_model
@@ -204,7 +205,7 @@ def cmd_de(a: argparse.Namespace) -> int:
         _surgery(a),
         quiet=a.quiet,
     )
-    write_csv_atomic(res, a.out)
+    write_atomic(a.out, res.to_csv, suffix=".csv")
     summary = {}
     for comparison, frame in res.groupby("comparison", sort=False):
         top = top_genes(frame, 10)
@@ -216,23 +217,6 @@ def cmd_de(a: argparse.Namespace) -> int:
         json.dumps({"out": str(a.out), "genes": int(res.index.nunique()), "comparisons": summary})
     )
     return 0
-
-
-def write_csv_atomic(frame, out: str) -> None:
-    import os
-    import tempfile
-    from pathlib import Path
-
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        frame.to_csv(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cmd_impute(a: argparse.Namespace) -> int:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import torch
 
+from censusvi.atomic import write_atomic
 from censusvi.data.cells import Cells
 from censusvi.data.h5ad import H5adSource, read_h5ad
 from censusvi.data.vocabulary import DEFAULT_MIN_OVERLAP
@@ -116,17 +116,7 @@ def get_normalized_expression(
 
 
 def write_h5ad_atomic(adata: ad.AnnData, out: str | os.PathLike) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=".h5ad", dir=out.parent)
-    os.close(fd)
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return write_atomic(out, adata.write_h5ad, suffix=".h5ad")
 
 
 def embed(

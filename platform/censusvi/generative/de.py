@@ -161,8 +161,11 @@ GENE_BLOCK = 64  # genes processed together: their draws stay in cache through e
 def _lfc_statistics(t1: torch.Tensor, t2: torch.Tensor, pc: float, delta: float) -> dict:
     """proba_de and the LFC summaries for a block of genes (rows) x draws (columns)."""
     n = t1.shape[1]
-    lfc = torch.log2(t1 + pc) - torch.log2(t2 + pc)
-    proba_de = torch.maximum((lfc >= delta).sum(1), (lfc < -delta).sum(1)) / n
+    # LFC >= delta  <=>  h1 + c >= 2^delta (h2 + c): the decision needs no logarithm
+    a, b = t1 + pc, t2 + pc
+    up = (a >= b * 2.0**delta).sum(1)
+    down = (a < b * 2.0**-delta).sum(1)
+    proba_de = torch.maximum(up, down) / n
     reported = torch.log2(t1 + 1e-3 * pc) - torch.log2(t2 + 1e-3 * pc)
     return {
         "proba_de": proba_de.double(),

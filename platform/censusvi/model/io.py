@@ -160,7 +160,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
 
         path = download_model(str(path))
     path = Path(path)
-    if not (path / CONFIG_FILE).exists() and (path / "model" / CONFIG_FILE).is_file():
+    if (path / "model" / CONFIG_FILE).is_file():
         path = path / "model"  # a registered version: model/ (and index/) under the run's root
     if not (path / CONFIG_FILE).exists() and (path / "model.pt").is_file():
         from censusvi.model.scvi_tools_io import import_scvi_tools

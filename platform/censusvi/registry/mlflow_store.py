@@ -92,7 +92,7 @@ def log_and_register(
                 if getattr(e, metric) is not None:
                     metrics[metric] = getattr(e, metric)
             mlflow.log_metrics(metrics, step=e.epoch)
-        mlflow.log_dict(prov.get("config", {}), "config.json")
+        mlflow.log_dict(prov.get("config", {}), "pretrain_config.json")
         mlflow.log_dict(trained.genes.to_dict(), "genes.json")
         run_tags = {"git_commit": git_commit(), **(extra_tags or {})}
         for key in ("num_workers", "restarts_from_checkpoint"):  # a resumed run says so

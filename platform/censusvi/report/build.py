@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import anndata as ad
 
 from censusvi.annotate.index import load_index
+from censusvi.atomic import write_atomic
 from censusvi.progress import bar
 from censusvi.report.content import report_content
 from censusvi.report.layout import fit_reference_layout
@@ -59,12 +59,8 @@ def build_report(
             title=f"censusvi mapping report: {Path(mapped).name}",
         )  # fmt: skip
         progress.update(1)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(render_page(content))
-    os.replace(tmp, out)
+    page = render_page(content)
+    write_atomic(out, lambda tmp: tmp.write_text(page))
     if png_dir:
         from censusvi.report.figures import write_pngs
 
