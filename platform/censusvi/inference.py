@@ -54,6 +54,13 @@ def _stream(
     return np.concatenate(pos_out), np.concatenate(rows_out)
 
 
+def stream_latent(
+    model: TrainedModel, cells: Cells, batch_size: int = 4096, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of cells with counts, their latent means) for prepared cells."""
+    return _stream(model, cells, batch_size, device, lambda v, mb: v.latent_mean(mb))
+
+
 def latent_representation(
     model: TrainedModel,
     source: H5adSource,
@@ -63,7 +70,7 @@ def latent_representation(
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(positions of embedded cells, latent means (n, k), gene report)."""
     cells, report = reference_cells(model, source, min_overlap)
-    pos, z = _stream(model, cells, batch_size, device, lambda v, mb: v.latent_mean(mb))
+    pos, z = stream_latent(model, cells, batch_size, device)
     return pos, z, report
 
 
