@@ -246,7 +246,15 @@ def cmd_report(a: argparse.Namespace) -> int:
     from censusvi.report.build import build_report
 
     content = build_report(
-        a.mapped, a.reference, a.out, a.label_key, a.truth_key, a.batch_key, a.png_dir, a.per_type
+        a.mapped,
+        a.reference,
+        a.out,
+        a.label_key,
+        a.truth_key,
+        a.batch_key,
+        a.png_dir,
+        a.per_type,
+        a.scib,
     )
     e = content["evaluation"] or {}
     print(
@@ -493,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--batch-key", help="obs column of batches (default: the one the mapping used)")
     s.add_argument("--per-type", type=int, default=300, help="reference cells drawn per label")
+    s.add_argument("--scib", help="scib.json from jobs/evaluate.py: the integration table")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_report)
 

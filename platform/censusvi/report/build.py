@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def build_report(
     batch_key: str | None = None,
     png_dir: str | os.PathLike | None = None,
     per_type: int = 300,
+    scib: str | os.PathLike | None = None,
 ) -> dict:
     adata = ad.read_h5ad(mapped)
     index = load_index(index_dir)
@@ -55,7 +57,8 @@ def build_report(
         layout = fit_reference_layout(index, key, per_type)  # the UMAP: most of the time
         progress.update(1)
         content = report_content(
-            cells, adata.obsm["X_scvi"], layout, key, mapping, truth, uns.get("scib"),
+            cells, adata.obsm["X_scvi"], layout, key, mapping, truth,
+            json.loads(Path(scib).read_text()) if scib else uns.get("scib"),
             title=f"censusvi mapping report: {Path(mapped).name}",
         )  # fmt: skip
         progress.update(1)
