@@ -159,3 +159,27 @@ def test_cellbench_each_technology_held_out(shared_data, tmp_path):
         )
         accuracies.append(out.uns["censusvi"]["evaluation"]["cell_type"]["accuracy"])
     assert np.mean(accuracies) >= 0.985, accuracies
+
+
+def test_ivf_index_tunes_nprobe_to_the_recall_target(tmp_path):
+    import faiss
+    import pandas as pd
+
+    from censusvi.annotate.index import RECALL_TARGET, build_index, load_index, save_index
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(30, 10)) * 4
+    which = rng.integers(0, 30, 20_000)
+    z = (centres[which] + rng.normal(size=(20_000, 10))).astype(np.float32)
+    labels = pd.DataFrame({"cell_type": [f"t{w}" for w in which]})
+    ix = build_index(z, labels, exact_max=1000)
+    assert ix.meta["kind"].startswith("ivf") and ix.meta["recall_at_15"] >= RECALL_TARGET
+    save_index(ix, tmp_path / "ix")
+    loaded = load_index(tmp_path / "ix")
+    assert (
+        loaded.index.nprobe == ix.meta["nprobe"] < loaded.index.nlist
+    )  # tuned, kept, not exhaustive
+    q = (centres[rng.integers(0, 30, 500)] + rng.normal(size=(500, 10))).astype(np.float32)
+    _, exact = faiss.knn(q, z, 15)
+    _, found = loaded.search(q, 15)
+    assert np.mean([len(set(a) & set(b)) / 15 for a, b in zip(found, exact)]) >= 0.9

@@ -1,8 +1,8 @@
 """A FAISS index over reference embeddings plus the label table, saved as one directory.
 
 Exact ``IndexFlatL2`` up to ``EXACT_MAX`` cells (exact search is still fast there and needs no
-training); above it ``IndexIVFFlat`` with nlist ~ sqrt(N) and nprobe 16, which kept recall@50 at
-~0.97-1.0 on 1 M Census-sized references (see ../shared/STACK.md).
+training); above it ``IndexIVFFlat`` with nlist ~ sqrt(N) and nprobe tuned at build time: the
+smallest that finds ``RECALL_TARGET`` of the exact k neighbours of a sample of reference cells.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import pandas as pd
 from censusvi.atomic import atomic_directory
 
 EXACT_MAX = 200_000
-NPROBE = 16
+NPROBE = 16  # for indexes saved before nprobe was tuned
+RECALL_TARGET = 0.95
+NPROBE_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass
@@ -47,14 +49,39 @@ def reference_distance_quantiles(
     return {"k": k, "q50": float(np.quantile(mean_d, 0.5)), "q99": float(np.quantile(mean_d, 0.99))}
 
 
+def tune_nprobe(
+    index: faiss.Index, z: np.ndarray, k: int, seed: int, n_probe_cells: int = 1000
+) -> tuple[int, float]:
+    """The smallest nprobe whose recall@k of exact neighbours (on sampled reference cells) reaches
+    ``RECALL_TARGET``; returns (nprobe, its recall)."""
+    rows = np.random.default_rng(seed).choice(len(z), min(len(z), n_probe_cells), replace=False)
+    xq = np.ascontiguousarray(z[rows])
+    _, exact = faiss.knn(xq, z, k)
+    recall = 0.0
+    for nprobe in NPROBE_STEPS:
+        index.nprobe = min(nprobe, index.nlist)
+        _, found = index.search(xq, k)
+        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, exact)]))
+        if recall >= RECALL_TARGET or nprobe >= index.nlist:
+            break
+    return int(index.nprobe), recall
+
+
 def build_index(
-    z: np.ndarray, labels: pd.DataFrame, meta: dict | None = None, seed: int = 0, k: int = 15
+    z: np.ndarray,
+    labels: pd.DataFrame,
+    meta: dict | None = None,
+    seed: int = 0,
+    k: int = 15,
+    exact_max: int = EXACT_MAX,
 ) -> LabelIndex:
+    """Exact search up to ``exact_max`` cells, an IVF index with a tuned nprobe above."""
     z = np.ascontiguousarray(z, dtype=np.float32)
     n, dim = z.shape
     if n == 0:
         raise ValueError("no reference cells to index")
-    if n <= EXACT_MAX:
+    tuned: dict = {}
+    if n <= exact_max:
         index = faiss.IndexFlatL2(dim)
         kind = "flat"
     else:
@@ -62,15 +89,18 @@ def build_index(
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
         sample = np.random.default_rng(seed).choice(n, min(n, 64 * nlist), replace=False)
         index.train(z[sample])
-        index.nprobe = NPROBE
         kind = f"ivf{nlist}"
     index.add(z)
+    if kind != "flat":
+        nprobe, recall = tune_nprobe(index, z, k, seed)
+        tuned = {"nprobe": nprobe, f"recall_at_{k}": round(recall, 4)}
     info = {
         **(meta or {}),
         "n_cells": n,
         "dim": dim,
         "kind": kind,
         "label_keys": list(labels.columns),
+        **tuned,
     }
     info["neighbour_distance"] = reference_distance_quantiles(index, z, k, seed)
     return LabelIndex(index, labels.reset_index(drop=True).astype(str), info)
@@ -92,6 +122,6 @@ def load_index(path: str | os.PathLike) -> LabelIndex:
         )
     meta = json.loads((path / "index.json").read_text())
     index = faiss.read_index(str(path / "index.faiss"))
-    if getattr(index, "nprobe", None) is not None and meta.get("kind", "").startswith("ivf"):
-        index.nprobe = NPROBE
+    if meta.get("kind", "").startswith("ivf"):
+        index.nprobe = int(meta.get("nprobe", NPROBE))
     return LabelIndex(index, pd.read_parquet(path / "labels.parquet"), meta)
