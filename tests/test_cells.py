@@ -47,3 +47,19 @@ def test_same_seed_same_order(soma_cells):
     other = [p for p, _, _ in cells.minibatches(32, shuffle=True, seed=2)]
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+
+
+def test_block_shuffle_mixes_datasets_nearly_as_well_as_a_global_shuffle(soma_cells):
+    from censusvi.data.mixing import mixing_ratio
+
+    src, al, cov = soma_cells
+    rows = np.arange(len(src.obs))  # stored dataset by dataset, as the Census is
+    contiguous = [cov[rows[i : i + 64], 0] for i in range(0, len(rows), 64)]
+    ratio_contiguous, _, _ = mixing_ratio(contiguous, cov[:, 0])
+    streamed = Cells(src, rows, al, cov, shuffle_chunk=16, io_batch_cells=512, preload=False)
+    batches = [c[:, 0] for _, _, c in streamed.minibatches(64, shuffle=True, seed=0)]
+    ratio, loader, global_shuffle = mixing_ratio(batches, cov[:, 0])
+    print(f"mixing: block shuffle {loader:.3f} bits vs global {global_shuffle:.3f} (ratio {ratio:.2f}); "
+          f"contiguous reads {ratio_contiguous:.2f}")  # fmt: skip
+    assert ratio_contiguous < 0.1  # what reading blocks without shuffling would give
+    assert ratio >= 0.9
