@@ -155,6 +155,11 @@ def _median1(x: torch.Tensor) -> torch.Tensor:
     return (lo + torch.where(at_or_below > n // 2, lo, above)) / 2
 
 
+def bayes_factor(p: np.ndarray) -> np.ndarray:
+    """log p / (1 - p), with scvi-tools' epsilon so that certain calls stay finite."""
+    return np.log(p + EPS) - np.log(1.0 - p + EPS)
+
+
 GENE_BLOCK = 64  # genes processed together: their draws stay in cache through every statistic
 
 
@@ -188,7 +193,7 @@ def _compare(
         res = {
             "proba_m1": p1,
             "proba_m2": 1.0 - p1,
-            "bayes_factor": np.log(p1 + EPS) - np.log(1.0 - p1 + EPS),
+            "bayes_factor": bayes_factor(p1),
             "scale1": scale1,
             "scale2": scale2,
         }
@@ -207,7 +212,7 @@ def _compare(
         res = {
             "proba_de": proba_de,
             "proba_not_de": 1.0 - proba_de,
-            "bayes_factor": np.log(proba_de + EPS) - np.log(1.0 - proba_de + EPS),
+            "bayes_factor": bayes_factor(proba_de),
             "scale1": scale1,
             "scale2": scale2,
             "pseudocounts": pc,
