@@ -90,3 +90,19 @@ def test_worker_failure_resumes_from_checkpoint(local_ray, tmp_path):
     assert history.epochs[-1].val_elbo < history.epochs[0].val_elbo
     assert load_model(tmp_path / "m").provenance["epochs"] == 4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.tmp")]
+
+
+def test_hvg_passes_on_ray_data_select_the_same_genes(local_ray, soma_exp):
+    """The HVG statistics as Ray Data map_batches + a driver-side reduce equal the serial passes."""
+    from censusvi.data.hvg import highly_variable_genes
+    from censusvi.data.ray_hvg import ray_reducer
+    from censusvi.data.soma import SomaSource
+
+    exp = str(soma_exp[0])
+    src = SomaSource(exp)
+    serial = highly_variable_genes(src, 500, ["dataset_id"], block_size=700)
+    distributed = highly_variable_genes(
+        src, 500, ["dataset_id"], block_size=700, reducer=ray_reducer(exp)
+    )
+    np.testing.assert_array_equal(distributed.genes, serial.genes)
+    np.testing.assert_allclose(distributed.variances_norm, serial.variances_norm, rtol=1e-9)

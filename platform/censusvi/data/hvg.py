@@ -13,12 +13,14 @@ Genes are ranked within each stratum; the top N by median rank (ties: in more st
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
-from censusvi.data.source import CellSource, batch_labels, iter_blocks
+from censusvi.data.counts import check_counts
+from censusvi.data.source import CellSource, batch_labels
 
 log = logging.getLogger(__name__)
 MIN_STRATUM_CELLS = 2  # a variance needs two cells; the loess fit itself needs many genes
@@ -48,13 +50,61 @@ def _loess_std(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     return np.sqrt(10**fitted)
 
 
+BlockFn = Callable[[CellSource, int, int], np.ndarray]
+"""Partial sums over the source's rows [start, stop)."""
+Reducer = Callable[[BlockFn, list[tuple[int, int]]], np.ndarray]
+"""Applies a BlockFn to every block and sums the results (serially, or on a Ray cluster)."""
+
+
+def serial_reducer(source: CellSource) -> Reducer:
+    return lambda fn, blocks: np.sum([fn(source, a, b) for a, b in blocks], axis=0)
+
+
+def _moment_sums(code: np.ndarray, n_strata: int, n_genes: int) -> BlockFn:
+    """Pass 1 over a block: per stratum and gene, sum x and sum x^2."""
+
+    def fn(source: CellSource, start: int, stop: int) -> np.ndarray:
+        block = np.arange(start, stop)
+        x = source.read_rows(block)
+        check_counts(x, f"{source.uri} (cells {start}..{stop - 1})")
+        out = np.zeros((2, n_strata, n_genes))
+        for s in np.unique(code[block]):
+            xs = x[code[block] == s]
+            out[0, s] = _column_sums(xs, 1, n_genes)
+            out[1, s] = _column_sums(xs, 2, n_genes)
+        return out
+
+    return fn
+
+
+def _clipped_sums(code: np.ndarray, clip: np.ndarray, usable: np.ndarray) -> BlockFn:
+    """Pass 2 over a block: per stratum and gene, sums of the clipped values and their squares."""
+
+    def fn(source: CellSource, start: int, stop: int) -> np.ndarray:
+        block = np.arange(start, stop)
+        x = source.read_rows(block)
+        out = np.zeros((2, *clip.shape))
+        for s in np.unique(code[block]):
+            if not usable[s]:
+                continue
+            xs = x[code[block] == s]
+            v = np.minimum(xs.data.astype(np.float64), clip[s][xs.indices])
+            out[0, s] = np.bincount(xs.indices, weights=v, minlength=clip.shape[1])
+            out[1, s] = np.bincount(xs.indices, weights=v**2, minlength=clip.shape[1])
+        return out
+
+    return fn
+
+
 def highly_variable_genes(
     source: CellSource,
     n_top: int,
     strata_keys: list[str] | tuple[str, ...] = (),
     block_size: int = 16384,
+    reducer: Reducer | None = None,
 ) -> HvgResult:
-    """Select ``n_top`` genes of ``source``; ``strata_keys`` are obs columns (none: one stratum)."""
+    """Select ``n_top`` genes of ``source``; ``strata_keys`` are obs columns (none: one stratum).
+    ``reducer`` runs the two passes (default: serially here; ``ray_hvg.ray_reducer``: Ray Data)."""
     n_genes = len(source.var_ids)
     if n_top > n_genes:
         raise ValueError(f"--n-hvg {n_top} is more than the {n_genes} genes in {source.uri}")
@@ -64,15 +114,10 @@ def highly_variable_genes(
         labels = np.zeros(len(source.obs), dtype=object)
     strata, code = np.unique(labels.astype(str), return_inverse=True)
     n_s = np.bincount(code, minlength=len(strata)).astype(np.float64)
-    rows = np.arange(len(source.obs))
-
-    s1 = np.zeros((len(strata), n_genes))
-    s2 = np.zeros((len(strata), n_genes))
-    for block, x in iter_blocks(source, rows, block_size):
-        for s in np.unique(code[block]):
-            xs = x[code[block] == s]
-            s1[s] += _column_sums(xs, 1, n_genes)
-            s2[s] += _column_sums(xs, 2, n_genes)
+    n = len(source.obs)
+    blocks = [(a, min(a + block_size, n)) for a in range(0, n, block_size)]
+    reduce = reducer or serial_reducer(source)
+    s1, s2 = reduce(_moment_sums(code, len(strata), n_genes), blocks)
 
     usable = n_s >= MIN_STRATUM_CELLS
     if not usable.any():
@@ -101,16 +146,7 @@ def highly_variable_genes(
         )
     clip = mean + std * np.sqrt(n_s)[:, None]
 
-    c1 = np.zeros_like(s1)
-    c2 = np.zeros_like(s1)
-    for block, x in iter_blocks(source, rows, block_size, check=False):
-        for s in np.unique(code[block]):
-            if not usable[s]:
-                continue
-            xs = x[code[block] == s]
-            v = np.minimum(xs.data.astype(np.float64), clip[s][xs.indices])
-            c1[s] += np.bincount(xs.indices, weights=v, minlength=n_genes)
-            c2[s] += np.bincount(xs.indices, weights=v**2, minlength=n_genes)
+    c1, c2 = reduce(_clipped_sums(code, clip, usable), blocks)
 
     idx = np.flatnonzero(usable)
     n, m, sd = n_s[idx, None], mean[idx], std[idx]

@@ -7,14 +7,12 @@ float32 CSR over the source's own genes. Loaders, HVG selection and embedding wo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from censusvi.data.counts import check_counts
 from censusvi.data.vocabulary import GeneAlignment
 
 
@@ -57,15 +55,3 @@ def select_genes(x: sp.csr_matrix, alignment: GeneAlignment) -> sp.csr_matrix:
     )
     out.sum_duplicates()
     return out
-
-
-def iter_blocks(
-    source: CellSource, rows: np.ndarray, block_size: int, check: bool = True
-) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
-    """Read ``rows`` (sorted) in contiguous blocks, checking that each holds raw counts."""
-    for start in range(0, len(rows), block_size):
-        block = rows[start : start + block_size]
-        x = source.read_rows(block)
-        if check:
-            check_counts(x, f"{source.uri} (cells {block[0]}..{block[-1]})")
-        yield block, x

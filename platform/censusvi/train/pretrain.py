@@ -105,7 +105,8 @@ def load_pretrain_config(
     )
 
 
-def choose_genes(source: CellSource, cfg: DataConfig) -> GeneVocabulary:
+def choose_genes(source: CellSource, cfg: DataConfig, reducer=None) -> GeneVocabulary:
+    """HVGs by the configured strata; ``reducer`` runs the statistics passes (e.g. on Ray)."""
     ids, syms = np.array(source.var_ids, dtype=object), np.array(source.var_symbols, dtype=object)
     if cfg.n_hvg <= 0 or cfg.n_hvg >= len(ids):
         return GeneVocabulary(tuple(ids), tuple(syms))
@@ -114,7 +115,7 @@ def choose_genes(source: CellSource, cfg: DataConfig) -> GeneVocabulary:
         if cfg.hvg_keys is not None
         else tuple(k for k in CENSUS_HVG_KEYS if k in source.obs)
     )
-    hvg = highly_variable_genes(source, cfg.n_hvg, keys)
+    hvg = highly_variable_genes(source, cfg.n_hvg, keys, reducer=reducer)
     log.info("selected %d HVGs over %d strata of %s", len(hvg.genes), len(hvg.strata), list(keys))
     return GeneVocabulary(tuple(ids[hvg.genes]), tuple(syms[hvg.genes]))
 
@@ -204,6 +205,7 @@ def plan_from(
     genes: GeneVocabulary | None = None,
     categories: tuple[str, ...] | None = None,
     extra_cats: tuple[tuple[str, ...], ...] | None = None,
+    hvg_reducer=None,
 ) -> RunPlan:
     """The run's plan; genes and categories are chosen here unless given (as in a worker)."""
     d, t = cfg.data, cfg.train
@@ -228,7 +230,7 @@ def plan_from(
         codes_of([k], extra_cats[i] if extra_cats else None)
         for i, k in enumerate(d.categorical_covariate_keys)
     ]
-    genes = genes if genes is not None else choose_genes(source, d)
+    genes = genes if genes is not None else choose_genes(source, d, hvg_reducer)
     train_rows, val_rows = split_rows(len(source.obs), t.train_fraction, t.seed)
     model_cfg = ModelConfig(
         n_genes=len(genes),

@@ -165,7 +165,12 @@ def pretrain_distributed(
     source = cfg.data.source
     if "://" not in source and Path(source).exists():  # workers run in another directory
         cfg = replace(cfg, data=replace(cfg.data, source=str(Path(source).resolve())))
-    plan = plan_from(cfg)
+    from censusvi.data.ray_hvg import ray_reducer
+
+    # the HVG statistics run on the cluster too: Ray Data tasks over row blocks, summed here
+    plan = plan_from(
+        cfg, hvg_reducer=ray_reducer(cfg.data.source, cfg.data.obs_filter, cfg.data.layer)
+    )
     config = {
         "cfg": _config_dict(cfg),
         "genes": plan.genes.to_dict(),
