@@ -444,7 +444,11 @@ class Ingress:
         self.results = results
         self.s = Settings(**settings)
         self.version = current_version(self.s)
-        self.model_name = self.s.model.removeprefix("models:/").split("@")[0].split("/")[0]
+        self.model_name = (
+            self.s.model.removeprefix("models:/").split("@")[0].split("/")[0]
+            if self.s.registered
+            else os.path.basename(os.path.normpath(self.s.model))  # a model directory
+        )
         self.metrics.serving.remote(self.model_name, self.version)
         if self.s.registered and "@" in self.s.model:
             threading.Thread(target=self._follow_alias, daemon=True).start()
