@@ -295,6 +295,26 @@ def test_explorer_page_in_a_real_browser(served, tmp_path):
     assert requests.get(f"{served}/explorer/{'0' * 32}", timeout=10).status_code == 404
 
 
+def test_a_model_directory_is_served_without_a_registry(served, registry):
+    """`--model DIR --index IX`: the same app from files, here as a second app under /local."""
+    from ray import serve
+    from serve.app import build_app
+
+    model_dir, index_dir = registry[1]["1"]
+    args = {"model": str(model_dir), "index": str(index_dir),
+            "deployments": {d: NO_CPU for d in ("Ingress", "Mapper", "Annotator", "Metrics", "Results")}}  # fmt: skip
+    serve.run(build_app(args), name="local", route_prefix="/local", blocking=False)
+    try:
+        wait_healthy(f"{served}/local", 120)
+        q = query(40, seed=11)
+        out = Client(f"{served}/local").annotate(q, batch_key="batch")
+        assert out.uns["censusvi"]["model"] == model_dir.name
+        assert out.uns["censusvi"]["versions"] == ["local"]
+        assert_same_annotation(out, in_process(registry, "1", q))
+    finally:
+        serve.delete("local")
+
+
 def test_alias_move_during_a_stream_drops_nothing_and_switches(served, registry):
     """Last in this module: it leaves version 2 in production."""
     uri, _ = registry
