@@ -79,31 +79,39 @@ def current_version(s: Settings) -> str:
 
 
 class VersionCache:
-    """The last ``capacity`` versions, loaded once each (threads asking together wait for one)."""
+    """Whatever ``load(version)`` builds, for the last ``capacity`` versions, built once each
+    (threads asking together wait for one). Two: the version served and the one before it,
+    which requests still under way finish on."""
 
-    def __init__(self, s: Settings, load: Callable[[Any], Any], capacity: int = 2) -> None:
-        self.s, self.load, self.capacity = s, load, capacity
+    def __init__(self, load: Callable[[str], Any], capacity: int = 2) -> None:
+        self.load, self.capacity = load, capacity
         self.items: OrderedDict[str, Any] = OrderedDict()
         self.lock = threading.Lock()
-        self.tmp = tempfile.TemporaryDirectory(prefix="censusvi-serve-")
-
-    def files(self, version: str):
-        from censusvi.registry.versions import VersionFiles, fetch_version, parse_model_uri
-
-        if not self.s.registered:
-            idx = self.s.index
-            return VersionFiles(self.s.model, "local", self.s.model, idx)
-        name = parse_model_uri(self.s.model)[0]
-        return fetch_version(name, version, f"{self.tmp.name}/{version}", self.s.tracking_uri)
 
     def get(self, version: str) -> Any:
         with self.lock:
             if version not in self.items:
-                self.items[version] = self.load(self.files(version))
+                self.items[version] = self.load(version)
                 while len(self.items) > self.capacity:
                     self.items.popitem(last=False)
             self.items.move_to_end(version)
             return self.items[version]
+
+
+class VersionFetcher:
+    """A local copy of a version's files (a registry download), or the model directory given."""
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.tmp = tempfile.TemporaryDirectory(prefix="censusvi-serve-")
+
+    def __call__(self, version: str):
+        from censusvi.registry.versions import VersionFiles, fetch_version, parse_model_uri
+
+        if not self.s.registered:
+            return VersionFiles(self.s.model, "local", self.s.model, self.s.index)
+        name = parse_model_uri(self.s.model)[0]
+        return fetch_version(name, version, f"{self.tmp.name}/{version}", self.s.tracking_uri)
 
 
 def _error(status: int, message: str) -> dict:
@@ -119,7 +127,13 @@ class Mapper:
 
         self.s = Settings(**settings)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU replica uses its GPU
-        self.models = VersionCache(self.s, lambda f: (f, load_model(f.model_dir, device)))
+        fetch = VersionFetcher(self.s)
+
+        def load(version: str):
+            files = fetch(version)
+            return files, load_model(files.model_dir, device)
+
+        self.models = VersionCache(load)
         self.models.get(current_version(self.s))  # fail at start, not on the first request
 
     def load(self, version: str) -> str:
@@ -232,25 +246,19 @@ class Mapper:
 class Annotator:
     def __init__(self, settings: dict) -> None:
         from censusvi.annotate.index import load_index
-
-        self.s = Settings(**settings)
-        self.indexes = VersionCache(
-            self.s, lambda f: load_index(f.index_dir) if f.index_dir else None
-        )
-        self.indexes.get(current_version(self.s))
-        # The explorer's reference map, fitted on first use per version (a UMAP takes seconds).
-        self.layouts: OrderedDict[str, Any] = OrderedDict()
-        self.layout_lock = threading.Lock()
-
-    def _layout(self, version: str):
         from censusvi.report.layout import fit_reference_layout
 
-        with self.layout_lock:
-            if version not in self.layouts:
-                self.layouts[version] = fit_reference_layout(self.indexes.get(version))
-                while len(self.layouts) > 2:
-                    self.layouts.popitem(last=False)
-            return self.layouts[version]
+        self.s = Settings(**settings)
+        fetch = VersionFetcher(self.s)
+
+        def load(version: str):
+            files = fetch(version)
+            return load_index(files.index_dir) if files.index_dir else None
+
+        self.indexes = VersionCache(load)
+        self.indexes.get(current_version(self.s))
+        # The explorer's reference map, fitted on first use per version (a UMAP takes seconds).
+        self.layouts = VersionCache(lambda v: fit_reference_layout(self.indexes.get(v)))
 
     def load(self, version: str) -> str:
         self.indexes.get(version)
@@ -264,7 +272,7 @@ class Annotator:
         from censusvi.report.page import render_page
 
         version = item["model"]["version"]
-        layout = self._layout(version)
+        layout = self.layouts.get(version)
         key = next(iter(item["labels"]))
         frame = item["labels"][key]
         cells = pd.DataFrame(
