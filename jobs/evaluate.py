@@ -64,16 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     write_atomic(out / "scib.json", lambda tmp: tmp.write_text(json.dumps(rows, indent=1)))
     print(table[["Batch correction", "Bio conservation", "Total"]].round(3).to_string())
     if a.model.startswith("models:/"):
-        from censusvi.registry.versions import _client, parse_model_uri, resolve_version
+        from censusvi.registry.versions import add_to_version
 
-        name, _, _ = parse_model_uri(a.model)
-        version = resolve_version(a.model)
-        client = _client()
-        run_id = client.get_model_version(name, version).run_id
         latent = table.loc["X_scvi"]
-        for key, col in (("total", "Total"), ("bio_conservation", "Bio conservation"),
-                         ("batch_correction", "Batch correction")):  # fmt: skip
-            client.log_metric(run_id, f"eval.scib.{key}", float(latent[col]))
+        metrics = {
+            "eval.scib.total": latent["Total"],
+            "eval.scib.bio_conservation": latent["Bio conservation"],
+            "eval.scib.batch_correction": latent["Batch correction"],
+        }
+        name, version = add_to_version(a.model, metrics)
         print(f"logged eval.scib.* to {name} version {version}")
     return 0
 

@@ -138,20 +138,8 @@ def index_corpus(
 
 
 def attach_index_to_version(model_uri: str, index_dir: str | os.PathLike) -> str:
-    """Log the index as ``index/`` of a registered version's run: the version becomes servable."""
-    from censusvi.registry.versions import (
-        _client,
-        evaluation_metrics,
-        parse_model_uri,
-        resolve_version,
-    )
+    """Log the index as ``index/`` of a registered version's run, with its evaluation: the
+    version becomes servable and comparable by the promotion gate."""
+    from censusvi.registry.versions import add_to_version, evaluation_metrics
 
-    name, _, _ = parse_model_uri(model_uri)
-    version = resolve_version(model_uri)
-    client = _client()
-    mv = client.get_model_version(name, version)
-    client.log_artifacts(mv.run_id, str(index_dir), artifact_path="index")
-    for key, value in evaluation_metrics(index_dir).items():  # what the promotion gate compares
-        client.log_metric(mv.run_id, key, value)
-    client.set_model_version_tag(name, version, "has_index", "true")
-    return version
+    return add_to_version(model_uri, evaluation_metrics(index_dir), index_dir)[1]

@@ -237,6 +237,27 @@ def resolve_version(uri: str, tracking: str | None = None) -> str:
     return held
 
 
+def add_to_version(
+    model_uri: str,
+    metrics: dict[str, float],
+    index_dir: str | os.PathLike | None = None,
+    uri: str | None = None,
+) -> tuple[str, str]:
+    """Log evaluation metrics (and an index, as ``index/``) to the run behind a registered
+    version, after the fact: what the promotion gate compares and what serving needs.
+    Returns (name, version)."""
+    name, _, _ = parse_model_uri(model_uri)
+    version = resolve_version(model_uri, uri)
+    client = _client(uri)
+    run_id = client.get_model_version(name, version).run_id
+    if index_dir is not None:
+        client.log_artifacts(run_id, str(index_dir), artifact_path="index")
+        client.set_model_version_tag(name, version, "has_index", "true")
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value))
+    return name, version
+
+
 def fetch_version(
     name: str, version: str, dst: str | os.PathLike, uri: str | None = None
 ) -> VersionFiles:
