@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
 from censusvi.annotate.corpus import attach_index_to_version, embed_corpus, index_corpus  # noqa: E402
+from censusvi.ray_session import init_ray  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,13 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--actors", type=int, default=2, help="embedding actors")
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
     a = p.parse_args(argv)
-    import ray
-
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: the job's runtime env applies
-            ray.init()
-        else:
-            ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "platform")}})
+    init_ray()
     keys = [k.strip() for k in a.label_keys.split(",") if k.strip()]
     out = Path(a.out)
     embeddings = embed_corpus(

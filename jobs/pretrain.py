@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -45,9 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     raw = apply_overrides(yaml.safe_load(Path(a.config).read_text()) or {}, a.set)
 
-    import ray
-
     from censusvi.data.soma import ingest
+    from censusvi.ray_session import init_ray
     from censusvi.registry.mlflow_store import DEFAULT_MODEL_NAME, log_and_register, tracking_uri
     from censusvi.train.pretrain import load_pretrain_config
     from censusvi.train.ray_trainer import pretrain_distributed
@@ -68,11 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         None, {"data": data, "model": raw.get("model") or {}, "train": train}
     )
     out = raw.get("out", "runs/model")
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: the job's runtime env applies
-            ray.init()
-        else:  # a local Ray (or a `ray start` head here): workers import this checkout's package
-            ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "platform")}})
+    init_ray()
     model, history = pretrain_distributed(
         cfg,
         out,
