@@ -24,6 +24,13 @@ ARROW = "application/vnd.apache.arrow.stream"
 JSON = "application/json"
 H5AD = "application/x-hdf5"
 META_KEY = b"censusvi"
+ANSWER_FIELDS = (
+    "model",
+    "n_cells",
+    "report",
+    "result_id",
+    "explorer",
+)  # beside the per-cell arrays
 
 
 class PayloadError(ValueError):
@@ -177,11 +184,7 @@ def encode_result(result: dict[str, Any], arrow: bool) -> tuple[bytes, str]:
     """``result``: model, n_cells, positions, latent, nll_per_count, labels {key: frame}, report."""
     if not arrow:
         out = {
-            **{
-                k: result[k]
-                for k in ("model", "n_cells", "report", "result_id", "explorer")
-                if k in result
-            },
+            **{k: result[k] for k in ANSWER_FIELDS if k in result},
             "positions": np.asarray(result["positions"]).tolist(),
             "latent": np.asarray(result["latent"]).tolist(),
             "nll_per_count": np.asarray(result["nll_per_count"]).tolist(),
@@ -201,9 +204,7 @@ def encode_result(result: dict[str, Any], arrow: bool) -> tuple[bytes, str]:
         cols[f"predicted_{key}"] = pa.array(frame["predicted"].astype(str).to_numpy())
         cols[f"{key}_probability"] = pa.array(frame["probability"].to_numpy(np.float64))
         cols[f"{key}_uncertainty"] = pa.array(frame["uncertainty"].to_numpy(np.float64))
-    meta = {
-        k: result[k] for k in ("model", "n_cells", "report", "result_id", "explorer") if k in result
-    }
+    meta = {k: result[k] for k in ANSWER_FIELDS if k in result}
     meta["label_keys"] = list(result.get("labels", {}))
     table = pa.table(cols).replace_schema_metadata({META_KEY: json.dumps(meta)})
     sink = io.BytesIO()
