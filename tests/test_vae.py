@@ -43,6 +43,15 @@ def test_losses_finite_and_shaped(likelihood):
     torch.testing.assert_close(scale.sum(1), torch.ones(7))
 
 
+def test_transposed_scale_equals_the_decoders_softmax():
+    """DE decodes straight into genes x draws; it must be the same normalised expression."""
+    vae = VAE(ModelConfig(n_genes=30, n_batches=3, n_hidden=8, n_latent=4)).eval()
+    z, cov = 5 * torch.randn(9, 4), torch.randint(0, 3, (9, 1))  # large logits: stability
+    with torch.no_grad():
+        expected = vae.generative(z, torch.zeros(9, 1), cov).scale_ng
+        torch.testing.assert_close(vae.scale_gn(z, cov), expected.T)
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="likelihood='gamma'.*nb"):
         ModelConfig(n_genes=10, n_batches=1, likelihood="gamma")

@@ -142,6 +142,16 @@ class VAE(nn.Module):
         rate_ng = torch.exp(log_library_n1) * scale_ng
         return Generative(scale_ng, rate_ng, self._theta(covariates_nc), zi)
 
+    def scale_gn(self, z_nk: torch.Tensor, covariates_nc: torch.Tensor) -> torch.Tensor:
+        """The decoded scale transposed, genes x cells: posterior sampling (DE) reduces per gene
+        over many draws, and computing W h^T straight into that layout avoids a transposing
+        copy of every draw."""
+        h_nh = self.decoder.fc(z_nk, covariates_nc)
+        layer = self.decoder.scale
+        logits_gn = torch.addmm(layer.bias[:, None], layer.weight, h_nh.T)
+        logits_gn -= logits_gn.amax(0, keepdim=True)
+        return logits_gn.exp_().div_(logits_gn.sum(0, keepdim=True))
+
     def _theta(self, covariates_nc: torch.Tensor) -> torch.Tensor:
         if self.px_r is None:
             return torch.empty(0, device=covariates_nc.device)
