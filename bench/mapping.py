@@ -7,6 +7,12 @@ tutorial; ``--scvi-epochs`` of its up-to-400 default), censusvi imports the same
 maps without training (the encoder ignores the batch). Both transfer labels with the same
 weighted kNN (k = 15) from the reference cells' latent; macro-F1 and accuracy on the query's
 labels. Last line (a contract): ``mapping speedup vs scvi-tools: X.XX``.
+
+Before that, the chemistry rotations (``--rotations``; each chemistry the query in turn, its own
+cells, over ``--seeds``): censusvi as users run it (its own pretrained reference, ``annotate``
+with class-balanced kNN) beside scvi-tools' ``load_query_data`` + weighted kNN and PCA + weighted
+kNN with no integration, on the same split. Both VAEs train the reference for scvi-tools' epoch
+heuristic (400 at this size).
 """
 
 from __future__ import annotations
@@ -37,6 +43,92 @@ def scores(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
     )
 
 
+def pbmc(path: Path) -> ad.AnnData:
+    full = ad.read_h5ad(path)
+    full.var_names = [
+        g if isinstance(g, str) else n for g, n in zip(full.var["gene_ids"], full.var_names)
+    ]
+    return full
+
+
+def rotation(full: ad.AnnData, query_batch: str, seed: int, epochs: int, tmp: Path) -> dict:
+    """Accuracy and macro-F1 of censusvi, scvi-tools + kNN and PCA + kNN for one query chemistry."""
+    import scvi
+
+    from censusvi.annotate.index import load_index
+    from censusvi.evaluate.scib import pca_baseline
+    from censusvi.train.loop import TrainConfig
+    from censusvi.train.pretrain import DataConfig, PretrainConfig, pretrain
+
+    ref = full[full.obs["batch"] != query_batch].copy()
+    query = full[full.obs["batch"] == query_batch].copy()
+    ref_labels = ref.obs["cell_type"].astype(str).to_numpy()
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    ref.write_h5ad(tmp / "ref.h5ad")
+    out = {}
+
+    cfg = PretrainConfig(
+        DataConfig(source=str(tmp / "ref.h5ad"), batch_keys=("batch",), n_hvg=0),
+        train=TrainConfig(max_epochs=epochs, lr=1e-3, batch_size=128, seed=seed),
+    )
+    model, _ = pretrain(cfg, tmp / f"censusvi_{seed}", quiet=True, resume=False)
+    save_index(index_reference(model, tmp / "ref.h5ad", ["cell_type"]), tmp / "ix")
+    annotated, _ = annotate(model, load_index(tmp / "ix"), query, "batch")
+    out["censusvi"] = scores(truth, annotated.obs["predicted_cell_type"].astype(str).to_numpy())
+
+    scvi.settings.seed = seed
+    scvi.model.SCVI.setup_anndata(ref, batch_key="batch")
+    sm = scvi.model.SCVI(ref, n_hidden=128, n_latent=30, n_layers=2, gene_likelihood="nb")
+    sm.train(max_epochs=epochs, batch_size=128, accelerator="cpu", enable_progress_bar=False)
+    sm.save(tmp / "scvi_ref", overwrite=True)
+    q = query.copy()
+    scvi.model.SCVI.prepare_query_anndata(q, str(tmp / "scvi_ref"))
+    qm = scvi.model.SCVI.load_query_data(q, str(tmp / "scvi_ref"))
+    qm.train(
+        max_epochs=50,
+        plan_kwargs={"weight_decay": 0.0},
+        accelerator="cpu",
+        enable_progress_bar=False,
+    )
+    out["scvi-tools + kNN"] = knn_scores(
+        sm.get_latent_representation(ref), qm.get_latent_representation(q), ref_labels, truth
+    )
+
+    both = pca_baseline(ad.concat([ref, query]), seed=seed)
+    out["PCA + kNN"] = knn_scores(both[: ref.n_obs], both[ref.n_obs :], ref_labels, truth)
+    return out
+
+
+def knn_scores(
+    z_ref: np.ndarray, z_query: np.ndarray, ref_labels: np.ndarray, truth: np.ndarray
+) -> tuple[float, float]:
+    """scArches' weighted kNN (k = 15), as users of scvi-tools or of a PCA run it."""
+    dist, idx = NearestNeighbors(n_neighbors=15).fit(z_ref).kneighbors(z_query)
+    return scores(truth, transfer_labels(dist, ref_labels[idx])["predicted"].to_numpy())
+
+
+def run_rotations(data: Path, batches: list[str], seeds: list[int], epochs: int) -> None:
+    full = pbmc(data)
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for qb in batches:
+        for seed in seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                for method, sc in rotation(full, qb, seed, epochs, Path(tmp)).items():
+                    results.setdefault((qb, method), []).append(sc)
+                    print(
+                        f"  {qb} seed {seed} {method:18s} acc {sc[0]:.3f} F1 {sc[1]:.3f}",
+                        flush=True,
+                    )
+    print(
+        f"{'query':6s} {'method':18s} {'accuracy':>15s} {'macro-F1':>15s}   (mean ± sd over seeds)"
+    )
+    for (qb, method), runs in results.items():
+        acc, f1 = np.array(runs).T
+        print(
+            f"{qb:6s} {method:18s} {acc.mean():9.3f} ± {acc.std():.3f} {f1.mean():9.3f} ± {f1.std():.3f}"
+        )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -48,16 +140,19 @@ def main() -> int:
     p.add_argument("--query-cells", type=int, default=10_000)
     p.add_argument("--ref-epochs", type=int, default=200)
     p.add_argument("--scvi-epochs", type=int, default=50)
+    p.add_argument("--rotations", default="3pv1,3pv2,5p", help="query chemistries; '' skips")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--rotation-epochs", type=int, default=400)
     a = p.parse_args()
     import scvi
     import torch
 
     torch.set_num_threads(2)
+    if a.rotations:
+        seeds = [int(s) for s in a.seeds.split(",")]
+        run_rotations(a.data, a.rotations.split(","), seeds, a.rotation_epochs)
     scvi.settings.seed = 0
-    full = ad.read_h5ad(a.data)
-    full.var_names = [
-        g if isinstance(g, str) else n for g, n in zip(full.var["gene_ids"], full.var_names)
-    ]
+    full = pbmc(a.data)
     ref = full[full.obs["batch"] != a.query_batch].copy()
     q_pool = full[full.obs["batch"] == a.query_batch]
     pick = np.random.default_rng(0).integers(0, q_pool.n_obs, a.query_cells)

@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         use_gpu=bool(ray_opts.get("use_gpu", False)),
         storage_path=str(Path(out).parent / "ray_results"),
         max_failures=int(ray_opts.get("max_failures", 2)),
+        stream=raw.get("stream"),
     )
     mlf = raw.get("mlflow") or {}
     uri = mlf.get("tracking_uri") or tracking_uri(Path(out).parent / "mlruns")

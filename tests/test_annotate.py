@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
 from censusvi.annotate.transfer import expected_calibration_error, kernel_weights, transfer_labels
@@ -20,6 +21,24 @@ def test_kernel_and_transfer_on_a_table():
     assert res["predicted"].tolist() == ["T", "Unknown"]
     np.testing.assert_allclose(res["probability"] + res["uncertainty"], 1.0)
     assert res["probability"][0] == pytest.approx(w[0, 0] + w[0, 1])
+
+
+def test_class_balance_lets_a_rare_type_win_its_own_neighbourhood():
+    """Two of five neighbours are of a type with 1 % of the reference: plain kNN outvotes it,
+    dividing votes by the reference frequency lets it win; 0 reproduces plain kNN."""
+    d = np.full((1, 5), 1.0)
+    labels = np.array([["HSC", "HSC", "T", "T", "T"]])
+    freq = pd.Series({"HSC": 0.01, "T": 0.99})
+    assert transfer_labels(d, labels)["predicted"][0] == "T"
+    assert transfer_labels(d, labels, label_frequency=freq, class_balance=0.0).equals(
+        transfer_labels(d, labels)
+    )
+    balanced = transfer_labels(d, labels, label_frequency=freq, class_balance=0.5)
+    assert balanced["predicted"][0] == "HSC"
+    # 2 * 10 vs 3 * 1.005 (votes / sqrt(frequency)), renormalised
+    assert balanced["probability"][0] == pytest.approx(20 / (20 + 3 / 0.99**0.5))
+    with pytest.raises(ValueError, match="label_frequency"):
+        transfer_labels(d, labels, class_balance=0.5)
 
 
 def test_ece():

@@ -62,7 +62,7 @@ def test_one_worker_matches_single_process_elbo(local_ray, tmp_path):
 
     a = simulated_adata(n_cells=300)
     a.write_h5ad(tmp_path / "x.h5ad")
-    cfg = small_cfg(str(tmp_path / "x.h5ad"), epochs=6)
+    cfg = small_cfg(str(tmp_path / "x.h5ad"), epochs=15)
     _, h_ray = pretrain_distributed(
         cfg, str(tmp_path / "m_ray"), num_workers=1, storage_path=str(tmp_path / "ray")
     )
@@ -106,3 +106,37 @@ def test_hvg_passes_on_ray_data_select_the_same_genes(local_ray, soma_exp):
     )
     np.testing.assert_array_equal(distributed.genes, serial.genes)
     np.testing.assert_allclose(distributed.variances_norm, serial.variances_norm, rtol=1e-9)
+
+
+def test_ray_data_stream_yields_every_cell_once_and_mixes_datasets(local_ray, soma_exp):
+    """The training stream: each epoch every cell of the worker's shard arrives exactly once,
+    with the counts ``Cells.read`` gives, in minibatches that mix the experiment's datasets as
+    well as a global shuffle (within 10 %); the next epoch comes in another order."""
+    from dataclasses import replace
+
+    from censusvi.data.mixing import mixing_ratio
+    from censusvi.data.ray_stream import CellStream, arrow_to_csr
+    from censusvi.train.pretrain import plan_from
+
+    exp = str(soma_exp[0])
+    cfg = PretrainConfig(
+        DataConfig(source=exp, obs_filter="nnz >= 300", batch_keys=("dataset_id",), n_hvg=300)
+    )
+    plan = plan_from(cfg)
+    cells = replace(plan.cells(plan.train_rows), io_batch_cells=512, shuffle_chunk=16)
+    stream = CellStream(cells, (exp, "nnz >= 300", None))
+    orders, tables = [], []
+    for seed in (1, 2):
+        tables = list(stream.epoch(seed).iter_batches(batch_size=256, batch_format="pyarrow"))
+        orders.append(np.concatenate([t.column("position").to_numpy() for t in tables]))
+    assert sorted(orders[0]) == list(range(len(cells))) and not np.array_equal(*orders)
+    x, cov = arrow_to_csr(tables[0], len(plan.genes))
+    pos = tables[0].column("position").to_numpy()
+    expected, expected_cov = cells.read(np.sort(pos))
+    rank = np.argsort(np.argsort(pos))
+    assert (x != expected[rank]).nnz == 0 and np.array_equal(cov, expected_cov[rank])
+    dataset = cells.covariates_nc[:, 0]
+    ratio, ours, shuffled = mixing_ratio(
+        [dataset[t.column("position").to_numpy()] for t in tables], dataset
+    )
+    assert ratio > 0.9, (ours, shuffled)

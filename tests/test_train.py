@@ -185,6 +185,24 @@ def test_early_stopping_stops_after_patience(tmp_path):
     assert model.provenance["epochs"] == 3
 
 
+def test_bf16_autocast_trains_to_the_same_elbo(tmp_path):
+    """precision=bf16 (the GPU default) runs the layers in bf16 and the likelihood in fp32: the
+    validation ELBO lands within 2 % of fp32's. Checked on the CPU, where autocast also works."""
+    src = tmp_path / "x.h5ad"
+    simulated_adata(n_cells=600).write_h5ad(src)
+    elbo = {}
+    for precision in ("fp32", "bf16"):
+        train = TrainConfig(max_epochs=15, batch_size=128, lr=1e-3, precision=precision)
+        cfg = PretrainConfig(
+            data=DataConfig(source=str(src), batch_keys=("batch",), n_hvg=0), train=train
+        )
+        _, history = pretrain(cfg, tmp_path / precision, quiet=True)
+        elbo[precision] = history.epochs[-1].val_elbo
+    assert np.isfinite(elbo["bf16"]) and elbo["bf16"] == pytest.approx(elbo["fp32"], rel=0.02)
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        TrainConfig(precision="fp16")
+
+
 def test_console_script_is_installed(tmp_path):
     import shutil
     import subprocess

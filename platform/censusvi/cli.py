@@ -166,6 +166,7 @@ def cmd_annotate(a: argparse.Namespace) -> int:
         a.unknown_threshold,
         _surgery(a),
         a.layer,
+        a.class_balance,
     )
     write_h5ad_atomic(out, a.out)
     keys = [c.removeprefix("predicted_") for c in out.obs.columns if c.startswith("predicted_")]
@@ -523,6 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="uncertainty above which a cell is 'Unknown' (1.0: never)",
+    )
+    s.add_argument(
+        "--class-balance",
+        type=float,
+        default=0.5,
+        help="divide each neighbour's vote by its label's reference frequency to this power "
+        "(0: plain weighted kNN as scArches; 1: uniform label prior; default 0.5)",
     )
     s.set_defaults(fn=cmd_annotate)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -29,6 +29,13 @@ class LabelIndex:
     index: faiss.Index
     labels: pd.DataFrame  # one row per reference cell, one column per label key
     meta: dict
+    _frequency: dict[str, pd.Series] = field(default_factory=dict, repr=False, compare=False)
+
+    def label_frequency(self, key: str) -> pd.Series:
+        """Each label's share of the reference (computed once: an index can hold 74 M labels)."""
+        if key not in self._frequency:
+            self._frequency[key] = self.labels[key].astype(str).value_counts(normalize=True)
+        return self._frequency[key]
 
     def search(self, z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(Euclidean distances, neighbour rows), each (n, k)."""

@@ -17,6 +17,7 @@ from censusvi.mapping.surgery import SurgeryConfig
 from censusvi.model.io import TrainedModel
 
 DEFAULT_K = 15  # scArches' default neighbour count
+DEFAULT_CLASS_BALANCE = 0.5  # divide votes by sqrt(reference label frequency): see transfer.py
 
 
 def index_reference(
@@ -64,7 +65,11 @@ def holdout_evaluation(
 
 
 def transfer_all(
-    index: LabelIndex, latent: np.ndarray, k: int = DEFAULT_K, unknown_threshold: float = 1.0
+    index: LabelIndex,
+    latent: np.ndarray,
+    k: int = DEFAULT_K,
+    unknown_threshold: float = 1.0,
+    class_balance: float = DEFAULT_CLASS_BALANCE,
 ) -> dict[str, pd.DataFrame]:
     """Weighted-kNN transfer of every label key of the index to each row of ``latent``."""
     dist, idx = index.search(latent, k)
@@ -74,6 +79,8 @@ def transfer_all(
             index.labels[key].to_numpy()[idx],
             unknown_threshold,
             index.meta.get("neighbour_distance"),
+            index.label_frequency(key),
+            class_balance,
         )
         for key in index.labels.columns
     }
@@ -88,6 +95,7 @@ def annotate(
     unknown_threshold: float = 1.0,
     surgery: SurgeryConfig | None = None,
     layer: str | None = None,
+    class_balance: float = DEFAULT_CLASS_BALANCE,
 ) -> tuple[ad.AnnData, MappedQuery]:
     """Map the query, then transfer every label key of the index; returns the annotated cells."""
     if index.meta.get("dim") != model.config.n_latent:
@@ -97,7 +105,7 @@ def annotate(
         )
     mapped = map_query(model, adata, batch_key, layer=layer, surgery=surgery)
     out = mapped.annotated_copy(adata)
-    for key, res in transfer_all(index, mapped.latent, k, unknown_threshold).items():
+    for key, res in transfer_all(index, mapped.latent, k, unknown_threshold, class_balance).items():
         out.obs[f"predicted_{key}"] = pd.Categorical(res["predicted"].to_numpy())
         out.obs[f"{key}_probability"] = res["probability"].to_numpy()
         out.obs[f"{key}_uncertainty"] = res["uncertainty"].to_numpy()
@@ -115,6 +123,7 @@ def annotate(
         **out.uns["censusvi"],
         "k": k,
         "unknown_threshold": unknown_threshold,
+        "class_balance": class_balance,
         "index": {kk: v for kk, v in index.meta.items() if kk != "label_keys"},
         "evaluation": evaluation,
     }

@@ -4,7 +4,12 @@ For each query cell with neighbour distances d_1..d_k: s = (2 / std(d))^2, weigh
 w_j = exp(-d_j / s) normalised to sum 1; the probability of a label is the summed weight of the
 neighbours carrying it; uncertainty = 1 - top probability; above ``unknown_threshold`` the
 prediction is ``Unknown``. censusvi adds one step scArches lacks: the weights are scaled by how
-typical the cell's neighbour distances are for the reference (``typicality``).
+typical the cell's neighbour distances are for the reference (``typicality``), and, with
+``class_balance`` > 0, each neighbour's vote is divided by its label's reference frequency to that
+power. The votes estimate p(label | cell) under the reference's label mix; a type with a handful
+of reference cells can never win a majority among k neighbours, so plain kNN all but never
+predicts it. 1 removes the reference prior entirely (uniform over labels), 0 keeps it
+(scArches); in between shrinks it.
 """
 
 from __future__ import annotations
@@ -38,19 +43,41 @@ def typicality(distances: np.ndarray, reference: dict[str, float] | None) -> np.
     return np.exp(-excess / spread)
 
 
+def balance_weights(
+    w: np.ndarray, neighbour_labels: np.ndarray, label_frequency: pd.Series, power: float
+) -> np.ndarray:
+    """Kernel weights divided by frequency(label) ** power, renormalised per cell."""
+    freq = label_frequency.reindex(np.unique(neighbour_labels))
+    if freq.isna().any():
+        raise ValueError(f"labels {list(freq.index[freq.isna()])[:5]} have no reference frequency")
+    factor = freq.to_numpy() ** -power
+    _, codes = np.unique(neighbour_labels, return_inverse=True)
+    balanced = w * factor[codes.reshape(neighbour_labels.shape)]
+    return balanced / balanced.sum(axis=1, keepdims=True)
+
+
 def transfer_labels(
     distances: np.ndarray,
     neighbour_labels: np.ndarray,
     unknown_threshold: float = 1.0,
     reference_distance: dict[str, float] | None = None,
+    label_frequency: pd.Series | None = None,
+    class_balance: float = 0.0,
 ) -> pd.DataFrame:
     """Columns ``predicted``, ``probability``, ``uncertainty`` for each query cell.
 
     With ``reference_distance`` (from the index) probabilities are scaled by ``typicality``: the
     missing mass is the chance that the cell is of a type the reference does not hold.
+    ``label_frequency`` (each label's share of the reference) and ``class_balance``: see above.
     """
-    w = kernel_weights(distances) * typicality(distances, reference_distance)[:, None]
-    cats, codes = np.unique(neighbour_labels.astype(str), return_inverse=True)
+    neighbour_labels = neighbour_labels.astype(str)
+    w = kernel_weights(distances)
+    if class_balance:
+        if label_frequency is None:
+            raise ValueError("class_balance needs the reference's label_frequency")
+        w = balance_weights(w, neighbour_labels, label_frequency, class_balance)
+    w = w * typicality(distances, reference_distance)[:, None]
+    cats, codes = np.unique(neighbour_labels, return_inverse=True)
     codes = codes.reshape(neighbour_labels.shape)
     prob = np.zeros((len(w), len(cats)))
     np.add.at(prob, (np.repeat(np.arange(len(w)), w.shape[1]), codes.ravel()), w.ravel())

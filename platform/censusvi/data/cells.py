@@ -76,24 +76,27 @@ class Cells:
             out.append(select_genes(x, self.alignment))
         return sp.vstack(out, format="csr") if len(out) != 1 else out[0]
 
+    def io_groups(self, shuffle: bool, rng: np.random.Generator) -> list[np.ndarray]:
+        """The positions read together: with ``shuffle``, random contiguous chunks of
+        ``shuffle_chunk`` cells, ``io_batch_cells`` per group (each chunk is one contiguous read;
+        a group spans the whole corpus, so its cells mix datasets)."""
+        n = len(self.rows)
+        if self.preload or not shuffle:
+            order = rng.permutation(n) if shuffle else np.arange(n)
+            if self.preload:
+                return [order]
+            return np.array_split(order, max(1, -(-n // self.io_batch_cells)))
+        starts = np.arange(0, n, self.shuffle_chunk)
+        chunks = [np.arange(s, min(s + self.shuffle_chunk, n)) for s in rng.permutation(starts)]
+        per_io = max(1, self.io_batch_cells // self.shuffle_chunk)
+        return [np.concatenate(chunks[i : i + per_io]) for i in range(0, len(chunks), per_io)]
+
     def minibatches(
         self, batch_size: int, shuffle: bool, seed: int = 0
     ) -> Iterator[tuple[np.ndarray, sp.csr_matrix, np.ndarray]]:
         """(positions into ``rows``, counts, covariate codes) per minibatch; cells with no counts are dropped and logged."""
         rng = np.random.default_rng(seed)
-        n = len(self.rows)
-        if self.preload or not shuffle:
-            order = rng.permutation(n) if shuffle else np.arange(n)
-            groups = (
-                [order]
-                if self.preload
-                else np.array_split(order, max(1, -(-n // self.io_batch_cells)))
-            )
-        else:
-            starts = np.arange(0, n, self.shuffle_chunk)
-            chunks = [np.arange(s, min(s + self.shuffle_chunk, n)) for s in rng.permutation(starts)]
-            per_io = max(1, self.io_batch_cells // self.shuffle_chunk)
-            groups = [np.concatenate(chunks[i : i + per_io]) for i in range(0, len(chunks), per_io)]
+        groups = self.io_groups(shuffle, rng)
         n_empty = 0
         for group in groups:
             sorted_pos = np.sort(group)

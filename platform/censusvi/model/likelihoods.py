@@ -192,5 +192,9 @@ class _NBNllFromLogits(torch.autograd.Function):
 def nb_nll_from_logits(
     logits_ng: torch.Tensor, log_lib_n1: torch.Tensor, theta: torch.Tensor, nz: NonZeros
 ) -> torch.Tensor:
-    """Per-cell NB negative log-likelihood from decoder logits (see ``_NBNllFromLogits``)."""
-    return _NBNllFromLogits.apply(logits_ng, log_lib_n1, theta, nz.row, nz.col, nz.value)
+    """Per-cell NB negative log-likelihood from decoder logits (see ``_NBNllFromLogits``).
+    Always fp32: under bf16 autocast its matrix products would otherwise round the likelihood."""
+    with torch.autocast(logits_ng.device.type, enabled=False):
+        return _NBNllFromLogits.apply(
+            logits_ng.float(), log_lib_n1.float(), theta, nz.row, nz.col, nz.value
+        )

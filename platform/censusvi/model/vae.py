@@ -80,7 +80,8 @@ class GaussianEncoder(nn.Module):
         self, h_ng: torch.Tensor, covariates_nc: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.fc(h_ng, covariates_nc if self.encode_covariates else None)
-        return self.mean(q), torch.exp(self.var(q)) + VAR_EPS
+        # .float(): under bf16 autocast the layers compute in bf16, the likelihood stays fp32
+        return self.mean(q).float(), torch.exp(self.var(q).float()) + VAR_EPS
 
 
 class Decoder(nn.Module):
@@ -96,8 +97,8 @@ class Decoder(nn.Module):
         self, z_nk: torch.Tensor, covariates_nc: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.fc(z_nk, covariates_nc)
-        zi = self.zi_logits(h) if self.zi_logits is not None else None
-        return self.scale(h), zi
+        zi = self.zi_logits(h).float() if self.zi_logits is not None else None
+        return self.scale(h).float(), zi
 
 
 class VAE(nn.Module):

@@ -24,6 +24,9 @@ from censusvi.train.checkpoint import CheckpointStore
 log = logging.getLogger(__name__)
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Training schedule; defaults are the Census model's (100 epochs, lr 1e-4, warm-up 20)."""
@@ -42,14 +45,26 @@ class TrainConfig:
     device: str = "cpu"
     device_cache: bool | None = None
     """Hold in-memory counts on the device and cut minibatches there (None: on for a GPU)."""
+    precision: str = "auto"
+    """"bf16": layers under bf16 autocast, likelihood and optimiser in fp32; "fp32"; "auto":
+    bf16 on a GPU (tensor cores), fp32 on a CPU (no gain there)."""
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: choose one of {PRECISIONS}")
         if self.max_epochs < 1 or self.batch_size < 3:
             raise ValueError(
                 f"max_epochs={self.max_epochs}, batch_size={self.batch_size}: need >=1 and >=3"
             )
         if not 0.0 < self.train_fraction <= 1.0:
             raise ValueError(f"train_fraction={self.train_fraction} must be in (0, 1]")
+
+
+def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype for the forward pass (None: plain fp32)."""
+    if precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 def kl_weight(epoch: int, n_epochs_kl_warmup: int) -> float:
@@ -86,12 +101,15 @@ def train_epoch(
     on_step: Callable[[int, float], None] | None = None,
     after_step: Callable[[], None] | None = None,
     freeze_batchnorm: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> tuple[float, int]:
     """One pass; returns (cell-weighted mean loss, cells seen).
 
     ``after_step`` runs after every optimiser step and ``freeze_batchnorm`` keeps batch-norm
-    statistics fixed: query mapping uses both to leave the reference untouched.
+    statistics fixed: query mapping uses both to leave the reference untouched. ``autocast``:
+    the forward pass's reduced precision (weights, gradients and Adam stay fp32).
     """
+    device_type = next(vae.parameters()).device.type
     vae.train()
     if freeze_batchnorm:
         for m in vae.modules():
@@ -99,7 +117,8 @@ def train_epoch(
                 m.eval()
     total, n = None, 0
     for mb in batches:
-        out = vae(mb, kl_w)  # forward: works for a DDP-wrapped model too
+        with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=bool(autocast)):
+            out = vae(mb, kl_w)  # forward: works for a DDP-wrapped model too
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -185,6 +204,7 @@ def fit(
 ) -> History:
     """Train ``vae``; ``train_batches(epoch)`` gives that epoch's shuffled minibatches."""
     opt = make_optimizer(vae, cfg)
+    device = next(vae.parameters()).device
     history = History()
     start = 0
     if checkpoint is not None and checkpoint.exists():
@@ -198,7 +218,9 @@ def fit(
         torch.manual_seed(cfg.seed * 100_003 + epoch)
         kl_w = kl_weight(epoch, cfg.n_epochs_kl_warmup)
         t0 = time.perf_counter()
-        loss, n = train_epoch(vae, opt, train_batches(epoch), kl_w)
+        loss, n = train_epoch(
+            vae, opt, train_batches(epoch), kl_w, autocast=autocast_dtype(cfg.precision, device)
+        )
         rate = n / (time.perf_counter() - t0)
         terms = validation_terms(vae, val_batches()) if val_batches is not None else None
         stats = EpochStats(

@@ -19,11 +19,13 @@ from typing import Any
 
 import torch
 
+from censusvi.data.ray_stream import CellStream, stream_minibatches
 from censusvi.data.vocabulary import GeneVocabulary
 from censusvi.model.minibatch import minibatch_from_csr
 from censusvi.train.loop import (
     EpochStats,
     History,
+    autocast_dtype,
     kl_weight,
     make_optimizer,
     train_epoch,
@@ -32,6 +34,14 @@ from censusvi.train.loop import (
 from censusvi.train.pretrain import PretrainConfig, RunPlan, load_pretrain_config, plan_from
 
 log = logging.getLogger(__name__)
+# Ray Data ingest: IO groups of random 64-cell chunks (~200 MB of CSR each at 8,000 genes),
+# a shuffle buffer over two of them; read tasks reserve no CPU (the workers hold them all).
+STREAM_DEFAULTS = {
+    "io_batch_cells": 16384,
+    "shuffle_chunk": 64,
+    "shuffle_buffer_cells": 32768,
+    "read_cpus": 0.0,
+}
 
 
 def _config_dict(cfg: PretrainConfig) -> dict[str, Any]:
@@ -83,9 +93,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
             history = History.from_dict(json.loads((Path(d) / "history.json").read_text()))
     model = ray.train.torch.prepare_model(vae, move_to_device=False)
+    data, opts = plan.cfg.data, {**STREAM_DEFAULTS, **(config.get("stream") or {})}
+    stream = CellStream(
+        replace(
+            train_cells, shuffle_chunk=opts["shuffle_chunk"], io_batch_cells=opts["io_batch_cells"]
+        ),
+        (data.source, data.obs_filter, data.layer),
+        opts["read_cpus"],
+    )
 
-    def batches(cells, shuffle: bool, seed: int):
-        for _, x, c in cells.minibatches(t.batch_size, shuffle=shuffle, seed=seed):
+    def train_batches(seed: int):
+        return stream_minibatches(
+            stream.epoch(seed),
+            t.batch_size,
+            len(plan.genes),
+            device,
+            seed,
+            opts["shuffle_buffer_cells"],
+            with_counts=vae.needs_dense_counts,
+        )
+
+    def val_batches():
+        for _, x, c in val_cells.minibatches(t.batch_size, shuffle=False):
             yield minibatch_from_csr(x, c, device, with_counts=vae.needs_dense_counts)
 
     failure = config.get("inject_failure")  # fault-injection hook for tests: {"epoch", "marker"}
@@ -102,12 +131,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         kl_w = kl_weight(epoch, t.n_epochs_kl_warmup)
         t0 = time.perf_counter()
         loss, n = train_epoch(
-            model, opt, batches(train_cells, True, t.seed * 1_000_003 + epoch * 7919 + rank), kl_w
+            model,
+            opt,
+            train_batches(t.seed * 1_000_003 + epoch * 7919 + rank),
+            kl_w,
+            autocast=autocast_dtype(t.precision, device),
         )
         seconds = time.perf_counter() - t0
-        terms = (
-            validation_terms(model, batches(val_cells, False, 0)) if val_cells is not None else None
-        )
+        terms = validation_terms(model, val_batches()) if val_cells is not None else None
         has_val = terms is not None and terms.n_cells > 0
         v_n = terms.n_cells if has_val else 0
         v_rec, v_kl = (terms.reconstruction * v_n, terms.kl * v_n) if has_val else (0.0, 0.0)
@@ -154,8 +185,13 @@ def pretrain_distributed(
     max_failures: int = 2,
     keep_checkpoints: int = 2,
     inject_failure: dict[str, Any] | None = None,
+    stream: dict[str, Any] | None = None,
 ):
-    """Train with Ray Train and write the model directory ``out``; returns (model, history)."""
+    """Train with Ray Train and write the model directory ``out``; returns (model, history).
+    ``stream``: Ray Data ingest settings (``STREAM_DEFAULTS``' keys)."""
+    unknown = sorted(set(stream or {}) - set(STREAM_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown stream setting(s) {unknown}; known: {sorted(STREAM_DEFAULTS)}")
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
@@ -177,6 +213,7 @@ def pretrain_distributed(
         "categories": list(plan.categories),
         "extra_cats": [list(c) for c in plan.extra_cats],
         "inject_failure": inject_failure,
+        "stream": dict(stream or {}),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,

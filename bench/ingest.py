@@ -1,0 +1,297 @@
+"""Streaming a SOMA experiment into 1,024-cell training batches: censusvi vs tiledbsoma-ml.
+
+Synthesises a Census-like experiment under a temporary folder (default 2,000,000 cells): the
+real PBMC cells of ``pbmc_zheng_sorted_donorA_mudan.h5ad`` resampled into ``--datasets``
+datasets stored one after another, as the Census stores them, with Census obs columns
+(dataset_id, assay, suspension_type, donor_id, ...). Then each loader runs in its own process
+(so peak RSS is its own) over the whole experiment:
+
+- ``censusvi``: the Ray Data stream the Ray Train workers consume (``CellStream``: IO groups of
+  random 64-cell chunks read by Ray Data tasks, a shuffle buffer, CSR to the consumer); RSS is
+  the process tree's (driver, Ray's processes and its object store), an upper bound;
+- ``censusvi-inprocess``: the same block shuffle read in the training process (``Cells``);
+- ``tiledbsoma-ml``: ``ExperimentDataset`` + ``experiment_dataloader`` (shuffle chunks of 64,
+  IO batches of 65,536, sparse X), its documented fast path;
+- ``contiguous``: plain 65,536-row block reads, the speed ceiling that mixes nothing.
+
+Each reports cells/s after a warm-up, peak RSS, and mixing: the mean number of distinct datasets
+per minibatch against a global shuffle's. RSS is also taken on the first quarter of the corpus
+(an obs filter) to show whether it grows with the corpus. Last line (a contract):
+``ingest speedup vs tiledbsoma-ml: X.XX``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+DATA = ROOT.parent / "shared" / "data" / "pbmc_zheng_sorted_donorA_mudan.h5ad"
+BATCH = 1024
+ASSAYS = ["10x 3' v2", "10x 3' v3", "10x 5' v1", "Smart-seq2"]
+
+
+def synthesise(out: Path, n_cells: int, n_datasets: int, seed: int = 0) -> None:
+    """Resampled real cells, dataset after dataset, written in storage order."""
+    import anndata as ad
+    import pyarrow as pa
+    import tiledbsoma
+
+    from censusvi.data.h5ad import gene_ids_and_symbols
+
+    base = ad.read_h5ad(DATA)
+    x = base.X.tocsr()
+    ids, symbols = gene_ids_and_symbols(base.var)
+    n_genes = x.shape[1]
+    exp = tiledbsoma.Experiment.create(str(out))
+    obs_schema = pa.schema(
+        [
+            ("soma_joinid", pa.int64()),
+            ("dataset_id", pa.large_string()),
+            ("assay", pa.large_string()),
+            ("suspension_type", pa.large_string()),
+            ("donor_id", pa.large_string()),
+            ("cell_type", pa.large_string()),
+            ("is_primary_data", pa.bool_()),
+            ("nnz", pa.int64()),
+            ("raw_sum", pa.float64()),
+        ]
+    )
+    obs = exp.add_new_dataframe("obs", schema=obs_schema, domain=[(0, n_cells - 1)])
+    ms = exp.add_new_collection("ms")
+    rna = ms.add_new_collection("RNA", tiledbsoma.Measurement)
+    var_schema = pa.schema(
+        [
+            ("soma_joinid", pa.int64()),
+            ("feature_id", pa.large_string()),
+            ("feature_name", pa.large_string()),
+        ]
+    )
+    var = rna.add_new_dataframe("var", schema=var_schema, domain=[(0, n_genes - 1)])
+    var.write(
+        pa.table(
+            {"soma_joinid": np.arange(n_genes), "feature_id": ids, "feature_name": symbols},
+            schema=var_schema,
+        )
+    )
+    X = rna.add_new_collection("X").add_new_sparse_ndarray(
+        "raw", type=pa.float32(), shape=(n_cells, n_genes)
+    )
+    fast = tiledbsoma.TileDBWriteOptions(sort_coords=False)  # rows come in storage order
+    rng = np.random.default_rng(seed)
+    labels = base.obs["cell_type"].astype(str).to_numpy()
+    per = -(-n_cells // n_datasets)
+    start = 0
+    for d in range(n_datasets):
+        stop = min(start + per, n_cells)
+        for s in range(start, stop, 25_000):
+            e = min(s + 25_000, stop)
+            pick = rng.integers(0, x.shape[0], e - s)
+            xs = x[pick]
+            nnz = np.diff(xs.indptr)
+            obs.write(
+                pa.table(
+                    {
+                        "soma_joinid": np.arange(s, e),
+                        "dataset_id": [f"dataset_{d:03d}"] * (e - s),
+                        "assay": [ASSAYS[d % len(ASSAYS)]] * (e - s),
+                        "suspension_type": ["cell" if d % 3 else "nucleus"] * (e - s),
+                        "donor_id": [f"donor_{d}_{i % 4}" for i in range(e - s)],
+                        "cell_type": labels[pick],
+                        "is_primary_data": np.ones(e - s, dtype=bool),
+                        "nnz": nnz.astype(np.int64),
+                        "raw_sum": np.asarray(xs.sum(1)).ravel().astype(np.float64),
+                    },
+                    schema=obs_schema,
+                )
+            )
+            rows = np.repeat(np.arange(s, e, dtype=np.int64), nnz)
+            X.write(
+                pa.table(
+                    {
+                        "soma_dim_0": rows,
+                        "soma_dim_1": xs.indices.astype(np.int64),
+                        "soma_data": xs.data.astype(np.float32),
+                    }
+                ),
+                platform_config=fast,
+            )
+        start = stop
+        print(f"  wrote dataset {d + 1}/{n_datasets} ({stop:,} cells)", flush=True)
+    exp.close()
+
+
+class PeakRSS:
+    """Peak resident memory of this process and its descendants, sampled every 0.2 s."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0
+            for p in [self.proc, *self.proc.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def _mean_distinct(codes: list[np.ndarray]) -> float:
+    return float(np.mean([len(np.unique(c)) for c in codes]))
+
+
+def run_loader(name: str, exp: str, obs_filter: str, max_cells: int) -> dict:
+    """Stream up to ``max_cells`` cells; cells/s is timed after the first 4 minibatches."""
+    rss = PeakRSS()
+    codes: list[np.ndarray] = []
+    t0, n, counted = None, 0, 0
+    for dataset_codes in _batches(name, exp, obs_filter):
+        codes.append(dataset_codes)
+        n += len(dataset_codes)
+        if len(codes) == 4:
+            t0, counted = time.perf_counter(), n
+        if n >= max_cells:
+            break
+    seconds = time.perf_counter() - t0
+    all_codes = np.concatenate(codes)
+    shuffled = np.random.default_rng(0).permutation(all_codes)
+    reference = _mean_distinct(np.array_split(shuffled, len(codes)))
+    return {
+        "loader": name,
+        "cells": n,
+        "cells_per_s": (n - counted) / seconds,
+        "peak_rss_gib": rss.stop() / 2**30,
+        "distinct_datasets": _mean_distinct(codes),
+        "distinct_global_shuffle": reference,
+    }
+
+
+def _batches(name: str, exp: str, obs_filter: str):
+    """Each loader's minibatches, as the dataset codes of their cells."""
+    if name == "tiledbsoma-ml":
+        import tiledbsoma
+        from tiledbsoma_ml import ExperimentDataset, experiment_dataloader
+
+        with tiledbsoma.Experiment.open(exp) as e:
+            query = e.axis_query("RNA", obs_query=tiledbsoma.AxisQuery(value_filter=obs_filter))
+            ds = ExperimentDataset(
+                query,
+                layer_name="raw",
+                obs_column_names=["dataset_id"],
+                batch_size=BATCH,
+                io_batch_size=65536,
+                shuffle_chunk_size=64,
+                shuffle=True,
+                seed=0,
+                return_sparse_X=True,
+            )
+            for _, obs in experiment_dataloader(ds):
+                yield obs["dataset_id"].to_numpy()
+        return
+    from censusvi.train.pretrain import DataConfig, PretrainConfig, plan_from
+
+    cfg = PretrainConfig(
+        DataConfig(source=exp, obs_filter=obs_filter, batch_keys=("dataset_id",), n_hvg=0)
+    )
+    plan = plan_from(cfg)
+    cells = plan.cells(np.arange(len(plan.source.obs)))
+    cells.preload = False
+    dataset = cells.covariates_nc[:, 0]
+    if name == "censusvi":
+        import ray
+
+        from censusvi.data.ray_stream import CellStream
+
+        ray.init(num_cpus=2, object_store_memory=1 << 30, include_dashboard=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        stream = CellStream(cells, (exp, obs_filter, None))
+        for table in stream.epoch(0).iter_batches(
+            batch_size=BATCH,
+            batch_format="pyarrow",
+            local_shuffle_buffer_size=32768,
+            local_shuffle_seed=0,
+            prefetch_batches=2,
+        ):
+            yield dataset[table.column("position").to_numpy()]
+        return
+    shuffle = name == "censusvi-inprocess"
+    cells.io_batch_cells = 16384 if shuffle else 65536
+    for pos, _, _ in cells.minibatches(BATCH, shuffle=shuffle, seed=0):
+        yield dataset[pos]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cells", type=int, default=2_000_000)
+    p.add_argument("--datasets", type=int, default=40)
+    p.add_argument("--measure-cells", type=int, default=400_000, help="cells streamed per loader")
+    p.add_argument("--loaders", default="censusvi,censusvi-inprocess,tiledbsoma-ml,contiguous")
+    p.add_argument("--experiment", help="reuse an experiment written by an earlier run")
+    p.add_argument("--child", nargs=3, metavar=("LOADER", "EXP", "FILTER"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(run_loader(*a.child, a.measure_cells)))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="censusvi-ingest-") as tmp:
+        exp = a.experiment or str(Path(tmp) / "corpus.soma")
+        if not a.experiment:
+            t0 = time.perf_counter()
+            synthesise(Path(exp), a.cells, a.datasets)
+            print(f"synthesised {a.cells:,} cells in {time.perf_counter() - t0:.0f} s", flush=True)
+        full = "is_primary_data == True"
+        quarter = f"is_primary_data == True and soma_joinid < {a.cells // 4}"
+        results = {}
+        for name in a.loaders.split(","):
+            for label, flt in (("full", full), ("quarter", quarter)):
+                if label == "quarter" and name != "censusvi":
+                    continue
+                cmd = [sys.executable, __file__, "--measure-cells", str(a.measure_cells)]
+                out = subprocess.run(
+                    [*cmd, "--child", name, exp, flt],
+                    capture_output=True,
+                    text=True,
+                    env=os.environ,
+                )
+                line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+                if out.returncode or not line.startswith("{"):
+                    print(f"{name}: failed\n{out.stderr[-2000:]}", flush=True)
+                    continue
+                results[(name, label)] = r = json.loads(line)
+                print(
+                    f"{name:20s} {label:8s} {r['cells_per_s']:10,.0f} cells/s  "
+                    f"RSS {r['peak_rss_gib']:5.2f} GiB  datasets/minibatch "
+                    f"{r['distinct_datasets']:5.1f} (global shuffle {r['distinct_global_shuffle']:.1f})",
+                    flush=True,
+                )
+    ours, theirs = results.get(("censusvi", "full")), results.get(("tiledbsoma-ml", "full"))
+    if ours and theirs:
+        print(f"ingest speedup vs tiledbsoma-ml: {ours['cells_per_s'] / theirs['cells_per_s']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
