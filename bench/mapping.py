@@ -143,6 +143,7 @@ def main() -> int:
     p.add_argument("--rotations", default="3pv1,3pv2,5p", help="query chemistries; '' skips")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rotation-epochs", type=int, default=400)
+    p.add_argument("--skip-speed", action="store_true", help="rotations only (no timed mapping)")
     a = p.parse_args()
     import scvi
     import torch
@@ -151,6 +152,8 @@ def main() -> int:
     if a.rotations:
         seeds = [int(s) for s in a.seeds.split(",")]
         run_rotations(a.data, a.rotations.split(","), seeds, a.rotation_epochs)
+    if a.skip_speed:
+        return 0
     scvi.settings.seed = 0
     full = pbmc(a.data)
     ref = full[full.obs["batch"] != a.query_batch].copy()

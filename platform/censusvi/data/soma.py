@@ -17,6 +17,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import scipy.sparse as sp
 
 from censusvi.data.counts import check_counts, to_csr32
@@ -172,13 +173,20 @@ class SomaSource:
 
     def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
         jid = self._joinids[rows]
-        tbl = self._x.read(coords=(jid,)).tables().concat()
-        row_of = np.full(int(jid[-1]) + 1, -1, dtype=np.int64)  # joinid -> row (sorted, so small)
-        row_of[jid] = np.arange(len(jid))
-        r = row_of[tbl["soma_dim_0"].to_numpy()]
+        tbl = self._x.read(coords=(pa.array(jid),)).tables().concat()
+        d0 = tbl["soma_dim_0"].to_numpy()
         c = self._col_of[tbl["soma_dim_1"].to_numpy()]
-        v = tbl["soma_data"].to_numpy().astype(np.float32)
-        return sp.csr_matrix((v, (r, c)), shape=(len(jid), len(self._var_joinids)))
+        v = tbl["soma_data"].to_numpy().astype(np.float32, copy=False)
+        shape = (len(jid), len(self._var_joinids))
+        # Entries come in runs of one cell each; look each run's cell up once, not each entry.
+        starts = np.flatnonzero(np.r_[True, d0[1:] != d0[:-1]]) if len(d0) else np.zeros(0, int)
+        run_rows = np.searchsorted(jid, d0[starts])  # joinids are sorted
+        run_lengths = np.diff(np.r_[starts, len(d0)])
+        if np.all(run_rows[1:] > run_rows[:-1]):  # one run per cell, in order: CSR as it is
+            indptr = np.zeros(len(jid) + 1, dtype=np.int64)
+            indptr[run_rows + 1] = run_lengths
+            return sp.csr_matrix((v, c, np.cumsum(indptr)), shape=shape)
+        return sp.csr_matrix((v, (np.repeat(run_rows, run_lengths), c)), shape=shape)
 
 
 def open_source(path: str, obs_filter: str | None = None, layer: str | None = None):

@@ -42,16 +42,24 @@ def batch_labels(obs: pd.DataFrame, keys: list[str] | tuple[str, ...], where: st
 
 
 def select_genes(x: sp.csr_matrix, alignment: GeneAlignment) -> sp.csr_matrix:
-    """Reorder columns to the model's gene order; absent model genes become all-zero columns."""
+    """Reorder columns to the model's gene order; absent model genes become all-zero columns.
+
+    Linear in the non-zeros and without a sort (it runs on every block read for training): the
+    kept entries keep their row order, so the row pointers are the running count of kept entries.
+    """
     index = alignment.data_index
+    if len(index) == x.shape[1] and np.array_equal(index, np.arange(len(index))):
+        return x.astype(np.float32, copy=False)  # the data's genes are the model's, in order
     remap = np.full(x.shape[1], -1, dtype=np.int64)
     present = np.flatnonzero(index >= 0)
     remap[index[present]] = present
     new_col = remap[x.indices]
     keep = new_col >= 0
-    row = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))[keep]
+    kept_before = np.concatenate([[0], np.cumsum(keep)])
     out = sp.csr_matrix(
-        (x.data[keep], (row, new_col[keep])), shape=(x.shape[0], len(index)), dtype=np.float32
+        (x.data[keep].astype(np.float32, copy=False), new_col[keep], kept_before[x.indptr]),
+        shape=(x.shape[0], len(index)),
     )
-    out.sum_duplicates()
+    if not x.has_canonical_format:
+        out.sum_duplicates()  # the input repeated entries (legal in CSR): add them up as before
     return out
