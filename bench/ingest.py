@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +138,8 @@ def synthesise(out: Path, n_cells: int, n_datasets: int, seed: int = 0) -> None:
 
 
 def tree_rss(root: int) -> int:
-    """Resident bytes of ``root`` and all its descendants (from /proc; Linux)."""
+    """Proportional set size (PSS) of ``root`` and all its descendants (from /proc; Linux):
+    shared pages, such as Ray's object store mapped into several processes, count once."""
     parent: dict[int, int] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -150,11 +152,13 @@ def tree_rss(root: int) -> int:
     while frontier:
         frontier = [p for p, pp in parent.items() if pp in frontier and p not in tree]
         tree.update(frontier)
-    page = os.sysconf("SC_PAGE_SIZE")
     total = 0
     for p in tree:
         try:
-            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * page
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
         except (OSError, ValueError, IndexError):
             pass
     return total
@@ -242,7 +246,8 @@ def _loader(name: str, exp: str, obs_filter: str):
     if name == "censusvi":
         import ray
 
-        from censusvi.data.ray_stream import CellStream
+        from censusvi.data.ray_stream import CellStream, arrow_to_csr
+        from censusvi.train.ray_trainer import STREAM_DEFAULTS as opts
 
         ray.init(
             num_cpus=2,
@@ -251,18 +256,26 @@ def _loader(name: str, exp: str, obs_filter: str):
             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "platform")}},
         )
         ray.data.DataContext.get_current().enable_progress_bars = False
+        cells = replace(
+            cells, io_batch_cells=opts["io_batch_cells"], shuffle_chunk=opts["shuffle_chunk"]
+        )
         tables = (
             CellStream(cells, (exp, obs_filter, None))
             .epoch(0)
             .iter_batches(
                 batch_size=BATCH,
                 batch_format="pyarrow",
-                local_shuffle_buffer_size=32768,
+                local_shuffle_buffer_size=opts["shuffle_buffer_cells"],
                 local_shuffle_seed=0,
                 prefetch_batches=2,
             )
         )
-        return (dataset[t.column("position").to_numpy()] for t in tables)
+        n_genes = len(plan.genes)
+        return (
+            dataset[t.column("position").to_numpy()]
+            for t in tables
+            if arrow_to_csr(t, n_genes)[0].shape[0]  # the CSR a training step would take
+        )
     shuffle = name == "censusvi-inprocess"
     cells.io_batch_cells = 16384 if shuffle else 65536
     return (dataset[pos] for pos, _, _ in cells.minibatches(BATCH, shuffle=shuffle, seed=0))

@@ -5,7 +5,7 @@ For each shared dataset with batches and cell-type labels (CellBench: 5 technolo
 50 latent, NB; all genes of the PBMC panel, the 2,000 most variable of CellBench; scvi-tools'
 epoch heuristic, 400 at this size) over ``--seeds``, and scored with scib-metrics' Benchmarker
 (total = 0.6 bio conservation + 0.4 batch correction, unscaled) beside PCA of log-normalised
-counts and Harmony (harmonypy) on that PCA, on the same cells. Last line:
+counts of the same genes (the model's HVGs) and Harmony (harmonypy) on that PCA, same cells. Last line:
 ``scib total censusvi - best baseline (worst dataset): X.XXX``.
 """
 
@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT / "platform"))
 from censusvi.evaluate.scib import harmony_baseline, integration_benchmark, pca_baseline  # noqa: E402
 from censusvi.inference import latent_representation  # noqa: E402
 from censusvi.train.loop import TrainConfig  # noqa: E402
-from censusvi.train.pretrain import DataConfig, PretrainConfig, pretrain  # noqa: E402
+from censusvi.data.h5ad import H5adSource  # noqa: E402
+from censusvi.train.pretrain import DataConfig, PretrainConfig, choose_genes, pretrain  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 DATASETS = {  # file, HVGs (0: every gene), HVG strata
@@ -35,8 +36,6 @@ DATASETS = {  # file, HVGs (0: every gene), HVG strata
 
 
 def censusvi_latent(path: Path, n_hvg: int, hvg_keys, seed: int, epochs: int) -> np.ndarray:
-    from censusvi.data.h5ad import H5adSource
-
     cfg = PretrainConfig(
         DataConfig(source=str(path), batch_keys=("batch",), n_hvg=n_hvg, hvg_keys=hvg_keys),
         train=TrainConfig(max_epochs=epochs, lr=1e-3, batch_size=128, seed=seed),
@@ -62,7 +61,12 @@ def main() -> int:
     for name in a.datasets.split(","):
         file, n_hvg, hvg_keys = DATASETS[name]
         adata = ad.read_h5ad(DATA / file)
-        pca = pca_baseline(adata)
+        source = H5adSource(DATA / file)
+        genes = choose_genes(
+            source, DataConfig(source=str(DATA / file), n_hvg=n_hvg, hvg_keys=hvg_keys)
+        )
+        columns = genes.align(source.var_ids, source.var_symbols, min_overlap=1.0).data_index
+        pca = pca_baseline(adata[:, columns])  # the genes the model sees
         base = {"X_pca": pca, "Harmony": harmony_baseline(pca, adata.obs["batch"])}
         totals = {"PCA": [], "Harmony": [], "censusvi": []}
         for seed in (int(s) for s in a.seeds.split(",")):

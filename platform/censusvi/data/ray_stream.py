@@ -12,15 +12,20 @@ corpus size; reads run in other processes while the worker trains.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
-import torch
 
 from censusvi.data.cells import Cells
-from censusvi.model.minibatch import Minibatch, minibatch_from_csr
+from censusvi.data.vocabulary import GeneAlignment
+
+if TYPE_CHECKING:  # the read tasks import this module: keep torch out of them
+    import torch
+
+    from censusvi.model.minibatch import Minibatch
 
 
 def csr_to_arrow(x: sp.csr_matrix, covariates_nc: np.ndarray, positions: np.ndarray) -> pa.Table:
@@ -53,21 +58,50 @@ def arrow_to_csr(table: pa.Table, n_genes: int) -> tuple[sp.csr_matrix, np.ndarr
     return x, cov.flatten().to_numpy().reshape(len(table), width).astype(np.int64)
 
 
+_SOMA_X: dict[tuple[str, str], object] = {}  # one open count matrix per read process
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """What a read task needs, shipped once through the object store: no source object (tasks
+    reopen it) and, for SOMA, joinids instead of obs rows so that tasks never read obs."""
+
+    soma: bool
+    rows: np.ndarray  # per position: SOMA joinid, or the h5ad source's row
+    alignment: GeneAlignment
+    covariates_nc: np.ndarray
+
+
 def _read_group(
     batch: dict[str, np.ndarray],
     source_args: tuple[str, str | None, str | None],
-    cells_ref,
+    plan_ref,
     seed: int,
 ) -> pa.Table:
     """Ray Data task: the cells of one IO group, read in storage order, shuffled."""
     import ray
 
-    from censusvi.data.ray_hvg import _source
+    from censusvi.data.counts import check_counts
+    from censusvi.data.source import select_genes
 
-    template: Cells = ray.get(cells_ref)
-    cells = replace(template, source=_source(*source_args), preload=False)
+    plan: ReadPlan = ray.get(plan_ref)
     positions = np.sort(batch["positions"][0])
-    x, cov = cells.read(positions)
+    rows = plan.rows[positions]
+    uri, obs_filter, layer = source_args
+    if plan.soma:
+        from censusvi.data.soma import X_LAYER, SomaX
+
+        key = (uri, layer or X_LAYER)
+        if key not in _SOMA_X:
+            _SOMA_X[key] = SomaX(*key)
+        x = _SOMA_X[key].read(rows)
+    else:
+        from censusvi.data.ray_hvg import _source
+
+        x = _source(uri, obs_filter, layer).read_rows(rows)
+    check_counts(x, f"{uri} (cells {rows[0]}..{rows[-1]})")
+    x = select_genes(x, plan.alignment)
+    cov = plan.covariates_nc[positions]
     perm = np.random.default_rng([seed, int(batch["group"][0])]).permutation(len(positions))
     return csr_to_arrow(x[perm], cov[perm], positions[perm])
 
@@ -91,8 +125,12 @@ class CellStream:
         self.cells = replace(cells, preload=False)
         self.source_args = source_args
         self.read_cpus, self.concurrency = read_cpus, concurrency
-        # rows, covariates and gene alignment go to the object store once; tasks reopen the source
-        self._template = ray.put(replace(self.cells, source=None, _cache=None))
+        from censusvi.data.soma import SomaSource
+
+        src = cells.source
+        soma = isinstance(src, SomaSource)
+        rows = src.joinids(cells.rows) if soma else cells.rows
+        self._plan = ray.put(ReadPlan(soma, rows, cells.alignment, cells.covariates_nc))
 
     def epoch(self, seed: int):
         import ray
@@ -104,7 +142,7 @@ class CellStream:
             _read_group,
             batch_size=1,
             batch_format="numpy",
-            fn_args=(self.source_args, self._template, seed),
+            fn_args=(self.source_args, self._plan, seed),
             num_cpus=self.read_cpus,
             concurrency=self.concurrency,
         )
@@ -123,6 +161,8 @@ def stream_minibatches(
     (batch norm needs several; scvi-tools skips them too). Every DDP rank holds the same number
     of cells, so every rank takes the same number of steps. Cells with no counts over the model's
     genes are left out of their minibatch."""
+    from censusvi.model.minibatch import minibatch_from_csr
+
     for table in ds.iter_batches(
         batch_size=batch_size,
         batch_format="pyarrow",

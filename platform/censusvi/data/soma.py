@@ -145,34 +145,23 @@ def open_experiment(uri: str):
         raise ValueError(f"cannot open {uri} as a SOMA experiment ({type(e).__name__}: {e})") from e
 
 
-class SomaSource:
-    """Cells of a SOMA experiment's ``RNA`` measurement passing ``obs_filter`` (a SOMA value filter)."""
+class SomaX:
+    """The count matrix of a SOMA experiment, read by cell joinid. Opening it reads var only,
+    not obs: what a read task on another process needs (obs is gigabytes at Census scale)."""
 
-    def __init__(self, uri: str, obs_filter: str | None = None, x_layer: str = X_LAYER) -> None:
-        import tiledbsoma
-
+    def __init__(self, uri: str, x_layer: str = X_LAYER) -> None:
         self.uri = str(uri)
         self.exp = open_experiment(self.uri)
         ms = self.exp.ms[MEASUREMENT]
-        try:
-            obs = self.exp.obs.read(value_filter=obs_filter).concat().to_pandas()
-        except Exception as e:
-            cols = list(self.exp.obs.schema.names)
-            raise ValueError(
-                f"obs filter {obs_filter!r} failed on {uri}: {e}; obs has {cols}"
-            ) from e
-        self.obs = obs.sort_values("soma_joinid").reset_index(drop=True)
-        self._joinids = self.obs["soma_joinid"].to_numpy()
         var = ms.var.read().concat().to_pandas().sort_values("soma_joinid")
+        self.var = var
         self._var_joinids = var["soma_joinid"].to_numpy()
         self._col_of = np.full(int(self._var_joinids.max()) + 1, -1, dtype=np.int64)
         self._col_of[self._var_joinids] = np.arange(len(self._var_joinids))
-        self.var_ids = var["feature_id"].astype(str).tolist()
-        self.var_symbols = var["feature_name"].astype(str).tolist()
-        self._x: tiledbsoma.SparseNDArray = ms.X[x_layer]
+        self._x = ms.X[x_layer]
 
-    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
-        jid = self._joinids[rows]
+    def read(self, jid: np.ndarray) -> sp.csr_matrix:
+        """CSR of the cells ``jid`` (sorted joinids) over every gene, in var joinid order."""
         tbl = self._x.read(coords=(pa.array(jid),)).tables().concat()
         d0 = tbl["soma_dim_0"].to_numpy()
         c = self._col_of[tbl["soma_dim_1"].to_numpy()]
@@ -187,6 +176,32 @@ class SomaSource:
             indptr[run_rows + 1] = run_lengths
             return sp.csr_matrix((v, c, np.cumsum(indptr)), shape=shape)
         return sp.csr_matrix((v, (np.repeat(run_rows, run_lengths), c)), shape=shape)
+
+
+class SomaSource:
+    """Cells of a SOMA experiment's ``RNA`` measurement passing ``obs_filter`` (a SOMA value filter)."""
+
+    def __init__(self, uri: str, obs_filter: str | None = None, x_layer: str = X_LAYER) -> None:
+        self.uri = str(uri)
+        self.x = SomaX(uri, x_layer)
+        self.exp = self.x.exp
+        try:
+            obs = self.exp.obs.read(value_filter=obs_filter).concat().to_pandas()
+        except Exception as e:
+            cols = list(self.exp.obs.schema.names)
+            raise ValueError(
+                f"obs filter {obs_filter!r} failed on {uri}: {e}; obs has {cols}"
+            ) from e
+        self.obs = obs.sort_values("soma_joinid").reset_index(drop=True)
+        self._joinids = self.obs["soma_joinid"].to_numpy()
+        self.var_ids = self.x.var["feature_id"].astype(str).tolist()
+        self.var_symbols = self.x.var["feature_name"].astype(str).tolist()
+
+    def joinids(self, rows: np.ndarray) -> np.ndarray:
+        return self._joinids[rows]
+
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        return self.x.read(self._joinids[rows])
 
 
 def open_source(path: str, obs_filter: str | None = None, layer: str | None = None):
