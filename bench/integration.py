@@ -22,10 +22,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
+from censusvi.data.h5ad import H5adSource  # noqa: E402
 from censusvi.evaluate.scib import harmony_baseline, integration_benchmark, pca_baseline  # noqa: E402
 from censusvi.inference import latent_representation  # noqa: E402
 from censusvi.train.loop import TrainConfig  # noqa: E402
-from censusvi.data.h5ad import H5adSource  # noqa: E402
 from censusvi.train.pretrain import DataConfig, PretrainConfig, choose_genes, pretrain  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
