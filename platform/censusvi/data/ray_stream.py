@@ -2,7 +2,8 @@
 
 Each epoch, a worker's cells are cut into IO groups (``Cells.io_groups``: random contiguous
 chunks from across the corpus, read in storage order) and every group becomes one Ray Data read
-task, which opens the source itself, aligns the genes to the model and returns the group's cells
+task, which opens the count matrix itself (for SOMA: X and var, never obs), aligns the genes to
+the model and returns the group's cells
 shuffled as one Arrow block: list columns hold the CSR rows, so nothing is densified before the
 device. The worker draws minibatches through a local shuffle buffer spanning several blocks.
 Memory stays bounded by Ray Data's backpressure (blocks in flight) plus the buffer, whatever the

@@ -195,6 +195,6 @@ def nb_nll_from_logits(
     """Per-cell NB negative log-likelihood from decoder logits (see ``_NBNllFromLogits``).
     Always fp32: under bf16 autocast its matrix products would otherwise round the likelihood."""
     with torch.autocast(logits_ng.device.type, enabled=False):
-        return _NBNllFromLogits.apply(
-            logits_ng.float(), log_lib_n1.float(), theta, nz.row, nz.col, nz.value
-        )
+        half = (torch.bfloat16, torch.float16)
+        logits_ng = logits_ng.float() if logits_ng.dtype in half else logits_ng
+        return _NBNllFromLogits.apply(logits_ng, log_lib_n1, theta, nz.row, nz.col, nz.value)

@@ -65,6 +65,11 @@ class LossOutput:
         return self.reconstruction_n + self.kl_n
 
 
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """fp32 for a half-precision tensor (bf16 autocast); fp32 and fp64 pass unchanged."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 class GaussianEncoder(nn.Module):
     """FC stack -> mean and variance of a diagonal Gaussian (scvi-tools' ``Encoder``)."""
 
@@ -80,8 +85,8 @@ class GaussianEncoder(nn.Module):
         self, h_ng: torch.Tensor, covariates_nc: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.fc(h_ng, covariates_nc if self.encode_covariates else None)
-        # .float(): under bf16 autocast the layers compute in bf16, the likelihood stays fp32
-        return self.mean(q).float(), torch.exp(self.var(q).float()) + VAR_EPS
+        # under bf16 autocast the layers compute in bf16, the likelihood stays fp32
+        return full_precision(self.mean(q)), torch.exp(full_precision(self.var(q))) + VAR_EPS
 
 
 class Decoder(nn.Module):
@@ -97,8 +102,8 @@ class Decoder(nn.Module):
         self, z_nk: torch.Tensor, covariates_nc: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.fc(z_nk, covariates_nc)
-        zi = self.zi_logits(h).float() if self.zi_logits is not None else None
-        return self.scale(h).float(), zi
+        zi = full_precision(self.zi_logits(h)) if self.zi_logits is not None else None
+        return full_precision(self.scale(h)), zi
 
 
 class VAE(nn.Module):
