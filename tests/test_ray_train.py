@@ -34,6 +34,7 @@ def test_two_workers_train_register_and_embed_identically(local_ray, tmp_path, m
         str(tmp_path / "m"),
         num_workers=2,
         storage_path=str(tmp_path / "ray"),
+        stream={"mode": "ray_data", "io_batch_cells": 64, "shuffle_buffer_cells": 128},
     )
     assert len(history.epochs) == 3 and history.epochs[-1].val_elbo < history.epochs[0].val_elbo
     assert model.provenance["num_workers"] == 2
@@ -84,6 +85,7 @@ def test_worker_failure_resumes_from_checkpoint(local_ray, tmp_path):
         storage_path=str(tmp_path / "ray"),
         max_failures=2,
         inject_failure={"epoch": 2, "marker": str(marker)},
+        stream={"mode": "ray_data"},
     )
     assert marker.read_text() == "worker failed at epoch 2"  # it really failed mid-run
     assert [e.epoch for e in history.epochs] == [0, 1, 2, 3]  # and resumed: epochs 0-1 not redone

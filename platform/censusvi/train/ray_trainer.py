@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 # four such blocks so that minibatches mix datasets; read tasks reserve no CPU (the workers hold
 # them all).
 STREAM_DEFAULTS = {
+    "mode": "auto",  # ray_data | memory | auto: memory when the worker's shard fits (Cells.preload)
     "io_batch_cells": 4096,
     "shuffle_chunk": 64,
     "shuffle_buffer_cells": 16384,
@@ -96,6 +97,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             history = History.from_dict(json.loads((Path(d) / "history.json").read_text()))
     model = ray.train.torch.prepare_model(vae, move_to_device=False)
     data, opts = plan.cfg.data, {**STREAM_DEFAULTS, **(config.get("stream") or {})}
+    mode = opts["mode"]
+    if mode not in ("auto", "ray_data", "memory"):
+        raise ValueError(f"stream.mode={mode!r}: choose auto, ray_data or memory")
+    in_memory = mode == "memory" or (mode == "auto" and train_cells.preload)
     stream = CellStream(
         replace(
             train_cells, shuffle_chunk=opts["shuffle_chunk"], io_batch_cells=opts["io_batch_cells"]
@@ -105,6 +110,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
     def train_batches(seed: int):
+        if in_memory:  # the shard was read once and is kept: reading it again each epoch is waste
+            return (
+                minibatch_from_csr(x, c, device, with_counts=vae.needs_dense_counts)
+                for _, x, c in train_cells.minibatches(t.batch_size, shuffle=True, seed=seed)
+            )
         return stream_minibatches(
             stream.epoch(seed),
             t.batch_size,
@@ -129,13 +139,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ):
             Path(failure["marker"]).write_text(f"worker failed at epoch {epoch}")
             raise RuntimeError(f"injected worker failure at epoch {epoch}")
-        torch.manual_seed(t.seed * 100_003 + epoch * 1009 + rank)
+        torch.manual_seed(t.seed * 100_003 + epoch + rank * 1009)  # rank 0: as `fit`
         kl_w = kl_weight(epoch, t.n_epochs_kl_warmup)
         t0 = time.perf_counter()
         loss, n = train_epoch(
             model,
             opt,
-            train_batches(t.seed * 1_000_003 + epoch * 7919 + rank),
+            train_batches(t.seed * 1_000_003 + epoch + rank * 7919),  # rank 0: as `pretrain`
             kl_w,
             autocast=autocast_dtype(t.precision, device),
         )
