@@ -97,24 +97,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             history = History.from_dict(json.loads((Path(d) / "history.json").read_text()))
     model = ray.train.torch.prepare_model(vae, move_to_device=False)
     data, opts = plan.cfg.data, {**STREAM_DEFAULTS, **(config.get("stream") or {})}
-    mode = opts["mode"]
-    if mode not in ("auto", "ray_data", "memory"):
-        raise ValueError(f"stream.mode={mode!r}: choose auto, ray_data or memory")
-    in_memory = mode == "memory" or (mode == "auto" and train_cells.preload)
-    stream = CellStream(
-        replace(
-            train_cells, shuffle_chunk=opts["shuffle_chunk"], io_batch_cells=opts["io_batch_cells"]
-        ),
-        (data.source, data.obs_filter, data.layer),
-        opts["read_cpus"],
-    )
+    # a shard that fits is read once and kept (auto); reading it again each epoch is waste
+    in_memory = opts["mode"] == "memory" or (opts["mode"] == "auto" and train_cells.preload)
+    stream = None
+    if not in_memory:
+        stream = CellStream(
+            replace(
+                train_cells,
+                shuffle_chunk=opts["shuffle_chunk"],
+                io_batch_cells=opts["io_batch_cells"],
+            ),
+            (data.source, data.obs_filter, data.layer),
+            opts["read_cpus"],
+        )
+
+    def batches(cells, shuffle: bool, seed: int):
+        for _, x, c in cells.minibatches(t.batch_size, shuffle=shuffle, seed=seed):
+            yield minibatch_from_csr(x, c, device, with_counts=vae.needs_dense_counts)
 
     def train_batches(seed: int):
-        if in_memory:  # the shard was read once and is kept: reading it again each epoch is waste
-            return (
-                minibatch_from_csr(x, c, device, with_counts=vae.needs_dense_counts)
-                for _, x, c in train_cells.minibatches(t.batch_size, shuffle=True, seed=seed)
-            )
+        if stream is None:
+            return batches(train_cells, True, seed)
         return stream_minibatches(
             stream.epoch(seed),
             t.batch_size,
@@ -124,10 +127,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             opts["shuffle_buffer_cells"],
             with_counts=vae.needs_dense_counts,
         )
-
-    def val_batches():
-        for _, x, c in val_cells.minibatches(t.batch_size, shuffle=False):
-            yield minibatch_from_csr(x, c, device, with_counts=vae.needs_dense_counts)
 
     failure = config.get("inject_failure")  # fault-injection hook for tests: {"epoch", "marker"}
     for epoch in range(len(history.epochs), t.max_epochs):
@@ -150,7 +149,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             autocast=autocast_dtype(t.precision, device),
         )
         seconds = time.perf_counter() - t0
-        terms = validation_terms(model, val_batches()) if val_cells is not None else None
+        terms = (
+            validation_terms(model, batches(val_cells, False, 0)) if val_cells is not None else None
+        )
         has_val = terms is not None and terms.n_cells > 0
         v_n = terms.n_cells if has_val else 0
         v_rec, v_kl = (terms.reconstruction * v_n, terms.kl * v_n) if has_val else (0.0, 0.0)
@@ -204,6 +205,9 @@ def pretrain_distributed(
     unknown = sorted(set(stream or {}) - set(STREAM_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown stream setting(s) {unknown}; known: {sorted(STREAM_DEFAULTS)}")
+    mode = (stream or {}).get("mode", STREAM_DEFAULTS["mode"])
+    if mode not in ("auto", "ray_data", "memory"):
+        raise ValueError(f"stream.mode={mode!r}: choose auto, ray_data or memory")
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
