@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -42,7 +43,9 @@ BATCH = 1024
 ASSAYS = ["10x 3' v2", "10x 3' v3", "10x 5' v1", "Smart-seq2"]
 
 
-def synthesise(out: Path, n_cells: int, n_datasets: int, seed: int = 0) -> None:
+def synthesise(
+    out: Path, n_cells: int, n_datasets: int, seed: int = 0, row_tile: int = 2048
+) -> None:
     """Resampled real cells, dataset after dataset, written in storage order."""
     import anndata as ad
     import pyarrow as pa
@@ -88,7 +91,7 @@ def synthesise(out: Path, n_cells: int, n_datasets: int, seed: int = 0) -> None:
     # One column tile spanning every gene: the global order is then plain row-major, so rows
     # written in order need no sort (sort_coords=False), and a row's genes are one read.
     layout = tiledbsoma.TileDBCreateOptions(
-        dims={"soma_dim_0": {"tile": 2048}, "soma_dim_1": {"tile": n_genes}}
+        dims={"soma_dim_0": {"tile": row_tile}, "soma_dim_1": {"tile": n_genes}}
     )
     X = rna.add_new_collection("X").add_new_sparse_ndarray(
         "raw", type=pa.float32(), shape=(n_cells, n_genes), platform_config=layout
@@ -165,19 +168,23 @@ def tree_rss(root: int) -> int:
 
 
 class PeakRSS:
-    """Peak resident memory of this process and its descendants, sampled every 0.2 s."""
+    """Peak memory of this process and, with ``tree``, of all its descendants: the process tree's
+    PSS sampled every second (reading smaps walks page tables: sampling more often slowed the
+    loaders measurably); for a single process, the kernel's exact peak RSS (no sampling)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tree: bool) -> None:
         self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._run, daemon=True) if tree else None
+        if self._thread:
+            self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.wait(1.0):
             self.peak = max(self.peak, tree_rss(os.getpid()))
-            time.sleep(0.2)
 
     def stop(self) -> int:
+        if self._thread is None:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self._stop.set()
         self._thread.join()
         return self.peak
@@ -187,17 +194,22 @@ def _mean_distinct(codes: list[np.ndarray]) -> float:
     return float(np.mean([len(np.unique(c)) for c in codes]))
 
 
-def run_loader(name: str, exp: str, obs_filter: str, max_cells: int) -> dict:
-    """Stream up to ``max_cells`` cells; cells/s counts from the loader's first read (its setup,
-    e.g. reading obs, excluded) to the last minibatch, so every IO batch's read is inside."""
-    rss = PeakRSS()
-    minibatches = _loader(name, exp, obs_filter)
+def run_loader(
+    name: str, exp: str, obs_filter: str, max_cells: int, stream: dict, warmup: int
+) -> dict:
+    """Stream ``warmup`` cells, then ``max_cells`` more: cells/s counts from the end of the
+    warm-up (which takes in each loader's setup: starting its reads, Ray's worker processes) to
+    the last minibatch; mixing and memory cover the whole run."""
+    rss = PeakRSS(tree=name == "censusvi")  # the only loader with other processes
+    minibatches = _loader(name, exp, obs_filter, stream)
     baseline = tree_rss(os.getpid())  # set up (obs read; for Ray: the idle local cluster)
     codes: list[np.ndarray] = []
-    n, t0 = 0, time.perf_counter()
+    n, t0 = -warmup, None
     for dataset_codes in minibatches:
         codes.append(dataset_codes)
         n += len(dataset_codes)
+        if t0 is None and n >= 0:
+            n, t0 = 0, time.perf_counter()
         if n >= max_cells:
             break
     seconds = time.perf_counter() - t0
@@ -214,8 +226,9 @@ def run_loader(name: str, exp: str, obs_filter: str, max_cells: int) -> dict:
     }
 
 
-def _loader(name: str, exp: str, obs_filter: str):
-    """Each loader, set up, as an iterator of its minibatches' dataset codes (not yet started)."""
+def _loader(name: str, exp: str, obs_filter: str, stream: dict):
+    """Each loader, set up, as an iterator of its minibatches' dataset codes (not yet started).
+    ``stream`` overrides our loaders' settings (``STREAM_DEFAULTS``' keys)."""
     if name == "tiledbsoma-ml":
         import tiledbsoma
         from tiledbsoma_ml import ExperimentDataset, experiment_dataloader
@@ -235,6 +248,9 @@ def _loader(name: str, exp: str, obs_filter: str):
         )
         return (obs["dataset_id"].to_numpy() for _, obs in experiment_dataloader(ds))
     from censusvi.train.pretrain import DataConfig, PretrainConfig, plan_from
+    from censusvi.train.ray_trainer import STREAM_DEFAULTS
+
+    opts = {**STREAM_DEFAULTS, **stream}
 
     cfg = PretrainConfig(
         DataConfig(source=exp, obs_filter=obs_filter, batch_keys=("dataset_id",), n_hvg=0)
@@ -247,11 +263,10 @@ def _loader(name: str, exp: str, obs_filter: str):
         import ray
 
         from censusvi.data.ray_stream import CellStream, arrow_to_csr
-        from censusvi.train.ray_trainer import STREAM_DEFAULTS as opts
 
         ray.init(
             num_cpus=2,
-            object_store_memory=1 << 30,
+            object_store_memory=int(os.environ.get("OSM", 1 << 30)),
             include_dashboard=False,
             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "platform")}},
         )
@@ -260,13 +275,13 @@ def _loader(name: str, exp: str, obs_filter: str):
             cells, io_batch_cells=opts["io_batch_cells"], shuffle_chunk=opts["shuffle_chunk"]
         )
         tables = (
-            CellStream(cells, (exp, obs_filter, None))
+            CellStream(cells, (exp, obs_filter, None), opts["read_cpus"], opts["read_tasks"])
             .epoch(0)
             .iter_batches(
                 batch_size=BATCH,
                 batch_format="pyarrow",
-                local_shuffle_buffer_size=opts["shuffle_buffer_cells"],
-                local_shuffle_seed=0,
+                local_shuffle_buffer_size=opts["shuffle_buffer_cells"] or None,
+                local_shuffle_seed=0 if opts["shuffle_buffer_cells"] else None,
                 prefetch_batches=2,
             )
         )
@@ -277,7 +292,8 @@ def _loader(name: str, exp: str, obs_filter: str):
             if arrow_to_csr(t, n_genes)[0].shape[0]  # the CSR a training step would take
         )
     shuffle = name == "censusvi-inprocess"
-    cells.io_batch_cells = 16384 if shuffle else 65536
+    cells.io_batch_cells = opts["io_batch_cells"] if shuffle else 65536
+    cells.shuffle_chunk = opts["shuffle_chunk"]
     return (dataset[pos] for pos, _, _ in cells.minibatches(BATCH, shuffle=shuffle, seed=0))
 
 
@@ -285,13 +301,27 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", type=int, default=2_000_000)
     p.add_argument("--datasets", type=int, default=40)
-    p.add_argument("--measure-cells", type=int, default=400_000, help="cells streamed per loader")
+    p.add_argument(
+        "--measure-cells",
+        type=int,
+        default=6 * 65_536,
+        help="cells timed per loader (a multiple of tiledbsoma-ml's IO batch: each read inside)",
+    )
+    p.add_argument(
+        "--warmup-cells", type=int, default=65_536, help="cells streamed before the clock starts"
+    )
     p.add_argument("--loaders", default="censusvi,censusvi-inprocess,tiledbsoma-ml,contiguous")
     p.add_argument("--experiment", help="reuse an experiment written by an earlier run")
+    p.add_argument(
+        "--stream",
+        default="",
+        help="our loaders' settings, e.g. shuffle_chunk=128,io_batch_cells=32768 (ints)",
+    )
     p.add_argument("--child", nargs=3, metavar=("LOADER", "EXP", "FILTER"), help=argparse.SUPPRESS)
     a = p.parse_args()
+    stream = {k: int(v) for k, v in (kv.split("=") for kv in a.stream.split(",") if kv)}
     if a.child:
-        print(json.dumps(run_loader(*a.child, a.measure_cells)))
+        print(json.dumps(run_loader(*a.child, a.measure_cells, stream, a.warmup_cells)))
         return 0
     with tempfile.TemporaryDirectory(prefix="censusvi-ingest-") as tmp:
         exp = a.experiment or str(Path(tmp) / "corpus.soma")
@@ -307,6 +337,7 @@ def main() -> int:
                 if label == "quarter" and name != "censusvi":
                     continue
                 cmd = [sys.executable, __file__, "--measure-cells", str(a.measure_cells)]
+                cmd += ["--stream", a.stream, "--warmup-cells", str(a.warmup_cells)]
                 out = subprocess.run(
                     [*cmd, "--child", name, exp, flt],
                     capture_output=True,

@@ -79,3 +79,61 @@ def test_census_uri_opens_through_cellxgene_census(soma_exp, monkeypatch):
     src = SomaSource("census://2025-11-08", obs_filter=CENSUS_FILTER)
     assert asked == {"version": "2025-11-08"} and len(src.obs) > 0
     assert src.read_rows(np.arange(3)).shape == (3, len(src.var_ids))
+
+
+def test_cells_split_over_fragments_and_sparse_var_joinids(tmp_path):
+    """Column tiles narrower than the genes (TileDB then returns a cell's entries in several
+    runs), a cell's counts in two writes (two fragments) and var joinids that are not 0..n-1:
+    the cells still read back as written, empty ones included."""
+    import pyarrow as pa
+    import scipy.sparse as sp
+    import tiledbsoma
+
+    from censusvi.data.soma import SomaX
+
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(0.5, (30, 12)).astype(np.float32)
+    dense[[3, 17]] = 0  # empty cells
+    var_joinids = np.arange(12) * 3 + 5  # gaps: a lookup is needed
+    exp = tiledbsoma.Experiment.create(str(tmp_path / "e.soma"))
+    exp.add_new_dataframe("obs", schema=pa.schema([("soma_joinid", pa.int64())]), domain=[(0, 29)])
+    rna = exp.add_new_collection("ms").add_new_collection("RNA", tiledbsoma.Measurement)
+    var_schema = pa.schema([("soma_joinid", pa.int64()), ("feature_id", pa.large_string())])
+    var = rna.add_new_dataframe("var", schema=var_schema, domain=[(0, 100)])
+    var.write(pa.table({"soma_joinid": var_joinids, "feature_id": [f"g{i}" for i in range(12)]}))
+    X = rna.add_new_collection("X").add_new_sparse_ndarray(
+        "raw",
+        type=pa.float32(),
+        shape=(30, 101),
+        platform_config=tiledbsoma.TileDBCreateOptions(
+            dims={"soma_dim_0": {"tile": 8}, "soma_dim_1": {"tile": 16}}
+        ),
+    )
+    coo = sp.coo_matrix(dense)
+    first = coo.col < 6  # each cell's first genes in one write, the rest in another
+    for part in (first, ~first):
+        X.write(
+            pa.table(
+                {
+                    "soma_dim_0": coo.row[part].astype(np.int64),
+                    "soma_dim_1": var_joinids[coo.col[part]],
+                    "soma_data": coo.data[part],
+                }
+            )
+        )
+    exp.close()
+    jid = np.array([0, 3, 4, 17, 18, 29])
+    x = SomaX(str(tmp_path / "e.soma")).read(jid)
+    np.testing.assert_array_equal(x.toarray(), dense[jid])
+
+
+def test_training_reads_only_the_obs_columns_it_needs(soma_exp):
+    """A run's plan holds the batch/HVG keys, not every obs column (Census obs is tens of columns
+    for 74 M cells); a key that obs lacks is named with the columns it has."""
+    from censusvi.train.pretrain import DataConfig, PretrainConfig, plan_from
+
+    out = str(soma_exp[0])
+    plan = plan_from(PretrainConfig(DataConfig(source=out, batch_keys=("dataset_id",), n_hvg=0)))
+    assert set(plan.source.obs.columns) == {"soma_joinid", "dataset_id", "assay", "suspension_type"}
+    with pytest.raises(ValueError, match=r"\['donor'\] not in obs; obs has .*'donor_id'"):
+        plan_from(PretrainConfig(DataConfig(source=out, batch_keys=("donor",), n_hvg=0)))

@@ -32,13 +32,17 @@ if TYPE_CHECKING:  # the read tasks import this module: keep torch out of them
 def csr_to_arrow(x: sp.csr_matrix, covariates_nc: np.ndarray, positions: np.ndarray) -> pa.Table:
     """One row per cell: its position in the worker's cells, gene indices and counts (CSR rows as
     Arrow lists) and covariate codes."""
-    offsets = pa.array(x.indptr.astype(np.int32))
+    offsets = pa.array(x.indptr.astype(np.int32, copy=False))
     cov = np.ascontiguousarray(covariates_nc, dtype=np.int32)
     return pa.table(
         {
-            "position": pa.array(positions.astype(np.int64)),
-            "indices": pa.ListArray.from_arrays(offsets, pa.array(x.indices.astype(np.int32))),
-            "counts": pa.ListArray.from_arrays(offsets, pa.array(x.data.astype(np.float32))),
+            "position": pa.array(positions.astype(np.int64, copy=False)),
+            "indices": pa.ListArray.from_arrays(
+                offsets, pa.array(x.indices.astype(np.int32, copy=False))
+            ),
+            "counts": pa.ListArray.from_arrays(
+                offsets, pa.array(x.data.astype(np.float32, copy=False))
+            ),
             "covariates": pa.FixedSizeListArray.from_arrays(pa.array(cov.ravel()), cov.shape[1]),
         }
     )

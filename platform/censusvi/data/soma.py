@@ -156,37 +156,65 @@ class SomaX:
         var = ms.var.read().concat().to_pandas().sort_values("soma_joinid")
         self.var = var
         self._var_joinids = var["soma_joinid"].to_numpy()
-        self._col_of = np.full(int(self._var_joinids.max()) + 1, -1, dtype=np.int64)
-        self._col_of[self._var_joinids] = np.arange(len(self._var_joinids))
+        n_var = len(self._var_joinids)
+        # var joinids 0..n-1 (the Census's) need no lookup: a column is its joinid
+        self._col_of: np.ndarray | None = None
+        if not np.array_equal(self._var_joinids, np.arange(n_var)):
+            self._col_of = np.full(int(self._var_joinids.max()) + 1, -1, dtype=np.int32)
+            self._col_of[self._var_joinids] = np.arange(n_var, dtype=np.int32)
         self._x = ms.X[x_layer]
 
     def read(self, jid: np.ndarray) -> sp.csr_matrix:
-        """CSR of the cells ``jid`` (sorted joinids) over every gene, in var joinid order."""
+        """CSR of the cells ``jid`` (sorted joinids) over every gene, in var joinid order.
+
+        Built in few passes over the entries (this runs on every training read): TileDB returns
+        each cell's entries as one run, in joinid order, so the row pointers are where each
+        joinid's run starts; all index arrays are int32 so scipy need not scan them."""
         tbl = self._x.read(coords=(pa.array(jid),)).tables().concat()
         d0 = tbl["soma_dim_0"].to_numpy()
-        c = self._col_of[tbl["soma_dim_1"].to_numpy()]
+        d1 = tbl["soma_dim_1"].to_numpy()
         v = tbl["soma_data"].to_numpy().astype(np.float32, copy=False)
-        shape = (len(jid), len(self._var_joinids))
-        # Entries come in runs of one cell each; look each run's cell up once, not each entry.
-        starts = np.flatnonzero(np.r_[True, d0[1:] != d0[:-1]]) if len(d0) else np.zeros(0, int)
-        run_rows = np.searchsorted(jid, d0[starts])  # joinids are sorted
-        run_lengths = np.diff(np.r_[starts, len(d0)])
-        if np.all(run_rows[1:] > run_rows[:-1]):  # one run per cell, in order: CSR as it is
-            indptr = np.zeros(len(jid) + 1, dtype=np.int64)
-            indptr[run_rows + 1] = run_lengths
-            return sp.csr_matrix((v, c, np.cumsum(indptr)), shape=shape)
-        return sp.csr_matrix((v, (np.repeat(run_rows, run_lengths), c)), shape=shape)
+        if len(d0) > 1 and not np.all(d0[1:] >= d0[:-1]):  # rows split over fragments
+            order = np.argsort(d0, kind="stable")
+            d0, d1, v = d0[order], d1[order], v[order]
+        cols = d1.astype(np.int32) if self._col_of is None else self._col_of[d1]
+        indptr = np.empty(len(jid) + 1, dtype=np.int32 if len(d0) < 2**31 else np.int64)
+        indptr[:-1] = np.searchsorted(d0, jid)
+        indptr[-1] = len(d0)
+        return sp.csr_matrix((v, cols, indptr), shape=(len(jid), len(self._var_joinids)))
 
 
 class SomaSource:
     """Cells of a SOMA experiment's ``RNA`` measurement passing ``obs_filter`` (a SOMA value filter)."""
 
-    def __init__(self, uri: str, obs_filter: str | None = None, x_layer: str = X_LAYER) -> None:
+    def __init__(
+        self,
+        uri: str,
+        obs_filter: str | None = None,
+        x_layer: str = X_LAYER,
+        obs_columns: tuple[str, ...] | None = None,
+        optional_obs_columns: tuple[str, ...] = (),
+    ) -> None:
+        """``obs_columns``: read only these obs columns (all when None), and
+        ``optional_obs_columns`` where obs has them: at Census scale obs holds tens of columns
+        for 74 M cells, while training needs the batch keys."""
         self.uri = str(uri)
         self.x = SomaX(uri, x_layer)
         self.exp = self.x.exp
+        names = list(self.exp.obs.schema.names)
+        columns = None
+        if obs_columns is not None:
+            missing = [c for c in obs_columns if c not in names]
+            if missing:
+                raise ValueError(
+                    f"{uri}: column(s) {missing} not in obs; obs has {sorted(names)}. "
+                    "Choose the batch/covariate/HVG keys from those columns."
+                )
+            wanted = {"soma_joinid", *obs_columns, *(c for c in optional_obs_columns if c in names)}
+            columns = [c for c in names if c in wanted]
         try:
-            obs = self.exp.obs.read(value_filter=obs_filter).concat().to_pandas()
+            obs = self.exp.obs.read(value_filter=obs_filter, column_names=columns)
+            obs = obs.concat().to_pandas()
         except Exception as e:
             cols = list(self.exp.obs.schema.names)
             raise ValueError(
@@ -204,10 +232,22 @@ class SomaSource:
         return self.x.read(self._joinids[rows])
 
 
-def open_source(path: str, obs_filter: str | None = None, layer: str | None = None):
-    """An ``H5adSource`` for ``*.h5ad`` paths, a ``SomaSource`` for anything else."""
+def open_source(
+    path: str,
+    obs_filter: str | None = None,
+    layer: str | None = None,
+    obs_columns: tuple[str, ...] | None = None,
+    optional_obs_columns: tuple[str, ...] = (),
+):
+    """An ``H5adSource`` for ``*.h5ad`` paths, a ``SomaSource`` for anything else (which reads
+    only ``obs_columns`` and those ``optional_obs_columns`` it has, when given)."""
     from censusvi.data.h5ad import H5adSource
 
     if str(path).endswith(".h5ad"):
         return H5adSource(path, obs_filter=obs_filter, layer=layer)
-    return SomaSource(path, obs_filter=obs_filter)
+    return SomaSource(
+        path,
+        obs_filter=obs_filter,
+        obs_columns=obs_columns,
+        optional_obs_columns=optional_obs_columns,
+    )

@@ -211,7 +211,13 @@ def plan_from(
     d, t = cfg.data, cfg.train
     if not d.source:
         raise ValueError("no data source: pass --source PATH (an .h5ad file or a SOMA experiment)")
-    source = open_source(d.source, obs_filter=d.obs_filter, layer=d.layer)
+    source = open_source(
+        d.source,
+        obs_filter=d.obs_filter,
+        layer=d.layer,
+        obs_columns=(*d.batch_keys, *d.categorical_covariate_keys, *(d.hvg_keys or ())),
+        optional_obs_columns=CENSUS_HVG_KEYS if d.hvg_keys is None else (),
+    )
     if len(source.obs) == 0:
         raise ValueError(f"{d.source}: no cells pass the filter {d.obs_filter!r}")
 

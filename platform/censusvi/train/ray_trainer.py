@@ -40,10 +40,14 @@ log = logging.getLogger(__name__)
 # them all).
 STREAM_DEFAULTS = {
     "mode": "auto",  # ray_data | memory | auto: memory when the worker's shard fits (Cells.preload)
-    "io_batch_cells": 4096,
-    "shuffle_chunk": 64,
+    # One read task = 32 random 256-cell chunks read in storage order (runs of 64 cells cost
+    # TileDB twice as much per cell: each read decompresses whole tiles), mixed across two
+    # tasks' output by the shuffle buffer. bench/ingest.py measured these on 2 CPUs.
+    "io_batch_cells": 8192,
+    "shuffle_chunk": 256,
     "shuffle_buffer_cells": 16384,
     "read_cpus": 0.0,
+    "read_tasks": 1,  # read tasks in flight per worker, each a process holding one IO group
 }
 
 
@@ -109,6 +113,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ),
             (data.source, data.obs_filter, data.layer),
             opts["read_cpus"],
+            opts["read_tasks"],
         )
 
     def batches(cells, shuffle: bool, seed: int):
