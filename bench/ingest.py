@@ -6,15 +6,16 @@ datasets stored one after another, as the Census stores them, with Census obs co
 (dataset_id, assay, suspension_type, donor_id, ...). Then each loader runs in its own process
 (so peak RSS is its own) over the whole experiment:
 
-- ``censusvi``: the Ray Data stream the Ray Train workers consume (``CellStream``: IO groups of
-  random 64-cell chunks read by Ray Data tasks, a shuffle buffer, CSR to the consumer); RSS is
-  the process tree's (driver, Ray's processes and its object store), an upper bound;
+- ``censusvi``: the Ray Data stream the Ray Train workers consume (``CellStream`` with
+  ``STREAM_DEFAULTS``, ``--stream`` overrides them: IO groups of random 256-cell chunks read by
+  Ray Data tasks, a shuffle buffer, CSR to the consumer); memory is the process tree's PSS
+  (driver, Ray's processes and its object store);
 - ``censusvi-inprocess``: the same block shuffle read in the training process (``Cells``);
 - ``tiledbsoma-ml``: ``ExperimentDataset`` + ``experiment_dataloader`` (shuffle chunks of 64,
   IO batches of 65,536, sparse X), its documented fast path;
 - ``contiguous``: plain 65,536-row block reads, the speed ceiling that mixes nothing.
 
-Each reports cells/s after a warm-up, peak RSS, and mixing: the mean number of distinct datasets
+Each reports cells/s after a warm-up (``--warmup-cells``), peak memory, and mixing: the mean number of distinct datasets
 per minibatch against a global shuffle's. RSS is also taken on the first quarter of the corpus
 (an obs filter) to show whether it grows with the corpus. Last line (a contract):
 ``ingest speedup vs tiledbsoma-ml: X.XX``.
@@ -291,8 +292,7 @@ def _loader(name: str, exp: str, obs_filter: str, stream: dict):
             for t in tables
             if arrow_to_csr(t, n_genes)[0].shape[0]  # the CSR a training step would take
         )
-    shuffle = name == "censusvi-inprocess"
-    cells.io_batch_cells = opts["io_batch_cells"] if shuffle else 65536
+    shuffle = name == "censusvi-inprocess"  # Cells' own settings: 65,536-cell IO groups
     cells.shuffle_chunk = opts["shuffle_chunk"]
     return (dataset[pos] for pos, _, _ in cells.minibatches(BATCH, shuffle=shuffle, seed=0))
 
