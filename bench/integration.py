@@ -53,6 +53,7 @@ def main() -> int:
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=400)
+    p.add_argument("--show-metrics", action="store_true", help="every scIB metric, per seed")
     a = p.parse_args()
     import torch
 
@@ -82,6 +83,8 @@ def main() -> int:
                 f"Harmony {totals['Harmony'][-1]:.3f}",
                 flush=True,
             )
+            if a.show_metrics:
+                print(table.T.round(3).to_string(), flush=True)
         means = {k: float(np.mean(v)) for k, v in totals.items()}
         print(
             f"{name:12s} "

@@ -214,7 +214,9 @@ class SomaSource:
             columns = [c for c in names if c in wanted]
         try:
             obs = self.exp.obs.read(value_filter=obs_filter, column_names=columns)
-            obs = obs.concat().to_pandas()
+            # categorical strings: Census obs columns hold a few hundred distinct values each,
+            # as Python strings they would cost ~60 bytes per cell per column
+            obs = obs.concat().to_pandas(strings_to_categorical=True)
         except Exception as e:
             cols = list(self.exp.obs.schema.names)
             raise ValueError(
