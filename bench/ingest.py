@@ -267,7 +267,7 @@ def _loader(name: str, exp: str, obs_filter: str, stream: dict):
 
         ray.init(
             num_cpus=2,
-            object_store_memory=int(os.environ.get("OSM", 1 << 30)),
+            object_store_memory=1 << 30,
             include_dashboard=False,
             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "platform")}},
         )

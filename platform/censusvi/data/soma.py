@@ -218,9 +218,8 @@ class SomaSource:
             # as Python strings they would cost ~60 bytes per cell per column
             obs = obs.concat().to_pandas(strings_to_categorical=True)
         except Exception as e:
-            cols = list(self.exp.obs.schema.names)
             raise ValueError(
-                f"obs filter {obs_filter!r} failed on {uri}: {e}; obs has {cols}"
+                f"obs filter {obs_filter!r} failed on {uri}: {e}; obs has {names}"
             ) from e
         self.obs = obs.sort_values("soma_joinid").reset_index(drop=True)
         self._joinids = self.obs["soma_joinid"].to_numpy()

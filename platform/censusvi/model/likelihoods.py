@@ -189,12 +189,17 @@ class _NBNllFromLogits(torch.autograd.Function):
         return d_logits, d_log_lib, d_theta, None, None, None
 
 
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """fp32 for a half-precision tensor (bf16 autocast); fp32 and fp64 pass unchanged."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def nb_nll_from_logits(
     logits_ng: torch.Tensor, log_lib_n1: torch.Tensor, theta: torch.Tensor, nz: NonZeros
 ) -> torch.Tensor:
     """Per-cell NB negative log-likelihood from decoder logits (see ``_NBNllFromLogits``).
     Always fp32: under bf16 autocast its matrix products would otherwise round the likelihood."""
     with torch.autocast(logits_ng.device.type, enabled=False):
-        half = (torch.bfloat16, torch.float16)
-        logits_ng = logits_ng.float() if logits_ng.dtype in half else logits_ng
-        return _NBNllFromLogits.apply(logits_ng, log_lib_n1, theta, nz.row, nz.col, nz.value)
+        return _NBNllFromLogits.apply(
+            full_precision(logits_ng), log_lib_n1, theta, nz.row, nz.col, nz.value
+        )

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from censusvi.model.config import ModelConfig
 from censusvi.model.layers import FCLayers
 from censusvi.model.likelihoods import (
+    full_precision,
     log_nb_positive,
     log_poisson,
     log_zinb_positive,
@@ -63,11 +64,6 @@ class LossOutput:
     def elbo_n(self) -> torch.Tensor:
         """Negative ELBO per cell at full KL weight (what validation reports)."""
         return self.reconstruction_n + self.kl_n
-
-
-def full_precision(t: torch.Tensor) -> torch.Tensor:
-    """fp32 for a half-precision tensor (bf16 autocast); fp32 and fp64 pass unchanged."""
-    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 class GaussianEncoder(nn.Module):

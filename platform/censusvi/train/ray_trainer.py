@@ -34,10 +34,7 @@ from censusvi.train.loop import (
 from censusvi.train.pretrain import PretrainConfig, RunPlan, load_pretrain_config, plan_from
 
 log = logging.getLogger(__name__)
-# Ray Data ingest: read tasks of 64 random 64-cell chunks (a read task peaks near 0.7 GiB at
-# ~900 counts per cell; memory grows with the group, throughput does not), a shuffle buffer over
-# four such blocks so that minibatches mix datasets; read tasks reserve no CPU (the workers hold
-# them all).
+# Ray Data ingest; read tasks reserve no CPU (the workers hold them all).
 STREAM_DEFAULTS = {
     "mode": "auto",  # ray_data | memory | auto: memory when the worker's shard fits (Cells.preload)
     # One read task = 32 random 256-cell chunks read in storage order (runs of 64 cells cost
