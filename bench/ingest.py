@@ -263,7 +263,7 @@ def _loader(name: str, exp: str, obs_filter: str, stream: dict):
     if name == "censusvi":
         import ray
 
-        from censusvi.data.ray_stream import CellStream, arrow_to_csr
+        from censusvi.data.ray_stream import CellStream, stream_rows
 
         ray.init(
             num_cpus=2,
@@ -275,23 +275,12 @@ def _loader(name: str, exp: str, obs_filter: str, stream: dict):
         cells = replace(
             cells, io_batch_cells=opts["io_batch_cells"], shuffle_chunk=opts["shuffle_chunk"]
         )
-        tables = (
-            CellStream(cells, (exp, obs_filter, None), opts["read_cpus"], opts["read_tasks"])
-            .epoch(0)
-            .iter_batches(
-                batch_size=BATCH,
-                batch_format="pyarrow",
-                local_shuffle_buffer_size=opts["shuffle_buffer_cells"] or None,
-                local_shuffle_seed=0 if opts["shuffle_buffer_cells"] else None,
-                prefetch_batches=2,
-            )
-        )
-        n_genes = len(plan.genes)
-        return (
-            dataset[t.column("position").to_numpy()]
-            for t in tables
-            if arrow_to_csr(t, n_genes)[0].shape[0]  # the CSR a training step would take
-        )
+        ds = CellStream(
+            cells, (exp, obs_filter, None), opts["read_cpus"], opts["read_tasks"]
+        ).epoch(0)
+        # the CSR minibatches a training step takes (stream_minibatches adds only the tensors)
+        rows = stream_rows(ds, BATCH, len(plan.genes), 0, opts["shuffle_buffer_cells"])
+        return (dataset[pos] for _, _, pos in rows)
     shuffle = name == "censusvi-inprocess"  # Cells' own settings: 65,536-cell IO groups
     cells.shuffle_chunk = opts["shuffle_chunk"]
     return (dataset[pos] for pos, _, _ in cells.minibatches(BATCH, shuffle=shuffle, seed=0))

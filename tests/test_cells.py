@@ -63,3 +63,28 @@ def test_block_shuffle_mixes_datasets_nearly_as_well_as_a_global_shuffle(soma_ce
           f"contiguous reads {ratio_contiguous:.2f}")  # fmt: skip
     assert ratio_contiguous < 0.1  # what reading blocks without shuffling would give
     assert ratio >= 0.9
+
+
+def test_pooled_batches_yield_every_row_once_and_mix_blocks():
+    """The Ray stream's consumer-side pool: each row comes out exactly once with its own counts,
+    covariates and position, in full minibatches but the last, and a minibatch mixes several
+    single-dataset blocks where cutting the blocks in order would give one dataset each."""
+    import scipy.sparse as sp
+
+    from censusvi.data.ray_stream import pooled_batches
+
+    def block(b: int):
+        pos = np.arange(b * 100, (b + 1) * 100)
+        x = sp.csr_matrix((pos.astype(np.float32) + 1, pos % 7, np.arange(101)), shape=(100, 7))
+        return x, np.full((100, 1), b), pos
+
+    out = list(pooled_batches((block(b) for b in range(8)), 50, 300, seed=0))
+    pos = np.concatenate([p for _, _, p in out])
+    assert sorted(pos) == list(range(800)) and not np.array_equal(pos, np.arange(800))
+    assert [x.shape[0] for x, _, _ in out] == [50] * 16
+    for x, cov, p in out:
+        assert np.array_equal(x.toarray()[np.arange(len(p)), p % 7], p + 1)
+        assert np.array_equal(cov[:, 0], p // 100)
+    distinct = np.mean([len(np.unique(cov)) for _, cov, _ in out])
+    assert distinct >= 3.0, distinct
+    assert len(list(pooled_batches(iter(()), 50, 300, seed=0))) == 0

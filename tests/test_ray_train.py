@@ -117,7 +117,7 @@ def test_ray_data_stream_yields_every_cell_once_and_mixes_datasets(local_ray, so
     from dataclasses import replace
 
     from censusvi.data.mixing import mixing_ratio
-    from censusvi.data.ray_stream import CellStream, arrow_to_csr
+    from censusvi.data.ray_stream import CellStream, stream_rows
     from censusvi.train.pretrain import plan_from
 
     exp = str(soma_exp[0])
@@ -127,18 +127,16 @@ def test_ray_data_stream_yields_every_cell_once_and_mixes_datasets(local_ray, so
     plan = plan_from(cfg)
     cells = replace(plan.cells(plan.train_rows), io_batch_cells=512, shuffle_chunk=16)
     stream = CellStream(cells, (exp, "nnz >= 300", None))
-    orders, tables = [], []
+    orders = []
     for seed in (1, 2):
-        tables = list(stream.epoch(seed).iter_batches(batch_size=256, batch_format="pyarrow"))
-        orders.append(np.concatenate([t.column("position").to_numpy() for t in tables]))
+        batches = list(stream_rows(stream.epoch(seed), 256, len(plan.genes), seed, 1024))
+        orders.append(np.concatenate([pos for _, _, pos in batches]))
     assert sorted(orders[0]) == list(range(len(cells))) and not np.array_equal(*orders)
-    x, cov = arrow_to_csr(tables[0], len(plan.genes))
-    pos = tables[0].column("position").to_numpy()
+    assert all(x.shape[0] == 256 for x, _, _ in batches[:-1])
+    x, cov, pos = batches[0]
     expected, expected_cov = cells.read(np.sort(pos))
     rank = np.argsort(np.argsort(pos))
     assert (x != expected[rank]).nnz == 0 and np.array_equal(cov, expected_cov[rank])
     dataset = cells.covariates_nc[:, 0]
-    ratio, ours, shuffled = mixing_ratio(
-        [dataset[t.column("position").to_numpy()] for t in tables], dataset
-    )
+    ratio, ours, shuffled = mixing_ratio([dataset[pos] for _, _, pos in batches], dataset)
     assert ratio > 0.9, (ours, shuffled)

@@ -3,11 +3,11 @@
 Each epoch, a worker's cells are cut into IO groups (``Cells.io_groups``: random contiguous
 chunks from across the corpus, read in storage order) and every group becomes one Ray Data read
 task, which opens the count matrix itself (for SOMA: X and var, never obs), aligns the genes to
-the model and returns the group's cells
-shuffled as one Arrow block: list columns hold the CSR rows, so nothing is densified before the
-device. The worker draws minibatches through a local shuffle buffer spanning several blocks.
-Memory stays bounded by Ray Data's backpressure (blocks in flight) plus the buffer, whatever the
-corpus size; reads run in other processes while the worker trains.
+the model and returns the group's cells as one Arrow block: list columns hold the CSR rows, so
+nothing is densified before the device. The worker mixes whole blocks in a pool of CSR rows
+(``pooled_batches``) and draws its minibatches from it. Memory stays bounded by Ray Data's
+backpressure (blocks in flight) plus the pool, whatever the corpus size; reads run in other
+processes while the worker trains.
 """
 
 from __future__ import annotations
@@ -48,19 +48,82 @@ def csr_to_arrow(x: sp.csr_matrix, covariates_nc: np.ndarray, positions: np.ndar
     )
 
 
-def arrow_to_csr(table: pa.Table, n_genes: int) -> tuple[sp.csr_matrix, np.ndarray]:
-    """The inverse of ``csr_to_arrow`` (zero-copy where Arrow allows; slices are respected)."""
+def arrow_to_csr(table: pa.Table, n_genes: int) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+    """The inverse of ``csr_to_arrow``: (CSR, covariate codes, positions), zero-copy where Arrow
+    allows (slices are respected). Index arrays stay int32 so scipy does not widen them."""
     indices = table.column("indices").combine_chunks()
     counts = table.column("counts").combine_chunks()
     offsets = indices.offsets.to_numpy()
-    indptr = (offsets - offsets[0]).astype(np.int64)
+    indptr = offsets - offsets[0] if offsets[0] else offsets
     x = sp.csr_matrix(
         (counts.flatten().to_numpy(), indices.flatten().to_numpy(), indptr),
         shape=(len(table), n_genes),
     )
     cov = table.column("covariates").combine_chunks()
     width = cov.type.list_size
-    return x, cov.flatten().to_numpy().reshape(len(table), width).astype(np.int64)
+    cov_nc = cov.flatten().to_numpy().reshape(len(table), width).astype(np.int64)
+    return x, cov_nc, table.column("position").to_numpy()
+
+
+Rows = tuple[sp.csr_matrix, np.ndarray, np.ndarray]  # counts, covariate codes, positions
+
+
+def pooled_batches(
+    blocks: Iterator[Rows], batch_size: int, pool_cells: int, seed: int
+) -> Iterator[Rows]:
+    """Minibatches that take an equal share of random rows from every block in the pool.
+
+    A block joins when the rows left in the pool drop under ``pool_cells`` + one minibatch and
+    leaves when it is used up; drawing equal shares, the newest blocks outlive the older ones, so
+    the pool stays a few blocks from several read tasks (each already spanning many places in the
+    corpus) and a minibatch mixes them all. Rows are copied once into their minibatch, nothing is
+    copied to keep them in the pool (Ray Data's local shuffle buffer, which re-concatenates its
+    buffer, cost the consumer ~24 µs per cell; this ~3). Every row comes out exactly once, in
+    full minibatches but the last."""
+    rng = np.random.default_rng(seed)
+    blocks = iter(blocks)
+    pool: list[tuple[Rows, np.ndarray]] = []  # a block and its rows not yet drawn, shuffled
+    exhausted = False
+    while True:
+        left = sum(len(order) for _, order in pool)
+        while not exhausted and left < pool_cells + batch_size:
+            block = next(blocks, None)
+            if block is None:
+                exhausted = True
+            elif block[0].shape[0]:
+                pool.append((block, rng.permutation(block[0].shape[0])))
+                left += block[0].shape[0]
+        if not pool:
+            return
+        take = _equal_shares(np.array([len(order) for _, order in pool]), batch_size)
+        parts = [_take(block, order[:k]) for (block, order), k in zip(pool, take) if k]
+        pool = [(block, order[k:]) for (block, order), k in zip(pool, take) if len(order) > k]
+        yield parts[0] if len(parts) == 1 else _stack(parts)
+
+
+def _equal_shares(left: np.ndarray, total: int) -> np.ndarray:
+    """How many rows to draw from each block: ``total`` split as evenly as the rows ``left``
+    in each allow (all of them when fewer than ``total`` are left)."""
+    take = np.zeros_like(left)
+    want = min(total, int(left.sum()))
+    while (gap := want - int(take.sum())) > 0:
+        open_ = np.flatnonzero(take < left)
+        share = np.full(len(open_), gap // len(open_))
+        share[: gap % len(open_)] += 1
+        take[open_] = np.minimum(left[open_], take[open_] + share)
+    return take
+
+
+def _stack(parts: list[Rows]) -> Rows:
+    return (
+        sp.vstack([p[0] for p in parts], format="csr"),
+        np.concatenate([p[1] for p in parts]),
+        np.concatenate([p[2] for p in parts]),
+    )
+
+
+def _take(rows: Rows, idx: np.ndarray) -> Rows:
+    return rows[0][idx], rows[1][idx], rows[2][idx]
 
 
 _SOMA_X: dict[tuple[str, str], object] = {}  # one open count matrix per read process
@@ -81,9 +144,9 @@ def _read_group(
     batch: dict[str, np.ndarray],
     source_args: tuple[str, str | None, str | None],
     plan_ref,
-    seed: int,
 ) -> pa.Table:
-    """Ray Data task: the cells of one IO group, read in storage order, shuffled."""
+    """Ray Data task: the cells of one IO group, read in storage order (the worker's pool
+    shuffles them)."""
     import ray
 
     from censusvi.data.counts import check_counts
@@ -106,9 +169,7 @@ def _read_group(
         x = _source(uri, obs_filter, layer).read_rows(rows)
     check_counts(x, f"{uri} (cells {rows[0]}..{rows[-1]})")
     x = select_genes(x, plan.alignment)
-    cov = plan.covariates_nc[positions]
-    perm = np.random.default_rng([seed, int(batch["group"][0])]).permutation(len(positions))
-    return csr_to_arrow(x[perm], cov[perm], positions[perm])
+    return csr_to_arrow(x, plan.covariates_nc[positions], positions)
 
 
 class CellStream:
@@ -147,7 +208,7 @@ class CellStream:
             _read_group,
             batch_size=1,
             batch_format="numpy",
-            fn_args=(self.source_args, self._plan, seed),
+            fn_args=(self.source_args, self._plan),
             num_cpus=self.read_cpus,
             concurrency=self.concurrency,
         )
@@ -168,17 +229,21 @@ def stream_minibatches(
     genes are left out of their minibatch."""
     from censusvi.model.minibatch import minibatch_from_csr
 
-    for table in ds.iter_batches(
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        local_shuffle_buffer_size=shuffle_buffer_cells or None,
-        local_shuffle_seed=seed if shuffle_buffer_cells else None,
-        prefetch_batches=2,
-    ):
-        if len(table) < 3:
+    for x, cov, _ in stream_rows(ds, batch_size, n_genes, seed, shuffle_buffer_cells):
+        if x.shape[0] < 3:
             continue
-        x, cov = arrow_to_csr(table, n_genes)
         keep = np.diff(x.indptr) > 0
         if not keep.all():
             x, cov = x[keep], cov[keep]
         yield minibatch_from_csr(x, cov, device, with_counts=with_counts)
+
+
+def stream_rows(
+    ds, batch_size: int, n_genes: int, seed: int, shuffle_buffer_cells: int
+) -> Iterator[Rows]:
+    """The epoch's cells as (CSR, covariates, positions) minibatches, mixed through the pool."""
+    blocks = (
+        arrow_to_csr(t, n_genes)
+        for t in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
+    )
+    return pooled_batches(blocks, batch_size, shuffle_buffer_cells, seed)
