@@ -8,7 +8,7 @@ datasets stored one after another, as the Census stores them, with Census obs co
 
 - ``censusvi``: the Ray Data stream the Ray Train workers consume (``CellStream`` with
   ``STREAM_DEFAULTS``, ``--stream`` overrides them: IO groups of random 256-cell chunks read by
-  Ray Data tasks, a shuffle buffer, CSR to the consumer); memory is the process tree's PSS
+  Ray Data tasks, the consumer's pool of blocks, CSR minibatches); memory is the process tree's PSS
   (driver, Ray's processes and its object store);
 - ``censusvi-inprocess``: the same block shuffle read in the training process (``Cells``);
 - ``tiledbsoma-ml``: ``ExperimentDataset`` + ``experiment_dataloader`` (shuffle chunks of 64,

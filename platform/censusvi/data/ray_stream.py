@@ -51,18 +51,23 @@ def csr_to_arrow(x: sp.csr_matrix, covariates_nc: np.ndarray, positions: np.ndar
 def arrow_to_csr(table: pa.Table, n_genes: int) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
     """The inverse of ``csr_to_arrow``: (CSR, covariate codes, positions), zero-copy where Arrow
     allows (slices are respected). Index arrays stay int32 so scipy does not widen them."""
-    indices = table.column("indices").combine_chunks()
-    counts = table.column("counts").combine_chunks()
+    indices, counts = _one_chunk(table.column("indices")), _one_chunk(table.column("counts"))
     offsets = indices.offsets.to_numpy()
     indptr = offsets - offsets[0] if offsets[0] else offsets
     x = sp.csr_matrix(
         (counts.flatten().to_numpy(), indices.flatten().to_numpy(), indptr),
         shape=(len(table), n_genes),
     )
-    cov = table.column("covariates").combine_chunks()
+    cov = _one_chunk(table.column("covariates"))
     width = cov.type.list_size
     cov_nc = cov.flatten().to_numpy().reshape(len(table), width).astype(np.int64)
     return x, cov_nc, table.column("position").to_numpy()
+
+
+def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
+    """The column as one array; ``combine_chunks`` copies even a single chunk (a whole block's
+    counts, every block)."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 Rows = tuple[sp.csr_matrix, np.ndarray, np.ndarray]  # counts, covariate codes, positions
@@ -126,6 +131,10 @@ def _take(rows: Rows, idx: np.ndarray) -> Rows:
     return rows[0][idx], rows[1][idx], rows[2][idx]
 
 
+# glibc gives each of TileDB's decoding threads its own heap arena and keeps what they free: two
+# arenas held a reading process at 0.6 GiB instead of 0.9 (8,192-cell reads). Ray merges these
+# variables into the job's own.
+READ_TASK_ENV = {"env_vars": {"MALLOC_ARENA_MAX": "2"}}
 _SOMA_X: dict[tuple[str, str], object] = {}  # one open count matrix per read process
 
 
@@ -211,6 +220,7 @@ class CellStream:
             fn_args=(self.source_args, self._plan),
             num_cpus=self.read_cpus,
             concurrency=self.concurrency,
+            runtime_env=READ_TASK_ENV,
         )
 
 

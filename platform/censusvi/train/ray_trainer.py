@@ -38,13 +38,14 @@ log = logging.getLogger(__name__)
 STREAM_DEFAULTS = {
     "mode": "auto",  # ray_data | memory | auto: memory when the worker's shard fits (Cells.preload)
     # One read task = 32 random 256-cell chunks read in storage order (runs of 64 cells cost
-    # TileDB twice as much per cell: each read decompresses whole tiles), mixed across two
-    # tasks' output by the shuffle buffer. bench/ingest.py measured these on 2 CPUs.
+    # TileDB twice as much per cell: each read decompresses whole tiles); the worker's pool
+    # draws every minibatch from the blocks of several tasks. bench/ingest.py measured these
+    # on 2 CPUs: two reads in flight keep both cores busy while the consumer mixes.
     "io_batch_cells": 8192,
     "shuffle_chunk": 256,
     "shuffle_buffer_cells": 16384,
     "read_cpus": 0.0,
-    "read_tasks": 1,  # read tasks in flight per worker, each a process holding one IO group
+    "read_tasks": 2,  # read tasks in flight per worker, each a process holding one IO group
 }
 
 
