@@ -302,6 +302,12 @@ def main() -> int:
     p.add_argument("--loaders", default="censusvi,censusvi-inprocess,tiledbsoma-ml,contiguous")
     p.add_argument("--experiment", help="reuse an experiment written by an earlier run")
     p.add_argument(
+        "--row-tile",
+        type=int,
+        default=2048,
+        help="X tile rows of the synthesised experiment (tiledbsoma-ml recommends 16)",
+    )
+    p.add_argument(
         "--stream",
         default="",
         help="our loaders' settings, e.g. shuffle_chunk=128,io_batch_cells=32768 (ints)",
@@ -316,7 +322,7 @@ def main() -> int:
         exp = a.experiment or str(Path(tmp) / "corpus.soma")
         if not a.experiment:
             t0 = time.perf_counter()
-            synthesise(Path(exp), a.cells, a.datasets)
+            synthesise(Path(exp), a.cells, a.datasets, row_tile=a.row_tile)
             print(f"synthesised {a.cells:,} cells in {time.perf_counter() - t0:.0f} s", flush=True)
         full = "is_primary_data == True"
         quarter = f"is_primary_data == True and soma_joinid < {a.cells // 4}"

@@ -26,7 +26,13 @@ from censusvi.data.h5ad import H5adSource  # noqa: E402
 from censusvi.evaluate.scib import harmony_baseline, integration_benchmark, pca_baseline  # noqa: E402
 from censusvi.inference import latent_representation  # noqa: E402
 from censusvi.train.loop import TrainConfig  # noqa: E402
-from censusvi.train.pretrain import DataConfig, PretrainConfig, choose_genes, pretrain  # noqa: E402
+from censusvi.train.pretrain import (  # noqa: E402
+    DataConfig,
+    ModelSettings,
+    PretrainConfig,
+    choose_genes,
+    pretrain,
+)
 
 DATA = ROOT.parent / "shared" / "data"
 DATASETS = {  # file, HVGs (0: every gene), HVG strata
@@ -35,9 +41,12 @@ DATASETS = {  # file, HVGs (0: every gene), HVG strata
 }
 
 
-def censusvi_latent(path: Path, n_hvg: int, hvg_keys, seed: int, epochs: int) -> np.ndarray:
+def censusvi_latent(
+    path: Path, n_hvg: int, hvg_keys, seed: int, epochs: int, dispersion: str = "gene"
+) -> np.ndarray:
     cfg = PretrainConfig(
         DataConfig(source=str(path), batch_keys=("batch",), n_hvg=n_hvg, hvg_keys=hvg_keys),
+        model=ModelSettings(dispersion=dispersion),
         train=TrainConfig(max_epochs=epochs, lr=1e-3, batch_size=128, seed=seed),
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,6 +62,7 @@ def main() -> int:
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=400)
+    p.add_argument("--dispersion", default="gene", help="gene (the Census model's) or gene-batch")
     p.add_argument("--show-metrics", action="store_true", help="every scIB metric, per seed")
     a = p.parse_args()
     import torch
@@ -71,7 +81,7 @@ def main() -> int:
         base = {"X_pca": pca, "Harmony": harmony_baseline(pca, adata.obs["batch"])}
         totals = {"PCA": [], "Harmony": [], "censusvi": []}
         for seed in (int(s) for s in a.seeds.split(",")):
-            z = censusvi_latent(DATA / file, n_hvg, hvg_keys, seed, a.epochs)
+            z = censusvi_latent(DATA / file, n_hvg, hvg_keys, seed, a.epochs, a.dispersion)
             table = integration_benchmark(adata, "batch", "cell_type", {**base, "censusvi": z})
             totals["censusvi"].append(table.loc["censusvi", "Total"])
             totals["PCA"].append(table.loc["X_pca", "Total"])

@@ -23,6 +23,12 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--use-gpu", action="store_true")
+    p.add_argument(
+        "--stream-mode",
+        default="auto",
+        choices=("auto", "ray_data", "memory"),
+        help="ray_data: every epoch streamed through Ray Data read tasks (auto keeps the shard)",
+    )
     a = p.parse_args()
     import anndata as ad
     import pandas as pd
@@ -59,6 +65,7 @@ def main() -> int:
                 num_workers=n,
                 use_gpu=a.use_gpu,
                 storage_path=str(Path(tmp) / "ray"),
+                stream={"mode": a.stream_mode},
             )
             rates[n] = history.epochs[-1].cells_per_s
             print(
