@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from censusvi.data.counts import check_counts
-from censusvi.data.source import CellSource, batch_labels
+from censusvi.data.source import CellSource, batch_categories
 
 log = logging.getLogger(__name__)
 MIN_STRATUM_CELLS = 2  # a variance needs two cells; the loess fit itself needs many genes
@@ -109,10 +109,9 @@ def highly_variable_genes(
     if n_top > n_genes:
         raise ValueError(f"--n-hvg {n_top} is more than the {n_genes} genes in {source.uri}")
     if strata_keys:
-        labels = batch_labels(source.obs, list(strata_keys), source.uri)
+        strata, code = batch_categories(source.obs, list(strata_keys), source.uri)
     else:
-        labels = np.zeros(len(source.obs), dtype=object)
-    strata, code = np.unique(labels.astype(str), return_inverse=True)
+        strata, code = np.array(["0"]), np.zeros(len(source.obs), dtype=np.int64)
     n_s = np.bincount(code, minlength=len(strata)).astype(np.float64)
     n = len(source.obs)
     blocks = [(a, min(a + block_size, n)) for a in range(0, n, block_size)]

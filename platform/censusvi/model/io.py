@@ -77,9 +77,10 @@ class TrainedModel:
 
     def covariate_codes(self, obs, where: str) -> np.ndarray:
         """(n, 1 + k) codes: the batch (from ``batch_keys``) then each extra covariate."""
-        from censusvi.data.source import batch_labels
+        from censusvi.data.source import batch_categories
 
-        batch = self.batch_codes(batch_labels(obs, list(self.batch_keys), where).tolist()).numpy()
+        labels, codes = batch_categories(obs, list(self.batch_keys), where)
+        batch = self.batch_codes(labels.tolist()).numpy()[codes]  # a lookup per batch, not cell
         return np.concatenate(
             [batch.reshape(-1, 1), self.extra_covariate_codes(obs, where)], axis=1
         )

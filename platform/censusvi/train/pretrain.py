@@ -21,7 +21,7 @@ from censusvi import __version__
 from censusvi.data.cells import Cells
 from censusvi.data.hvg import highly_variable_genes
 from censusvi.data.soma import open_source
-from censusvi.data.source import CellSource, batch_labels
+from censusvi.data.source import CellSource, batch_categories
 from censusvi.data.vocabulary import GeneVocabulary
 from censusvi.model.config import ModelConfig
 from censusvi.model.io import TrainedModel, save_model
@@ -224,12 +224,11 @@ def plan_from(
     def codes_of(
         keys: list[str], known: tuple[str, ...] | None
     ) -> tuple[tuple[str, ...], np.ndarray]:
-        labels = batch_labels(source.obs, keys, d.source).astype(str)
+        labels, codes = batch_categories(source.obs, keys, d.source)
         if known is None:
-            cats, codes = np.unique(labels, return_inverse=True)
-            return tuple(cats.tolist()), codes
+            return tuple(labels.tolist()), codes
         lookup = {c: i for i, c in enumerate(known)}
-        return known, np.array([lookup[v] for v in labels], dtype=np.int64)
+        return known, np.array([lookup[v] for v in labels.tolist()], dtype=np.int64)[codes]
 
     categories, codes = codes_of(list(d.batch_keys), categories)
     extra = [
