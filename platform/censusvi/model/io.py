@@ -77,7 +77,7 @@ class TrainedModel:
 
     def covariate_codes(self, obs, where: str) -> np.ndarray:
         """(n, 1 + k) codes: the batch (from ``batch_keys``) then each extra covariate."""
-        from censusvi.data.source import batch_categories
+        from censusvi.data.source import batch_categories  # pandas: not in the model core
 
         labels, codes = batch_categories(obs, list(self.batch_keys), where)
         batch = self.batch_codes(labels.tolist()).numpy()[codes]  # a lookup per batch, not cell
@@ -87,6 +87,8 @@ class TrainedModel:
 
     def extra_covariate_codes(self, obs, where: str) -> np.ndarray:
         """(n, k) codes of the extra categorical covariates (k may be 0)."""
+        from censusvi.data.source import batch_categories
+
         cols: list[np.ndarray] = []
         for key, cats in zip(self.covariate_keys, self.covariate_categories):
             if key not in obs.columns:
@@ -94,14 +96,14 @@ class TrainedModel:
                     f"{where}: covariate column {key!r} (used by the model) is not in obs"
                 )
             lookup = {c: i for i, c in enumerate(cats)}
-            values = obs[key].astype(str).to_numpy()
-            unknown = sorted(set(values) - set(lookup))
+            values, codes = batch_categories(obs, [key], where)  # no string per cell
+            unknown = sorted(set(values.tolist()) - set(lookup))
             if unknown:
                 raise ValueError(
                     f"{where}: obs[{key!r}] has values the model never saw: {unknown[:3]}; "
                     f"it knows {list(cats[:5])}"
                 )
-            cols.append(np.array([lookup[v] for v in values], dtype=np.int64))
+            cols.append(np.array([lookup[v] for v in values.tolist()], dtype=np.int64)[codes])
         return np.stack(cols, axis=1) if cols else np.zeros((len(obs), 0), dtype=np.int64)
 
 
