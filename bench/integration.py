@@ -42,12 +42,20 @@ DATASETS = {  # file, HVGs (0: every gene), HVG strata
 
 
 def censusvi_latent(
-    path: Path, n_hvg: int, hvg_keys, seed: int, epochs: int, dispersion: str = "gene"
+    path: Path,
+    n_hvg: int,
+    hvg_keys,
+    seed: int,
+    epochs: int,
+    dispersion: str = "gene",
+    kl_warmup: int = 20,
 ) -> np.ndarray:
     cfg = PretrainConfig(
         DataConfig(source=str(path), batch_keys=("batch",), n_hvg=n_hvg, hvg_keys=hvg_keys),
         model=ModelSettings(dispersion=dispersion),
-        train=TrainConfig(max_epochs=epochs, lr=1e-3, batch_size=128, seed=seed),
+        train=TrainConfig(
+            max_epochs=epochs, lr=1e-3, batch_size=128, seed=seed, n_epochs_kl_warmup=kl_warmup
+        ),
     )
     with tempfile.TemporaryDirectory() as tmp:
         model, _ = pretrain(cfg, Path(tmp) / "m", quiet=True, resume=False)
@@ -63,6 +71,9 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=400)
     p.add_argument("--dispersion", default="gene", help="gene (the Census model's) or gene-batch")
+    p.add_argument(
+        "--kl-warmup", type=int, default=20, help="KL warm-up epochs (Census 20, scvi-tools 400)"
+    )
     p.add_argument("--show-metrics", action="store_true", help="every scIB metric, per seed")
     a = p.parse_args()
     import torch
@@ -81,7 +92,9 @@ def main() -> int:
         base = {"X_pca": pca, "Harmony": harmony_baseline(pca, adata.obs["batch"])}
         totals = {"PCA": [], "Harmony": [], "censusvi": []}
         for seed in (int(s) for s in a.seeds.split(",")):
-            z = censusvi_latent(DATA / file, n_hvg, hvg_keys, seed, a.epochs, a.dispersion)
+            z = censusvi_latent(
+                DATA / file, n_hvg, hvg_keys, seed, a.epochs, a.dispersion, a.kl_warmup
+            )
             table = integration_benchmark(adata, "batch", "cell_type", {**base, "censusvi": z})
             totals["censusvi"].append(table.loc["censusvi", "Total"])
             totals["PCA"].append(table.loc["X_pca", "Total"])
