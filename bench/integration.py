@@ -3,15 +3,18 @@
 For each shared dataset with batches and cell-type labels (CellBench: 5 technologies; PBMC:
 3 10x chemistries), censusvi is pretrained as users run it (the Census architecture: 2 x 128,
 50 latent, NB; all genes of the PBMC panel, the 2,000 most variable of CellBench; scvi-tools'
-epoch heuristic, 400 at this size) over ``--seeds``, and scored with scib-metrics' Benchmarker
+schedule at this size, as ``configs/small.yaml``: 400 epochs, KL warm-up 400, lr 1e-3) over
+``--seeds``, and scored with scib-metrics' Benchmarker
 (total = 0.6 bio conservation + 0.4 batch correction, unscaled) beside PCA of log-normalised
-counts of the same genes (the model's HVGs) and Harmony (harmonypy) on that PCA, same cells. Last line:
+counts of the same genes (the model's HVGs) and Harmony (harmonypy) on that PCA, same cells. ``--export``/``--latents`` split a seed sweep
+between a GPU machine without anndata (``bench/train_prepared.py``) and this one. Last line:
 ``scib total censusvi - best baseline (worst dataset): X.XXX``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +34,9 @@ from censusvi.train.pretrain import (  # noqa: E402
     ModelSettings,
     PretrainConfig,
     choose_genes,
+    plan_from,
     pretrain,
+    split_rows,
 )
 
 DATA = ROOT.parent / "shared" / "data"
@@ -41,22 +46,46 @@ DATASETS = {  # file, HVGs (0: every gene), HVG strata
 }
 
 
-def censusvi_latent(
-    path: Path,
-    n_hvg: int,
-    hvg_keys,
-    seed: int,
-    epochs: int,
-    dispersion: str = "gene",
-    kl_warmup: int = 20,
-) -> np.ndarray:
-    cfg = PretrainConfig(
+def bench_config(
+    path: Path, n_hvg: int, hvg_keys, seed: int, epochs: int, dispersion: str, kl_warmup: int
+) -> PretrainConfig:
+    return PretrainConfig(
         DataConfig(source=str(path), batch_keys=("batch",), n_hvg=n_hvg, hvg_keys=hvg_keys),
         model=ModelSettings(dispersion=dispersion),
         train=TrainConfig(
             max_epochs=epochs, lr=1e-3, batch_size=128, seed=seed, n_epochs_kl_warmup=kl_warmup
         ),
     )
+
+
+def export(name: str, cfg: PretrainConfig, seeds: list[int], out: Path) -> None:
+    """What ``pretrain`` would train on, for ``bench/train_prepared.py`` on a machine without
+    anndata: aligned counts (every cell, source order), codes, model config, each seed's split."""
+    plan = plan_from(cfg)
+    x, cov = plan.cells(np.arange(len(plan.source.obs))).read(np.arange(len(plan.source.obs)))
+    if (np.diff(x.indptr) == 0).any():
+        raise RuntimeError("cells without counts over the chosen genes; the bench expects none")
+    train = {k: v for k, v in cfg.train.__dict__.items() if k not in ("seed", "device")}
+    meta = {"model": plan.model_cfg.to_dict(), "train": train, "seeds": seeds}
+    splits = {}
+    for seed in seeds:
+        splits[f"train_{seed}"], splits[f"val_{seed}"] = split_rows(
+            x.shape[0], cfg.train.train_fraction, seed
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        out / f"{name}.npz",
+        data=x.data.astype(np.float32),
+        indices=x.indices,
+        indptr=x.indptr,
+        shape=np.array(x.shape),
+        cov=cov,
+        meta=json.dumps(meta),
+        **splits,
+    )
+
+
+def censusvi_latent(cfg: PretrainConfig, path: Path) -> np.ndarray:
     with tempfile.TemporaryDirectory() as tmp:
         model, _ = pretrain(cfg, Path(tmp) / "m", quiet=True, resume=False)
     pos, z, _ = latent_representation(model, H5adSource(path))
@@ -72,16 +101,33 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=400)
     p.add_argument("--dispersion", default="gene", help="gene (the Census model's) or gene-batch")
     p.add_argument(
-        "--kl-warmup", type=int, default=20, help="KL warm-up epochs (Census 20, scvi-tools 400)"
+        "--kl-warmup", type=int, default=400, help="KL warm-up epochs (scvi-tools 400, Census 20)"
+    )
+    p.add_argument(
+        "--export", type=Path, help="write the training inputs here for bench/train_prepared.py"
+    )
+    p.add_argument(
+        "--latents", type=Path, help="score latents bench/train_prepared.py wrote (DIR/latents)"
     )
     p.add_argument("--show-metrics", action="store_true", help="every scIB metric, per seed")
     a = p.parse_args()
     import torch
 
     torch.set_num_threads(2)
+    seeds = [int(s) for s in a.seeds.split(",")]
     margins = []
     for name in a.datasets.split(","):
         file, n_hvg, hvg_keys = DATASETS[name]
+        cfgs = {
+            seed: bench_config(
+                DATA / file, n_hvg, hvg_keys, seed, a.epochs, a.dispersion, a.kl_warmup
+            )
+            for seed in seeds
+        }
+        if a.export:
+            export(name, cfgs[seeds[0]], seeds, a.export)
+            print(f"wrote {a.export / name}.npz", flush=True)
+            continue
         adata = ad.read_h5ad(DATA / file)
         source = H5adSource(DATA / file)
         genes = choose_genes(
@@ -91,9 +137,11 @@ def main() -> int:
         pca = pca_baseline(adata[:, columns])  # the genes the model sees
         base = {"X_pca": pca, "Harmony": harmony_baseline(pca, adata.obs["batch"])}
         totals = {"PCA": [], "Harmony": [], "censusvi": []}
-        for seed in (int(s) for s in a.seeds.split(",")):
-            z = censusvi_latent(
-                DATA / file, n_hvg, hvg_keys, seed, a.epochs, a.dispersion, a.kl_warmup
+        for seed in seeds:
+            z = (
+                np.load(a.latents / "latents" / f"{name}_seed{seed}.npy")
+                if a.latents
+                else censusvi_latent(cfgs[seed], DATA / file)
             )
             table = integration_benchmark(adata, "batch", "cell_type", {**base, "censusvi": z})
             totals["censusvi"].append(table.loc["censusvi", "Total"])
@@ -115,7 +163,8 @@ def main() -> int:
             flush=True,
         )
         margins.append(means["censusvi"] - max(means["PCA"], means["Harmony"]))
-    print(f"scib total censusvi - best baseline (worst dataset): {min(margins):.3f}")
+    if margins:
+        print(f"scib total censusvi - best baseline (worst dataset): {min(margins):.3f}")
     return 0
 
 

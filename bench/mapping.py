@@ -12,7 +12,8 @@ Before that, the chemistry rotations (``--rotations``; each chemistry the query 
 cells, over ``--seeds``): censusvi as users run it (its own pretrained reference, ``annotate``
 with class-balanced kNN) beside scvi-tools' ``load_query_data`` + weighted kNN and PCA + weighted
 kNN with no integration, on the same split. Both VAEs train the reference for scvi-tools' epoch
-heuristic (400 at this size).
+heuristic (400 at this size) and censusvi uses scvi-tools' KL warm-up too (400 epochs, as
+``configs/small.yaml``; ``--kl-warmup 20`` for the Census model's).
 """
 
 from __future__ import annotations
@@ -52,7 +53,13 @@ def pbmc(path: Path) -> ad.AnnData:
 
 
 def rotation(
-    full: ad.AnnData, query_batch: str, seed: int, epochs: int, tmp: Path, scvi_tools: bool
+    full: ad.AnnData,
+    query_batch: str,
+    seed: int,
+    epochs: int,
+    kl_warmup: int,
+    tmp: Path,
+    scvi_tools: bool,
 ) -> dict:
     """Accuracy and macro-F1 of censusvi, scvi-tools + kNN and PCA + kNN for one query chemistry."""
     import scvi
@@ -70,7 +77,9 @@ def rotation(
 
     cfg = PretrainConfig(
         DataConfig(source=str(tmp / "ref.h5ad"), batch_keys=("batch",), n_hvg=0),
-        train=TrainConfig(max_epochs=epochs, lr=1e-3, batch_size=128, seed=seed),
+        train=TrainConfig(
+            max_epochs=epochs, lr=1e-3, batch_size=128, seed=seed, n_epochs_kl_warmup=kl_warmup
+        ),
     )
     model, _ = pretrain(cfg, tmp / f"censusvi_{seed}", quiet=True, resume=False)
     save_index(index_reference(model, tmp / "ref.h5ad", ["cell_type"]), tmp / "ix")
@@ -122,14 +131,19 @@ def knn_scores(
 
 
 def run_rotations(
-    data: Path, batches: list[str], seeds: list[int], epochs: int, scvi_seeds: set[int]
+    data: Path,
+    batches: list[str],
+    seeds: list[int],
+    epochs: int,
+    kl_warmup: int,
+    scvi_seeds: set[int],
 ) -> None:
     full = pbmc(data)
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for qb in batches:
         for seed in seeds:
             with tempfile.TemporaryDirectory() as tmp:
-                runs = rotation(full, qb, seed, epochs, Path(tmp), seed in scvi_seeds)
+                runs = rotation(full, qb, seed, epochs, kl_warmup, Path(tmp), seed in scvi_seeds)
                 for method, sc in runs.items():
                     results.setdefault((qb, method), []).append(sc)
                     print(
@@ -161,6 +175,9 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--scvi-seeds", default="0,1,2", help="seeds that also run scvi-tools")
     p.add_argument("--rotation-epochs", type=int, default=400)
+    p.add_argument(
+        "--kl-warmup", type=int, default=400, help="censusvi's KL warm-up epochs (scvi-tools 400)"
+    )
     p.add_argument("--skip-speed", action="store_true", help="rotations only (no timed mapping)")
     a = p.parse_args()
     import scvi
@@ -170,7 +187,9 @@ def main() -> int:
     if a.rotations:
         seeds = [int(s) for s in a.seeds.split(",")]
         scvi_seeds = {int(s) for s in a.scvi_seeds.split(",") if s}
-        run_rotations(a.data, a.rotations.split(","), seeds, a.rotation_epochs, scvi_seeds)
+        run_rotations(
+            a.data, a.rotations.split(","), seeds, a.rotation_epochs, a.kl_warmup, scvi_seeds
+        )
     if a.skip_speed:
         return 0
     scvi.settings.seed = 0

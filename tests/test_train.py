@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,6 +137,10 @@ def test_cli_contract_pretrain_info_embed(tmp_path, capsys):
                 "100",
                 "--max-epochs",
                 "3",
+                "--kl-warmup",
+                "7",
+                "--config",
+                str(Path(__file__).parents[1] / "configs" / "small.yaml"),
                 "--quiet",
                 "--out",
                 str(tmp_path / "m"),
@@ -149,6 +154,11 @@ def test_cli_contract_pretrain_info_embed(tmp_path, capsys):
     assert {"architecture", "n_parameters", "n_genes", "n_batches", "provenance"} <= set(info)
     assert (info["n_genes"], info["n_batches"], info["architecture"]["n_latent"]) == (100, 3, 50)
     assert info["provenance"]["n_cells"] == 300 and info["provenance"]["epochs"] == 3
+    from censusvi.model.io import read_config
+
+    trained_with = read_config(tmp_path / "m")["provenance"]["config"]["train"]  # flags win
+    assert (trained_with["n_epochs_kl_warmup"], trained_with["lr"]) == (7, 0.001)
+    assert trained_with["batch_size"] == 128 and trained_with["max_epochs"] == 3
     assert (
         main(
             [

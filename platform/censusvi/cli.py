@@ -53,7 +53,7 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
         if getattr(a, key) is not None:
             data[key] = getattr(a, key)
     train: dict[str, Any] = {}
-    for key in ("max_epochs", "batch_size", "lr", "seed", "device"):
+    for key in ("max_epochs", "batch_size", "lr", "n_epochs_kl_warmup", "seed", "device"):
         if getattr(a, key) is not None:
             train[key] = getattr(a, key)
     if a.early_stopping:
@@ -390,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-epochs", type=int)
     s.add_argument("--batch-size", type=int)
     s.add_argument("--lr", type=float)
+    s.add_argument(
+        "--kl-warmup",
+        type=int,
+        dest="n_epochs_kl_warmup",
+        help="epochs over which the KL weight ramps to 1 (Census 20; scvi-tools 400)",
+    )
     s.add_argument("--seed", type=int)
     s.add_argument("--device", help="cpu or cuda")
     s.add_argument("--n-hidden", type=int)
