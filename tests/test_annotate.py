@@ -202,3 +202,26 @@ def test_ivf_index_tunes_nprobe_to_the_recall_target(tmp_path):
     _, exact = faiss.knn(q, z, 15)
     _, found = loaded.search(q, 15)
     assert np.mean([len(set(a) & set(b)) / 15 for a, b in zip(found, exact)]) >= 0.9
+
+
+def test_faiss_device_choice(tmp_path, monkeypatch):
+    """'auto' searches where FAISS has a GPU and falls back to the CPU; the saved file is the CPU
+    index either way; asking for a GPU FAISS cannot use says what to install."""
+    from censusvi.annotate.index import build_index, faiss_gpu_count, load_index, save_index
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(500, 8)).astype(np.float32)
+    labels = pd.DataFrame({"cell_type": [f"t{i % 3}" for i in range(500)]})
+    ix = build_index(z, labels, device="cpu")
+    assert ix.device == "cpu"
+    save_index(ix, tmp_path / "ix")
+    auto = load_index(tmp_path / "ix", device="auto")
+    assert auto.device == ("gpu" if faiss_gpu_count() else "cpu")
+    np.testing.assert_array_equal(auto.search(z[:20], 5)[1], ix.search(z[:20], 5)[1])
+    monkeypatch.setenv("CENSUSVI_FAISS_DEVICE", "cpu")
+    assert load_index(tmp_path / "ix").device == "cpu"
+    with pytest.raises(ValueError, match=r"FAISS device 'tpu': choose one of"):
+        load_index(tmp_path / "ix", device="tpu")
+    if faiss_gpu_count() == 0:
+        with pytest.raises(RuntimeError, match=r"install faiss-gpu in place of faiss-cpu"):
+            load_index(tmp_path / "ix", device="gpu")

@@ -142,10 +142,13 @@ def cmd_index(a: argparse.Namespace) -> int:
     from censusvi.annotate.pipeline import index_reference
     from censusvi.model.io import load_model
 
-    ix = index_reference(load_model(a.model), a.data, list(_keys(a.label_keys)), a.obs_filter)
+    ix = index_reference(
+        load_model(a.model), a.data, list(_keys(a.label_keys)), a.obs_filter, a.faiss_device
+    )
     save_index(ix, a.out)
     print(
-        f"wrote {a.out}: {ix.meta['n_cells']} cells, {ix.meta['kind']} index, labels {ix.meta['label_keys']}"
+        f"wrote {a.out}: {ix.meta['n_cells']} cells, {ix.meta['kind']} index (built on the "
+        f"{ix.device}), labels {ix.meta['label_keys']}"
     )
     return 0
 
@@ -159,7 +162,7 @@ def cmd_annotate(a: argparse.Namespace) -> int:
 
     out, _ = annotate(
         load_model(a.model),
-        load_index(a.index),
+        load_index(a.index, a.faiss_device),
         read_h5ad(a.query),
         a.batch_key,
         a.k,
@@ -364,6 +367,15 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def faiss_device_arg(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--faiss-device",
+        choices=["auto", "cpu", "gpu"],
+        help="where kNN searches run (default auto: a GPU when faiss-gpu sees one; "
+        "$CENSUSVI_FAISS_DEVICE sets it too)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="censusvi", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -518,12 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label-keys", required=True, help="obs columns to transfer, e.g. cell_type")
     s.add_argument("--obs-filter")
     s.add_argument("--out", required=True)
+    faiss_device_arg(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_index)
 
     s = sub.add_parser("annotate", help="map a query and transfer labels by weighted kNN")
     query_args(s)
     s.add_argument("--index", required=True, help="directory written by `censusvi index`")
+    faiss_device_arg(s)
     s.add_argument("--k", type=int, default=15)
     s.add_argument(
         "--unknown-threshold",

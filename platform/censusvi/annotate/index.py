@@ -3,6 +3,11 @@
 Exact ``IndexFlatL2`` up to ``EXACT_MAX`` cells (exact search is still fast there and needs no
 training); above it ``IndexIVFFlat`` with nlist ~ sqrt(N) and nprobe tuned at build time: the
 smallest that finds ``RECALL_TARGET`` of the exact k neighbours of a sample of reference cells.
+
+Searches run on a GPU when FAISS has one (faiss-gpu installed in place of faiss-cpu, the ``gpu``
+extra, and a CUDA device visible): ``device`` "auto" (the default, or ``$CENSUSVI_FAISS_DEVICE``),
+"gpu" (an error without one) or "cpu". The file on disk is always the CPU index, so an index
+built on a GPU machine loads on a laptop and the other way round.
 """
 
 from __future__ import annotations
@@ -18,18 +23,51 @@ import pandas as pd
 
 from censusvi.atomic import atomic_directory
 
+FAISS_DEVICES = ("auto", "cpu", "gpu")
 EXACT_MAX = 200_000
 NPROBE = 16  # for indexes saved before nprobe was tuned
 RECALL_TARGET = 0.95
 NPROBE_STEPS = (8, 16, 32, 64, 128, 256)  # from 8: a query unlike the reference needs a margin
 
 
+def faiss_gpu_count() -> int:
+    """GPUs FAISS can use: always 0 with faiss-cpu, which has no GPU code."""
+    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+
+
+def place_index(index: faiss.Index, device: str | None = None) -> tuple[faiss.Index, object]:
+    """The index where searches will run, and the GPU resources that must outlive it (or None)."""
+    device = device or os.environ.get("CENSUSVI_FAISS_DEVICE", "auto")
+    if device not in FAISS_DEVICES:
+        raise ValueError(f"FAISS device {device!r}: choose one of {FAISS_DEVICES}")
+    if device == "cpu" or (device == "auto" and faiss_gpu_count() == 0):
+        return index, None
+    if faiss_gpu_count() == 0:
+        raise RuntimeError(
+            "FAISS device 'gpu' asked for, but FAISS sees no GPU: install faiss-gpu in place of "
+            "faiss-cpu (pip install 'censusvi[gpu]') on a machine with a CUDA GPU, or use "
+            "device 'auto' or 'cpu'"
+        )
+    resources = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(resources, 0, index), resources
+
+
 @dataclass
 class LabelIndex:
-    index: faiss.Index
+    index: faiss.Index  # on a GPU when placed there (see ``gpu_resources``)
     labels: pd.DataFrame  # one row per reference cell, one column per label key
     meta: dict
     _frequency: dict[str, pd.Series] = field(default_factory=dict, repr=False, compare=False)
+    gpu_resources: object = field(default=None, repr=False, compare=False)
+    """FAISS's GPU memory and streams for a GPU index (None on the CPU); freed with the index."""
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.gpu_resources is None else "gpu"
+
+    def cpu_index(self) -> faiss.Index:
+        """The index as it is written to disk."""
+        return self.index if self.gpu_resources is None else faiss.index_gpu_to_cpu(self.index)
 
     def label_frequency(self, key: str) -> pd.Series:
         """Each label's share of the reference (computed once: an index can hold 74 M labels)."""
@@ -97,8 +135,10 @@ def build_index(
     seed: int = 0,
     k: int = 15,
     exact_max: int = EXACT_MAX,
+    device: str | None = None,
 ) -> LabelIndex:
-    """Exact search up to ``exact_max`` cells, an IVF index with a tuned nprobe above."""
+    """Exact search up to ``exact_max`` cells, an IVF index with a tuned nprobe above; placed on
+    ``device`` before nprobe is tuned (a GPU's IVF search scans lists differently)."""
     z = np.ascontiguousarray(z, dtype=np.float32)
     n, dim = z.shape
     if n == 0:
@@ -114,6 +154,7 @@ def build_index(
         index.train(z[sample])
         kind = f"ivf{nlist}"
     index.add(z)
+    index, gpu_resources = place_index(index, device)
     if kind != "flat":
         nprobe, recall = tune_nprobe(index, z, k, seed)
         tuned = {"nprobe": nprobe, f"recall_at_{k}": round(recall, 4)}
@@ -126,18 +167,19 @@ def build_index(
         **tuned,
     }
     info["neighbour_distance"] = reference_distance_quantiles(index, z, k, seed)
-    return LabelIndex(index, labels.reset_index(drop=True).astype(str), info)
+    labels = labels.reset_index(drop=True).astype(str)
+    return LabelIndex(index, labels, info, gpu_resources=gpu_resources)
 
 
 def save_index(ix: LabelIndex, out: str | os.PathLike) -> Path:
     with atomic_directory(out) as tmp:
-        faiss.write_index(ix.index, str(tmp / "index.faiss"))
+        faiss.write_index(ix.cpu_index(), str(tmp / "index.faiss"))
         ix.labels.to_parquet(tmp / "labels.parquet")
         (tmp / "index.json").write_text(json.dumps(ix.meta, indent=1))
     return Path(out)
 
 
-def load_index(path: str | os.PathLike) -> LabelIndex:
+def load_index(path: str | os.PathLike, device: str | None = None) -> LabelIndex:
     path = Path(path)
     if not (path / "index.json").is_file():
         raise FileNotFoundError(
@@ -145,6 +187,8 @@ def load_index(path: str | os.PathLike) -> LabelIndex:
         )
     meta = json.loads((path / "index.json").read_text())
     index = faiss.read_index(str(path / "index.faiss"))
+    index, gpu_resources = place_index(index, device)
     if meta.get("kind", "").startswith("ivf"):
         index.nprobe = int(meta.get("nprobe", NPROBE))
-    return LabelIndex(index, pd.read_parquet(path / "labels.parquet"), meta)
+    labels = pd.read_parquet(path / "labels.parquet")
+    return LabelIndex(index, labels, meta, gpu_resources=gpu_resources)

@@ -25,6 +25,7 @@ def index_reference(
     data: str | os.PathLike,
     label_keys: list[str],
     obs_filter: str | None = None,
+    faiss_device: str | None = None,
 ) -> LabelIndex:
     """Embed the reference (an .h5ad or SOMA experiment of batches the model knows) and index it."""
     source = open_source(str(data), obs_filter=obs_filter)
@@ -37,7 +38,7 @@ def index_reference(
     labels = source.obs.iloc[pos][label_keys].astype(str)
     meta = {"reference": str(data), "obs_filter": obs_filter}
     meta["evaluation"] = holdout_evaluation(z, labels)
-    return build_index(z, labels, meta)
+    return build_index(z, labels, meta, device=faiss_device)
 
 
 def holdout_evaluation(
