@@ -3,12 +3,13 @@
 For each shared dataset with batches and cell-type labels (CellBench: 5 technologies; PBMC:
 3 10x chemistries), censusvi is pretrained as users run it (the Census architecture: 2 x 128,
 50 latent, NB; all genes of the PBMC panel, the 2,000 most variable of CellBench; scvi-tools'
-schedule at this size, as ``configs/small.yaml``: 400 epochs, KL warm-up 400, lr 1e-3) over
-``--seeds``, and scored with scib-metrics' Benchmarker
-(total = 0.6 bio conservation + 0.4 batch correction, unscaled) beside PCA of log-normalised
-counts of the same genes (the model's HVGs) and Harmony (harmonypy) on that PCA, same cells. ``--export``/``--latents`` split a seed sweep
-between a GPU machine without anndata (``bench/train_prepared.py``) and this one. Last line:
-``scib total censusvi - best baseline (worst dataset): X.XXX``.
+epoch heuristic, 400 at this size, lr 1e-3, batch 128; the Census model's 20-epoch KL warm-up,
+``--kl-warmup 400`` for scvi-tools' as in ``configs/small.yaml``) over ``--seeds``, and scored
+with scib-metrics' Benchmarker (total = 0.6 bio conservation + 0.4 batch correction, unscaled)
+beside PCA of log-normalised counts of the same genes (the model's HVGs) and Harmony
+(harmonypy) on that PCA, same cells. ``--export`` / ``--latents`` split a seed sweep between a
+GPU machine without anndata (``bench/train_prepared.py``, ``bench/gpu_seeds.sh``) and this one.
+Last line: ``scib total censusvi - best baseline (worst dataset): X.XXX``.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=400)
     p.add_argument("--dispersion", default="gene", help="gene (the Census model's) or gene-batch")
     p.add_argument(
-        "--kl-warmup", type=int, default=400, help="KL warm-up epochs (scvi-tools 400, Census 20)"
+        "--kl-warmup", type=int, default=20, help="KL warm-up epochs (Census 20, scvi-tools 400)"
     )
     p.add_argument(
         "--export", type=Path, help="write the training inputs here for bench/train_prepared.py"
