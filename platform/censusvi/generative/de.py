@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
@@ -67,21 +68,43 @@ class GroupCounts:
     normalized_mean: np.ndarray
 
 
-def _group_counts(q: PreparedQuery, masks: list[np.ndarray]) -> list[GroupCounts]:
-    """One streaming pass over the cells: per-group sums of counts, non-zeros, 1e4-normalised."""
-    g = len(q.model.genes)
-    sums = [np.zeros((3, g)) for _ in masks]
-    for pos, x, _ in q.cells.minibatches(4096, shuffle=False):
-        library = np.asarray(x.sum(1)).ravel()
-        for s, mask in zip(sums, masks):
-            sel = mask[pos]
-            if not sel.any():
-                continue
-            xs = x[sel]
-            s[0] += np.asarray(xs.sum(0)).ravel()
-            s[1] += np.asarray((xs != 0).sum(0)).ravel()
-            s[2] += np.asarray(xs.multiply(1e4 / library[sel, None]).sum(0)).ravel()
-    return [GroupCounts(*(s / max(int(m.sum()), 1))) for s, m in zip(sums, masks)]
+@dataclass
+class LabelSums:
+    """Per-label sums over the cells with counts, from one pass: counts, non-zeros and
+    1e4-normalised counts (labels, 3, genes). A comparison's two groups are a label and another
+    label or the rest, so every comparison of a call is answered without reading cells again."""
+
+    names: np.ndarray
+    sums: np.ndarray
+    n_cells: np.ndarray
+    nonempty: np.ndarray  # (cells,) which cells have counts over the model's genes
+
+    @classmethod
+    def scan(cls, q: PreparedQuery, labels: np.ndarray) -> LabelSums:
+        names, codes = np.unique(labels, return_inverse=True)
+        sums = np.zeros((len(names), 3, len(q.model.genes)))
+        nonempty = np.zeros(len(labels), dtype=bool)
+        for pos, x, _ in q.cells.minibatches(4096, shuffle=False):
+            nonempty[pos] = True
+            onehot = sp.csr_matrix(
+                (np.ones(len(pos)), (codes[pos], np.arange(len(pos)))), shape=(len(names), len(pos))
+            )
+            per_lib = sp.diags(1e4 / np.asarray(x.sum(1)).ravel())
+            sums[:, 0] += (onehot @ x).toarray()
+            sums[:, 1] += (onehot @ (x != 0).astype(np.float64)).toarray()
+            sums[:, 2] += (onehot @ (per_lib @ x)).toarray()
+        n_cells = np.bincount(codes[nonempty], minlength=len(names))
+        return cls(names, sums, n_cells, nonempty)
+
+    def group(self, label: str | None, rest_of: str | None = None) -> GroupCounts:
+        """``label``'s statistics, or (``label`` None) those of every cell not ``rest_of``."""
+        if label is not None:
+            i = int(np.searchsorted(self.names, label))
+            s, n = self.sums[i], self.n_cells[i]
+        else:
+            i = int(np.searchsorted(self.names, rest_of))
+            s, n = self.sums.sum(0) - self.sums[i], self.n_cells.sum() - self.n_cells[i]
+        return GroupCounts(*(s / max(int(n), 1)))
 
 
 def _draw_scales(
@@ -290,9 +313,8 @@ def differential_expression(
         adata.obs["_censusvi_batch"] = batch_labels(adata.obs, model.batch_keys, "data")
         batch_key = "_censusvi_batch"
     q = prepare_query(model, adata, batch_key, layer, surgery)
-    nonempty = np.zeros(adata.n_obs, dtype=bool)
-    for pos, _, _ in q.cells.minibatches(4096, shuffle=False):
-        nonempty[pos] = True
+    label_sums = LabelSums.scan(q, labels)
+    nonempty = label_sums.nonempty
     codes = _decode_codes(model, q, cfg)
     n_per_batch = max(int(cfg.n_samples / len(codes)), 2)
     rng = np.random.default_rng(cfg.seed)
@@ -305,7 +327,7 @@ def differential_expression(
             m2 = ((labels == group2) if group2 is not None else (labels != g1)) & nonempty
             if not m1.any() or not m2.any():
                 raise ValueError(f"{g1} vs {group2 or 'rest'}: a group has no cells with counts")
-            c1, c2 = _group_counts(q, [m1, m2])
+            c1, c2 = label_sums.group(g1), label_sums.group(group2, rest_of=g1)
             s1 = _draw_scales(q, np.flatnonzero(m1), codes, n_per_batch, rng, gen, cfg, progress)
             s2 = _draw_scales(q, np.flatnonzero(m2), codes, n_per_batch, rng, gen, cfg, progress)
             res = pd.DataFrame(
