@@ -138,7 +138,7 @@ def build_index(
     device: str | None = None,
 ) -> LabelIndex:
     """Exact search up to ``exact_max`` cells, an IVF index with a tuned nprobe above; placed on
-    ``device`` before nprobe is tuned (a GPU's IVF search scans lists differently)."""
+    ``device`` first, so nprobe is tuned with the searches users will run."""
     z = np.ascontiguousarray(z, dtype=np.float32)
     n, dim = z.shape
     if n == 0:
