@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Seed sweep of bench/integration.py on a lent GPU machine (torch + numpy + scipy, no network).
 # Carries .gpu/seeds/ (made here: `python bench/integration.py --seeds 0,...,7 --kl-warmup K
-# --export .gpu/seeds/klK`). Each set's latents come back as one file, $OUT/klK/latents.npz (a
+# --export .gpu/seeds/klK`); run as `bash bench/gpu_seeds.sh kl20 kl400` (the sets, in order).
+# Each set's latents come back as one file, $OUT/klK/latents.npz (a
 # lent machine returns only a few files per call); unpack it into DIR/latents/*.npy here and
 # score with `python bench/integration.py --seeds ... --latents DIR`. ~25 s per seed and dataset
 # on an H200 (host-bound: 128-cell minibatches).
