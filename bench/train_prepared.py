@@ -29,17 +29,6 @@ from censusvi.model.vae import VAE  # noqa: E402
 from censusvi.train.loop import TrainConfig, fit  # noqa: E402
 
 
-def library_prior(x: sp.csr_matrix, batch: np.ndarray, n_batches: int):
-    """Per-batch mean and variance of log library size (as ``train.pretrain.library_prior``)."""
-    log_lib = np.log(np.asarray(x.sum(1)).ravel())
-    n = np.bincount(batch, minlength=n_batches)
-    mean = np.bincount(batch, log_lib, n_batches) / np.maximum(n, 1)
-    var = np.bincount(batch, log_lib**2, n_batches) / np.maximum(n, 1) - mean**2
-    return torch.tensor(mean, dtype=torch.float32), torch.tensor(
-        np.maximum(var, 1e-4), dtype=torch.float32
-    )
-
-
 def train_seed(
     prepared: np.lib.npyio.NpzFile, seed: int, device: str, precision: str
 ) -> tuple[np.ndarray, dict]:
@@ -54,9 +43,7 @@ def train_seed(
     torch.manual_seed(seed)  # as RunPlan.new_vae
     vae = VAE(model_cfg)
     if model_cfg.latent_library:
-        means, variances = library_prior(x[train_rows], cov[train_rows, 0], model_cfg.n_batches)
-        vae.library_log_means.copy_(means)
-        vae.library_log_vars.copy_(variances)
+        vae.set_library_prior([(x[train_rows], cov[train_rows, 0])])
     vae = vae.to(device)
     train = DeviceCSR(x[train_rows], cov[train_rows], device)
     val = DeviceCSR(x[val_rows], cov[val_rows], device) if len(val_rows) else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -57,3 +58,21 @@ def test_bad_settings_are_named():
         ModelConfig(n_genes=10, n_batches=1, likelihood="gamma")
     with pytest.raises(ValueError, match="dispersion='gene-cell'"):
         ModelConfig(n_genes=10, n_batches=1, dispersion="gene-cell")
+
+
+def test_library_prior_is_each_batchs_log_library_moments_over_all_blocks():
+    """Streamed in blocks (as pretrain reads its training cells), the prior equals the per-batch
+    mean and variance of log library size over all cells at once."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    x = sp.csr_matrix(rng.poisson(2.0, size=(600, 40)).astype(np.float32))
+    batch = rng.integers(0, 3, 600)
+    vae = VAE(ModelConfig(n_genes=40, n_batches=3, latent_library=True))
+    vae.set_library_prior((x[s : s + 250], batch[s : s + 250]) for s in range(0, 600, 250))
+    log_lib = np.log(np.asarray(x.sum(1)).ravel())
+    for b in range(3):
+        assert vae.library_log_means[b].item() == pytest.approx(
+            log_lib[batch == b].mean(), rel=1e-5
+        )
+        assert vae.library_log_vars[b].item() == pytest.approx(log_lib[batch == b].var(), rel=1e-4)

@@ -13,8 +13,11 @@ k latent, c covariates.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.distributions import Normal, kl_divergence
@@ -119,6 +122,22 @@ class VAE(nn.Module):
         # Prior of the latent log library per batch; set from training data by the trainer.
         self.register_buffer("library_log_means", torch.zeros(cfg.n_batches))
         self.register_buffer("library_log_vars", torch.ones(cfg.n_batches))
+
+    @torch.no_grad()
+    def set_library_prior(self, blocks: Iterable[tuple[Any, np.ndarray]]) -> None:
+        """The latent library's prior: per-batch mean and variance of log library size over
+        ``blocks`` of (counts CSR, batch codes), one pass (the training cells, streamed)."""
+        n_batches = self.cfg.n_batches
+        s1, s2, n = np.zeros(n_batches), np.zeros(n_batches), np.zeros(n_batches)
+        for x, batch in blocks:
+            log_lib = np.log(np.asarray(x.sum(1)).ravel())
+            np.add.at(s1, batch, log_lib)
+            np.add.at(s2, batch, log_lib**2)
+            np.add.at(n, batch, 1)
+        mean = s1 / np.maximum(n, 1)
+        var = np.maximum(s2 / np.maximum(n, 1) - mean**2, 1e-4)
+        self.library_log_means.copy_(torch.tensor(mean, dtype=torch.float32))
+        self.library_log_vars.copy_(torch.tensor(var, dtype=torch.float32))
 
     @property
     def needs_dense_counts(self) -> bool:

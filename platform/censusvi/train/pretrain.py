@@ -126,19 +126,6 @@ def split_rows(n: int, train_fraction: float, seed: int) -> tuple[np.ndarray, np
     return np.sort(perm[:n_train]), np.sort(perm[n_train:])
 
 
-def library_prior(cells: Cells, n_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-batch mean and variance of log library size (the latent library's prior)."""
-    s1, s2, n = np.zeros(n_batches), np.zeros(n_batches), np.zeros(n_batches)
-    for _, x, cov in cells.minibatches(65536, shuffle=False):
-        log_lib = np.log(np.asarray(x.sum(1)).ravel())
-        np.add.at(s1, cov[:, 0], log_lib)
-        np.add.at(s2, cov[:, 0], log_lib**2)
-        np.add.at(n, cov[:, 0], 1)
-    mean = s1 / np.maximum(n, 1)
-    var = np.maximum(s2 / np.maximum(n, 1) - mean**2, 1e-4)
-    return torch.tensor(mean, dtype=torch.float32), torch.tensor(var, dtype=torch.float32)
-
-
 @dataclass
 class RunPlan:
     """Everything decided before training: cells, genes, batch codes, split, architecture.
@@ -165,9 +152,9 @@ class RunPlan:
         torch.manual_seed(self.cfg.train.seed)  # every worker builds identical initial weights
         vae = VAE(self.model_cfg)
         if self.model_cfg.latent_library:
-            means, variances = library_prior(train_cells, len(self.categories))
-            vae.library_log_means.copy_(means)
-            vae.library_log_vars.copy_(variances)
+            vae.set_library_prior(
+                (x, cov[:, 0]) for _, x, cov in train_cells.minibatches(65536, shuffle=False)
+            )
         return vae
 
     def trained_model(
