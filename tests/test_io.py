@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -99,6 +99,7 @@ def test_extra_tensor_is_refused(tmp_path):
 
 
 def test_unknown_batch_points_to_mapping():
-    with pytest.raises(ValueError, match="unknown to the model.*censusvi map"):
-        small_model().batch_codes(["b0", "new-lab"])
-    assert np.array_equal(small_model().batch_codes(["b2", "b0"]).numpy(), [2, 0])
+    with pytest.raises(ValueError, match=r"1 batch\(es\) unknown to the model.*censusvi map"):
+        small_model().covariate_codes(pd.DataFrame({"batch": ["b0", "new-lab"]}), "q.h5ad")
+    codes = small_model().covariate_codes(pd.DataFrame({"batch": ["b2", "b0", "b2"]}), "q.h5ad")
+    assert codes.tolist() == [[2], [0], [2]]

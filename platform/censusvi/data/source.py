@@ -61,6 +61,18 @@ def batch_categories(
     return labels[order].astype(str), rank[combined]
 
 
+def codes_in(
+    obs: pd.DataFrame, keys: list[str] | tuple[str, ...], known: tuple[str, ...], where: str
+) -> tuple[np.ndarray, list[str]]:
+    """(each cell's index into ``known``, a model's categories, for the label ``keys`` spell;
+    the labels ``known`` lacks, sorted). Cells with such a label get -1: the caller says what
+    that means (map the batch, or refuse). One dictionary lookup per distinct label."""
+    labels, codes = batch_categories(obs, keys, where)
+    lookup = {c: i for i, c in enumerate(known)}
+    per_label = np.array([lookup.get(v, -1) for v in labels.tolist()], dtype=np.int64)
+    return per_label[codes], labels[per_label < 0].tolist()
+
+
 def select_genes(x: sp.csr_matrix, alignment: GeneAlignment) -> sp.csr_matrix:
     """Reorder columns to the model's gene order; absent model genes become all-zero columns.
 

@@ -11,6 +11,7 @@ import torch
 
 from censusvi.data.cells import Cells
 from censusvi.data.h5ad import H5adSource
+from censusvi.data.source import codes_in
 from censusvi.data.vocabulary import DEFAULT_MIN_OVERLAP, GeneAlignment
 from censusvi.mapping.surgery import SurgeryConfig, extend_batches, query_batches, train_new_columns
 from censusvi.model.io import TrainedModel
@@ -68,8 +69,7 @@ def prepare_query(
     labels = adata.obs[batch_key].astype(str).to_numpy()
     new = query_batches(labels, model.batch_categories)
     mapped, trainable = extend_batches(model, new) if new else (model, {})
-    lookup = {b: i for i, b in enumerate(mapped.batch_categories)}
-    cov = np.array([lookup[b] for b in labels], dtype=np.int64).reshape(-1, 1)
+    cov = codes_in(adata.obs, [batch_key], mapped.batch_categories, "query")[0].reshape(-1, 1)
     cov = np.concatenate([cov, model.extra_covariate_codes(adata.obs, "query")], axis=1)
     cells = Cells(source, np.arange(adata.n_obs), alignment, cov, preload=True)
     needs_training = surgery.train if surgery.train is not None else model.config.encode_covariates

@@ -62,32 +62,25 @@ class TrainedModel:
     def config(self) -> ModelConfig:
         return self.vae.cfg
 
-    def batch_codes(self, labels: list[str]) -> torch.Tensor:
-        """Codes of batch labels; unknown labels are the query-mapping path's job, not this one."""
-        lookup = {b: i for i, b in enumerate(self.batch_categories)}
-        unknown = sorted({b for b in labels if b not in lookup})
-        if unknown:
-            raise ValueError(
-                f"{len(unknown)} batch(es) unknown to the model, e.g. {unknown[:3]}; the model knows "
-                f"{len(lookup)} batches built from {list(self.batch_keys)} (e.g. "
-                f"{list(self.batch_categories[:3])}). Map new batches onto the reference with "
-                "`censusvi map` instead of `embed`."
-            )
-        return torch.tensor([lookup[b] for b in labels], dtype=torch.long)
-
     def covariate_codes(self, obs, where: str) -> np.ndarray:
         """(n, 1 + k) codes: the batch (from ``batch_keys``) then each extra covariate."""
-        from censusvi.data.source import batch_categories  # pandas: not in the model core
+        from censusvi.data.source import codes_in  # pandas: not in the model core
 
-        labels, codes = batch_categories(obs, list(self.batch_keys), where)
-        batch = self.batch_codes(labels.tolist()).numpy()[codes]  # a lookup per batch, not cell
+        batch, unknown = codes_in(obs, self.batch_keys, self.batch_categories, where)
+        if unknown:
+            raise ValueError(
+                f"{where}: {len(unknown)} batch(es) unknown to the model, e.g. {unknown[:3]}; the "
+                f"model knows {len(self.batch_categories)} batches built from "
+                f"{list(self.batch_keys)} (e.g. {list(self.batch_categories[:3])}). Map new "
+                "batches onto the reference with `censusvi map` instead of `embed`."
+            )
         return np.concatenate(
             [batch.reshape(-1, 1), self.extra_covariate_codes(obs, where)], axis=1
         )
 
     def extra_covariate_codes(self, obs, where: str) -> np.ndarray:
         """(n, k) codes of the extra categorical covariates (k may be 0)."""
-        from censusvi.data.source import batch_categories
+        from censusvi.data.source import codes_in
 
         cols: list[np.ndarray] = []
         for key, cats in zip(self.covariate_keys, self.covariate_categories):
@@ -95,15 +88,13 @@ class TrainedModel:
                 raise ValueError(
                     f"{where}: covariate column {key!r} (used by the model) is not in obs"
                 )
-            lookup = {c: i for i, c in enumerate(cats)}
-            values, codes = batch_categories(obs, [key], where)  # no string per cell
-            unknown = sorted(set(values.tolist()) - set(lookup))
+            codes, unknown = codes_in(obs, [key], cats, where)
             if unknown:
                 raise ValueError(
                     f"{where}: obs[{key!r}] has values the model never saw: {unknown[:3]}; "
                     f"it knows {list(cats[:5])}"
                 )
-            cols.append(np.array([lookup[v] for v in values.tolist()], dtype=np.int64)[codes])
+            cols.append(codes)
         return np.stack(cols, axis=1) if cols else np.zeros((len(obs), 0), dtype=np.int64)
 
 

@@ -21,7 +21,7 @@ from censusvi import __version__
 from censusvi.data.cells import Cells
 from censusvi.data.hvg import highly_variable_genes
 from censusvi.data.soma import open_source
-from censusvi.data.source import CellSource, batch_categories
+from censusvi.data.source import CellSource, batch_categories, codes_in
 from censusvi.data.vocabulary import GeneVocabulary
 from censusvi.model.config import ModelConfig
 from censusvi.model.io import TrainedModel, save_model
@@ -211,11 +211,13 @@ def plan_from(
     def codes_of(
         keys: list[str], known: tuple[str, ...] | None
     ) -> tuple[tuple[str, ...], np.ndarray]:
-        labels, codes = batch_categories(source.obs, keys, d.source)
         if known is None:
+            labels, codes = batch_categories(source.obs, keys, d.source)
             return tuple(labels.tolist()), codes
-        lookup = {c: i for i, c in enumerate(known)}
-        return known, np.array([lookup[v] for v in labels.tolist()], dtype=np.int64)[codes]
+        codes, unknown = codes_in(source.obs, keys, known, d.source)
+        if unknown:  # a worker must see the driver's cells
+            raise ValueError(f"{d.source}: {keys} labels {unknown[:3]} not among {known[:3]}...")
+        return known, codes
 
     categories, codes = codes_of(list(d.batch_keys), categories)
     extra = [
