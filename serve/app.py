@@ -101,8 +101,8 @@ class VersionCache:
 class VersionFetcher:
     """A local copy of a version's files (a registry download), or the model directory given."""
 
-    def __init__(self, s: Settings) -> None:
-        self.s = s
+    def __init__(self, s: Settings, part: str) -> None:
+        self.s, self.part = s, part  # "model" or "index": what this replica reads
         self.tmp = tempfile.TemporaryDirectory(prefix="censusvi-serve-")
 
     def __call__(self, version: str):
@@ -111,7 +111,8 @@ class VersionFetcher:
         if not self.s.registered:
             return VersionFiles(self.s.model, "local", self.s.model, self.s.index)
         name = parse_model_uri(self.s.model)[0]
-        return fetch_version(name, version, f"{self.tmp.name}/{version}", self.s.tracking_uri)
+        dst, uri, part = f"{self.tmp.name}/{version}", self.s.tracking_uri, self.part
+        return fetch_version(name, version, dst, uri, model=part == "model", index=part == "index")
 
 
 def _error(status: int, message: str) -> dict:
@@ -127,7 +128,7 @@ class Mapper:
 
         self.s = Settings(**settings)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU replica uses its GPU
-        fetch = VersionFetcher(self.s)
+        fetch = VersionFetcher(self.s, "model")
 
         def load(version: str):
             files = fetch(version)
@@ -249,7 +250,7 @@ class Annotator:
         from censusvi.report.layout import fit_reference_layout
 
         self.s = Settings(**settings)
-        fetch = VersionFetcher(self.s)
+        fetch = VersionFetcher(self.s, "index")
 
         def load(version: str):
             files = fetch(version)

@@ -108,6 +108,13 @@ def test_register_promote_gate_rollback_and_load(tmp_path, monkeypatch, capsys):
     assert rc == 0 and out.strip().endswith("-> 1")
     files = fetch_version("censusvi-scvi", "1", tmp_path / "dl")
     assert files.index_dir is not None and (files.index_dir / "labels.parquet").is_file()
+    # A Serve replica downloads only what it reads: the mapper the weights, the annotator the index.
+    weights = fetch_version("censusvi-scvi", "1", tmp_path / "dl-model", index=False)
+    assert (weights.model_dir / "config.json").is_file() and weights.index_dir is None
+    assert not list((tmp_path / "dl-model").rglob("index.json"))
+    ix_only = fetch_version("censusvi-scvi", "1", tmp_path / "dl-index", model=False)
+    assert ix_only.model_dir is None and (ix_only.index_dir / "index.json").is_file()
+    assert not list((tmp_path / "dl-index").rglob("*.safetensors"))
     z_good = latent_representation(load_model(good_model), ref)[1]
     z_rolled = latent_representation(load_model("models:/censusvi-scvi@production"), ref)[1]
     np.testing.assert_array_equal(z_rolled, z_good)

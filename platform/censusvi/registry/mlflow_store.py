@@ -120,13 +120,25 @@ def log_and_register(
     return run.info.run_id, str(mv.version)
 
 
-def download_model(uri: str, dst: str | os.PathLike | None = None) -> Path:
-    """A local copy of ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``."""
+def _tracking_from_env():
     import mlflow
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if "MLFLOW_TRACKING_URI" in os.environ:
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    return mlflow
+
+
+def download_model(uri: str, dst: str | os.PathLike | None = None) -> Path:
+    """A local copy of ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` (``/SUBPATH`` for one
+    folder of it)."""
+    mlflow = _tracking_from_env()
     return Path(
         mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None)
     )
+
+
+def artifact_names(uri: str) -> set[str]:
+    """The top-level artifact names of ``models:/NAME/VERSION``, without downloading them."""
+    mlflow = _tracking_from_env()
+    return {Path(f.path).name for f in mlflow.artifacts.list_artifacts(artifact_uri=uri)}

@@ -35,8 +35,8 @@ class VersionFiles:
 
     name: str
     version: str
-    model_dir: Path
-    index_dir: Path | None
+    model_dir: Path | None  # None: not asked for
+    index_dir: Path | None  # None: not asked for, or the version has none
 
 
 def _client(uri: str | None = None):
@@ -259,14 +259,28 @@ def add_to_version(
 
 
 def fetch_version(
-    name: str, version: str, dst: str | os.PathLike, uri: str | None = None
+    name: str,
+    version: str,
+    dst: str | os.PathLike,
+    uri: str | None = None,
+    model: bool = True,
+    index: bool = True,
 ) -> VersionFiles:
-    """Download one version's model (and index, when it has one) under ``dst``."""
-    from censusvi.registry.mlflow_store import download_model
+    """Download one version's model and its index (when it has one) under ``dst``, or only the
+    part a caller reads: a replica that maps needs no index (gigabytes at Census scale) and one
+    that searches needs no weights."""
+    from censusvi.registry.mlflow_store import artifact_names, download_model
 
     if uri:
         os.environ["MLFLOW_TRACKING_URI"] = uri
-    root = download_model(f"models:/{name}/{version}", dst)
-    model_dir = root / "model" if (root / "model" / "config.json").is_file() else root
-    index_dir = root / "index" if (root / "index" / "index.json").is_file() else None
+    base = f"models:/{name}/{version}"
+    names = artifact_names(base)
+    if "model" not in names:  # registered from a bare model directory: it is the whole version
+        return VersionFiles(name, str(version), download_model(base, dst), None)
+    model_dir = download_model(f"{base}/model", dst) if model else None
+    index_dir = None
+    if index and "index" in names:
+        index_dir = download_model(f"{base}/index", dst)
+        if not (index_dir / "index.json").is_file():
+            raise ValueError(f"{base}/index has no index.json: not an index `censusvi index` wrote")
     return VersionFiles(name, str(version), model_dir, index_dir)
