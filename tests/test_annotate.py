@@ -225,3 +225,11 @@ def test_faiss_device_choice(tmp_path, monkeypatch):
     if faiss_gpu_count() == 0:
         with pytest.raises(RuntimeError, match=r"install faiss-gpu in place of faiss-cpu"):
             load_index(tmp_path / "ix", device="gpu")
+        # The usual mistake: the gpu extra installed beside faiss-cpu, whose module wins.
+        import censusvi.annotate.index as index_module
+
+        monkeypatch.setattr(index_module, "faiss_builds", lambda: ["faiss-cpu", "faiss-gpu-cu12"])
+        with pytest.raises(
+            RuntimeError, match=r"shadows the GPU build: pip uninstall -y faiss-cpu"
+        ):
+            load_index(tmp_path / "ix", device="gpu")

@@ -12,7 +12,9 @@ built on a GPU machine loads on a laptop and the other way round.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ import pandas as pd
 
 from censusvi.atomic import atomic_directory
 
+log = logging.getLogger(__name__)
 FAISS_DEVICES = ("auto", "cpu", "gpu")
 EXACT_MAX = 200_000
 NPROBE = 16  # for indexes saved before nprobe was tuned
@@ -35,17 +38,55 @@ def faiss_gpu_count() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
 
 
+def faiss_builds() -> list[str]:
+    """The FAISS wheels installed. faiss-cpu and faiss-gpu-* both ship the ``faiss`` package, and
+    Python imports faiss-cpu's extension module (``_swigfaiss.abi3.so``) before faiss-gpu's
+    (``_swigfaiss.so``): with both installed, FAISS is the CPU build."""
+    from importlib.metadata import distributions
+
+    names = {(d.metadata["Name"] or "").lower() for d in distributions()}
+    return sorted(n for n in names if n.startswith("faiss-"))
+
+
+def gpu_install_hint() -> str:
+    """How to get a FAISS that can use a GPU, from what is installed now."""
+    builds = faiss_builds()
+    gpu = [b for b in builds if b.startswith("faiss-gpu")]
+    if gpu and "faiss-cpu" in builds:
+        return (
+            f"{' and '.join(builds)} are both installed and faiss-cpu's module shadows the GPU "
+            f"build: pip uninstall -y faiss-cpu && pip install --force-reinstall --no-deps {gpu[0]}"
+        )
+    if gpu:
+        return f"{gpu[0]} is installed: check that a CUDA device is visible (nvidia-smi)"
+    return (
+        "install faiss-gpu in place of faiss-cpu (pip install 'censusvi[gpu]', then pip "
+        "uninstall -y faiss-cpu && pip install --force-reinstall --no-deps faiss-gpu-cu12) on a "
+        "machine with a CUDA GPU"
+    )
+
+
+@functools.cache
+def _warn_if_gpu_build_shadowed() -> None:
+    """Once per process: someone who installed the gpu extra expects GPU searches."""
+    builds = faiss_builds()
+    if "faiss-cpu" in builds and any(b.startswith("faiss-gpu") for b in builds):
+        log.warning("FAISS searches run on the CPU: %s", gpu_install_hint())
+
+
 def place_index(index: faiss.Index, device: str | None = None) -> tuple[faiss.Index, object]:
     """The index where searches will run, and the GPU resources that must outlive it (or None)."""
     device = device or os.environ.get("CENSUSVI_FAISS_DEVICE", "auto")
     if device not in FAISS_DEVICES:
         raise ValueError(f"FAISS device {device!r}: choose one of {FAISS_DEVICES}")
-    if device == "cpu" or (device == "auto" and faiss_gpu_count() == 0):
+    if device == "auto" and faiss_gpu_count() == 0:
+        _warn_if_gpu_build_shadowed()
+        return index, None
+    if device == "cpu":
         return index, None
     if faiss_gpu_count() == 0:
         raise RuntimeError(
-            "FAISS device 'gpu' asked for, but FAISS sees no GPU: install faiss-gpu in place of "
-            "faiss-cpu (pip install 'censusvi[gpu]') on a machine with a CUDA GPU, or use "
+            f"FAISS device 'gpu' asked for, but FAISS sees no GPU: {gpu_install_hint()}; or use "
             "device 'auto' or 'cpu'"
         )
     resources = faiss.StandardGpuResources()
