@@ -48,11 +48,18 @@ DATASETS = {  # file, HVGs (0: every gene), HVG strata
 
 
 def bench_config(
-    path: Path, n_hvg: int, hvg_keys, seed: int, epochs: int, dispersion: str, kl_warmup: int
+    path: Path,
+    n_hvg: int,
+    hvg_keys,
+    seed: int,
+    epochs: int,
+    dispersion: str,
+    kl_warmup: int,
+    prior_components: int = 0,
 ) -> PretrainConfig:
     return PretrainConfig(
         DataConfig(source=str(path), batch_keys=("batch",), n_hvg=n_hvg, hvg_keys=hvg_keys),
-        model=ModelSettings(dispersion=dispersion),
+        model=ModelSettings(dispersion=dispersion, prior_components=prior_components),
         train=TrainConfig(
             max_epochs=epochs, lr=1e-3, batch_size=128, seed=seed, n_epochs_kl_warmup=kl_warmup
         ),
@@ -105,6 +112,12 @@ def main() -> int:
         "--kl-warmup", type=int, default=20, help="KL warm-up epochs (Census 20, scvi-tools 400)"
     )
     p.add_argument(
+        "--prior-components",
+        type=int,
+        default=0,
+        help="0: N(0, I) (the Census model's); K: a VampPrior over K pseudo-cells (sysVI: 5)",
+    )
+    p.add_argument(
         "--export", type=Path, help="write the training inputs here for bench/train_prepared.py"
     )
     p.add_argument(
@@ -121,7 +134,14 @@ def main() -> int:
         file, n_hvg, hvg_keys = DATASETS[name]
         cfgs = {
             seed: bench_config(
-                DATA / file, n_hvg, hvg_keys, seed, a.epochs, a.dispersion, a.kl_warmup
+                DATA / file,
+                n_hvg,
+                hvg_keys,
+                seed,
+                a.epochs,
+                a.dispersion,
+                a.kl_warmup,
+                a.prior_components,
             )
             for seed in seeds
         }

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "platform"))
 
 from censusvi.model.config import ModelConfig  # noqa: E402
 from censusvi.model.minibatch import DeviceCSR, minibatch_from_csr  # noqa: E402
-from censusvi.model.vae import VAE  # noqa: E402
+from censusvi.model.vae import new_vae  # noqa: E402
 from censusvi.train.loop import TrainConfig, fit  # noqa: E402
 
 
@@ -40,11 +40,14 @@ def train_seed(
     train_rows, val_rows = prepared[f"train_{seed}"], prepared[f"val_{seed}"]
     cfg = TrainConfig(**{**meta["train"], "seed": seed, "device": device, "precision": precision})
     model_cfg = ModelConfig.from_dict(meta["model"])
-    torch.manual_seed(seed)  # as RunPlan.new_vae
-    vae = VAE(model_cfg)
-    if model_cfg.latent_library:
-        vae.set_library_prior([(x[train_rows], cov[train_rows, 0])])
-    vae = vae.to(device)
+    x_train, cov_train = x[train_rows], cov[train_rows]
+    vae = new_vae(
+        model_cfg,
+        seed,
+        len(train_rows),
+        lambda rows: (x_train[rows], cov_train[rows]),
+        lambda: [(x_train, cov_train[:, 0])],
+    ).to(device)
     train = DeviceCSR(x[train_rows], cov[train_rows], device)
     val = DeviceCSR(x[val_rows], cov[val_rows], device) if len(val_rows) else None
     kw = {"with_counts": vae.needs_dense_counts}

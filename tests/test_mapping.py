@@ -15,7 +15,9 @@ from censusvi.train.pretrain import DataConfig, ModelSettings, PretrainConfig, p
 from conftest import simulated_adata
 
 
-def reference(tmp_path, encode_covariates: bool, dispersion: str = "gene"):
+def reference(
+    tmp_path, encode_covariates: bool, dispersion: str = "gene", prior_components: int = 0
+):
     a = simulated_adata(n_cells=300, n_batches=3, seed=1)
     ref, query = a[a.obs["batch"] != "b2"].copy(), a[a.obs["batch"] == "b2"].copy()
     query.obs["batch"] = "lab-x"  # a batch the reference never saw
@@ -23,7 +25,11 @@ def reference(tmp_path, encode_covariates: bool, dispersion: str = "gene"):
     cfg = PretrainConfig(
         DataConfig(source=str(tmp_path / "ref.h5ad"), batch_keys=("batch",), n_hvg=0),
         ModelSettings(
-            n_hidden=16, n_latent=4, encode_covariates=encode_covariates, dispersion=dispersion
+            n_hidden=16,
+            n_latent=4,
+            encode_covariates=encode_covariates,
+            dispersion=dispersion,
+            prior_components=prior_components,
         ),
         TrainConfig(max_epochs=5, lr=1e-2, batch_size=64),
     )
@@ -31,8 +37,12 @@ def reference(tmp_path, encode_covariates: bool, dispersion: str = "gene"):
     return model, ref, query
 
 
-def test_surgery_trains_new_columns_only(tmp_path):
-    model, ref, query = reference(tmp_path, encode_covariates=True, dispersion="gene-batch")
+@pytest.mark.parametrize("prior_components", [0, 3])
+def test_surgery_trains_new_columns_only(tmp_path, prior_components):
+    """Also with a VampPrior, whose pseudo-cells are reference weights like any other."""
+    model, ref, query = reference(
+        tmp_path, encode_covariates=True, dispersion="gene-batch", prior_components=prior_components
+    )
     before = {k: v.clone() for k, v in model.vae.state_dict().items()}
     z_ref = latent_representation(model, H5adSource("ref", adata=ref))[1]
     mq = map_query(
@@ -56,7 +66,8 @@ def test_surgery_trains_new_columns_only(tmp_path):
         after["px_r"][:, 2], before["px_r"].mean(1)
     )
     for k in before:
-        if "norms" in k:  # batch-norm statistics and affine weights stay the reference's
+        # batch-norm statistics and affine weights stay the reference's, as do the pseudo-cells
+        if "norms" in k or "pseudo" in k:
             assert torch.equal(after[k], before[k]), k
     # reference cells embed bit-identically with the mapped model
     z_ref_after = latent_representation(mq.model, H5adSource("ref", adata=ref))[1]

@@ -57,7 +57,10 @@ def test_export_loads_in_scvi_tools(cellbench_scvi, tmp_path):
     assert np.abs(back.get_latent_representation(adata) - z[np.argsort(pos)]).max() < 1e-5
 
 
-def test_censusvi_trained_model_exports(tmp_path):
+@pytest.mark.parametrize("prior_components", [0, 3])
+def test_censusvi_trained_model_exports(tmp_path, prior_components):
+    """A VampPrior model exports too: the prior is read only in training, so the embedding in
+    scvi-tools is this model's."""
     from censusvi.train.loop import TrainConfig
     from censusvi.train.pretrain import DataConfig, ModelSettings, PretrainConfig, pretrain
     from conftest import simulated_adata
@@ -67,7 +70,7 @@ def test_censusvi_trained_model_exports(tmp_path):
     a.write_h5ad(tmp_path / "x.h5ad")
     cfg = PretrainConfig(
         DataConfig(source=str(tmp_path / "x.h5ad"), batch_keys=("batch",), n_hvg=0),
-        ModelSettings(n_hidden=16, n_latent=4),
+        ModelSettings(n_hidden=16, n_latent=4, prior_components=prior_components),
         TrainConfig(max_epochs=2, batch_size=64),
     )
     ours, _ = pretrain(cfg, tmp_path / "m", quiet=True)

@@ -139,6 +139,8 @@ def test_cli_contract_pretrain_info_embed(tmp_path, capsys):
                 "3",
                 "--kl-warmup",
                 "7",
+                "--prior-components",
+                "5",
                 "--config",
                 str(Path(__file__).parents[1] / "configs" / "small.yaml"),
                 "--quiet",
@@ -154,6 +156,9 @@ def test_cli_contract_pretrain_info_embed(tmp_path, capsys):
     assert {"architecture", "n_parameters", "n_genes", "n_batches", "provenance"} <= set(info)
     assert (info["n_genes"], info["n_batches"], info["architecture"]["n_latent"]) == (100, 3, 50)
     assert info["provenance"]["n_cells"] == 300 and info["provenance"]["epochs"] == 3
+    assert info["architecture"]["prior_components"] == 5
+    assert main(["info", str(tmp_path / "m")]) == 0
+    assert "prior VampPrior (5 pseudo-cells)" in capsys.readouterr().out
     from censusvi.model.io import read_config
 
     trained_with = read_config(tmp_path / "m")["provenance"]["config"]["train"]  # flags win
@@ -254,6 +259,7 @@ def test_python_api_latent_and_normalized_expression(tmp_path):
         {"likelihood": "poisson"},
         {"latent_library": True, "dispersion": "gene-batch"},
         {"encode_covariates": True},
+        {"prior_components": 3, "encode_covariates": True},
     ],
 )
 def test_model_options_train_save_and_embed(tmp_path, model_settings):

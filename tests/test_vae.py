@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from censusvi.model.config import ModelConfig
 from censusvi.model.layers import InjectedLinear
 from censusvi.model.minibatch import Minibatch
-from censusvi.model.vae import VAE, n_parameters, n_parameters_scvi_tools
+from censusvi.model.vae import VAE, n_parameters, n_parameters_scvi_tools, new_vae
 
 
 def test_census_parameter_count():
@@ -76,3 +76,32 @@ def test_library_prior_is_each_batchs_log_library_moments_over_all_blocks():
             log_lib[batch == b].mean(), rel=1e-5
         )
         assert vae.library_log_vars[b].item() == pytest.approx(log_lib[batch == b].var(), rel=1e-4)
+
+
+def test_vamp_prior_kl_is_log_q_minus_the_mixture_of_pseudo_cell_posteriors():
+    """The VampPrior's KL estimate is log q(z|x) - log (1/K) sum_k q(z|u_k) at the sampled z,
+    with u_k the pseudo-cells, which start at training cells and are trained with the model."""
+    import scipy.sparse as sp
+    from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
+
+    rng = np.random.default_rng(0)
+    x = sp.csr_matrix(rng.poisson(2.0, size=(50, 30)).astype(np.float32))
+    cov = rng.integers(0, 2, (50, 1))
+    cfg = ModelConfig(n_genes=30, n_batches=2, n_hidden=16, n_latent=4, prior_components=3)
+    vae = new_vae(cfg, 0, 50, lambda rows: (x[rows], cov[rows]), lambda: [])
+    cells = torch.log1p(torch.tensor(x.toarray()))
+    assert all((cells == u).all(1).any() for u in vae.pseudo_inputs_kg.detach())
+    mb = Minibatch.from_dense(torch.tensor(x.toarray()), torch.tensor(cov))
+    vae.eval()  # batch norm from running statistics: both passes see the same encoder
+    inf, (prior_m, prior_v) = vae._inference(mb, sample=True, with_prior=True)
+    mixture = MixtureSameFamily(
+        Categorical(torch.ones(3)), Independent(Normal(prior_m, prior_v.sqrt()), 1)
+    )
+    log_q = Normal(inf.qz_mean_nk, inf.qz_var_nk.sqrt()).log_prob(inf.z_nk).sum(-1)
+    expected = log_q - mixture.log_prob(inf.z_nk)
+    torch.testing.assert_close(VAE.kl_z_n(inf, (prior_m, prior_v)), expected)
+    vae.train()
+    vae.loss(mb).loss.backward()
+    assert vae.pseudo_inputs_kg.grad.abs().sum() > 0  # the pseudo-cells learn
+    with pytest.raises(ValueError, match="prior_components=-1"):
+        ModelConfig(n_genes=30, n_batches=2, prior_components=-1)

@@ -59,7 +59,7 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     if a.early_stopping:
         train["early_stopping"] = True
     model: dict[str, Any] = {}
-    for key in ("n_hidden", "n_latent", "n_layers", "likelihood"):
+    for key in ("n_hidden", "n_latent", "n_layers", "likelihood", "prior_components"):
         if getattr(a, key) is not None:
             model[key] = getattr(a, key)
     cfg = load_pretrain_config(a.config, {"data": data, "train": train, "model": model})
@@ -356,7 +356,8 @@ def cmd_info(a: argparse.Namespace) -> int:
     print(
         f"  encoder {arch['n_layers']} x {arch['n_hidden']} -> latent {arch['n_latent']}; "
         f"likelihood {arch['likelihood']}, dispersion {arch['dispersion']}, "
-        f"library {'latent' if arch['latent_library'] else 'observed'}"
+        f"library {'latent' if arch['latent_library'] else 'observed'}, prior "
+        + (f"VampPrior ({k} pseudo-cells)" if (k := arch.get("prior_components")) else "N(0, I)")
     )
     print(
         f"  parameters {info['n_parameters']:,} ({info['n_parameters_scvi_tools']:,} as scvi-tools "
@@ -414,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-latent", type=int)
     s.add_argument("--n-layers", type=int)
     s.add_argument("--likelihood", choices=["nb", "zinb", "poisson"])
+    s.add_argument(
+        "--prior-components",
+        type=int,
+        help="0: N(0, I) prior (Census); K: VampPrior over K pseudo-cells (sysVI's 5)",
+    )
     s.add_argument("--early-stopping", action="store_true")
     s.add_argument("--config", help="YAML with sections data, model, train")
     s.add_argument("--out", required=True, help="model directory to write")

@@ -28,6 +28,11 @@ class ModelConfig:
     dispersion: str = "gene"
     latent_library: bool = False  # False: observed log library size, the Census model's choice
     encode_covariates: bool = False
+    prior_components: int = 0
+    """0: the N(0, I) prior of scVI and the Census model. K > 0: a VampPrior (Tomczak & Welling
+    2018; sysVI's default, K = 5): the prior is the mixture of the encoder's posteriors at K
+    learned pseudo-cells, initialised from training cells. It keeps cell types apart that a
+    single Gaussian pulls together when batches hold different types."""
     extra_categories: tuple[int, ...] = field(default_factory=tuple)
     """Number of levels of each extra categorical covariate injected beside the batch."""
 
@@ -39,6 +44,8 @@ class ModelConfig:
         for name in ("n_genes", "n_batches", "n_hidden", "n_latent", "n_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.prior_components < 0:
+            raise ValueError(f"prior_components={self.prior_components}: 0 (N(0, I)) or K > 0")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1)")
         object.__setattr__(self, "extra_categories", tuple(int(c) for c in self.extra_categories))

@@ -10,6 +10,7 @@ the load fail with the name of the type that was refused.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import pickle
 import re
@@ -25,6 +26,8 @@ from censusvi.model.config import ModelConfig
 from censusvi.model.io import TrainedModel
 from censusvi.model.scvi_tools import scvi_tools_name, state_dict_from_scvi_tools
 from censusvi.model.vae import VAE
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 # torch names a refused type in one of two ways: a global to look up, or a type to build.
@@ -279,6 +282,12 @@ def export_scvi_tools(m: TrainedModel, out: str | os.PathLike) -> Path:
     """Write ``out/model.pt`` that ``scvi.model.SCVI.load(out, adata)`` opens."""
     cfg = m.config
     state = {scvi_tools_name(k): v.detach().cpu().clone() for k, v in m.vae.state_dict().items()}
+    if cfg.prior_components:  # the encoder and decoder are scVI's; only training reads the prior
+        log.warning(
+            "scvi-tools' SCVI has no VampPrior: the export embeds and decodes as this model does, "
+            "but training it further in scvi-tools uses N(0, I)"
+        )
+        del state["pseudo_inputs_kg"], state["pseudo_covariates_kc"]
     for name in ("library_log_means", "library_log_vars"):  # scvi-tools keeps them (1, n_batch)
         if cfg.latent_library:
             state[name] = state[name].reshape(1, -1)

@@ -4,7 +4,8 @@ inference: log1p(x) -> encoder -> q(z|x) = N(m, exp(v) + 1e-4), z by reparameter
   library = log(sum x) (observed) or a second encoder's sample (latent, with a per-batch prior).
 generative: [z, batch] -> decoder -> softmax gene scale; rate = exp(library) * scale;
   dispersion theta = exp(px_r) per gene (or per gene and batch).
-loss: -log p(x | rate, theta) + kl_weight * KL(q(z|x) || N(0, I)) (+ the library KL), averaged.
+loss: -log p(x | rate, theta) + kl_weight * KL(q(z|x) || p(z)) (+ the library KL), averaged;
+  p(z) = N(0, I), or with ``prior_components`` K a VampPrior: (1/K) sum_k q(z | pseudo-cell k).
 
 What scvi-tools builds but an NB model never uses (the zero-inflation head, ``l_encoder`` with the
 observed library, ``px_r_decoder``) is not built here. Shapes: n cells, g genes, h hidden,
@@ -13,7 +14,8 @@ k latent, c covariates.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +124,20 @@ class VAE(nn.Module):
         # Prior of the latent log library per batch; set from training data by the trainer.
         self.register_buffer("library_log_means", torch.zeros(cfg.n_batches))
         self.register_buffer("library_log_vars", torch.ones(cfg.n_batches))
+        if cfg.prior_components:  # log1p counts of K pseudo-cells, and their covariates
+            k, n_cov = cfg.prior_components, len(cfg.covariate_sizes)
+            self.pseudo_inputs_kg = nn.Parameter(torch.zeros(k, cfg.n_genes))
+            self.register_buffer("pseudo_covariates_kc", torch.zeros(k, n_cov, dtype=torch.long))
+
+    @torch.no_grad()
+    def set_pseudo_inputs(self, counts_kg: Any, covariates_kc: np.ndarray) -> None:
+        """Start the VampPrior's pseudo-cells at real training cells (sysVI's data init): counts
+        (dense or CSR, K cells) and their covariate codes. Random starts sit far from any cell."""
+        counts = counts_kg.toarray() if hasattr(counts_kg, "toarray") else np.asarray(counts_kg)
+        if counts.shape != tuple(self.pseudo_inputs_kg.shape):
+            raise ValueError(f"pseudo-inputs need {tuple(self.pseudo_inputs_kg.shape)} counts")
+        self.pseudo_inputs_kg.copy_(torch.log1p(torch.as_tensor(counts, dtype=torch.float32)))
+        self.pseudo_covariates_kc.copy_(torch.as_tensor(covariates_kc, dtype=torch.long))
 
     @torch.no_grad()
     def set_library_prior(self, blocks: Iterable[tuple[Any, np.ndarray]]) -> None:
@@ -146,14 +162,45 @@ class VAE(nn.Module):
 
     def inference(self, mb: Minibatch, sample: bool = True) -> Inference:
         """q(z|x) from log1p counts; the observed library is ``mb.log_library_n1``."""
+        return self._inference(mb, sample)[0]
+
+    def _inference(
+        self, mb: Minibatch, sample: bool, with_prior: bool = False
+    ) -> tuple[Inference, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Also the VampPrior's components when ``with_prior``: the pseudo-cells go through the
+        encoder in the same pass as the cells, so batch norm sees one batch, as in training."""
         h_ng, covariates_nc = mb.h_ng, mb.covariates_nc
-        qz_m, qz_v = self.z_encoder(h_ng, covariates_nc)
+        n, prior = h_ng.shape[0], None
+        if with_prior and self.cfg.prior_components:
+            m, v = self.z_encoder(
+                torch.cat([h_ng, self.pseudo_inputs_kg]),
+                torch.cat([covariates_nc, self.pseudo_covariates_kc]),
+            )
+            (qz_m, prior_m), (qz_v, prior_v) = m.split([n, len(m) - n]), v.split([n, len(v) - n])
+            prior = (prior_m, prior_v)
+        else:
+            qz_m, qz_v = self.z_encoder(h_ng, covariates_nc)
         z = qz_m + qz_v.sqrt() * torch.randn_like(qz_m) if sample else qz_m
         if self.l_encoder is None:
-            return Inference(qz_m, qz_v, z, mb.log_library_n1)
+            return Inference(qz_m, qz_v, z, mb.log_library_n1), prior
         ql_m, ql_v = self.l_encoder(h_ng, covariates_nc)
         log_lib = ql_m + ql_v.sqrt() * torch.randn_like(ql_m) if sample else ql_m
-        return Inference(qz_m, qz_v, z, log_lib, ql_m, ql_v)
+        return Inference(qz_m, qz_v, z, log_lib, ql_m, ql_v), prior
+
+    @staticmethod
+    def kl_z_n(
+        inf: Inference, prior: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """KL(q(z|x) || p(z)) per cell: closed form for N(0, I); for a VampPrior (no closed
+        form) the one-sample estimate log q(z|x) - log p(z) at the z the decoder saw."""
+        qz = Normal(inf.qz_mean_nk, inf.qz_var_nk.sqrt())
+        if prior is None:
+            return kl_divergence(qz, Normal(0.0, 1.0)).sum(-1)
+        prior_m, prior_v = prior
+        z = inf.z_nk
+        log_p_nk = Normal(prior_m, prior_v.sqrt()).log_prob(z[:, None]).sum(-1)
+        log_p = torch.logsumexp(log_p_nk, 1) - math.log(prior_m.shape[0])
+        return qz.log_prob(z).sum(-1) - log_p
 
     def generative(
         self, z_nk: torch.Tensor, log_library_n1: torch.Tensor, covariates_nc: torch.Tensor
@@ -199,7 +246,7 @@ class VAE(nn.Module):
 
     def loss(self, mb: Minibatch, kl_weight: float = 1.0, fused: bool = True) -> LossOutput:
         """``fused``: NB from logits in one autograd node (same value; ``False`` for reference)."""
-        inf = self.inference(mb)
+        inf, z_prior = self._inference(mb, sample=True, with_prior=True)
         if fused and mb.nz is not None and self.cfg.likelihood == "nb":
             logits_ng, _ = self.decoder(inf.z_nk, mb.covariates_nc)
             theta = self._theta(mb.covariates_nc)
@@ -207,8 +254,7 @@ class VAE(nn.Module):
         else:
             gen = self.generative(inf.z_nk, inf.log_library_n1, mb.covariates_nc)
             rec_n = self.reconstruction_n(mb, gen)
-        qz = Normal(inf.qz_mean_nk, inf.qz_var_nk.sqrt())
-        kl_z_n = kl_divergence(qz, Normal(0.0, 1.0)).sum(-1)
+        kl_z_n = self.kl_z_n(inf, z_prior)
         kl_l_n = torch.zeros_like(kl_z_n)
         if inf.ql_mean_n1 is not None:
             batch_n = mb.covariates_nc[:, 0]
@@ -236,6 +282,30 @@ class VAE(nn.Module):
         inf = self.inference(mb, sample=False)
         scale = self.generative(inf.z_nk, inf.log_library_n1, mb.covariates_nc).scale_ng
         return scale * library_size if library_size is not None else scale
+
+
+def new_vae(
+    cfg: ModelConfig,
+    seed: int,
+    n_train: int,
+    read_train: Callable[[np.ndarray], tuple[Any, np.ndarray]],
+    train_blocks: Callable[[], Iterable[tuple[Any, np.ndarray]]],
+) -> VAE:
+    """A VAE ready to train: weights drawn from ``seed`` (every worker draws the same), the
+    latent library's prior from the training cells (``train_blocks()``: (counts, batch codes)
+    blocks), the VampPrior's pseudo-cells started at ``seed``-chosen training cells
+    (``read_train(sorted positions)``: (counts, covariate codes))."""
+    torch.manual_seed(seed)
+    vae = VAE(cfg)
+    if cfg.latent_library:
+        vae.set_library_prior(train_blocks())
+    if cfg.prior_components:
+        k = cfg.prior_components
+        if n_train < k:
+            raise ValueError(f"a VampPrior of {k} components needs {k} training cells; {n_train}")
+        rows = np.sort(np.random.default_rng(seed).choice(n_train, k, replace=False))
+        vae.set_pseudo_inputs(*read_train(rows))
+    return vae
 
 
 def n_parameters(model: nn.Module) -> int:

@@ -26,7 +26,7 @@ from censusvi.data.vocabulary import GeneVocabulary
 from censusvi.model.config import ModelConfig
 from censusvi.model.io import TrainedModel, save_model
 from censusvi.model.minibatch import DeviceCSR, minibatch_from_csr
-from censusvi.model.vae import VAE
+from censusvi.model.vae import VAE, new_vae
 from censusvi.train.checkpoint import CheckpointStore
 from censusvi.train.loop import EpochStats, History, TrainConfig, fit
 
@@ -58,6 +58,7 @@ class ModelSettings:
     dispersion: str = "gene"
     latent_library: bool = False
     encode_covariates: bool = False  # the Census model's False: embeddings need no surgery
+    prior_components: int = 0  # 0: N(0, I), the Census model's; K: a VampPrior (ModelConfig)
 
 
 @dataclass(frozen=True)
@@ -149,13 +150,13 @@ class RunPlan:
         return Cells(self.source, rows, alignment, self.cov[rows])
 
     def new_vae(self, train_cells: Cells) -> VAE:
-        torch.manual_seed(self.cfg.train.seed)  # every worker builds identical initial weights
-        vae = VAE(self.model_cfg)
-        if self.model_cfg.latent_library:
-            vae.set_library_prior(
-                (x, cov[:, 0]) for _, x, cov in train_cells.minibatches(65536, shuffle=False)
-            )
-        return vae
+        return new_vae(
+            self.model_cfg,
+            self.cfg.train.seed,
+            len(train_cells.rows),
+            train_cells.read,
+            lambda: ((x, cov[:, 0]) for _, x, cov in train_cells.minibatches(65536, shuffle=False)),
+        )
 
     def trained_model(
         self, vae: VAE, history: History, extra: dict[str, Any] | None = None
