@@ -15,10 +15,10 @@ from conftest import simulated_adata
 ray = pytest.importorskip("ray")
 
 
-def small_cfg(src: str, epochs: int = 3) -> PretrainConfig:
+def small_cfg(src: str, epochs: int = 3, prior_components: int = 0) -> PretrainConfig:
     return PretrainConfig(
         DataConfig(source=src, batch_keys=("batch",), n_hvg=0),
-        ModelSettings(n_hidden=16, n_latent=4),
+        ModelSettings(n_hidden=16, n_latent=4, prior_components=prior_components),
         TrainConfig(max_epochs=epochs, lr=1e-2, batch_size=64, seed=0),
     )
 
@@ -30,7 +30,7 @@ def test_two_workers_train_register_and_embed_identically(local_ray, tmp_path, m
     a = simulated_adata(n_cells=400)
     a.write_h5ad(tmp_path / "x.h5ad")
     model, history = pretrain_distributed(
-        small_cfg(str(tmp_path / "x.h5ad")),
+        small_cfg(str(tmp_path / "x.h5ad"), prior_components=3),  # a VampPrior's pseudo-cells too
         str(tmp_path / "m"),
         num_workers=2,
         storage_path=str(tmp_path / "ray"),

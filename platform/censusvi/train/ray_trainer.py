@@ -22,6 +22,7 @@ import torch
 from censusvi.data.ray_stream import CellStream, stream_minibatches
 from censusvi.data.vocabulary import GeneVocabulary
 from censusvi.model.minibatch import minibatch_from_csr
+from censusvi.model.vae import VAE
 from censusvi.train.loop import (
     EpochStats,
     History,
@@ -253,7 +254,7 @@ def pretrain_distributed(
     if result.error is not None:
         raise result.error
     with result.checkpoint.as_directory() as d:
-        vae = plan.new_vae(plan.cells(plan.train_rows[:0]))
+        vae = VAE(plan.model_cfg)  # a shell for the trained weights
         vae.load_state_dict(load_file(str(Path(d) / "weights.safetensors")))
         history = History.from_dict(json.loads((Path(d) / "history.json").read_text()))
     extra = {
