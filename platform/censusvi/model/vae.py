@@ -302,7 +302,10 @@ def new_vae(
     if cfg.prior_components:
         k = cfg.prior_components
         if n_train < k:
-            raise ValueError(f"a VampPrior of {k} components needs {k} training cells; {n_train}")
+            raise ValueError(
+                f"a VampPrior of {k} pseudo-cells starts them at {k} training cells, but there "
+                f"are {n_train}: lower --prior-components or train on more cells"
+            )
         rows = np.sort(np.random.default_rng(seed).choice(n_train, k, replace=False))
         vae.set_pseudo_inputs(*read_train(rows))
     return vae
