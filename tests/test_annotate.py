@@ -233,3 +233,54 @@ def test_faiss_device_choice(tmp_path, monkeypatch):
             RuntimeError, match=r"shadows the GPU build: pip uninstall -y faiss-cpu"
         ):
             load_index(tmp_path / "ix", device="gpu")
+
+
+class _FakeGpuIndex:
+    """Stands in for a faiss GpuIndex* (this machine has no GPU): searches delegate to the CPU
+    index it was copied from; anything FAISS cannot write (like a real GPU index) is refused."""
+
+    def __init__(self, inner):
+        object.__setattr__(self, "inner", inner)
+
+    def __getattr__(self, name):
+        if name == "this":  # the SWIG handle FAISS's writer would use: not a CPU index
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.inner, name, value)
+
+
+def test_index_placed_on_a_gpu_searches_there_and_saves_the_cpu_index(tmp_path, monkeypatch):
+    """Where FAISS reports a GPU, 'auto' copies the index there (nprobe tuned on it), keeps the
+    GPU resources with it, and writes the CPU copy to disk. FAISS's GPU calls are replaced by
+    stand-ins: CI has no GPU; this checks censusvi's wiring, not FAISS."""
+    import faiss
+
+    from censusvi.annotate.index import build_index, load_index, save_index
+
+    placed = []
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: "gpu-resources", raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(
+        faiss,
+        "index_cpu_to_gpu",
+        lambda res, dev, index: placed.append((res, dev)) or _FakeGpuIndex(index),
+        raising=False,
+    )
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda index: index.inner, raising=False)
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(3000, 8)).astype(np.float32)
+    labels = pd.DataFrame({"cell_type": [f"t{i % 3}" for i in range(3000)]})
+    ix = build_index(z, labels, exact_max=1000)  # IVF: nprobe is tuned through the GPU index
+    assert (
+        ix.device == "gpu"
+        and ix.gpu_resources == "gpu-resources"
+        and placed == [("gpu-resources", 0)]
+    )
+    assert ix.meta["kind"].startswith("ivf") and ix.meta["nprobe"] >= 8
+    save_index(ix, tmp_path / "ix")  # writing the fake GPU index itself would raise
+    on_cpu = load_index(tmp_path / "ix", device="cpu")
+    assert on_cpu.device == "cpu" and on_cpu.index.nprobe == ix.meta["nprobe"]
+    np.testing.assert_array_equal(on_cpu.search(z[:50], 15)[1], ix.search(z[:50], 15)[1])
+    assert load_index(tmp_path / "ix").device == "gpu"  # auto, as a Serve replica loads it
