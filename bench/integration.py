@@ -4,7 +4,9 @@ For each shared dataset with batches and cell-type labels (CellBench: 5 technolo
 3 10x chemistries), censusvi is pretrained as users run it (the Census architecture: 2 x 128,
 50 latent, NB; all genes of the PBMC panel, the 2,000 most variable of CellBench; scvi-tools'
 epoch heuristic, 400 at this size, lr 1e-3, batch 128; the Census model's 20-epoch KL warm-up,
-``--kl-warmup 400`` for scvi-tools' as in ``configs/small.yaml``) over ``--seeds``, and scored
+``--kl-warmup 400`` for scvi-tools' as in ``configs/small.yaml``; a VampPrior over 5 pseudo-cells,
+``pretrain --prior-components 5``, sysVI's default, or ``--prior-components 0`` for the Census
+model's N(0, I)) over ``--seeds``, and scored
 with scib-metrics' Benchmarker (total = 0.6 bio conservation + 0.4 batch correction, unscaled)
 beside PCA of log-normalised counts of the same genes (the model's HVGs) and Harmony
 (harmonypy) on that PCA, same cells. ``--export`` / ``--latents`` split a seed sweep between a
@@ -114,7 +116,7 @@ def main() -> int:
     p.add_argument(
         "--prior-components",
         type=int,
-        default=0,
+        default=5,
         help="0: N(0, I) (the Census model's); K: a VampPrior over K pseudo-cells (sysVI: 5)",
     )
     p.add_argument(
@@ -129,6 +131,8 @@ def main() -> int:
 
     torch.set_num_threads(2)
     seeds = [int(s) for s in a.seeds.split(",")]
+    prior = f"VampPrior K={a.prior_components}" if a.prior_components else "N(0, I) prior"
+    print(f"censusvi: {prior}, KL warm-up {a.kl_warmup}, {a.epochs} epochs", flush=True)
     margins = []
     for name in a.datasets.split(","):
         file, n_hvg, hvg_keys = DATASETS[name]
