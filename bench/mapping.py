@@ -60,13 +60,14 @@ def rotation(
     kl_warmup: int,
     tmp: Path,
     scvi_tools: bool,
+    prior_components: int = 0,
 ) -> dict:
     """Accuracy and macro-F1 of censusvi, scvi-tools + kNN and PCA + kNN for one query chemistry."""
     import scvi
 
     from censusvi.annotate.index import load_index
     from censusvi.train.loop import TrainConfig
-    from censusvi.train.pretrain import DataConfig, PretrainConfig, pretrain
+    from censusvi.train.pretrain import DataConfig, ModelSettings, PretrainConfig, pretrain
 
     ref = full[full.obs["batch"] != query_batch].copy()
     query = full[full.obs["batch"] == query_batch].copy()
@@ -77,6 +78,7 @@ def rotation(
 
     cfg = PretrainConfig(
         DataConfig(source=str(tmp / "ref.h5ad"), batch_keys=("batch",), n_hvg=0),
+        model=ModelSettings(prior_components=prior_components),
         train=TrainConfig(
             max_epochs=epochs, lr=1e-3, batch_size=128, seed=seed, n_epochs_kl_warmup=kl_warmup
         ),
@@ -137,13 +139,23 @@ def run_rotations(
     epochs: int,
     kl_warmup: int,
     scvi_seeds: set[int],
+    prior_components: int = 0,
 ) -> None:
     full = pbmc(data)
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for qb in batches:
         for seed in seeds:
             with tempfile.TemporaryDirectory() as tmp:
-                runs = rotation(full, qb, seed, epochs, kl_warmup, Path(tmp), seed in scvi_seeds)
+                runs = rotation(
+                    full,
+                    qb,
+                    seed,
+                    epochs,
+                    kl_warmup,
+                    Path(tmp),
+                    seed in scvi_seeds,
+                    prior_components,
+                )
                 for method, sc in runs.items():
                     results.setdefault((qb, method), []).append(sc)
                     print(
@@ -178,6 +190,12 @@ def main() -> int:
     p.add_argument(
         "--kl-warmup", type=int, default=20, help="censusvi's KL warm-up epochs (Census 20)"
     )
+    p.add_argument(
+        "--prior-components",
+        type=int,
+        default=0,
+        help="rotation references: 0 N(0, I) (Census), K a VampPrior over K pseudo-cells",
+    )
     p.add_argument("--skip-speed", action="store_true", help="rotations only (no timed mapping)")
     a = p.parse_args()
     import scvi
@@ -188,7 +206,13 @@ def main() -> int:
         seeds = [int(s) for s in a.seeds.split(",")]
         scvi_seeds = {int(s) for s in a.scvi_seeds.split(",") if s}
         run_rotations(
-            a.data, a.rotations.split(","), seeds, a.rotation_epochs, a.kl_warmup, scvi_seeds
+            a.data,
+            a.rotations.split(","),
+            seeds,
+            a.rotation_epochs,
+            a.kl_warmup,
+            scvi_seeds,
+            a.prior_components,
         )
     if a.skip_speed:
         return 0
