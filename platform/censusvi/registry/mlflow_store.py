@@ -100,12 +100,6 @@ def log_and_register(
                 run_tags[key] = str(prov[key])
         mlflow.set_tags(run_tags)
         mlflow.log_artifacts(str(model_dir), artifact_path="model")
-        artifact_uri = run.info.artifact_uri  # model/ beside the run's config and genes
-    client = MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except Exception:  # MlflowException: not registered yet
-        client.create_registered_model(name)
     tags = {
         "source": str(prov.get("source")),
         "census_version": str(prov.get("source", "")).removeprefix("census://")
@@ -116,8 +110,18 @@ def log_and_register(
         "n_genes": str(len(trained.genes)),
         "n_batches": str(len(trained.batch_categories)),
     }
-    mv = client.create_model_version(name, source=artifact_uri, run_id=run.info.run_id, tags=tags)
-    return run.info.run_id, str(mv.version)
+    return run.info.run_id, new_version(MlflowClient(), name, run, tags)
+
+
+def new_version(client, name: str, run, tags: dict[str, str]) -> str:
+    """A version of ``name`` (registered on first use) whose files are ``run``'s artifacts
+    (``model/``, and ``index/`` for a servable version)."""
+    try:
+        client.get_registered_model(name)
+    except Exception:  # MlflowException: not registered yet
+        client.create_registered_model(name)
+    source, run_id = run.info.artifact_uri, run.info.run_id
+    return str(client.create_model_version(name, source=source, run_id=run_id, tags=tags).version)
 
 
 def _tracking_from_env():

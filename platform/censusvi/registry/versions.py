@@ -18,6 +18,7 @@ from censusvi.registry.mlflow_store import (
     DEFAULT_MODEL_NAME,
     _experiment_id,
     git_commit,
+    new_version,
     tracking_uri,
 )
 
@@ -93,10 +94,6 @@ def register_version(
         if metrics:
             mlflow.log_metrics(metrics)
         mlflow.set_tags({"git_commit": git_commit(), "model_dir": str(Path(model_dir).resolve())})
-    try:
-        client.get_registered_model(name)
-    except Exception:  # MlflowException: not registered yet
-        client.create_registered_model(name)
     prov = cfg.get("provenance", {})
     tags = {
         "source": str(prov.get("source")),
@@ -104,10 +101,7 @@ def register_version(
         "n_batches": str(len(cfg["batch_categories"])),
         "has_index": str(index_dir is not None).lower(),
     }
-    mv = client.create_model_version(
-        name, source=run.info.artifact_uri, run_id=run.info.run_id, tags=tags
-    )
-    return str(mv.version)
+    return new_version(client, name, run, tags)
 
 
 def version_metrics(name: str, version: str, uri: str | None = None) -> dict[str, float]:
