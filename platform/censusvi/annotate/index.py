@@ -48,11 +48,16 @@ def faiss_builds() -> list[str]:
     return sorted(n for n in names if n.startswith("faiss-"))
 
 
+def _gpu_builds_shadowed(builds: list[str]) -> list[str]:
+    """The faiss-gpu wheels that faiss-cpu shadows in ``builds`` (none without faiss-cpu)."""
+    return [b for b in builds if b.startswith("faiss-gpu")] if "faiss-cpu" in builds else []
+
+
 def gpu_install_hint() -> str:
     """How to get a FAISS that can use a GPU, from what is installed now."""
     builds = faiss_builds()
     gpu = [b for b in builds if b.startswith("faiss-gpu")]
-    if gpu and "faiss-cpu" in builds:
+    if _gpu_builds_shadowed(builds):
         return (
             f"{' and '.join(builds)} are both installed and faiss-cpu's module shadows the GPU "
             f"build: pip uninstall -y faiss-cpu && pip install --force-reinstall --no-deps {gpu[0]}"
@@ -69,8 +74,7 @@ def gpu_install_hint() -> str:
 @functools.cache
 def _warn_if_gpu_build_shadowed() -> None:
     """Once per process: someone who installed the gpu extra expects GPU searches."""
-    builds = faiss_builds()
-    if "faiss-cpu" in builds and any(b.startswith("faiss-gpu") for b in builds):
+    if _gpu_builds_shadowed(faiss_builds()):
         log.warning("FAISS searches run on the CPU: %s", gpu_install_hint())
 
 
