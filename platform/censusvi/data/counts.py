@@ -10,8 +10,56 @@ import numpy as np
 import scipy.sparse as sp
 
 
+MAX_COUNT = 1e9  # no UMI (or read) count of one gene in one cell comes near this
+
+
 class CountsError(ValueError):
     """The data are not raw counts (or are empty); the message says how to fix it."""
+
+
+def checked_csr(data, indices, indptr, shape: tuple[int, int], where: str) -> sp.csr_matrix:
+    """A CSR matrix from its three arrays, built only once their structure is sound.
+
+    scipy trusts ``indices`` and ``indptr``: an index past the last gene or a decreasing
+    ``indptr`` later writes out of bounds (``toarray``) or crashes native code, so every decoded
+    matrix (wire, .h5ad, SOMA) passes here first. Raises ``CountsError`` saying what is wrong.
+    The values are checked apart (``check_counts``), so each caller names where they came from.
+    """
+    n, g = int(shape[0]), int(shape[1])
+    data, indices, indptr = (np.asarray(a) for a in (data, indices, indptr))
+    for name, a in (("data", data), ("indices", indices), ("indptr", indptr)):
+        if a.ndim != 1:
+            raise CountsError(f"{where}: CSR {name} must be a flat array, got shape {a.shape}")
+    for name, a in (("indices", indices), ("indptr", indptr)):
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            raise CountsError(f"{where}: CSR {name} must hold integers, got {a.dtype}")
+    if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
+        raise CountsError(f"{where}: CSR data must hold numbers, got {data.dtype}")
+    if n < 0 or g < 0 or len(indptr) != n + 1:
+        raise CountsError(f"{where}: indptr has {len(indptr)} entries for {n} cells; it needs {n + 1}")
+    if len(indices) != len(data):
+        raise CountsError(
+            f"{where}: {len(indices)} column indices but {len(data)} values; they pair one to one"
+        )
+    if indptr[0] != 0 or indptr[-1] != len(data):
+        raise CountsError(
+            f"{where}: indptr runs from {indptr[0]} to {indptr[-1]}; it must run from 0 to the "
+            f"number of stored values ({len(data)})"
+        )
+    if n and (np.diff(indptr) < 0).any():
+        raise CountsError(f"{where}: indptr decreases; each cell's entries need indptr[i] <= indptr[i + 1]")
+    if len(indices) and (indices.min() < 0 or indices.max() >= g):
+        raise CountsError(
+            f"{where}: column index out of range ({indices.min()}..{indices.max()}) for {g} genes; "
+            f"indices must lie in 0..{g - 1}"
+        )
+    idx_dtype = np.int64 if max(len(data), g) > np.iinfo(np.int32).max else np.int32
+    x = sp.csr_matrix(
+        (data.astype(np.float32, copy=False), indices.astype(idx_dtype), indptr.astype(idx_dtype)),
+        shape=(n, g),
+    )
+    x.sum_duplicates()  # a (cell, gene) pair stored twice is one count, summed
+    return x
 
 
 def check_counts(x: sp.csr_matrix, where: str) -> None:
@@ -20,12 +68,17 @@ def check_counts(x: sp.csr_matrix, where: str) -> None:
     if v.size == 0:
         return
     lo, hi = v.min(), v.max()  # NaN propagates into both: no separate finiteness pass
-    if lo >= 0 and np.isfinite(hi) and np.array_equal(v, np.floor(v)):
+    if lo >= 0 and hi <= MAX_COUNT and np.array_equal(v, np.floor(v)):
         return  # the common case in three passes; the checks below say what is wrong
     if not np.isfinite(v).all():
         n_bad = int((~np.isfinite(v)).sum())
         raise CountsError(
             f"{where}: {n_bad} NaN or infinite values; raw counts are finite integers"
+        )
+    if hi > MAX_COUNT:
+        raise CountsError(
+            f"{where}: a count of {hi:g} is above {MAX_COUNT:g}; raw UMI counts are far smaller "
+            "(the data are scaled or corrupt)"
         )
     if (v < 0).any():
         raise CountsError(
@@ -42,12 +95,23 @@ def check_counts(x: sp.csr_matrix, where: str) -> None:
         )
 
 
-def to_csr32(x) -> sp.csr_matrix:
-    """Any dense or sparse matrix as float32 CSR (the one layout the loaders use)."""
+def to_csr32(x, where: str = "the matrix") -> sp.csr_matrix:
+    """Any dense or sparse matrix as float32 CSR (the one layout the loaders use); a sparse one
+    read from a file has its structure checked first (``checked_csr``)."""
     if sp.issparse(x):
+        n, g = x.shape
+        if x.format == "csc":  # a CSC matrix is the CSR matrix of its transpose
+            t = checked_csr(x.data, x.indices, x.indptr, (g, n), where)
+            return t.T.tocsr()
+        if x.format == "coo":
+            rows, cols = np.asarray(x.row), np.asarray(x.col)
+            if len(rows) and (rows.min() < 0 or rows.max() >= n or cols.min() < 0 or cols.max() >= g):
+                raise CountsError(f"{where}: COO coordinates outside the {n} x {g} matrix")
         x = x.tocsr()
-    else:
-        x = sp.csr_matrix(np.asarray(x))
-    if x.dtype != np.float32:
-        x = x.astype(np.float32)
-    return x
+        return checked_csr(x.data, x.indices, x.indptr, (n, g), where)
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise CountsError(f"{where}: a count matrix is 2-D (cells x genes), got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise CountsError(f"{where}: counts must be numbers, got {x.dtype}")
+    return sp.csr_matrix(x.astype(np.float32, copy=False))
