@@ -319,7 +319,14 @@ def cmd_models_rollback(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     from censusvi.server import run_foreground
 
-    settings: dict[str, Any] = {"model": a.model, "token": a.token, "max_cells": a.max_cells}
+    settings: dict[str, Any] = {"model": a.model, "max_cells": a.max_cells}
+    if a.token_file:
+        settings["token_file"] = a.token_file
+    elif a.token:
+        logging.getLogger("censusvi").warning(
+            "--token is visible to every user of this machine (ps): prefer --token-file"
+        )
+        settings["token"] = a.token
     if a.index:
         settings["index"] = a.index
     if a.allow_surgery:
@@ -594,7 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--index", help="with a model directory: its index directory")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (default: no auth)")
+    s.add_argument(
+        "--token-file",
+        help="require 'Authorization: Bearer TOKEN' on every route but /healthz, TOKEN read from "
+        "this file (or set CENSUSVI_TOKEN; default: no auth)",
+    )
+    s.add_argument("--token", help="the token itself (shows in ps: prefer --token-file)")
     s.add_argument("--max-cells", type=int, default=50_000, help="cells per request (413 above)")
     s.add_argument(
         "--allow-surgery", action="store_true", help="train new batch columns per request"
