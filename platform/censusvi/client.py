@@ -101,7 +101,7 @@ class Client:
             raise ValueError(
                 f"batch_key {batch_key!r} is not an obs column; obs has {sorted(adata.obs.columns)}"
             )
-        x = to_csr32(counts_matrix(adata, layer))
+        x = to_csr32(counts_matrix(adata, layer), "the query")
         genes, _ = gene_ids_and_symbols(adata.var)
         batch = adata.obs[batch_key].astype(str).to_numpy()
         answers = []

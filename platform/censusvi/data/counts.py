@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-
 MAX_COUNT = 1e9  # no UMI (or read) count of one gene in one cell comes near this
 
 
@@ -25,6 +24,21 @@ def checked_csr(data, indices, indptr, shape: tuple[int, int], where: str) -> sp
     matrix (wire, .h5ad, SOMA) passes here first. Raises ``CountsError`` saying what is wrong.
     The values are checked apart (``check_counts``), so each caller names where they came from.
     """
+    data, indices, indptr = (np.asarray(a) for a in (data, indices, indptr))
+    check_csr(data, indices, indptr, shape, where)
+    n, g = int(shape[0]), int(shape[1])
+    idx_dtype = np.int64 if max(len(data), g) > np.iinfo(np.int32).max else np.int32
+    x = sp.csr_matrix(
+        (data.astype(np.float32, copy=False), indices.astype(idx_dtype), indptr.astype(idx_dtype)),
+        shape=(n, g),
+    )
+    x.sum_duplicates()  # a (cell, gene) pair stored twice is one count, summed
+    return x
+
+
+def check_csr(data, indices, indptr, shape: tuple[int, int], where: str) -> None:
+    """Raise ``CountsError`` unless the three arrays are a sound CSR matrix of ``shape`` (for
+    CSC, pass the transposed shape); copies nothing, so a file's matrices can be checked as read."""
     n, g = int(shape[0]), int(shape[1])
     data, indices, indptr = (np.asarray(a) for a in (data, indices, indptr))
     for name, a in (("data", data), ("indices", indices), ("indptr", indptr)):
@@ -35,31 +49,39 @@ def checked_csr(data, indices, indptr, shape: tuple[int, int], where: str) -> sp
             raise CountsError(f"{where}: CSR {name} must hold integers, got {a.dtype}")
     if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
         raise CountsError(f"{where}: CSR data must hold numbers, got {data.dtype}")
-    if n < 0 or g < 0 or len(indptr) != n + 1:
-        raise CountsError(f"{where}: indptr has {len(indptr)} entries for {n} cells; it needs {n + 1}")
+    if n < 0 or g < 0:
+        raise CountsError(f"{where}: a matrix of shape {(n, g)}; both sides must be >= 0")
     if len(indices) != len(data):
         raise CountsError(
             f"{where}: {len(indices)} column indices but {len(data)} values; they pair one to one"
         )
-    if indptr[0] != 0 or indptr[-1] != len(data):
-        raise CountsError(
-            f"{where}: indptr runs from {indptr[0]} to {indptr[-1]}; it must run from 0 to the "
-            f"number of stored values ({len(data)})"
-        )
-    if n and (np.diff(indptr) < 0).any():
-        raise CountsError(f"{where}: indptr decreases; each cell's entries need indptr[i] <= indptr[i + 1]")
+    check_indptr(indptr, n, len(data), where)
     if len(indices) and (indices.min() < 0 or indices.max() >= g):
         raise CountsError(
             f"{where}: column index out of range ({indices.min()}..{indices.max()}) for {g} genes; "
             f"indices must lie in 0..{g - 1}"
         )
-    idx_dtype = np.int64 if max(len(data), g) > np.iinfo(np.int32).max else np.int32
-    x = sp.csr_matrix(
-        (data.astype(np.float32, copy=False), indices.astype(idx_dtype), indptr.astype(idx_dtype)),
-        shape=(n, g),
-    )
-    x.sum_duplicates()  # a (cell, gene) pair stored twice is one count, summed
-    return x
+
+
+def check_indptr(indptr, n: int, nnz: int, where: str) -> None:
+    """Raise ``CountsError`` unless ``indptr`` has ``n + 1`` entries rising from 0 to ``nnz``.
+    Alone, it checks a backed file's row pointers once, before any row is read through them."""
+    indptr = np.asarray(indptr)
+    if indptr.ndim != 1 or len(indptr) != n + 1:
+        raise CountsError(
+            f"{where}: indptr has {len(indptr)} entries for {n} cells; it needs {n + 1}"
+        )
+    if indptr.size and not np.issubdtype(indptr.dtype, np.integer):
+        raise CountsError(f"{where}: CSR indptr must hold integers, got {indptr.dtype}")
+    if indptr[0] != 0 or indptr[-1] != nnz:
+        raise CountsError(
+            f"{where}: indptr runs from {indptr[0]} to {indptr[-1]}; it must run from 0 to the "
+            f"number of stored values ({nnz})"
+        )
+    if n and (np.diff(indptr) < 0).any():
+        raise CountsError(
+            f"{where}: indptr decreases; each cell's entries need indptr[i] <= indptr[i + 1]"
+        )
 
 
 def check_counts(x: sp.csr_matrix, where: str) -> None:
@@ -105,7 +127,9 @@ def to_csr32(x, where: str = "the matrix") -> sp.csr_matrix:
             return t.T.tocsr()
         if x.format == "coo":
             rows, cols = np.asarray(x.row), np.asarray(x.col)
-            if len(rows) and (rows.min() < 0 or rows.max() >= n or cols.min() < 0 or cols.max() >= g):
+            if len(rows) and (
+                rows.min() < 0 or rows.max() >= n or cols.min() < 0 or cols.max() >= g
+            ):
                 raise CountsError(f"{where}: COO coordinates outside the {n} x {g} matrix")
         x = x.tocsr()
         return checked_csr(x.data, x.indices, x.indptr, (n, g), where)

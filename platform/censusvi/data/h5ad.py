@@ -9,12 +9,14 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from anndata.abc import CSCDataset, CSRDataset
 
-from censusvi.data.counts import to_csr32
+from censusvi.data.counts import CountsError, check_csr, check_indptr, to_csr32
 
 ID_COLUMNS = ("feature_id", "gene_ids", "gene_id", "ensembl_id")
 SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "symbol")
 BACKED_ABOVE_BYTES = 4 << 30  # files over 4 GiB are read row-block by row-block, not loaded
+SCAN_CHUNK = 1 << 24  # stored values per read when a backed CSC matrix's indices are scanned
 
 
 def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
@@ -23,12 +25,61 @@ def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        return ad.read_h5ad(path, backed="r" if backed else None)
+        adata = ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as e:  # h5py and anndata raise many types for one cause
         raise ValueError(
             f"cannot read {path} as .h5ad ({type(e).__name__}: {e}); the file is truncated, "
             "damaged or not an AnnData file"
         ) from e
+    check_structure(adata, str(path))
+    return adata
+
+
+def _sparse_slots(adata: ad.AnnData):
+    """(name, matrix) of every slot that may hold a sparse matrix subsetting cells touches."""
+    yield "X", adata.X
+    yield from ((f"layers[{k!r}]", v) for k, v in adata.layers.items())
+    if adata.raw is not None:
+        yield "raw.X", adata.raw.X
+    for slot in ("obsm", "obsp", "varm", "varp"):
+        yield from ((f"{slot}[{k!r}]", v) for k, v in getattr(adata, slot).items())
+
+
+def check_structure(adata: ad.AnnData, where: str) -> None:
+    """Raise ``CountsError`` unless every sparse matrix of ``adata`` (X, layers, raw.X, obsm,
+    obsp, ...) has sound index arrays; ``where`` names the file.
+
+    scipy trusts a stored column index of 1e9 or a decreasing indptr, and the first slice
+    (``adata[rows]`` subsets every slot) then crashes native code. In memory, each matrix is
+    checked in full (no copy); a backed X has its row pointers checked here, and its column
+    indices block by block as ``H5adSource.read_rows`` reads them.
+    """
+    for slot, m in _sparse_slots(adata):
+        name = f"{where} ({slot})"
+        if isinstance(m, CSRDataset | CSCDataset):
+            _check_backed(m, name)
+        elif sp.issparse(m) and m.format in ("csr", "csc"):
+            shape = m.shape if m.format == "csr" else m.shape[::-1]  # CSC: CSR of the transpose
+            check_csr(m.data, m.indices, m.indptr, shape, name)
+
+
+def _check_backed(m: CSRDataset | CSCDataset, where: str) -> None:
+    """The pointers of a backed sparse matrix (``n + 1`` integers, read once); for CSC also its
+    row indices, in chunks, since anndata slices rows of CSC through scipy before we see them."""
+    n_major, n_minor = m.shape if m.format == "csr" else m.shape[::-1]
+    g = m.group
+    nnz, n_indices = g["data"].shape[0], g["indices"].shape[0]
+    if n_indices != nnz:
+        raise CountsError(f"{where}: {n_indices} indices but {nnz} values; they pair one to one")
+    check_indptr(g["indptr"][...], n_major, nnz, where)
+    if m.format == "csc":
+        for a in range(0, nnz, SCAN_CHUNK):
+            idx = g["indices"][a : a + SCAN_CHUNK]
+            if idx.min() < 0 or idx.max() >= n_minor:
+                raise CountsError(
+                    f"{where}: row index out of range ({idx.min()}..{idx.max()}) for "
+                    f"{n_minor} cells; indices must lie in 0..{n_minor - 1}"
+                )
 
 
 def gene_ids_and_symbols(var: pd.DataFrame) -> tuple[list[str], list[str]]:
@@ -77,14 +128,16 @@ class H5adSource:
         if adata is None:
             size = Path(path).stat().st_size if Path(path).exists() else 0
             backed = size > BACKED_ABOVE_BYTES if backed is None else backed
-            adata = read_h5ad(path, backed=backed)
+            adata = read_h5ad(path, backed=backed)  # checks every sparse matrix's structure
+        elif adata.isbacked:
+            check_structure(adata, self.uri)  # rows are read through its stored pointers
         self.adata = adata
         self._x = counts_matrix(adata, layer)
         self.backed = bool(adata.isbacked)
         obs = adata.obs
         if not self.backed and ("nnz" not in obs or "raw_sum" not in obs):
             # Census-derived columns, so Census filters ("nnz >= 300") work on any h5ad.
-            x = to_csr32(self._x)
+            x = to_csr32(self._x, self.uri)
             self._x = x
             obs = obs.copy()
             obs["nnz"] = np.diff(x.indptr) if "nnz" not in obs else obs["nnz"]
@@ -104,11 +157,11 @@ class H5adSource:
         self.obs = obs
         self.var_ids, self.var_symbols = gene_ids_and_symbols(adata.var)
         if not self.backed:
-            self._x = to_csr32(self._x)
+            self._x = to_csr32(self._x, self.uri)
 
     def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
         file_rows = self._rows[rows]
         if not self.backed:
             return self._x[file_rows]
         lo, hi = int(file_rows[0]), int(file_rows[-1]) + 1  # one contiguous read, then select
-        return to_csr32(self._x[lo:hi])[file_rows - lo]
+        return to_csr32(self._x[lo:hi], f"{self.uri} (cells {lo}..{hi - 1})")[file_rows - lo]

@@ -24,6 +24,10 @@ from censusvi.data.source import CellSource, batch_categories
 
 log = logging.getLogger(__name__)
 MIN_STRATUM_CELLS = 2  # a variance needs two cells; the loess fit itself needs many genes
+MIN_LOESS_GENES = 10
+"""Genes that must vary in a stratum before its loess fit is tried. A quadratic fitted in windows
+of 30 % of the genes needs 0.3 n > 3; skmisc's loess kills the process (SIGSEGV) on 3 points or
+fewer and raises on most fits under ~14, which skip the stratum like any failed fit."""
 
 
 @dataclass(frozen=True)
@@ -43,9 +47,16 @@ def _loess_std(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     from skmisc.loess import loess
 
     not_const = var > 0
+    if not_const.sum() < MIN_LOESS_GENES:
+        raise ValueError(
+            f"only {not_const.sum()} genes vary in it (the loess fit needs {MIN_LOESS_GENES})"
+        )
     fitted = np.zeros_like(mean)
-    model = loess(np.log10(mean[not_const]), np.log10(var[not_const]), span=0.3, degree=2)
-    model.fit()
+    try:
+        model = loess(np.log10(mean[not_const]), np.log10(var[not_const]), span=0.3, degree=2)
+        model.fit()
+    except ValueError as e:  # skmisc: a singular fit, typical of strata with few cells
+        raise ValueError(f"the loess fit failed ({e})") from e
     fitted[not_const] = model.outputs.fitted_values
     return np.sqrt(10**fitted)
 
@@ -128,20 +139,27 @@ def highly_variable_genes(
         usable[:, None], (s2 - n_s[:, None] * mean**2) / np.maximum(n_s[:, None] - 1, 1), 0.0
     )
     std = np.zeros_like(mean)
+    failed: list[str] = []
     for s in np.flatnonzero(usable):
         try:
             std[s] = _loess_std(mean[s], var[s])
-        except ValueError as e:  # skmisc: singular fit, typical of strata with few cells
+        except ValueError as e:  # too few varying genes, or a singular fit
             usable[s] = False
-            log.warning(
-                "HVG: stratum %r (%d cells) skipped: loess fit failed (%s)",
-                str(strata[s]),
-                int(n_s[s]),
-                e,
-            )
+            failed.append(f"{str(strata[s])!r} ({int(n_s[s])} cells): {e}")
+            log.warning("HVG: stratum %s; it is skipped", failed[-1])
     if not usable.any():
+        if not s1.any():
+            raise ValueError(
+                f"{source.uri}: every cell has zero counts; there are no genes to select or train on"
+            )
+        what, fix = (
+            (f"every stratum of {list(strata_keys)}", "use fewer --hvg-keys, or ")
+            if strata_keys
+            else (f"{source.uri}", "")
+        )
         raise ValueError(
-            f"HVG selection failed in every stratum of {list(strata_keys)}; use fewer --hvg-keys"
+            f"HVG selection failed in {what}: {'; '.join(failed[:3])}"
+            f"{' ...' if len(failed) > 3 else ''}; {fix}keep every gene with --n-hvg 0"
         )
     clip = mean + std * np.sqrt(n_s)[:, None]
 

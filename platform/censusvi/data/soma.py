@@ -69,7 +69,7 @@ def census_obs(adata: ad.AnnData, dataset_id: str, x: sp.csr_matrix) -> pd.DataF
 def harmonise(path: str | os.PathLike) -> ad.AnnData:
     """One h5ad file as an AnnData in the Census schema (var indexed by feature_id)."""
     adata = read_h5ad(path)
-    x = to_csr32(adata.X)
+    x = to_csr32(adata.X, str(path))
     check_counts(x, str(path))
     ids, symbols = gene_ids_and_symbols(adata.var)
     var = pd.DataFrame({"feature_name": symbols}, index=pd.Index(ids, name="feature_id"))

@@ -1,0 +1,127 @@
+"""Hostile data on the command line (issue #22): damaged sparse matrices, strata without
+variation, empty queries, repeated gene ids, broken models, absurd counts. Each gets one
+``censusvi: error:`` line and exit 2, never a traceback or a crash, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import censusvi.data.h5ad as h5ad
+from censusvi.cli import main
+from conftest import simulated_adata
+from test_bad_input import assert_nothing_written, embed_args, pretrain_args, run_cli, write
+
+
+def damage(path, kind: str) -> None:
+    """Overwrite X's index arrays of a valid .h5ad in place, as a bad writer or a bit flip would."""
+    with h5py.File(path, "r+") as f:
+        if kind == "indptr":
+            p = f["X/indptr"][...]
+            p[10], p[11] = p[11], p[10]  # cell 10's entries end before they start
+            f["X/indptr"][...] = p
+            return
+        idx = f["X/indices"][...].astype(np.int64)
+        idx[5] = {"index 1e9": 10**9, "index -1": -1}[kind]
+        del f["X/indices"]
+        f["X/indices"] = idx
+
+
+DAMAGE = {
+    "index 1e9": "column index out of range (0..1000000000) for 200 genes",
+    "index -1": "column index out of range (-1..199) for 200 genes",
+    "indptr": "indptr decreases",
+}
+
+
+@pytest.fixture(scope="module")
+def sim_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("simmodel")
+    src = write(simulated_adata(), d / "ref.h5ad")
+    assert main(pretrain_args(src, d / "m")) == 0
+    return d / "m"
+
+
+@pytest.mark.parametrize("backed", [False, True], ids=["in-memory", "backed"])
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_pretrain_damaged_sparse_matrix(kind, backed, tmp_path, capsys, monkeypatch):
+    src = write(simulated_adata(), tmp_path / "x.h5ad")
+    damage(src, kind)
+    if backed:  # every file is "large": rows are read from disk block by block
+        monkeypatch.setattr(h5ad, "BACKED_ABOVE_BYTES", -1)
+    code, err = run_cli(pretrain_args(src, tmp_path / "m"), capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"censusvi: error: {src} (" in err and DAMAGE[kind] in err
+    assert_nothing_written(tmp_path, "m")
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_query_damaged_sparse_matrix(kind, sim_model, tmp_path, capsys):
+    src = write(simulated_adata(seed=1), tmp_path / "q.h5ad")
+    damage(src, kind)
+    q = ["--model", str(sim_model), "--query", src, "--batch-key", "batch", "--quiet"]
+    for args in (
+        embed_args(sim_model, src, tmp_path / "o.h5ad"),
+        ["map", *q, "--out", str(tmp_path / "o.h5ad"), "--max-epochs", "1"],
+    ):
+        code, err = run_cli(args, capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert f"{src} (X): " in err and DAMAGE[kind] in err
+        assert_nothing_written(tmp_path, "o.h5ad")
+
+
+def test_damaged_layer_is_refused_even_when_unused(tmp_path, capsys):
+    """Subsetting cells touches every layer, so a damaged one is refused at read."""
+    a = simulated_adata()
+    a.layers["spliced"] = a.X.copy()
+    src = write(a, tmp_path / "x.h5ad")
+    with h5py.File(src, "r+") as f:
+        f["layers/spliced/indices"][3] = 1000
+    code, err = run_cli(pretrain_args(src, tmp_path / "m"), capsys)
+    assert code == 2 and "(layers['spliced']): column index out of range" in err
+
+
+def hvg_args(src: str, out) -> list[str]:
+    args = pretrain_args(src, out)
+    args[args.index("--n-hvg") + 1] = "50"
+    return [*args, "--hvg-keys", "assay"]
+
+
+def test_hvg_stratum_without_counts_is_skipped(tmp_path, capsys, caplog):
+    """skmisc's loess crashed the process on a stratum where no gene varies."""
+    a = simulated_adata()
+    a.obs["assay"] = np.where(np.arange(a.n_obs) < 100, "10x 3' v2", "10x 3' v3")
+    x = a.X.toarray()
+    x[:100] = 0
+    a.X = sp.csr_matrix(x)
+    assert run_cli(hvg_args(write(a, tmp_path / "x.h5ad"), tmp_path / "m"), capsys)[0] == 0
+    skipped = [r.getMessage() for r in caplog.records if "it is skipped" in r.getMessage()]
+    assert skipped == [
+        'HVG: stratum "10x 3\' v2" (100 cells): only 0 genes vary in it (the loess fit needs '
+        "10); it is skipped"
+    ]
+
+
+def test_hvg_no_usable_stratum(tmp_path, capsys):
+    a = simulated_adata()
+    a.obs["assay"] = np.where(np.arange(a.n_obs) < 100, "A", "B")
+    a.X = sp.csr_matrix(np.ones(a.shape, dtype=np.float32))  # no gene varies anywhere
+    code, err = run_cli(hvg_args(write(a, tmp_path / "x.h5ad"), tmp_path / "m"), capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert (
+        "HVG selection failed in every stratum of ['assay']: 'A' (100 cells): only 0 genes" in err
+    )
+    assert "use fewer --hvg-keys, or keep every gene with --n-hvg 0" in err
+    assert_nothing_written(tmp_path, "m")
+
+
+def test_hvg_all_cells_zero(tmp_path, capsys):
+    a = simulated_adata()
+    a.obs["assay"] = "A"
+    a.X = sp.csr_matrix(a.shape, dtype=np.float32)
+    src = write(a, tmp_path / "x.h5ad")
+    code, err = run_cli(hvg_args(src, tmp_path / "m"), capsys)
+    assert code == 2 and f"{src}: every cell has zero counts" in err
+    assert_nothing_written(tmp_path, "m")
