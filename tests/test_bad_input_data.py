@@ -4,6 +4,7 @@ variation, empty queries, repeated gene ids, broken models, absurd counts. Each 
 
 from __future__ import annotations
 
+import anndata as ad
 import h5py
 import numpy as np
 import pytest
@@ -125,3 +126,74 @@ def test_hvg_all_cells_zero(tmp_path, capsys):
     code, err = run_cli(hvg_args(src, tmp_path / "m"), capsys)
     assert code == 2 and f"{src}: every cell has zero counts" in err
     assert_nothing_written(tmp_path, "m")
+
+
+@pytest.fixture(scope="module")
+def sim_index(sim_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("simindex")
+    src = write(simulated_adata(), d / "ref.h5ad")
+    args = ["index", "--model", str(sim_model), "--data", src, "--label-keys", "cell_type"]
+    assert main([*args, "--out", str(d / "ix"), "--quiet"]) == 0
+    return d / "ix"
+
+
+def query_commands(model, index, src: str, out) -> dict[str, list[str]]:
+    """embed, map and annotate of one query file, each writing ``out``."""
+    q = ["--model", str(model), "--query", src, "--batch-key", "batch", "--quiet"]
+    q += ["--out", str(out), "--max-epochs", "1"]
+    return {
+        "embed": embed_args(model, src, out),
+        "map": ["map", *q],
+        "annotate": ["annotate", *q, "--index", str(index)],
+    }
+
+
+@pytest.mark.parametrize(
+    "cells, message",
+    [
+        ("none", {"embed": "q.h5ad: 0 cells; there is nothing to embed"}),
+        (
+            "all zero",
+            {
+                "embed": "q.h5ad: all 300 cells have zero counts over the model's genes; none is "
+                "left to embed"
+            },
+        ),
+    ],
+)
+def test_query_without_counts(cells, message, sim_model, sim_index, tmp_path, capsys):
+    a = simulated_adata(seed=1)
+    if cells == "none":
+        a = a[:0].copy()
+        expected = {**message, "map": "the query has 0 cells; there is nothing to map"}
+    else:
+        a.X = a.X.copy()
+        a.X.data[:] = 0  # stored zeros are no counts either
+        expected = {
+            **message,
+            "map": "all 300 query cells have zero counts over the model's genes (200 matched); "
+            "none is left to map",
+        }
+    expected["annotate"] = expected["map"]
+    src = write(a, tmp_path / "q.h5ad")
+    for name, args in query_commands(sim_model, sim_index, src, tmp_path / "o.h5ad").items():
+        code, err = run_cli(args, capsys)
+        assert code == 2 and err.count("\n") == 1, name
+        assert expected[name] in err, (name, err)
+        assert_nothing_written(tmp_path, "o.h5ad")
+
+
+def test_embed_drops_zero_cells_with_a_count(sim_model, tmp_path, capsys, caplog):
+    """Cells without counts are left out and counted, even when whole minibatches are empty."""
+    a = simulated_adata(seed=1)
+    x = a.X.toarray()
+    x[:25] = 0
+    a.X = sp.csr_matrix(x)
+    src = write(a, tmp_path / "q.h5ad")
+    args = [*embed_args(sim_model, src, tmp_path / "o.h5ad"), "--batch-size", "10"]
+    assert run_cli(args, capsys)[0] == 0
+    assert f"{src}: 25 of 300 cells had no counts over the model's genes and are left out" in [
+        r.getMessage() for r in caplog.records
+    ]
+    out = ad.read_h5ad(tmp_path / "o.h5ad")
+    assert out.obsm["X_scvi"].shape == (275, 50) and list(out.obs_names[:1]) == ["c25"]

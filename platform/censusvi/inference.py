@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 def reference_cells(
     model: TrainedModel, source: H5adSource, min_overlap: float = DEFAULT_MIN_OVERLAP
 ) -> tuple[Cells, dict]:
-    """The source's cells aligned to ``model``; raises on unknown batches or poor gene overlap."""
+    """The source's cells aligned to ``model``; raises on no cells, unknown batches or poor gene
+    overlap."""
+    if len(source.obs) == 0:
+        raise ValueError(f"{source.uri}: 0 cells; there is nothing to embed")
     alignment = model.genes.align(source.var_ids, source.var_symbols, min_overlap=min_overlap)
     codes = model.covariate_codes(source.obs, source.uri)
     cells = Cells(source, np.arange(len(source.obs)), alignment, codes, preload=False)
@@ -43,6 +46,8 @@ def _stream(
     pos_out, rows_out = [], []
     progress = bar(total=len(cells), desc="embed")
     for pos, x, cov in cells.minibatches(batch_size, shuffle=False):
+        if not len(pos):
+            continue  # every cell of this minibatch had zero counts and was dropped
         mb = minibatch_from_csr(x, cov, device, with_nonzeros=False)
         with torch.no_grad():
             rows_out.append(fn(vae, mb).cpu().numpy())
@@ -50,7 +55,10 @@ def _stream(
         progress.update(len(pos))
     progress.close()
     if not pos_out:
-        raise ValueError(f"{cells.source.uri}: no cell has counts over the model's genes")
+        raise ValueError(
+            f"{cells.source.uri}: all {len(cells)} cells have zero counts over the model's genes; "
+            "none is left to embed"
+        )
     return np.concatenate(pos_out), np.concatenate(rows_out)
 
 

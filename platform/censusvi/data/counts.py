@@ -33,6 +33,7 @@ def checked_csr(data, indices, indptr, shape: tuple[int, int], where: str) -> sp
         shape=(n, g),
     )
     x.sum_duplicates()  # a (cell, gene) pair stored twice is one count, summed
+    x.eliminate_zeros()  # a stored 0 is no count: a cell of only those is empty, and dropped
     return x
 
 

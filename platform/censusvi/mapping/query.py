@@ -60,6 +60,8 @@ def prepare_query(
     min_overlap: float = DEFAULT_MIN_OVERLAP,
 ) -> PreparedQuery:
     surgery = surgery or SurgeryConfig()
+    if adata.n_obs == 0:
+        raise ValueError("the query has 0 cells; there is nothing to map")
     if batch_key not in adata.obs.columns:
         raise ValueError(
             f"--batch-key {batch_key!r} is not an obs column; obs has {sorted(adata.obs.columns)}"
@@ -72,6 +74,12 @@ def prepare_query(
     cov = codes_in(adata.obs, [batch_key], mapped.batch_categories, "query")[0].reshape(-1, 1)
     cov = np.concatenate([cov, model.extra_covariate_codes(adata.obs, "query")], axis=1)
     cells = Cells(source, np.arange(adata.n_obs), alignment, cov, preload=True)
+    x, _ = cells.read(np.arange(len(cells)))  # preloaded: read once here, kept for what follows
+    if x.nnz == 0:
+        raise ValueError(
+            f"all {adata.n_obs} query cells have zero counts over the model's genes "
+            f"({alignment.n_matched} matched); none is left to map"
+        )
     needs_training = surgery.train if surgery.train is not None else model.config.encode_covariates
     losses: list[float] = []
     if needs_training and trainable:
@@ -100,6 +108,8 @@ def map_query(
     device = next(model.vae.parameters()).device  # surgery trains on the CPU; mapping runs here
     vae = mapped.vae.to(device).eval()
     for pos, x, c in bar(cells.minibatches(4096, shuffle=False), desc="map", unit="batch"):
+        if not len(pos):
+            continue  # every cell of this minibatch had zero counts and was dropped
         mb = minibatch_from_csr(x, c, device, with_counts=vae.needs_dense_counts)
         with torch.no_grad():
             inf = vae.inference(mb, sample=False)
