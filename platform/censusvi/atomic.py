@@ -1,45 +1,360 @@
-"""Write a file or directory under a temporary name and rename it into place: never half-written."""
+"""Outputs: built under a temporary name, then swapped into place; never half-written, and never
+replacing what censusvi did not write.
+
+An output replaces, unasked, only a censusvi artifact of the same kind (``DIR_KINDS``,
+``FILE_KINDS``), an empty file or an empty directory; anything else needs ``overwrite``. Nothing
+replaces one of the command's own inputs (``check_output``).
+
+The swap is two renames: the old output to ``.NAME.old-PID-X``, then the new one (built at
+``.NAME.tmp-PID-X``) to ``NAME``. A run killed between them leaves the old one aside and no
+``NAME``; the next write to ``NAME`` (``recover``) first puts it back, and removes temporaries of
+dead processes. Files are flushed (fsync) before the rename, and the directory after it.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
+MARKER = ".censusvi"
+"""JSON ``{"kind": ...}`` in a directory whose own files do not say censusvi wrote it."""
+
+DIR_KINDS: dict[str, tuple[frozenset[str], str, Callable[[dict], bool]]] = {
+    # kind: (exactly the entries censusvi writes, the JSON file that names it, its test)
+    "model": (  # censusvi.model.io
+        frozenset({"config.json", "weights.safetensors"}),
+        "config.json",
+        lambda d: d.get("format") == "censusvi-model",
+    ),
+    "index": (  # censusvi.annotate.index
+        frozenset({"index.faiss", "labels.parquet", "index.json"}),
+        "index.json",
+        lambda d: "kind" in d and "label_keys" in d,
+    ),
+    "checkpoint": (  # censusvi.train.checkpoint
+        frozenset({"weights.safetensors", "optimizer.pt", "state.json"}),
+        "state.json",
+        lambda d: "fingerprint" in d,
+    ),
+    "scvi-tools": (  # censusvi.model.scvi_tools_io: model.pt alone could be anyone's
+        frozenset({"model.pt", MARKER}),
+        MARKER,
+        lambda d: d.get("kind") == "scvi-tools",
+    ),
+}
+HTML_GENERATOR = '<meta name="generator" content="censusvi">'
+DE_CSV_HEADER = "gene_id,gene_symbol,"  # censusvi.generative.de: the table's first columns
+
+
+class OutputRefused(ValueError):
+    """An output would replace something censusvi did not write, or one of the run's inputs."""
+
+
+def _h5ad_is_ours(path: Path) -> bool:
+    """Every .h5ad censusvi writes has an ``uns["censusvi..."]`` entry (model, genes, report)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return "uns" in f and any(k.startswith("censusvi") for k in f["uns"])
+    except OSError:  # not HDF5
+        return False
+
+
+def _head(path: Path, n: int = 4096) -> str:
+    with open(path, "rb") as f:
+        return f.read(n).decode("utf-8", errors="replace")
+
+
+def _csv_is_ours(path: Path) -> bool:
+    header = _head(path).split("\n", 1)[0]
+    return header.startswith(DE_CSV_HEADER) and ",comparison,group1,group2" in header
+
+
+def _html_is_ours(path: Path) -> bool:
+    head = _head(path)  # reports before the generator tag: their title
+    return HTML_GENERATOR in head or "<title>censusvi mapping report" in head
+
+
+FILE_KINDS: dict[str, Callable[[Path], bool]] = {
+    ".h5ad": _h5ad_is_ours,
+    ".csv": _csv_is_ours,
+    ".html": _html_is_ours,
+}
+
+
+def artifact_kind(path: Path) -> str | None:
+    """The kind of censusvi artifact at ``path`` ("model", ".h5ad", ...), or None."""
+    if path.is_symlink():
+        return None
+    if path.is_dir():
+        names = {p.name for p in path.iterdir()}
+        for kind, (files, named_in, test) in DIR_KINDS.items():
+            if names == files:
+                try:
+                    if test(json.loads((path / named_in).read_text())):
+                        return kind
+                except (OSError, ValueError, AttributeError):
+                    pass
+        return None
+    for kind, test in FILE_KINDS.items():
+        try:
+            if path.is_file() and test(path):
+                return kind
+        except OSError:
+            pass
+    return None
+
+
+def _found(path: Path) -> str:
+    """What is at ``path``, in a few words."""
+    if path.is_symlink():
+        return "a symbolic link"
+    if path.is_dir():
+        names = sorted(p.name for p in path.iterdir())
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        kind = artifact_kind(path)
+        return f"a censusvi {kind} directory" if kind else f"a directory holding {shown}"
+    if path.is_file():
+        kind = artifact_kind(path)
+        size = path.stat().st_size
+        return (
+            f"a censusvi {kind} file" if kind else f"a file of {size} bytes censusvi did not write"
+        )
+    return "neither a file nor a directory"
+
+
+def _replaceable(path: Path, kind: str) -> bool:
+    if not os.path.lexists(path):
+        return True
+    if path.is_symlink():
+        return False
+    if kind in DIR_KINDS and path.is_dir() and not any(path.iterdir()):
+        return True  # an empty directory: nothing to lose
+    if kind in FILE_KINDS and path.is_file() and path.stat().st_size == 0:
+        return True
+    return artifact_kind(path) == kind
+
+
+def check_replaceable(out: str | os.PathLike, kind: str, overwrite: bool = False) -> None:
+    """Refuse to replace ``out`` unless it is absent, empty, a censusvi ``kind`` or ``overwrite``."""
+    out = Path(out)
+    if overwrite or _replaceable(out, kind):
+        return
+    what = f"a censusvi {kind} {'directory' if kind in DIR_KINDS else 'file'}"
+    raise OutputRefused(
+        f"{out} exists and is {_found(out)}, not {what}: pass --overwrite to replace it, "
+        "or choose another --out"
+    )
+
+
+def check_output(
+    out: str | os.PathLike,
+    kind: str,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike | None] = (),
+) -> None:
+    """Before any work: repair a killed swap at ``out``, refuse an ``out`` that is (or holds) one
+    of ``inputs`` or the current directory, then ``check_replaceable``."""
+    out = _target(out)
+    here = Path.cwd().resolve()
+    target = out.resolve()
+    for given in [*inputs, here]:
+        if not given or "://" in str(given) or str(given).startswith("models:/"):
+            continue  # not a local path
+        p = Path(given).resolve()
+        if p == target or target in p.parents:
+            what = "the current directory" if given is here else f"the input {given}"
+            raise OutputRefused(
+                f"--out {out} {'is' if p == target else 'holds'} {what}; replacing it would "
+                "delete it, even with --overwrite: choose another --out"
+            )
+    recover(out)
+    check_replaceable(out, kind, overwrite)
+
+
+def _target(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    if out.name in ("", ".", ".."):
+        out = out.resolve()
+    if not out.name:
+        raise OutputRefused(f"--out {out} is the file system's root: choose another --out")
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs here (its leftovers may be a write in progress)."""
+    if pid == os.getpid() or os.name != "posix":  # Windows' os.kill(pid, 0) kills
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:  # no such pid can exist
+        return False
+    return True
+
+
+def _leftovers(out: Path, what: str) -> list[Path]:
+    """``.NAME.{what}-PID[-X][.suffix]`` beside ``out`` of processes that no longer run."""
+    pattern = re.compile(re.escape(f".{out.name}.{what}-") + r"(\d+)(?:-[0-9a-f]+)?(?:\.\w+)?")
+    found = []
+    for p in out.parent.iterdir() if out.parent.is_dir() else ():
+        m = pattern.fullmatch(p.name)
+        if m and not _alive(int(m.group(1))):
+            found.append(p)
+    return found
+
+
+def recover(out: str | os.PathLike) -> None:
+    """Undo what a killed write left at ``out``: no ``NAME`` but an old one set aside -> put it
+    back; then remove other set-aside and temporary copies of dead processes."""
+    out = Path(out)
+    olds = _leftovers(out, "old")
+    if olds and not os.path.lexists(out):
+        newest = max(olds, key=lambda p: p.lstat().st_mtime_ns)
+        os.rename(newest, out)
+        _fsync_dir(out.parent)
+        olds.remove(newest)
+        log.warning("%s: restored from %s, left by an interrupted write", out, newest.name)
+    for p in olds + _leftovers(out, "tmp"):
+        log.warning("removing %s, left by an interrupted write of %s", p, out)
+        _remove(p)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: str | os.PathLike) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync there
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file under ``path`` (or ``path`` itself) and the directories holding them,
+    so a crash after the rename cannot leave a renamed but empty file."""
+    files = [path] if path.is_file() else []
+    dirs = []
+    for root, _, names in os.walk(path):
+        dirs.append(root)
+        files.extend(Path(root) / n for n in names)
+    for f in files:
+        if f.is_symlink():
+            continue
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for d in dirs:
+        _fsync_dir(d)
+
+
+def _widen_modes(path: Path, umask: int) -> None:
+    """Give ``path`` (and what it holds) the modes the umask allows: some writers create
+    owner-only files (safetensors: 0o600) that others reading the output could not open."""
+    entries = [(path, path.is_dir())]
+    for root, dirs, names in os.walk(path):
+        entries += [(Path(root) / n, True) for n in dirs]
+        entries += [(Path(root) / n, False) for n in names]
+    for p, is_dir in entries:
+        if not p.is_symlink():
+            mode = p.stat().st_mode & 0o7777
+            os.chmod(p, (mode | (0o777 if is_dir else 0o666)) & ~umask)
+
+
+def _temp(out: Path, what: str, suffix: str = "") -> Path:
+    return out.with_name(f".{out.name}.{what}-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``, setting an existing ``out`` aside first and removing it last."""
+    _fsync_tree(tmp)
+    old = None
+    if os.path.lexists(out):
+        old = _temp(out, "old")
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    _fsync_dir(out.parent)
+    if old is not None:
+        _remove(old)
+
 
 @contextmanager
-def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty folder beside ``out``; on success it replaces ``out``, on error it vanishes."""
-    out = Path(out)
+def atomic_directory(out: str | os.PathLike, kind: str, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty folder beside ``out``; on success it replaces ``out``, on error it vanishes.
+
+    ``kind`` names what is written (a ``DIR_KINDS`` key): ``out`` may already be one, or empty;
+    anything else is replaced only with ``overwrite``.
+    """
+    out = _target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    recover(out)
+    check_replaceable(out, kind, overwrite)  # before the work, not only after it
+    tmp = _temp(out, "tmp")
+    os.mkdir(tmp)  # mode 0o777 less the umask (tempfile.mkdtemp's is 0o700)
     try:
+        umask = 0o777 & ~tmp.stat().st_mode  # read back: os.umask() would change it meanwhile
         yield tmp
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if MARKER in DIR_KINDS[kind][0]:
+            (tmp / MARKER).write_text(json.dumps({"kind": kind}))
+        _widen_modes(tmp, umask)
+        check_replaceable(out, kind, overwrite)  # it may have appeared meanwhile
+        _swap_in(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
 
 
-def write_atomic(out: str | os.PathLike, write: Callable[[Path], object], suffix: str = "") -> Path:
-    """Call ``write(tmp_path)`` for a temporary file beside ``out``, then rename it to ``out``."""
-    out = Path(out)
+def write_atomic(
+    out: str | os.PathLike,
+    write: Callable[[Path], object],
+    suffix: str = "",
+    overwrite: bool = False,
+) -> Path:
+    """Call ``write(tmp_path)`` for a temporary file beside ``out``, then swap it in as ``out``.
+
+    ``suffix`` (".h5ad", ".csv", ".html") is the temporary's and the kind (``FILE_KINDS``) that
+    ``out`` may already be; anything else is replaced only with ``overwrite``.
+    """
+    out = _target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=suffix, dir=out.parent)
-    os.close(fd)
+    recover(out)
+    check_replaceable(out, suffix, overwrite)
+    tmp = _temp(out, "tmp", suffix)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies
     try:
-        write(Path(tmp))
-        os.replace(tmp, out)
+        umask = 0o666 & ~tmp.stat().st_mode
+        write(tmp)
+        _widen_modes(tmp, umask)
+        check_replaceable(out, suffix, overwrite)
+        _swap_in(tmp, out)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _remove(tmp)
         raise
     return out

@@ -13,6 +13,7 @@ import logging
 import sys
 from typing import Any
 
+from censusvi.atomic import check_output
 from censusvi.registry.versions import PromotionRefused
 
 USER_ERRORS = (
@@ -63,7 +64,10 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
         if getattr(a, key) is not None:
             model[key] = getattr(a, key)
     cfg = load_pretrain_config(a.config, {"data": data, "train": train, "model": model})
-    trained, history = pretrain(cfg, a.out, quiet=a.quiet, resume=not a.no_resume)
+    check_output(a.out, "model", a.overwrite, (cfg.data.source,))  # the source may be YAML's
+    trained, history = pretrain(
+        cfg, a.out, quiet=a.quiet, resume=not a.no_resume, overwrite=a.overwrite
+    )
     last = history.epochs[-1]
     print(
         json.dumps(
@@ -83,7 +87,7 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 def cmd_embed(a: argparse.Namespace) -> int:
     from censusvi.inference import embed
 
-    adata = embed(a.model, a.data, a.out, a.layer, a.batch_size, a.min_gene_overlap)
+    adata = embed(a.model, a.data, a.out, a.layer, a.batch_size, a.min_gene_overlap, a.overwrite)
     print(f"wrote {a.out}: obsm['X_scvi'] {adata.obsm['X_scvi'].shape}")
     return 0
 
@@ -93,7 +97,7 @@ def cmd_import_scvi_tools(a: argparse.Namespace) -> int:
     from censusvi.model.scvi_tools_io import import_scvi_tools
 
     m = import_scvi_tools(a.dir, _keys(a.batch_keys) if a.batch_keys else None)
-    save_model(m, a.out)
+    save_model(m, a.out, a.overwrite)
     print(
         f"wrote {a.out}: {len(m.genes)} genes, {len(m.batch_categories)} batches "
         f"(batch = {'+'.join(m.batch_keys)}), likelihood {m.config.likelihood}"
@@ -105,7 +109,7 @@ def cmd_export_scvi_tools(a: argparse.Namespace) -> int:
     from censusvi.model.io import load_model
     from censusvi.model.scvi_tools_io import export_scvi_tools
 
-    export_scvi_tools(load_model(a.model), a.out)
+    export_scvi_tools(load_model(a.model), a.out, a.overwrite)
     print(f"wrote {a.out}/model.pt (open with scvi.model.SCVI.load({str(a.out)!r}, adata))")
     return 0
 
@@ -122,13 +126,15 @@ def cmd_map(a: argparse.Namespace) -> int:
     from censusvi.mapping.query import map_query
     from censusvi.model.io import load_model, save_model
 
+    if a.save_model:
+        check_output(a.save_model, "model", a.overwrite, (a.model, a.query))
     adata = read_h5ad(a.query)
     mq = map_query(
         load_model(a.model), adata, a.batch_key, a.layer, _surgery(a), a.min_gene_overlap
     )
-    write_h5ad_atomic(mq.annotated_copy(adata), a.out)
+    write_h5ad_atomic(mq.annotated_copy(adata), a.out, a.overwrite)
     if a.save_model:
-        save_model(mq.model, a.save_model)
+        save_model(mq.model, a.save_model, a.overwrite)
     print(
         json.dumps(
             {"out": str(a.out), **{k: v for k, v in mq.report.items() if k != "surgery_query_loss"}}
@@ -145,7 +151,7 @@ def cmd_index(a: argparse.Namespace) -> int:
     ix = index_reference(
         load_model(a.model), a.data, list(_keys(a.label_keys)), a.obs_filter, a.faiss_device
     )
-    save_index(ix, a.out)
+    save_index(ix, a.out, a.overwrite)
     print(
         f"wrote {a.out}: {ix.meta['n_cells']} cells, {ix.meta['kind']} index (built on the "
         f"{ix.device}), labels {ix.meta['label_keys']}"
@@ -171,7 +177,7 @@ def cmd_annotate(a: argparse.Namespace) -> int:
         a.layer,
         a.class_balance,
     )
-    write_h5ad_atomic(out, a.out)
+    write_h5ad_atomic(out, a.out, a.overwrite)
     keys = [c.removeprefix("predicted_") for c in out.obs.columns if c.startswith("predicted_")]
     summary = {k: out.obs[f"predicted_{k}"].value_counts().head(10).to_dict() for k in keys}
     evaluation = out.uns["censusvi"]["evaluation"]
@@ -209,7 +215,7 @@ def cmd_de(a: argparse.Namespace) -> int:
         _surgery(a),
         quiet=a.quiet,
     )
-    write_atomic(a.out, res.to_csv, suffix=".csv")
+    write_atomic(a.out, res.to_csv, suffix=".csv", overwrite=a.overwrite)
     summary = {}
     for comparison, frame in res.groupby("comparison", sort=False):
         top = top_genes(frame, 10)
@@ -240,7 +246,7 @@ def cmd_impute(a: argparse.Namespace) -> int:
         _surgery(a),
         quiet=a.quiet,
     )
-    write_h5ad_atomic(out, a.out)
+    write_h5ad_atomic(out, a.out, a.overwrite)
     info = out.uns["censusvi_imputation"]
     print(json.dumps({"out": str(a.out), "layer": LAYER, "cells": out.n_obs, **info}))
     return 0
@@ -259,6 +265,7 @@ def cmd_report(a: argparse.Namespace) -> int:
         a.png_dir,
         a.per_type,
         a.scib,
+        a.overwrite,
     )
     e = content["evaluation"] or {}
     print(
@@ -375,6 +382,20 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def out_args(
+    s: argparse.ArgumentParser, kind: str, inputs: tuple[str, ...], help: str | None = None
+) -> None:
+    """``--out`` and ``--overwrite``; main() checks --out against ``kind`` (censusvi.atomic) and
+    the arguments named in ``inputs``, which it must never be or hold."""
+    s.add_argument("--out", required=True, help=help)
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out even if censusvi did not write it (never one of the inputs)",
+    )
+    s.set_defaults(out_kind=kind, out_inputs=inputs)
+
+
 def faiss_device_arg(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--faiss-device",
@@ -429,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--early-stopping", action="store_true")
     s.add_argument("--config", help="YAML with sections data, model, train")
-    s.add_argument("--out", required=True, help="model directory to write")
+    out_args(s, "model", ("source", "config"), "model directory to write")
     s.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_pretrain)
@@ -437,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("embed", help="write obsm['X_scvi'] for a dataset of known batches")
     s.add_argument("--model", required=True)
     s.add_argument("--data", required=True)
-    s.add_argument("--out", required=True)
+    out_args(s, ".h5ad", ("model", "data"))
     s.add_argument("--layer")
     s.add_argument("--batch-size", type=int, default=4096)
     s.add_argument(
@@ -451,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("import-scvi-tools", help="an scvi-tools SCVI directory -> a censusvi model")
     s.add_argument("dir", help="scvi-tools model directory (holding model.pt)")
-    s.add_argument("--out", required=True)
+    out_args(s, "model", ("dir",))
     s.add_argument(
         "--batch-keys",
         help="obs columns whose concatenation is the model's batch "
@@ -461,14 +482,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export-scvi-tools", help="a censusvi model -> a directory scvi-tools loads")
     s.add_argument("model")
-    s.add_argument("--out", required=True)
+    out_args(s, "scvi-tools", ("model",))
     s.set_defaults(fn=cmd_export_scvi_tools)
 
-    def query_args(s: argparse.ArgumentParser) -> None:
+    def query_args(
+        s: argparse.ArgumentParser, inputs: tuple[str, ...] = ("model", "query")
+    ) -> None:
         s.add_argument("--model", required=True, help="model directory (censusvi or scvi-tools)")
         s.add_argument("--query", required=True, help="the query .h5ad (raw counts)")
         s.add_argument("--batch-key", required=True, help="the query's obs column of batches")
-        s.add_argument("--out", required=True)
+        out_args(s, ".h5ad", inputs)
         s.add_argument("--layer", help="where counts are: a layer name or 'raw'")
         s.add_argument(
             "--train",
@@ -494,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--group1", required=True, help="a group (or A,B,...: each in turn)")
     s.add_argument("--group2", help="the other group (default: all other cells)")
     s.add_argument("--batch-key", help="obs column of batches (default: the model's batch keys)")
-    s.add_argument("--out", required=True, help="CSV, one row per gene and comparison")
+    out_args(s, ".csv", ("model", "data"), "CSV, one row per gene and comparison")
     s.add_argument("--mode", choices=["change", "vanilla"], default="change")
     s.add_argument("--delta", type=float, default=0.25, help="LFC threshold (change mode)")
     s.add_argument("--fdr", type=float, default=0.05, help="posterior FDR target (change mode)")
@@ -525,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="one self-contained HTML page of an annotated query")
     s.add_argument("--mapped", required=True, help="the .h5ad `censusvi annotate` wrote")
     s.add_argument("--reference", required=True, help="INDEX_DIR the query was annotated with")
-    s.add_argument("--out", required=True, help="report.html")
+    out_args(s, ".html", ("mapped", "reference", "scib"), "report.html")
     s.add_argument("--png-dir", help="also write static PNGs here")
     s.add_argument("--label-key", help="which label to draw (default: the index's first)")
     s.add_argument(
@@ -542,13 +565,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="reference .h5ad or SOMA experiment")
     s.add_argument("--label-keys", required=True, help="obs columns to transfer, e.g. cell_type")
     s.add_argument("--obs-filter")
-    s.add_argument("--out", required=True)
+    out_args(s, "index", ("model", "data"))
     faiss_device_arg(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_index)
 
     s = sub.add_parser("annotate", help="map a query and transfer labels by weighted kNN")
-    query_args(s)
+    query_args(s, ("model", "query", "index"))
     s.add_argument("--index", required=True, help="directory written by `censusvi index`")
     faiss_device_arg(s)
     s.add_argument("--k", type=int, default=15)
@@ -632,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        if getattr(args, "out_kind", None):  # before any work: what --out may replace
+            inputs = [getattr(args, k) for k in args.out_inputs]
+            check_output(args.out, args.out_kind, args.overwrite, inputs)
         return args.fn(args)
     except Exception as e:
         # The registry's own errors (no such version, bad URI) are the user's to fix too.

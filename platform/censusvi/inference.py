@@ -130,8 +130,8 @@ def get_normalized_expression(
     return _in_cell_order(pos, scale, adata.n_obs)
 
 
-def write_h5ad_atomic(adata: ad.AnnData, out: str | os.PathLike) -> Path:
-    return write_atomic(out, adata.write_h5ad, suffix=".h5ad")
+def write_h5ad_atomic(adata: ad.AnnData, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    return write_atomic(out, adata.write_h5ad, suffix=".h5ad", overwrite=overwrite)
 
 
 def embed(
@@ -141,6 +141,7 @@ def embed(
     layer: str | None = None,
     batch_size: int = 4096,
     min_overlap: float = DEFAULT_MIN_OVERLAP,
+    overwrite: bool = False,
 ) -> ad.AnnData:
     """``censusvi embed``: write ``obsm["X_scvi"]`` (latent means) for the file's cells."""
     model = load_model(model_dir)
@@ -157,5 +158,5 @@ def embed(
         adata = adata[np.sort(pos)].copy()
     adata.obsm["X_scvi"] = z[np.argsort(pos)].astype(np.float32)
     adata.uns["censusvi"] = {"model": str(model_dir), "genes": report}
-    write_h5ad_atomic(adata, out)
+    write_h5ad_atomic(adata, out, overwrite)
     return adata

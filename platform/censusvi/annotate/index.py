@@ -216,8 +216,8 @@ def build_index(
     return LabelIndex(index, labels, info, gpu_resources=gpu_resources)
 
 
-def save_index(ix: LabelIndex, out: str | os.PathLike) -> Path:
-    with atomic_directory(out) as tmp:
+def save_index(ix: LabelIndex, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    with atomic_directory(out, "index", overwrite) as tmp:
         faiss.write_index(ix.cpu_index(), str(tmp / "index.faiss"))
         ix.labels.to_parquet(tmp / "labels.parquet")
         (tmp / "index.json").write_text(json.dumps(ix.meta, indent=1))

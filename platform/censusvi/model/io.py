@@ -114,8 +114,9 @@ def _config_dict(m: TrainedModel) -> dict[str, Any]:
     }
 
 
-def save_model(m: TrainedModel, out: str | os.PathLike) -> Path:
-    with atomic_directory(out) as tmp:
+def save_model(m: TrainedModel, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the model directory; ``out`` may be an older model, else needs ``overwrite``."""
+    with atomic_directory(out, "model", overwrite) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in m.vae.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(_config_dict(m), indent=1))

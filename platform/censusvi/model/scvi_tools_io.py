@@ -278,7 +278,7 @@ def _unused_heads(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_scvi_tools(m: TrainedModel, out: str | os.PathLike) -> Path:
+def export_scvi_tools(m: TrainedModel, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``out/model.pt`` that ``scvi.model.SCVI.load(out, adata)`` opens."""
     cfg = m.config
     state = {scvi_tools_name(k): v.detach().cpu().clone() for k, v in m.vae.state_dict().items()}
@@ -382,7 +382,7 @@ def export_scvi_tools(m: TrainedModel, out: str | os.PathLike) -> Path:
         "run_name_": None,
         "get_normalized_function_name_": "get_normalized_expression",
     }
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, "scvi-tools", overwrite) as tmp:
         torch.save(
             {"model_state_dict": state, "var_names": genes, "attr_dict": attr}, tmp / MODEL_FILE
         )

@@ -43,6 +43,7 @@ def build_report(
     png_dir: str | os.PathLike | None = None,
     per_type: int = 300,
     scib: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> dict:
     adata = ad.read_h5ad(mapped)
     index = load_index(index_dir)
@@ -63,7 +64,7 @@ def build_report(
         )  # fmt: skip
         progress.update(1)
     page = render_page(content)
-    write_atomic(out, lambda tmp: tmp.write_text(page))
+    write_atomic(out, lambda tmp: tmp.write_text(page), suffix=".html", overwrite=overwrite)
     if png_dir:
         from censusvi.report.figures import write_pngs
 

@@ -29,7 +29,7 @@ class CheckpointStore:
         return (self.path / "state.json").is_file()
 
     def save(self, vae: VAE, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        with atomic_directory(self.path) as tmp:
+        with atomic_directory(self.path, "checkpoint") as tmp:
             weights = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
             save_file(weights, str(tmp / "weights.safetensors"))
             torch.save(opt.state_dict(), tmp / "optimizer.pt")  # tensors and numbers only

@@ -248,7 +248,11 @@ def plan_from(
 
 
 def pretrain(
-    cfg: PretrainConfig, out: str | os.PathLike, quiet: bool = False, resume: bool = True
+    cfg: PretrainConfig,
+    out: str | os.PathLike,
+    quiet: bool = False,
+    resume: bool = True,
+    overwrite: bool = False,
 ) -> tuple[TrainedModel, History]:
     from tqdm.auto import tqdm
 
@@ -298,7 +302,7 @@ def pretrain(
     )
     bar.close()
     trained = plan.trained_model(vae, history)
-    save_model(trained, out)
+    save_model(trained, out, overwrite)
     if ckpt is not None:
         ckpt.remove()
     return trained, history
