@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from censusvi.atomic import check_output
+from censusvi.registry.mlflow_store import TRACKING_HELP, RegistryUnreachable
 from censusvi.registry.versions import PromotionRefused
 
 USER_ERRORS = (
@@ -24,6 +25,7 @@ USER_ERRORS = (
     FloatingPointError,
     TimeoutError,
     PromotionRefused,
+    RegistryUnreachable,
 )
 
 
@@ -590,7 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(fn=cmd_annotate)
 
-    models = sub.add_parser("models", help="registered versions: register, list, promote, rollback")
+    models = sub.add_parser(
+        "models",
+        help="registered versions: register, list, promote, rollback",
+        description="Registered versions: register, list, promote, rollback. " + TRACKING_HELP,
+    )
     msub = models.add_subparsers(dest="models_command", required=True)
     s = msub.add_parser(
         "register", help="register a model directory and its index; prints the version"

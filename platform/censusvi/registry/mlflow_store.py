@@ -2,28 +2,166 @@
 
 A run logs its parameters, the resolved config, per-epoch metrics, the gene vocabulary, the git
 commit, and the model directory as artifacts (``model/``: config.json + safetensors, no pickle);
-the model is then registered as a new version of ``censusvi-scvi`` with lineage tags. The
-tracking URI is ``MLFLOW_TRACKING_URI`` when set, else a local sqlite store (``mlflow ui`` reads it).
+the model is then registered as a new version of ``censusvi-scvi`` with lineage tags.
+
+Every command reaches the store through ``use_tracking``: ``MLFLOW_TRACKING_URI`` when set, else
+``sqlite:///./mlruns/mlflow.db`` under the current directory (``mlflow ui`` reads it). A store
+that cannot be reached raises ``RegistryUnreachable`` naming the URI and the cause within seconds.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import re
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL_NAME = "censusvi-scvi"
 DEFAULT_EXPERIMENT = "censusvi-pretrain"
+DEFAULT_STORE_DIR = "mlruns"  # under the current directory; holds mlflow.db and artifacts/
+TRACKING_HELP = (
+    "The MLflow store is $MLFLOW_TRACKING_URI (a tracking server http(s)://HOST:PORT or "
+    f"sqlite:///PATH), else sqlite:///./{DEFAULT_STORE_DIR}/mlflow.db under the current directory."
+)
+# MLflow retries an unreachable server 7 times with exponential backoff and waits 120 s per
+# request (~4 min before an error). These fail a refused connection in ~2-4 s and a host that
+# never answers in ~35 s (3 tries of 10 s); a value the user set wins.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 
 
-def tracking_uri(default_dir: str | os.PathLike = "mlruns") -> str:
+class RegistryUnreachable(ConnectionError):
+    """The MLflow store could not be reached or opened (the message names the URI and cause)."""
+
+    def __init__(self, uri: str, cause: str):
+        fix = (
+            "start the server, or point MLFLOW_TRACKING_URI at a running one"
+            if uri.startswith(("http://", "https://"))
+            else "point MLFLOW_TRACKING_URI at a store you can open"
+        )
+        super().__init__(f"cannot reach the MLflow store at {uri}: {cause}; {fix}")
+        self.uri = uri
+
+
+def tracking_uri(default_dir: str | os.PathLike = DEFAULT_STORE_DIR) -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the sqlite store in ``default_dir`` (created)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     d = Path(default_dir).resolve()
     d.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{d / 'mlflow.db'}"
+
+
+def use_tracking(uri: str | None = None) -> str:
+    """Point MLflow at ``uri`` (default ``tracking_uri()``) and return it. A server gets short
+    HTTP retries; a sqlite file that cannot be opened is refused here (MLflow would retry it for
+    ~100 s)."""
+    import mlflow
+
+    uri = uri or tracking_uri()
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if uri.startswith(("http://", "https://")):
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        retries = logging.getLogger("urllib3.connectionpool")
+        if retries.level == logging.NOTSET:  # a warning per retry; the last failure is raised
+            retries.setLevel(logging.ERROR)
+    elif uri.startswith("sqlite:///") and (path := uri.removeprefix("sqlite:///")) != ":memory:":
+        _check_sqlite_file(uri, Path(path))
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _check_sqlite_file(uri: str, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RegistryUnreachable(uri, f"cannot create {path.parent} ({e.strerror})") from e
+    target = path if path.exists() else path.parent
+    if path.is_dir() or not os.access(target, os.R_OK | os.W_OK):
+        raise RegistryUnreachable(uri, f"{target} is not a writable sqlite file or folder")
+
+
+_NETWORK_ERRORS = {  # requests' and urllib3's names: neither package is imported here
+    "ConnectionError",
+    "ConnectTimeout",
+    "ConnectTimeoutError",
+    "MaxRetryError",
+    "NewConnectionError",
+    "ProtocolError",
+    "ReadTimeout",
+    "ReadTimeoutError",
+    "RetryError",
+}
+
+
+def _short_cause(e: BaseException) -> str | None:
+    """Why a registry call failed, in a few words, when the failure is the connection's (the
+    innermost socket error, 'timed out', or the retries' last answer); None for anything else."""
+    chain, seen = [], e
+    while seen is not None and len(chain) < 20:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if any(isinstance(err, RegistryUnreachable) for err in chain[1:]):
+        return None  # already explained, and re-raised as something more specific
+    text = " ".join(str(err) for err in chain)
+    network = re.match(r"API request to \S+ failed with (timeout )?exception", str(e)) or any(
+        isinstance(err, (ConnectionError, TimeoutError, socket.gaierror))
+        or type(err).__name__ in _NETWORK_ERRORS
+        for err in chain
+    )
+    if not network:
+        return (
+            "unable to open the database file" if "unable to open database file" in text else None
+        )
+    if "timed out" in text.lower():
+        timeout = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+        return f"no answer within {timeout} s (MLFLOW_HTTP_REQUEST_TIMEOUT)"
+    for err in reversed(chain):  # innermost first: the socket's own words
+        if isinstance(err, OSError) and err.strerror:
+            return err.strerror
+    m = re.search(r"\(Caused by (\w+\(.{0,120}?\))\)", text)
+    return m.group(1) if m else str(e).splitlines()[0][:200]
+
+
+def reaches_registry(fn):
+    """Turn ``fn``'s connection failures into one ``RegistryUnreachable`` naming the store."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RegistryUnreachable:
+            raise
+        except Exception as e:
+            cause = _short_cause(e)
+            if cause is None:
+                raise
+            import mlflow
+
+            raise RegistryUnreachable(mlflow.get_tracking_uri(), cause) from e
+
+    return wrapper
+
+
+def is_not_found(e: BaseException) -> bool:
+    """MLflow's 'no such model / version / alias' (a store that answered), as opposed to one that
+    could not be asked. A missing alias is INVALID_PARAMETER_VALUE in MLflow 3's stores."""
+    from mlflow.exceptions import MlflowException  # RestException too: a server's answer
+
+    code = getattr(e, "error_code", None)
+    return isinstance(e, MlflowException) and (
+        code == "RESOURCE_DOES_NOT_EXIST"
+        or (code == "INVALID_PARAMETER_VALUE" and bool(re.search(r"alias \S+ not found", str(e))))
+    )
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -64,6 +202,7 @@ def _experiment_id(uri: str) -> str:
     return mlflow.create_experiment(DEFAULT_EXPERIMENT, artifact_location=location)
 
 
+@reaches_registry
 def log_and_register(
     trained,
     history,
@@ -77,8 +216,7 @@ def log_and_register(
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    mlflow.set_tracking_uri(uri)
+    use_tracking(uri)
     prov = trained.provenance
     with mlflow.start_run(experiment_id=_experiment_id(uri), run_name=run_name) as run:
         mlflow.log_params(_flatten(prov.get("config", {})))
@@ -118,31 +256,32 @@ def new_version(client, name: str, run, tags: dict[str, str]) -> str:
     (``model/``, and ``index/`` for a servable version)."""
     try:
         client.get_registered_model(name)
-    except Exception:  # MlflowException: not registered yet
+    except Exception as e:
+        if not is_not_found(e):
+            raise
         client.create_registered_model(name)
     source, run_id = run.info.artifact_uri, run.info.run_id
     return str(client.create_model_version(name, source=source, run_id=run_id, tags=tags).version)
 
 
-def _tracking_from_env():
+@reaches_registry
+def download_model(
+    uri: str, dst: str | os.PathLike | None = None, tracking: str | None = None
+) -> Path:
+    """A local copy of ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` (``/SUBPATH`` for one
+    folder of it) from ``tracking`` (default ``tracking_uri()``)."""
     import mlflow
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    if "MLFLOW_TRACKING_URI" in os.environ:
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    return mlflow
-
-
-def download_model(uri: str, dst: str | os.PathLike | None = None) -> Path:
-    """A local copy of ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` (``/SUBPATH`` for one
-    folder of it)."""
-    mlflow = _tracking_from_env()
+    use_tracking(tracking)
     return Path(
         mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None)
     )
 
 
-def artifact_names(uri: str) -> set[str]:
+@reaches_registry
+def artifact_names(uri: str, tracking: str | None = None) -> set[str]:
     """The top-level artifact names of ``models:/NAME/VERSION``, without downloading them."""
-    mlflow = _tracking_from_env()
+    import mlflow
+
+    use_tracking(tracking)
     return {Path(f.path).name for f in mlflow.artifacts.list_artifacts(artifact_uri=uri)}

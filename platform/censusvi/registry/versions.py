@@ -18,8 +18,10 @@ from censusvi.registry.mlflow_store import (
     DEFAULT_MODEL_NAME,
     _experiment_id,
     git_commit,
+    is_not_found,
     new_version,
-    tracking_uri,
+    reaches_registry,
+    use_tracking,
 )
 
 EVAL_PREFIX = "eval."
@@ -41,13 +43,9 @@ class VersionFiles:
 
 
 def _client(uri: str | None = None):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    uri = uri or tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
+    return MlflowClient(use_tracking(uri))
 
 
 def evaluation_metrics(index_dir: str | os.PathLike | None) -> dict[str, float]:
@@ -63,6 +61,7 @@ def evaluation_metrics(index_dir: str | os.PathLike | None) -> dict[str, float]:
     }
 
 
+@reaches_registry
 def register_version(
     model_dir: str | os.PathLike,
     index_dir: str | os.PathLike | None,
@@ -104,6 +103,7 @@ def register_version(
     return new_version(client, name, run, tags)
 
 
+@reaches_registry
 def version_metrics(name: str, version: str, uri: str | None = None) -> dict[str, float]:
     client = _client(uri)
     mv = client.get_model_version(name, version)
@@ -114,11 +114,17 @@ def version_metrics(name: str, version: str, uri: str | None = None) -> dict[str
     }
 
 
+@reaches_registry
 def alias_holder(name: str, alias: str, uri: str | None = None) -> str | None:
+    """The version ``name@alias`` points at; None only when the store says it is not set (any
+    other failure, an unreachable store included, raises)."""
+    client = _client(uri)
     try:
-        return str(_client(uri).get_model_version_by_alias(name, alias).version)
-    except Exception:  # MlflowException: the alias is not set
-        return None
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except Exception as e:
+        if is_not_found(e):
+            return None
+        raise
 
 
 def compare_metrics(
@@ -144,6 +150,7 @@ def _append_history(client, name: str, alias: str, version: str) -> None:
     )
 
 
+@reaches_registry
 def promote(
     name: str,
     version: str,
@@ -153,10 +160,16 @@ def promote(
     uri: str | None = None,
 ) -> str | None:
     """Point ``alias`` at ``version`` unless its evaluation is worse than the holder's; returns
-    the previous holder."""
+    the previous holder. Fails closed: when the holder cannot be read, nothing moves."""
     client = _client(uri)
     client.get_model_version(name, version)  # raises with MLflow's message if it does not exist
-    holder = alias_holder(name, alias, uri)
+    try:
+        holder = alias_holder(name, alias, uri)
+    except Exception as e:
+        raise PromotionRefused(
+            f"{name}@{alias} was not moved to version {version}: its current version could not "
+            f"be read, and the metrics gate compares against it ({e})"
+        ) from e
     if holder is not None and holder != str(version) and not force:
         worse = compare_metrics(
             version_metrics(name, version, uri), version_metrics(name, holder, uri), tolerance
@@ -172,6 +185,7 @@ def promote(
     return holder
 
 
+@reaches_registry
 def rollback(name: str, alias: str = "production", uri: str | None = None) -> str:
     """Move ``alias`` back to the version it pointed at before the last promotion."""
     client = _client(uri)
@@ -187,6 +201,7 @@ def rollback(name: str, alias: str = "production", uri: str | None = None) -> st
     return previous
 
 
+@reaches_registry
 def list_versions(name: str | None = None, uri: str | None = None) -> list[dict]:
     """One row per version: name, version, aliases, has_index, created, evaluation metrics."""
     client = _client(uri)
@@ -226,11 +241,13 @@ def resolve_version(uri: str, tracking: str | None = None) -> str:
     held = alias_holder(name, alias, tracking)
     if held is None:
         raise ValueError(
-            f"{name}@{alias} is not set: promote a version first (`censusvi models promote`)"
+            f"{name}@{alias} is not set in {use_tracking(tracking)}: promote a version first "
+            "(`censusvi models promote`)"
         )
     return held
 
 
+@reaches_registry
 def add_to_version(
     model_uri: str,
     metrics: dict[str, float],
@@ -265,16 +282,14 @@ def fetch_version(
     that searches needs no weights."""
     from censusvi.registry.mlflow_store import artifact_names, download_model
 
-    if uri:
-        os.environ["MLFLOW_TRACKING_URI"] = uri
     base = f"models:/{name}/{version}"
-    names = artifact_names(base)
+    names = artifact_names(base, uri)
     if "model" not in names:  # registered from a bare model directory: it is the whole version
-        return VersionFiles(name, str(version), download_model(base, dst), None)
-    model_dir = download_model(f"{base}/model", dst) if model else None
+        return VersionFiles(name, str(version), download_model(base, dst, uri), None)
+    model_dir = download_model(f"{base}/model", dst, uri) if model else None
     index_dir = None
     if index and "index" in names:
-        index_dir = download_model(f"{base}/index", dst)
+        index_dir = download_model(f"{base}/index", dst, uri)
         if not (index_dir / "index.json").is_file():
             raise ValueError(f"{base}/index has no index.json: not an index `censusvi index` wrote")
     return VersionFiles(name, str(version), model_dir, index_dir)
