@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,13 @@ from censusvi.cli import main
 from censusvi.data.h5ad import H5adSource
 from censusvi.inference import latent_representation
 from censusvi.model.io import load_model
-from censusvi.registry.versions import compare_metrics, fetch_version
+from censusvi.registry.mlflow_store import (
+    HTTP_DEFAULTS,
+    RegistryUnreachable,
+    tracking_uri,
+    use_tracking,
+)
+from censusvi.registry.versions import alias_holder, compare_metrics, fetch_version, resolve_version
 from censusvi.train.loop import TrainConfig
 from censusvi.train.pretrain import DataConfig, ModelSettings, PretrainConfig, pretrain
 from conftest import simulated_adata
@@ -146,3 +154,104 @@ def test_register_refuses_an_index_of_another_model(tmp_path, monkeypatch, capsy
     )
     with pytest.raises(SystemExit):
         main(["models", "promote"])
+
+
+def promote_job_main(argv: list[str]) -> int:
+    return load_job("promote").main(argv)
+
+
+def free_port() -> int:
+    """A port nobody listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_registry_fails_fast_with_one_line_naming_it(monkeypatch, capsys):
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for key, value in HTTP_DEFAULTS.items():  # use_tracking sets them; restored after the test
+        monkeypatch.setenv(key, value)
+    for argv in (
+        ["models", "list"],
+        ["models", "promote", "censusvi-scvi", "1"],
+        ["models", "rollback", "censusvi-scvi"],
+        ["info", "models:/censusvi-scvi@production"],
+    ):
+        start = time.monotonic()
+        rc, out, err = run_cli(capsys, *argv)
+        elapsed = time.monotonic() - start
+        assert rc == 2 and out == "", argv
+        assert err.startswith(f"censusvi: error: cannot reach the MLflow store at {uri}: "), err
+        assert "Connection refused" in err and err.count("\n") == 1, err  # one line
+        assert elapsed < 15, f"{argv}: {elapsed:.1f} s"  # MLflow's own retries took ~250 s
+    assert promote_job_main(["--version", "1"]) == 2
+    assert f"error: cannot reach the MLflow store at {uri}" in capsys.readouterr().err
+
+
+def test_promotion_fails_closed_when_the_alias_lookup_fails(tmp_path, monkeypatch, capsys):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(use_tracking())
+    client.create_registered_model("m")
+    for _ in range(2):
+        client.create_model_version("m", source=(tmp_path / "artifacts").as_uri())
+    assert alias_holder("m", "production") is None  # the store says: not set
+    client.set_registered_model_alias("m", "production", "1")
+
+    def refused(*args, **kwargs):  # what MLflow raises when the server stops answering
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except ConnectionRefusedError:
+            raise MlflowException(
+                "API request to http://mlflow:5000/api/2.0/mlflow/registered-models/alias "
+                "failed with exception HTTPConnectionPool(host='mlflow', port=5000): Max retries "
+                "exceeded"
+            ) from None
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", refused)
+    with pytest.raises(RegistryUnreachable, match="Connection refused"):
+        alias_holder("m", "production")  # not "not set"
+    rc, _, err = run_cli(capsys, "models", "promote", "m", "2")
+    (line,) = [x for x in err.splitlines() if x.startswith("censusvi: error:")]  # one line
+    assert rc == 2 and "m@production was not moved to version 2" in line, err
+    assert "metrics gate" in line and "Connection refused" in line
+    assert promote_job_main(["--name", "m", "--version", "2"]) == 3
+    assert "refused: m@production was not moved" in capsys.readouterr().err
+
+    def denied(*args, **kwargs):  # any other failure: not "not set" either
+        raise MlflowException("Permission denied", error_code="PERMISSION_DENIED")
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", denied)
+    rc, _, err = run_cli(capsys, "models", "promote", "m", "2", "--force")
+    assert rc == 2 and "was not moved" in err and "Permission denied" in err
+    monkeypatch.undo()
+    assert alias_holder("m", "production", f"sqlite:///{tmp_path / 'mlflow.db'}") == "1"
+
+
+def test_without_a_tracking_uri_every_command_uses_one_store(tmp_path, monkeypatch, capsys):
+    model_dir, _ = small_model_and_index(tmp_path, "a", seed=0, epochs=1)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    default = f"sqlite:///{tmp_path.resolve() / 'mlruns' / 'mlflow.db'}"
+    assert tracking_uri() == default
+    rc, out, _ = run_cli(capsys, "models", "register", str(model_dir))
+    assert rc == 0 and out.strip() == "1"
+    rc, out, err = run_cli(capsys, "info", "models:/censusvi-scvi/1", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["n_genes"] == len(load_model(model_dir).genes)
+    assert run_cli(capsys, "models", "promote", "censusvi-scvi", "1")[0] == 0
+    assert run_cli(capsys, "info", "models:/censusvi-scvi@production")[0] == 0
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file() and not (tmp_path / "mlflow.db").exists()
+    with pytest.raises(ValueError, match=f"censusvi-scvi@staging is not set in {default}"):
+        resolve_version("models:/censusvi-scvi@staging")  # says which store it looked in
+
+
+def test_models_help_names_the_default_store(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["models", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert e.value.code == 0
+    assert "MLFLOW_TRACKING_URI" in out and "sqlite:///./mlruns/mlflow.db" in out
