@@ -12,6 +12,7 @@ import scipy.sparse as sp
 
 import censusvi.data.h5ad as h5ad
 from censusvi.cli import main
+from censusvi.data.vocabulary import check_unique_gene_ids
 from conftest import simulated_adata
 from test_bad_input import assert_nothing_written, embed_args, pretrain_args, run_cli, write
 
@@ -197,3 +198,30 @@ def test_embed_drops_zero_cells_with_a_count(sim_model, tmp_path, capsys, caplog
     ]
     out = ad.read_h5ad(tmp_path / "o.h5ad")
     assert out.obsm["X_scvi"].shape == (275, 50) and list(out.obs_names[:1]) == ["c25"]
+
+
+def test_query_repeated_gene_ids(sim_model, sim_index, tmp_path, capsys):
+    """Matching by id cannot choose between two columns of one gene: refused, not last-wins."""
+    a = simulated_adata(seed=1)
+    ids = list(a.var["gene_ids"])
+    ids[7] = ids[9] = ids[3]
+    ids[11] = ids[4]
+    a.var["gene_ids"] = ids
+    src = write(a, tmp_path / "q.h5ad")
+    for name, args in query_commands(sim_model, sim_index, src, tmp_path / "o.h5ad").items():
+        code, err = run_cli(args, capsys)
+        assert code == 2 and err.count("\n") == 1, name
+        assert (
+            f"{src if name == 'embed' else 'the query'}: gene ids must be unique, but 2 repeat, "
+            "e.g. ENSG00000000003 (3 columns), ENSG00000000004 (2 columns). Sum the repeated "
+            "columns into one (or drop all but one) first" in err
+        ), (name, err)
+        assert_nothing_written(tmp_path, "o.h5ad")
+
+
+def test_missing_gene_ids_are_not_repeats():
+    check_unique_gene_ids(["ENSG1", "", "", "ENSG2"], "x")  # no id: matched by symbol instead
+    with pytest.raises(
+        ValueError, match=r"^x: gene ids must be unique, but 1 repeat, e.g. ENSG1 \(2 columns\)\."
+    ):
+        check_unique_gene_ids(["ENSG1", "", "ENSG1"], "x")

@@ -32,7 +32,7 @@ def reference_cells(
     overlap."""
     if len(source.obs) == 0:
         raise ValueError(f"{source.uri}: 0 cells; there is nothing to embed")
-    alignment = model.genes.align(source.var_ids, source.var_symbols, min_overlap=min_overlap)
+    alignment = model.genes.align(source.var_ids, source.var_symbols, min_overlap, source.uri)
     codes = model.covariate_codes(source.obs, source.uri)
     cells = Cells(source, np.arange(len(source.obs)), alignment, codes, preload=False)
     return cells, alignment.report()

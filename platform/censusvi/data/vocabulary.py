@@ -15,6 +15,27 @@ import numpy as np
 DEFAULT_MIN_OVERLAP = 0.5
 
 
+def check_unique_gene_ids(ids: Sequence[str], where: str) -> None:
+    """Raise ``ValueError`` naming a few gene ids that occur more than once, and the fix.
+
+    Genes are matched by id, which cannot choose between two columns of one gene (the last
+    would silently win), so a repeat is refused. Empty ids (genes known only by symbol) are
+    not compared. One check for every reader of gene ids: files, the client, the server.
+    """
+    seen: dict[str, int] = {}
+    for i in ids:
+        if i:
+            seen[i] = seen.get(i, 0) + 1
+    repeated = [(i, c) for i, c in seen.items() if c > 1]
+    if repeated:
+        eg = ", ".join(f"{i} ({c} columns)" for i, c in repeated[:3])
+        raise ValueError(
+            f"{where}: gene ids must be unique, but {len(repeated)} repeat, e.g. {eg}. Sum the "
+            "repeated columns into one (or drop all but one) first: var_names_make_unique() "
+            "only renames a copy, which then matches no gene"
+        )
+
+
 def _looks_like_ensembl(ids: Sequence[str]) -> bool:
     sample = [i for i in ids[:200] if i]
     return bool(sample) and sum(i.startswith("ENS") for i in sample) > len(sample) / 2
@@ -63,9 +84,7 @@ class GeneVocabulary:
         if len(syms) != len(self.ids):
             raise ValueError(f"{len(self.ids)} gene ids but {len(syms)} symbols; give one per id")
         object.__setattr__(self, "symbols", syms)
-        if len(set(self.ids)) != len(self.ids):
-            dup = sorted({i for i in self.ids if self.ids.count(i) > 1})[:5]
-            raise ValueError(f"gene ids must be unique; repeated: {dup}")
+        check_unique_gene_ids(self.ids, "the genes")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -75,11 +94,13 @@ class GeneVocabulary:
         data_ids: Sequence[str | None],
         data_symbols: Sequence[str | None] | None = None,
         min_overlap: float = DEFAULT_MIN_OVERLAP,
+        where: str = "the data",
     ) -> GeneAlignment:
-        """Match the dataset's genes to this vocabulary; raise if too few match."""
+        """Match the dataset's genes to this vocabulary; raise if ids repeat or too few match."""
         data_ids = [
             str(i) if i is not None and str(i) not in ("", "nan", "None") else "" for i in data_ids
         ]
+        check_unique_gene_ids(data_ids, where)
         by_id = {gid: j for j, gid in enumerate(data_ids) if gid}
         by_sym: dict[str, int] = {}
         if data_symbols is not None:
