@@ -2,22 +2,58 @@
 
 A checkpoint carries a fingerprint of the run (data, genes, batches, configuration); resuming with
 a different one is refused, since silently continuing another run's weights is worse than starting
-over. Each save is written under a temporary name and renamed.
+over. The data are identified by ``source_identity``: a rewritten source file is another run's
+data even when its cells and genes look the same. Each save is written under a temporary name and
+renamed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
 from censusvi.atomic import atomic_directory
 from censusvi.model.vae import VAE
+
+
+def source_identity(source) -> dict[str, Any]:
+    """What identifies the cells a run reads: the source's URI (a local path resolved); for a
+    file its size and mtime; a hash of the selected cells' ids (obs names of an .h5ad, the
+    soma_joinids of a SOMA experiment or the Census)."""
+    uri = str(source.uri)
+    ident: dict[str, Any] = {"uri": uri}
+    path = Path(uri)
+    if "://" not in uri and path.exists():
+        ident["uri"] = str(path.resolve())
+        if path.is_file():
+            st = path.stat()
+            ident.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+    n = len(source.obs)
+    ids = source.joinids(np.arange(n)) if hasattr(source, "joinids") else source.obs.index
+    hashed = pd.util.hash_pandas_object(pd.Index(ids), index=False).to_numpy()  # (n,) uint64
+    ident["cells_sha1"] = hashlib.sha1(hashed.tobytes()).hexdigest()
+    return ident
+
+
+SHOWN_AS = {"uri": "source", "size": "size", "mtime_ns": "modified", "cells_sha1": "cells"}
+
+
+def _shown(key: str, value: Any) -> str:
+    if key == "mtime_ns" and isinstance(value, int):
+        return datetime.fromtimestamp(value / 1e9).isoformat(sep=" ", timespec="seconds")
+    if key == "cells_sha1" and isinstance(value, str):
+        return value[:8]
+    return str(value)
 
 
 class CheckpointStore:
@@ -38,21 +74,34 @@ class CheckpointStore:
     def load(self, vae: VAE, opt: torch.optim.Optimizer) -> dict[str, Any]:
         state = json.loads((self.path / "state.json").read_text())
         if state.get("fingerprint") != self.fingerprint:
-            diff = sorted(
-                k
-                for k in set(self.fingerprint) | set(state.get("fingerprint", {}))
-                if self.fingerprint.get(k) != state.get("fingerprint", {}).get(k)
-            )
-            raise ValueError(
-                f"checkpoint {self.path} belongs to a different run (differs in {diff}); "
-                "delete it to start over, or rerun with the original settings to resume"
-            )
+            raise ValueError(self.refusal(state.get("fingerprint", {})))
         device = next(vae.parameters()).device
         vae.load_state_dict(load_file(str(self.path / "weights.safetensors"), device=str(device)))
         opt.load_state_dict(
             torch.load(self.path / "optimizer.pt", weights_only=True, map_location=device)
         )
         return state
+
+    def refusal(self, theirs: dict[str, Any]) -> str:
+        """Why the checkpoint's fingerprint ``theirs`` is not this run's, and what to do."""
+        fresh = f"delete {self.path} to start over (or pass --no-resume: no checkpoints)"
+        ours = self.fingerprint
+        then, now = theirs.get("data"), ours.get("data")
+        if isinstance(then, dict) and isinstance(now, dict) and then != now:
+            changed = ", ".join(
+                f"{name} {_shown(k, then.get(k))} -> {_shown(k, now.get(k))}"
+                for k, name in SHOWN_AS.items()
+                if then.get(k) != now.get(k)
+            )
+            return (
+                f"the source {now.get('uri')} changed since checkpoint {self.path} was written "
+                f"({changed}): {fresh}"
+            )
+        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        return (
+            f"checkpoint {self.path} belongs to a different run (differs in {diff}); {fresh}, "
+            "or rerun with the original settings to resume"
+        )
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

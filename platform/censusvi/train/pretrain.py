@@ -27,7 +27,7 @@ from censusvi.model.config import ModelConfig
 from censusvi.model.io import TrainedModel, save_model
 from censusvi.model.minibatch import DeviceCSR, minibatch_from_csr
 from censusvi.model.vae import VAE, new_vae
-from censusvi.train.checkpoint import CheckpointStore
+from censusvi.train.checkpoint import CheckpointStore, source_identity
 from censusvi.train.loop import EpochStats, History, TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,13 @@ def pretrain(
     run_settings = cfg.to_dict()
     for key in ("max_epochs", "early_stopping", "patience", "min_delta", "device", "device_cache"):
         run_settings["train"].pop(key)
-    fingerprint = {"config": run_settings, "genes": list(genes.ids), "n_cells": len(source.obs)}
+    fingerprint = {
+        "config": run_settings,
+        "data": source_identity(source),
+        "genes": list(genes.ids),
+        "batches": list(plan.categories),
+        "n_cells": len(source.obs),
+    }
     ckpt = CheckpointStore(Path(f"{out}.checkpoint"), fingerprint) if resume else None
     bar = tqdm(total=t.max_epochs, desc="pretrain", unit="epoch", disable=True if quiet else None)
 

@@ -1,0 +1,82 @@
+"""A checkpoint is resumed only on the data it was written from: a changed source is refused."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import censusvi.train.checkpoint as ckpt_mod
+from censusvi.cli import main
+from censusvi.train.checkpoint import source_identity
+from conftest import simulated_adata
+
+
+def pretrain_args(src, out) -> list[str]:
+    return [
+        "pretrain", "--source", str(src), "--batch-keys", "batch", "--n-hvg", "0",
+        "--max-epochs", "1", "--n-hidden", "16", "--n-latent", "4", "--quiet", "--out", str(out),
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def kept_checkpoint(tmp_path, monkeypatch, capsys):
+    """A finished run whose checkpoint was not removed, as after a kill before the model."""
+    src = tmp_path / "x.h5ad"
+    simulated_adata(n_cells=120, n_genes=40).write_h5ad(src)
+    monkeypatch.setattr(ckpt_mod.CheckpointStore, "remove", lambda self: None)
+    assert main(pretrain_args(src, tmp_path / "m")) == 0
+    capsys.readouterr()
+    assert (tmp_path / "m.checkpoint" / "state.json").is_file()
+    return src
+
+
+def test_rewritten_source_is_refused(kept_checkpoint, tmp_path, capsys):
+    src = kept_checkpoint
+    size = src.stat().st_size
+    a = simulated_adata(n_cells=120, n_genes=40, seed=1)  # same cells, genes, batches
+    a.obs["note"] = "x"
+    a.write_h5ad(src)
+    assert main(pretrain_args(src, tmp_path / "m")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"the source {src.resolve()} changed since checkpoint {tmp_path / 'm.checkpoint'}" in err
+    assert f"size {size} -> {src.stat().st_size}" in err and "modified 20" in err
+    assert f"delete {tmp_path / 'm.checkpoint'} to start over (or pass --no-resume" in err
+
+
+def test_touched_source_is_refused_naming_the_time(kept_checkpoint, tmp_path, capsys):
+    src = kept_checkpoint
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert main(pretrain_args(src, tmp_path / "m")) == 2
+    err = capsys.readouterr().err
+    assert "changed since checkpoint" in err and "(modified " in err and "size" not in err
+
+
+def test_unchanged_source_resumes(kept_checkpoint, tmp_path, capsys):
+    assert main(pretrain_args(kept_checkpoint, tmp_path / "m")) == 0
+
+
+class FakeSoma:
+    """The parts of a SomaSource that identify it."""
+
+    def __init__(self, uri: str, joinids: np.ndarray) -> None:
+        self.uri, self._ids = uri, joinids
+        self.obs = pd.DataFrame({"soma_joinid": joinids})
+
+    def joinids(self, rows: np.ndarray) -> np.ndarray:
+        return self._ids[rows]
+
+
+def test_soma_identity_is_the_uri_and_the_cells():
+    a = source_identity(FakeSoma("census://2025-01-30", np.arange(10)))
+    assert set(a) == {"uri", "cells_sha1"} and a["uri"] == "census://2025-01-30"
+    assert source_identity(FakeSoma("census://2025-01-30", np.arange(10))) == a
+    assert (
+        source_identity(FakeSoma("census://2025-01-30", np.arange(1, 11)))["cells_sha1"]
+        != (a["cells_sha1"])
+    )
+    assert source_identity(FakeSoma("census://2024-07-01", np.arange(10)))["uri"] != a["uri"]
