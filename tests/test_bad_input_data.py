@@ -4,6 +4,10 @@ variation, empty queries, repeated gene ids, broken models, absurd counts. Each 
 
 from __future__ import annotations
 
+import functools
+import json
+import shutil
+
 import anndata as ad
 import h5py
 import numpy as np
@@ -225,3 +229,43 @@ def test_missing_gene_ids_are_not_repeats():
         ValueError, match=r"^x: gene ids must be unique, but 1 repeat, e.g. ENSG1 \(2 columns\)\."
     ):
         check_unique_gene_ids(["ENSG1", "", "ENSG1"], "x")
+
+
+def test_model_with_nan_weight(sim_model, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model = shutil.copytree(sim_model, tmp_path / "m")
+    state = load_file(model / "weights.safetensors")
+    state["decoder.scale.weight"][2, 3] = float("nan")
+    save_file(state, model / "weights.safetensors")
+    src = write(simulated_adata(seed=1), tmp_path / "q.h5ad")
+    code, err = run_cli(embed_args(model, src, tmp_path / "o.h5ad"), capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert (
+        f"{model}/weights.safetensors: non-finite weights (NaN or inf) in 1 tensor(s): "
+        "decoder.scale.weight (1 of "
+        in err
+        and "retrain it" in err
+    )
+    assert_nothing_written(tmp_path, "o.h5ad")
+
+
+@pytest.mark.parametrize(
+    "drop, message",
+    [
+        ("genes", "the key 'genes' is missing"),
+        ("batch_categories", "the key 'batch_categories' is missing"),
+        ("model.n_genes", "'model' does not describe a model: "),
+    ],
+)
+def test_model_config_without_a_key(drop, message, sim_model, tmp_path, capsys):
+    model = shutil.copytree(sim_model, tmp_path / "m")
+    d = json.loads((model / "config.json").read_text())
+    *parents, key = drop.split(".")
+    del functools.reduce(dict.__getitem__, parents, d)[key]
+    (model / "config.json").write_text(json.dumps(d))
+    src = write(simulated_adata(seed=1), tmp_path / "q.h5ad")
+    code, err = run_cli(embed_args(model, src, tmp_path / "o.h5ad"), capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"censusvi: error: {model}/config.json: {message}" in err and key in err
+    assert_nothing_written(tmp_path, "o.h5ad")

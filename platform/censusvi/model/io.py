@@ -26,6 +26,7 @@ FORMAT = "censusvi-model"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
+REQUIRED_KEYS = {"model": dict, "genes": dict, "batch_keys": list, "batch_categories": list}
 
 
 @dataclass
@@ -137,11 +138,28 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(
             f"{cfg_file} is not valid JSON ({e}); the model directory is damaged"
         ) from e
+    if not isinstance(d, dict):
+        raise ValueError(
+            f"{cfg_file} holds a JSON {type(d).__name__}, not an object; it is damaged"
+        )
     if d.get("format") != FORMAT or d.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(
             f"{cfg_file}: format {d.get('format')!r} v{d.get('format_version')} is not a "
             f"{FORMAT} v<={FORMAT_VERSION} model"
         )
+    for key, kind in REQUIRED_KEYS.items():
+        if key not in d:
+            raise ValueError(
+                f"{cfg_file}: the key {key!r} is missing; the file is damaged or hand-edited "
+                f"(a {FORMAT} config holds {sorted(REQUIRED_KEYS)})"
+            )
+        if not isinstance(d[key], kind):
+            raise ValueError(
+                f"{cfg_file}: {key!r} must be a JSON {'object' if kind is dict else 'list'}, "
+                f"got {type(d[key]).__name__}"
+            )
+    if not isinstance(d["genes"].get("ids"), list):
+        raise ValueError(f"{cfg_file}: 'genes' needs 'ids', the list of the model's gene ids")
     return d
 
 
@@ -162,7 +180,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
 
         return import_scvi_tools(path)
     d = read_config(path)
-    vae = VAE(ModelConfig.from_dict(d["model"]))
+    try:
+        vae = VAE(ModelConfig.from_dict(d["model"]))
+    except (TypeError, ValueError) as e:  # a setting missing, unknown or of the wrong type
+        raise ValueError(f"{path / CONFIG_FILE}: 'model' does not describe a model: {e}") from e
     try:
         state = load_file(str(path / WEIGHTS_FILE), device=str(device))
     except (FileNotFoundError, SafetensorError, OSError) as e:
@@ -182,14 +203,35 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
             f"weights in {path} do not fit the architecture in its {CONFIG_FILE}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
         )
+    check_finite(state, path / WEIGHTS_FILE)
     vae.load_state_dict(state)
     vae.to(device).eval()
-    return TrainedModel(
-        vae=vae,
-        genes=GeneVocabulary.from_dict(d["genes"]),
-        batch_keys=tuple(d["batch_keys"]),
-        batch_categories=tuple(d["batch_categories"]),
-        provenance=d.get("provenance", {}),
-        covariate_keys=tuple(d.get("covariates", {}).get("keys", ())),
-        covariate_categories=tuple(tuple(c) for c in d.get("covariates", {}).get("categories", ())),
-    )
+    try:
+        covariates = d.get("covariates") or {}
+        return TrainedModel(
+            vae=vae,
+            genes=GeneVocabulary.from_dict(d["genes"]),
+            batch_keys=tuple(d["batch_keys"]),
+            batch_categories=tuple(d["batch_categories"]),
+            provenance=d.get("provenance", {}),
+            covariate_keys=tuple(covariates.get("keys", ())),
+            covariate_categories=tuple(tuple(c) for c in covariates.get("categories", ())),
+        )
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path / CONFIG_FILE}: {e}") from e
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
+    """Raise ``ValueError`` naming the first tensors that hold NaN or infinite values: such a
+    model loads and runs, but every embedding it gives is NaN."""
+    bad = [
+        f"{k} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
+        for k, t in state.items()
+        if t.is_floating_point() and not torch.isfinite(t).all()
+    ]
+    if bad:
+        raise ValueError(
+            f"{where}: non-finite weights (NaN or inf) in {len(bad)} tensor(s): "
+            f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; the model is unusable "
+            "(training diverged before it was saved, or the file is damaged): retrain it"
+        )
