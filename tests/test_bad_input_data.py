@@ -269,3 +269,25 @@ def test_model_config_without_a_key(drop, message, sim_model, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1
     assert f"censusvi: error: {model}/config.json: {message}" in err and key in err
     assert_nothing_written(tmp_path, "o.h5ad")
+
+
+@pytest.mark.parametrize("command", ["pretrain", "pretrain with HVG", "embed", "map"])
+def test_absurd_counts(command, sim_model, tmp_path, capsys):
+    """A count of 1e30 is finite (even in float32) yet no UMI count: refused above 1e9."""
+    a = simulated_adata(seed=1)
+    a.obs["assay"] = "A"
+    a.X = a.X.copy()
+    a.X.data[17] = 1e30
+    src = write(a, tmp_path / "x.h5ad")
+    out = tmp_path / "o"
+    args = {
+        "pretrain": pretrain_args(src, out),
+        "pretrain with HVG": hvg_args(src, out),
+        "embed": embed_args(sim_model, src, out),
+        "map": ["map", "--model", str(sim_model), "--query", src, "--batch-key", "batch"]
+        + ["--out", str(out), "--quiet"],
+    }[command]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "(cells 0..299): a count of 1e+30 is above 1e+09; raw UMI counts are far smaller" in err
+    assert_nothing_written(tmp_path, "o")
