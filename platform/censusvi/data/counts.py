@@ -29,7 +29,7 @@ def checked_csr(data, indices, indptr, shape: tuple[int, int], where: str) -> sp
     n, g = int(shape[0]), int(shape[1])
     idx_dtype = np.int64 if max(len(data), g) > np.iinfo(np.int32).max else np.int32
     x = sp.csr_matrix(
-        (data.astype(np.float32, copy=False), indices.astype(idx_dtype), indptr.astype(idx_dtype)),
+        (np.array(data, np.float32), indices.astype(idx_dtype), indptr.astype(idx_dtype)),  # own, writable
         shape=(n, g),
     )
     x.sum_duplicates()  # a (cell, gene) pair stored twice is one count, summed
