@@ -17,10 +17,10 @@
 import asyncio
 import logging
 import os
+import secrets
 import tempfile
 import threading
 import time
-import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,7 +33,13 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 log = logging.getLogger("censusvi.serve")
-app = FastAPI(title="censusvi", description="scVI reference mapping and cell-type annotation")
+app = FastAPI(
+    title="censusvi",
+    description="scVI reference mapping and cell-type annotation",
+    docs_url=None,  # served below, behind the token like every route but /healthz
+    redoc_url=None,
+    openapi_url=None,
+)
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,9 @@ class Settings:
     model: str = "models:/censusvi-scvi@production"  # a models:/ URI or a model directory
     index: str | None = None  # only with a model directory: its index directory
     tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI
-    token: str | None = None  # bearer token; None: no auth
+    token_sha256: str | None = (
+        None  # of the bearer token (args: token_file or token); None: no auth
+    )
     max_cells: int = 50_000  # per request (413 above)
     max_request_mb: float = 512.0  # per request body (413 above)
     registry_poll_s: float = 10.0  # how often an alias is re-resolved
@@ -58,14 +66,23 @@ class Settings:
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> "Settings":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(args) - known - {"deployments"})
+        from censusvi.serving.auth import token_digest
+
+        known = {f for f in cls.__dataclass_fields__} - {"token_sha256"}
+        accepted = known | {"deployments", "token", "token_file"}
+        unknown = sorted(set(args) - accepted)
         if unknown:
-            raise ValueError(f"unknown serve settings {unknown}; known: {sorted(known)}")
+            raise ValueError(f"unknown serve settings {unknown}; known: {sorted(accepted)}")
         s = cls(**{k: v for k, v in args.items() if k in known})
         tracking = s.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        token = s.token or os.environ.get("CENSUSVI_SERVE_TOKEN") or None
-        return cls(**{**asdict(s), "tracking_uri": tracking, "token": token})
+        digest = token_digest(args.get("token"), args.get("token_file"))
+        return cls(**{**asdict(s), "tracking_uri": tracking, "token_sha256": digest})
+
+    @property
+    def limits(self):
+        from censusvi.untrusted import DecodeLimits
+
+        return DecodeLimits.for_body_limit(self.max_cells, int(self.max_request_mb * 2**20))
 
     @property
     def registered(self) -> bool:
@@ -204,6 +221,9 @@ class Mapper:
             return self._map_one(version, cells)
         except ValueError as e:
             return _error(422, str(e))
+        except Exception as e:  # a request never takes the replica down; the log keeps the trace
+            log.exception("mapping failed")
+            return _error(422, f"the query could not be mapped ({type(e).__name__}: {e})")
 
     def _map_one(self, version: str, cells) -> dict:
         from censusvi.mapping.query import map_query
@@ -413,15 +433,22 @@ class Results:
         self.s = Settings(**settings)
         self.items: OrderedDict[str, dict] = OrderedDict()
 
-    def put(self, item: dict) -> str:
-        rid = uuid.uuid4().hex  # unguessable: the link is the key to the result
-        self.items[rid] = {**item, "result_id": rid, "kept_at": time.monotonic()}
+    def put(self, item: dict, owner: str | None) -> str:
+        """Keep ``item`` for the token digest ``owner`` (None: a server without a token)."""
+        rid = secrets.token_urlsafe(24)  # 192 random bits: unguessable
+        self.items[rid] = {**item, "result_id": rid, "owner": owner, "kept_at": time.monotonic()}
         self._evict()
         return rid
 
-    def get(self, rid: str) -> dict | None:
+    def get(self, rid: str, owner: str | None) -> dict | None:
+        """The result, only for the token that created it (None for any other)."""
+        import hmac
+
         self._evict()
-        return self.items.get(rid)
+        item = self.items.get(rid)
+        if item is None or not hmac.compare_digest(str(item["owner"]), str(owner)):
+            return None
+        return item
 
     def _evict(self) -> None:
         now = time.monotonic()
@@ -431,6 +458,12 @@ class Results:
             or now - next(iter(self.items.values()))["kept_at"] > self.s.results_ttl_s
         ):
             self.items.popitem(last=False)
+
+
+# Module functions the deployments call are defined above them: Serve pickles a deployment's class
+# (with the globals it names) where the decorator runs.
+def _json_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
 
 
 def _positive(value: str | None, default, kind: type, name: str, low, high):
@@ -478,9 +511,30 @@ class Ingress:
                 log.warning("registry poll failed (still serving %s): %s", self.version, e)
 
     def _authorised(self, request: Request) -> bool:
-        if not self.s.token:
-            return True
-        return request.headers.get("authorization", "") == f"Bearer {self.s.token}"
+        from censusvi.serving.auth import authorised
+
+        return authorised(request.headers.get("authorization"), self.s.token_sha256)
+
+    def _owner(self, request: Request) -> str | None:
+        from censusvi.serving.auth import presented_digest
+
+        return (
+            presented_digest(request.headers.get("authorization")) if self.s.token_sha256 else None
+        )
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> Response:
+        if not self._authorised(request):
+            return self._unauthorised()
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> Response:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        if not self._authorised(request):
+            return self._unauthorised()
+        return get_swagger_ui_html(openapi_url="openapi.json", title="censusvi")
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
@@ -500,10 +554,12 @@ class Ingress:
         return JSONResponse(info)
 
     @app.get("/explorer/{result_id}")
-    async def explorer(self, result_id: str) -> Response:
-        """The mapping of one finished annotation, as an interactive page (no token needed:
-        the result id is unguessable, so the link itself grants access, as a share link)."""
-        item = await self.results.get.remote(result_id)
+    async def explorer(self, result_id: str, request: Request) -> Response:
+        """The mapping of one finished annotation, as an interactive page. With a token set it
+        needs that token, and a result opens only for the token that created it."""
+        if not self._authorised(request):
+            return self._unauthorised()
+        item = await self.results.get.remote(result_id, self._owner(request))
         if item is None:
             return JSONResponse(
                 {"error": f"no result {result_id!r}: results are kept for "
@@ -514,9 +570,11 @@ class Ingress:
         return Response(page, media_type="text/html")
 
     @app.get("/metrics")
-    async def prometheus(self) -> Response:
+    async def prometheus(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        if not self._authorised(request):
+            return self._unauthorised()
         return Response(await self.metrics.render.remote(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/embed")
@@ -541,43 +599,24 @@ class Ingress:
         self.metrics.record.remote(endpoint, response.status_code, time.perf_counter() - t0, cells)
         return response
 
-    async def _read_body(self, request: Request) -> tuple[bytes, str] | Response:
-        limit = int(self.s.max_request_mb * 2**20)
-        too_big = JSONResponse(
-            {
-                "error": f"the request body exceeds the limit of {self.s.max_request_mb:g} MB: "
-                "split the cells over several requests (censusvi.client.Client does)"
-            },
-            status_code=413,
-        )
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            return too_big
+    async def _read_body(self, request: Request) -> tuple[bytes, str]:
+        from censusvi.serving.body import read_body, upload_file
+
+        body = await read_body(request, int(self.s.max_request_mb * 2**20))
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
-            form = await request.form()
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                return JSONResponse(
-                    {"error": "a multipart upload needs the .h5ad in a field named 'file'"},
-                    status_code=422,
-                )
-            body, ctype = await upload.read(), "application/x-hdf5"
-        else:
-            body = await request.body()
-        return too_big if len(body) > limit else (body, ctype)
+            return await upload_file(request, body), "application/x-hdf5"
+        return body, ctype
 
     async def _compute(self, request: Request, endpoint: str) -> tuple[Response, int]:
-        from censusvi.wire import ARROW, decode_request, encode_result
+        from censusvi.serving.body import BadUpload, BodyTooLarge, too_large_message
+        from censusvi.wire import PayloadTooLarge, decode_request
 
         if not self._authorised(request):
             return self._unauthorised(), 0
-        read = await self._read_body(request)
-        if isinstance(read, Response):
-            return read, 0
-        body, ctype = read
         q = request.query_params
         try:
+            body, ctype = await self._read_body(request)
             k = _positive(q.get("k"), self.s.k, int, "k", 1, 1000)
             thr = _positive(
                 q.get("unknown_threshold"),
@@ -587,23 +626,26 @@ class Ingress:
                 0.0,
                 1.0,
             )
-            cells = await asyncio.to_thread(
-                decode_request, body, ctype, q.get("batch_key"), q.get("layer")
-            )
-        except ValueError as e:
-            return JSONResponse({"error": str(e)}, status_code=422), 0
-        if cells.n_cells > self.s.max_cells:
-            return JSONResponse(
-                {
-                    "error": f"the request holds {cells.n_cells} cells; the limit is "
-                    f"{self.s.max_cells} cells per request: split it (censusvi.client.Client does)"
-                },
-                status_code=413,
-            ), 0
+            args = (body, ctype, q.get("batch_key"), q.get("layer"), self.s.limits)
+            cells = await asyncio.to_thread(decode_request, *args)
+        except BodyTooLarge:
+            return _json_error(413, too_large_message(self.s.max_request_mb)), 0
+        except PayloadTooLarge as e:
+            return _json_error(413, str(e)), 0
+        except (ValueError, BadUpload) as e:
+            return _json_error(422, str(e)), 0
+        except Exception as e:  # whatever a decoder missed is the body's fault, not the server's
+            log.exception("request decoding failed")
+            return _json_error(422, f"the body cannot be decoded ({type(e).__name__}: {e})"), 0
+        return await self._answer_cells(request, endpoint, cells, k, thr)
+
+    async def _answer_cells(self, request: Request, endpoint: str, cells, k: int, thr: float):
+        from censusvi.wire import ARROW, encode_result
+
         version = self.version  # one version answers the whole request
         mapped = await self.mapper.map.remote((cells, version))
         if "error" in mapped:
-            return JSONResponse({"error": mapped["error"]}, status_code=mapped["status"]), 0
+            return _json_error(mapped["status"], mapped["error"]), 0
         result = {
             "model": {"name": self.model_name, "version": version},
             "n_cells": cells.n_cells,
@@ -612,10 +654,10 @@ class Ingress:
         if endpoint == "annotate":
             labelled = await self.annotator.annotate.remote((mapped["latent"], version, k, thr))
             if "error" in labelled:
-                return JSONResponse({"error": labelled["error"]}, status_code=labelled["status"]), 0
+                return _json_error(labelled["status"], labelled["error"]), 0
             result["labels"] = labelled["labels"]
             kept = {**result, "batch": cells.batch[mapped["positions"]]}
-            result["result_id"] = await self.results.put.remote(kept)
+            result["result_id"] = await self.results.put.remote(kept, self._owner(request))
             result["explorer"] = f"/explorer/{result['result_id']}"
         payload, media = await asyncio.to_thread(
             encode_result, result, ARROW in request.headers.get("accept", "")

@@ -18,12 +18,20 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from censusvi.data.counts import check_counts
+from censusvi.data.counts import CountsError, check_counts, checked_csr
+from censusvi.untrusted import (
+    DecodeLimits,
+    PayloadError,
+    PayloadTooLarge,  # noqa: F401  (re-exported: the server answers it with 413)
+    check_arrow,
+    check_hdf5,
+)
 
 ARROW = "application/vnd.apache.arrow.stream"
 JSON = "application/json"
 H5AD = "application/x-hdf5"
 META_KEY = b"censusvi"
+NO_LIMITS = DecodeLimits()  # the defaults; the server passes its own
 ANSWER_FIELDS = (
     "model",
     "n_cells",
@@ -31,10 +39,6 @@ ANSWER_FIELDS = (
     "result_id",
     "explorer",
 )  # beside the per-cell arrays
-
-
-class PayloadError(ValueError):
-    """The request body cannot be read as query cells; the message says why."""
 
 
 @dataclass
@@ -58,46 +62,68 @@ class QueryCells:
         return ad.AnnData(self.x, obs=obs, var=var)
 
 
-def _checked(x: sp.csr_matrix, genes: list[str], batch) -> QueryCells:
-    n, g = x.shape
-    if len(genes) != g:
-        raise PayloadError(f"{len(genes)} gene ids for a matrix with {g} columns")
+def _checked(parts: tuple, genes, batch, limits: DecodeLimits) -> QueryCells:
+    """Query cells from CSR ``parts`` (data, indices, indptr) over ``genes``, checked in full:
+    every label and gene id a string, the structure sound, the values raw counts."""
+    data, indices, indptr = parts
+    if not isinstance(genes, list) or not all(isinstance(v, str) for v in genes):
+        raise PayloadError("genes must be a list of gene id strings")
+    n = len(indptr) - 1
+    if n <= 0:
+        raise PayloadError("the request holds no cells: send at least one cell")
+    limits.cells(n)
+    if isinstance(batch, str):
+        batch = [batch] * n
+    if not isinstance(batch, list | np.ndarray) or len(batch) != n:
+        got = len(batch) if isinstance(batch, list | np.ndarray) else type(batch).__name__
+        raise PayloadError(
+            f"batch: {got} labels for {n} cells; send one label per cell (or one string for all)"
+        )
+    if not all(isinstance(v, str) for v in batch):
+        raise PayloadError("batch labels must be strings")
     if len(set(genes)) != len(genes):
         raise PayloadError("gene ids repeat: each column needs its own gene id")
-    batch = np.asarray([batch] * n if isinstance(batch, str) else batch, dtype=object)
-    if batch.shape != (n,):
-        raise PayloadError(
-            f"batch: {len(batch)} labels for {n} cells; send one label per cell (or one string for all)"
-        )
-    if n == 0:
-        raise PayloadError("the request holds no cells")
-    x = x.astype(np.float32)
-    check_counts(x, "request")
-    return QueryCells(x, [str(v) for v in genes], batch.astype(str))
+    try:
+        x = checked_csr(data, indices, indptr, (n, len(genes)), "request")
+        check_counts(x, "request")
+    except CountsError as e:
+        raise PayloadError(str(e)) from None
+    return QueryCells(x, list(genes), np.asarray(batch, dtype=str))
 
 
-def decode_json(body: bytes) -> QueryCells:
+def _numbers(values, dtype, name: str) -> np.ndarray:
+    """A flat JSON list of numbers as an array (nested lists, strings, bools are refused)."""
+    if not isinstance(values, list):
+        raise PayloadError(f"{name} must be a list of numbers")
+    try:
+        a = np.asarray(values, dtype=dtype)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise PayloadError(f"{name} must be a flat list of numbers ({e})") from None
+    if a.ndim != 1:
+        raise PayloadError(f"{name} must be a flat list of numbers, got shape {a.shape}")
+    return a
+
+
+def decode_json(body: bytes, limits: DecodeLimits = NO_LIMITS) -> QueryCells:
     try:
         d = json.loads(body)
-        genes, batch = d["genes"], d["batch"]
-        indptr = np.asarray(d["indptr"], dtype=np.int64)
-        x = sp.csr_matrix(
-            (
-                np.asarray(d["data"], dtype=np.float64),
-                np.asarray(d["indices"], dtype=np.int64),
-                indptr,
-            ),
-            shape=(len(indptr) - 1, len(genes)),
-        )
-    except json.JSONDecodeError as e:
-        raise PayloadError(f"the body is not JSON ({e})") from e
-    except KeyError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PayloadError(f"the body is not JSON ({e})") from None
+    except RecursionError:
+        raise PayloadError("the JSON body nests too deeply: send a flat CSR object") from None
+    if not isinstance(d, dict):
+        raise PayloadError("the JSON body must be an object: genes, indptr, indices, data, batch")
+    missing = [k for k in ("genes", "indptr", "indices", "data", "batch") if k not in d]
+    if missing:
         raise PayloadError(
-            f"JSON body lacks {e.args[0]!r}: send genes, indptr, indices, data, batch"
-        ) from e
-    except (TypeError, ValueError) as e:
-        raise PayloadError(f"the JSON CSR matrix is malformed: {e}") from e
-    return _checked(x, genes, batch)
+            f"JSON body lacks {missing[0]!r}: send genes, indptr, indices, data, batch"
+        )
+    parts = (
+        _numbers(d["data"], np.float64, "data"),
+        _numbers(d["indices"], np.int64, "indices"),
+        _numbers(d["indptr"], np.int64, "indptr"),
+    )
+    return _checked(parts, d["genes"], d["batch"], limits)
 
 
 def encode_arrow_request(x: sp.csr_matrix, genes: list[str], batch) -> bytes:
@@ -116,61 +142,111 @@ def encode_arrow_request(x: sp.csr_matrix, genes: list[str], batch) -> bytes:
     return sink.getvalue()
 
 
-def decode_arrow(body: bytes) -> QueryCells:
+def _list_column(table, name: str, kind) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets from 0, values) of a list<kind> column, chunks joined, slices honoured."""
+    import pyarrow.types as pt
+
+    col = table.column(name)
+    if not (pt.is_list(col.type) or pt.is_large_list(col.type)) or not kind(col.type.value_type):
+        raise PayloadError(f"Arrow column {name!r} must be a list of numbers, one list per cell")
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if arr.null_count:
+        raise PayloadError(f"Arrow column {name!r} holds nulls: send an empty list for no counts")
+    offsets = np.asarray(arr.offsets, dtype=np.int64)
+    values = arr.flatten()
+    if values.null_count:
+        raise PayloadError(f"Arrow column {name!r} holds null values")
+    return offsets - offsets[0], values.to_numpy(zero_copy_only=False)
+
+
+def decode_arrow(body: bytes, limits: DecodeLimits = NO_LIMITS) -> QueryCells:
+    import pyarrow.types as pt
+
+    check_arrow(body, limits)
     try:
         table = pa.ipc.open_stream(body).read_all()
+        table.validate(full=True)  # IPC reading trusts offsets; a forged one aborts the process
         genes = json.loads((table.schema.metadata or {})[b"genes"])
-        indices = table.column("indices").combine_chunks()
-        data = table.column("data").combine_chunks()
-        batch = table.column("batch").to_numpy(zero_copy_only=False)
+        ind_off, indices = _list_column(table, "indices", pt.is_integer)
+        data_off, data = _list_column(
+            table, "data", lambda t: pt.is_integer(t) or pt.is_floating(t)
+        )
+        batch = table.column("batch")
+        if not (pt.is_string(batch.type) or pt.is_large_string(batch.type)):
+            raise PayloadError("Arrow column 'batch' must hold strings, one label per cell")
+        if batch.null_count:
+            raise PayloadError("Arrow column 'batch' holds nulls: give every cell a label")
+        batch = batch.to_numpy(zero_copy_only=False)
     except (pa.ArrowInvalid, OSError) as e:
         raise PayloadError(f"the body is not an Arrow IPC stream ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise PayloadError("schema metadata 'genes' must be a JSON list of gene ids") from None
     except KeyError as e:
         raise PayloadError(
             f"the Arrow table lacks {e.args[0]!r}: columns indices, data, batch and the gene ids "
             "in schema metadata 'genes'"
         ) from e
-    indptr = np.asarray(indices.offsets, dtype=np.int64)
-    x = sp.csr_matrix(
-        (data.values.to_numpy(), indices.values.to_numpy(), indptr),
-        shape=(len(table), len(genes)),
-    )
-    return _checked(x, genes, batch)
+    if not np.array_equal(ind_off, data_off):
+        raise PayloadError("Arrow columns 'indices' and 'data' differ in list lengths: pair them")
+    return _checked((data, indices, ind_off), genes, batch, limits)
 
 
-def decode_h5ad(body: bytes, batch_key: str | None, layer: str | None = None) -> QueryCells:
-    """An uploaded .h5ad (HDF5: no code runs on reading); ``batch_key`` names its batch column."""
+def decode_h5ad(
+    body: bytes,
+    batch_key: str | None,
+    layer: str | None = None,
+    limits: DecodeLimits = NO_LIMITS,
+) -> QueryCells:
+    """An uploaded .h5ad (HDF5: no code runs on reading); ``batch_key`` names its batch column.
+    Sized and checked for links outside the file before anndata reads it."""
     import anndata as ad
 
     from censusvi.data.h5ad import counts_matrix, gene_ids_and_symbols
 
+    if not batch_key:
+        raise PayloadError("an .h5ad upload needs ?batch_key=COLUMN naming its batch column in obs")
+    check_hdf5(body, limits)
     try:
         adata = ad.read_h5ad(io.BytesIO(body))
+        ids, _ = gene_ids_and_symbols(adata.var)
+        x = counts_matrix(adata, layer)
+        if batch_key not in adata.obs.columns:
+            raise PayloadError(
+                f"batch_key {batch_key!r} is not an obs column; obs has {sorted(map(str, adata.obs.columns))}"
+            )
+        batch = adata.obs[batch_key].astype(str).to_numpy()
+    except PayloadError:
+        raise
     except Exception as e:  # h5py/anndata raise many kinds for a damaged file
         raise PayloadError(
             f"the upload is not a readable .h5ad file ({type(e).__name__}: {e})"
         ) from e
-    if not batch_key:
-        raise PayloadError("an .h5ad upload needs ?batch_key=COLUMN naming its batch column in obs")
-    if batch_key not in adata.obs.columns:
-        raise PayloadError(
-            f"batch_key {batch_key!r} is not an obs column; obs has {sorted(adata.obs.columns)}"
-        )
-    ids, _ = gene_ids_and_symbols(adata.var)
-    x = sp.csr_matrix(counts_matrix(adata, layer))
-    return _checked(x, ids, adata.obs[batch_key].astype(str).to_numpy())
+    if sp.issparse(x):
+        x = x.tocsr() if x.format != "csr" else x
+        parts = (x.data, x.indices, x.indptr)
+    else:
+        x = np.asarray(x)
+        if x.ndim != 2:
+            raise PayloadError(f"the counts matrix must be 2-D, got shape {x.shape}")
+        dense = sp.csr_matrix(x.astype(np.float64) if x.dtype.kind in "biuf" else x)
+        parts = (dense.data, dense.indices, dense.indptr)
+    return _checked(parts, list(ids), list(batch), limits)
 
 
 def decode_request(
-    body: bytes, content_type: str, batch_key: str | None = None, layer: str | None = None
+    body: bytes,
+    content_type: str,
+    batch_key: str | None = None,
+    layer: str | None = None,
+    limits: DecodeLimits = NO_LIMITS,
 ) -> QueryCells:
     kind = (content_type or "").split(";")[0].strip().lower()
     if kind == JSON:
-        return decode_json(body)
+        return decode_json(body, limits)
     if kind == ARROW:
-        return decode_arrow(body)
+        return decode_arrow(body, limits)
     if kind in (H5AD, "application/octet-stream"):
-        return decode_h5ad(body, batch_key, layer)
+        return decode_h5ad(body, batch_key, layer, limits)
     raise PayloadError(
         f"unsupported content type {content_type!r}: send {JSON}, {ARROW}, {H5AD} "
         "or a multipart upload with an .h5ad 'file' field"

@@ -67,10 +67,18 @@ cv.addEventListener('mousemove', e => {
   if (best < 0) for (let i = 0; i < R.x.length; i++) { const d = (px(R.x[i]) - mx) ** 2 + (py(R.y[i]) - my) ** 2; if (d < bestD) { bestD = d; best = i; ref = true; } }
   const tip = document.getElementById('tip');
   if (best < 0) { tip.style.display = 'none'; return; }
-  tip.innerHTML = ref ? `reference cell<br>${D.label_key}: ${R.label[best]}` :
-    `predicted ${D.label_key}: <b>${Q.predicted[best]}</b><br>probability ${Q.probability[best].toFixed(3)}` +
-    `<br>uncertainty ${Q.uncertainty[best].toFixed(3)}<br>batch ${Q.batch[best]}` +
-    (Q.truth ? `<br>true label ${Q.truth[best]}` : '');
+  // Labels come from users' files: text nodes only, never parsed as HTML.
+  const lines = ref ? [['reference cell'], [`${D.label_key}: `, R.label[best]]] :
+    [[`predicted ${D.label_key}: `, Q.predicted[best], true], [`probability ${Q.probability[best].toFixed(3)}`],
+     [`uncertainty ${Q.uncertainty[best].toFixed(3)}`], ['batch ', Q.batch[best]]].concat(Q.truth ? [['true label ', Q.truth[best]]] : []);
+  tip.replaceChildren();
+  lines.forEach(([head, value, bold], k) => {
+    if (k) tip.appendChild(document.createElement('br'));
+    tip.appendChild(document.createTextNode(head));
+    if (value !== undefined) {
+      const v = document.createElement(bold ? 'b' : 'span'); v.textContent = String(value); tip.appendChild(v);
+    }
+  });
   tip.style.left = (e.clientX + 14) + 'px'; tip.style.top = (e.clientY + 14) + 'px'; tip.style.display = 'block';
 });
 cv.addEventListener('mouseleave', () => document.getElementById('tip').style.display = 'none');
@@ -158,10 +166,13 @@ def render_page(content: dict[str, Any]) -> str:
         scib = "<h2>Integration (scib-metrics)</h2>" + _table(
             header, [[row[h] for h in header] for row in content["scib"]]
         )
-    data = json.dumps(content).replace("</", "<\\/")
+    # In a script element only "</script" or "<!--" could end the data early: no raw <, >, & at all.
+    data = (
+        json.dumps(content).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    )
     title = html.escape(content["title"])
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style></head>
+<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="censusvi"><title>{title}</title><style>{STYLE}</style></head>
 <body>
 <h1>{title}</h1>
 <p>{content["n_query_cells"]} query cells (coloured) on {len(content["reference"]["x"])} reference
