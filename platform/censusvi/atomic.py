@@ -2,8 +2,8 @@
 replacing what censusvi did not write.
 
 An output replaces, unasked, only a censusvi artifact of the same kind (``DIR_KINDS``,
-``FILE_KINDS``), an empty file or an empty directory; anything else needs ``overwrite``. Nothing
-replaces one of the command's own inputs (``check_output``).
+``MARKED_DIR_KINDS``, ``FILE_KINDS``), an empty file or an empty directory; anything else needs
+``overwrite``. Nothing replaces one of the command's own inputs (``check_output``).
 
 The swap is two renames: the old output to ``.NAME.old-PID-X``, then the new one (built at
 ``.NAME.tmp-PID-X``) to ``NAME``. A run killed between them leaves the old one aside and no
@@ -50,6 +50,14 @@ DIR_KINDS: dict[str, tuple[frozenset[str], str, Callable[[dict], bool]]] = {
         MARKER,
         lambda d: d.get("kind") == "scvi-tools",
     ),
+}
+# Directories whose entries vary from run to run: MARKER ({"kind": kind}) says censusvi wrote
+# one, and every other entry must be one it writes (a killed step's temporaries included).
+_DEMO_ENTRY = (
+    r"(?:reference\.soma|model|model\.checkpoint|demo_metrics\.json|.+\.(?:census|embedded)\.h5ad)"
+)
+MARKED_DIR_KINDS: dict[str, re.Pattern[str]] = {
+    "demo": re.compile(rf"{_DEMO_ENTRY}|\.{_DEMO_ENTRY}\.(?:tmp|old)-[\w.-]+"),  # censusvi.demo
 }
 HTML_GENERATOR = '<meta name="generator" content="censusvi">'
 DE_CSV_HEADER = "gene_id,gene_symbol,"  # censusvi.generative.de: the table's first columns
@@ -105,6 +113,13 @@ def artifact_kind(path: Path) -> str | None:
                         return kind
                 except (OSError, ValueError, AttributeError):
                     pass
+        for kind, entry in MARKED_DIR_KINDS.items():
+            if MARKER in names and all(n == MARKER or entry.fullmatch(n) for n in names):
+                try:
+                    if json.loads((path / MARKER).read_text()).get("kind") == kind:
+                        return kind
+                except (OSError, ValueError, AttributeError):
+                    pass
         return None
     for kind, test in FILE_KINDS.items():
         try:
@@ -133,12 +148,16 @@ def _found(path: Path) -> str:
     return "neither a file nor a directory"
 
 
+def _is_dir_kind(kind: str) -> bool:
+    return kind in DIR_KINDS or kind in MARKED_DIR_KINDS
+
+
 def _replaceable(path: Path, kind: str) -> bool:
     if not os.path.lexists(path):
         return True
     if path.is_symlink():
         return False
-    if kind in DIR_KINDS and path.is_dir() and not any(path.iterdir()):
+    if _is_dir_kind(kind) and path.is_dir() and not any(path.iterdir()):
         return True  # an empty directory: nothing to lose
     if kind in FILE_KINDS and path.is_file() and path.stat().st_size == 0:
         return True
@@ -150,7 +169,7 @@ def check_replaceable(out: str | os.PathLike, kind: str, overwrite: bool = False
     out = Path(out)
     if overwrite or _replaceable(out, kind):
         return
-    what = f"a censusvi {kind} {'directory' if kind in DIR_KINDS else 'file'}"
+    what = f"a censusvi {kind} {'directory' if _is_dir_kind(kind) else 'file'}"
     raise OutputRefused(
         f"{out} exists and is {_found(out)}, not {what}: pass --overwrite to replace it, "
         "or choose another --out"

@@ -3,12 +3,16 @@
 ingest ../shared/data/*.h5ad -> a local SOMA experiment (Census schema) -> pretrain (Census
 architecture and batch definition) -> info -> embed each dataset -> per-dataset kNN label accuracy
 and silhouette of the latent space.
+
+``--out`` is replaced only when it is absent, empty or an earlier demo's output (the ``.censusvi``
+marker says so); anything else needs ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import anndata as ad
 
+from censusvi.atomic import MARKER, OutputRefused, check_output
 from censusvi.cli import main as cli
 from censusvi.data.soma import harmonise
 from censusvi.evaluate.latent import per_group_scores
@@ -24,13 +29,17 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 DEMO_MIN_OVERLAP = 0.3
 
 
-def run(data: Path, out: Path, max_epochs: int | None = None) -> dict:
+def run(data: Path, out: Path, max_epochs: int | None = None, overwrite: bool = False) -> dict:
     files = sorted(str(p) for p in data.glob("*.h5ad"))
     if not files:
         raise SystemExit(f"no .h5ad files in {data}")
-    if out.exists():
+    check_output(out, "demo", overwrite, (data, *files))  # OutputRefused before any change
+    if out.is_dir() and not out.is_symlink():
         shutil.rmtree(out)
+    elif os.path.lexists(out):  # a file or a link (--overwrite): the link, not what it names
+        out.unlink()
     out.mkdir(parents=True)
+    (out / MARKER).write_text(json.dumps({"kind": "demo"}))  # what makes it the demo's to replace
     t0 = time.perf_counter()
     soma, model = out / "reference.soma", out / "model"
 
@@ -85,8 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path("../shared/data"))
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--max-epochs", type=int)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out even if the demo did not write it"
+    )
     a = p.parse_args(argv)
-    run(a.data, a.out, a.max_epochs)
+    try:
+        run(a.data, a.out, a.max_epochs, a.overwrite)
+    except OutputRefused as e:
+        print(f"censusvi.demo: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
