@@ -6,6 +6,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 from scipy.stats import spearmanr
 
 from censusvi.cli import main
@@ -167,3 +168,42 @@ def test_impute_options_and_errors(cellbench_reference_and_query):
         impute(model, query, ["NOT_A_GENE"], "batch", quiet=True)
     with pytest.raises(ValueError, match="decode batch 'nowhere'"):
         impute(model, query, genes, "batch", decode_batch="nowhere", quiet=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A one-epoch model on simulated counts: enough to run DE and impute."""
+    from conftest import simulated_adata
+
+    d = tmp_path_factory.mktemp("tiny")
+    a = simulated_adata(n_cells=120)
+    a.var_names = a.var["gene_ids"].to_numpy()
+    a.write_h5ad(d / "ref.h5ad")
+    cfg = PretrainConfig(
+        DataConfig(source=str(d / "ref.h5ad"), batch_keys=("batch",), n_hvg=0),
+        ModelSettings(n_hidden=16, n_latent=4),
+        TrainConfig(max_epochs=1, batch_size=64),
+    )
+    model, _ = pretrain(cfg, d / "model", quiet=True)
+    return model, a
+
+
+def test_a_block_of_cells_without_counts_is_skipped(tiny_model):
+    """4,096 empty cells first: every cell of the first reads (DE's 4,096, impute's 2,048) has
+    no counts, so those minibatches are empty and must be skipped, not decoded."""
+    model, a = tiny_model
+    empty = ad.AnnData(
+        sp.csr_matrix((4096, a.n_vars), dtype=np.float32),
+        obs=pd.DataFrame({"batch": "b0", "cell_type": "t0"}, index=[f"e{i}" for i in range(4096)]),
+        var=a.var,
+    )
+    query = ad.concat([empty, a], merge="first")
+    out = impute(model, query, [model.genes.ids[0]], "batch", quiet=True)
+    assert list(out.obs_names) == list(a.obs_names)  # the cells with counts, in order
+    assert np.isfinite(out.layers[LAYER].data).all()
+    res = differential_expression(
+        model, query, "cell_type", "t0", batch_key="batch", config=DEConfig(n_samples=50),
+        quiet=True,
+    )  # fmt: skip
+    assert res["n_cells1"].iloc[0] + res["n_cells2"].iloc[0] == a.n_obs
+    assert np.isfinite(res["lfc_mean"]).all()

@@ -94,7 +94,8 @@ class Cells:
     def minibatches(
         self, batch_size: int, shuffle: bool, seed: int = 0
     ) -> Iterator[tuple[np.ndarray, sp.csr_matrix, np.ndarray]]:
-        """(positions into ``rows``, counts, covariate codes) per minibatch; cells with no counts are dropped and logged."""
+        """(positions into ``rows``, counts, covariate codes) per minibatch, none empty; cells
+        with no counts are dropped and logged."""
         rng = np.random.default_rng(seed)
         groups = self.io_groups(shuffle, rng)
         n_empty = 0
@@ -111,6 +112,8 @@ class Cells:
                     pos, xb = pos[keep], xb[keep]
                 if shuffle and xb.shape[0] < 3:
                     continue  # batch norm needs >1 cell; scvi-tools also skips tiny last batches
+                if not len(pos):
+                    continue  # every cell of this slice was empty
                 yield pos, xb, self.covariates_nc[pos]
         if n_empty:
             log.warning(
