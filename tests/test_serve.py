@@ -359,9 +359,11 @@ def test_cli_serve_with_token_until_sigterm(registry, tmp_path):
     """The contract command line: ready on /healthz, bearer auth, stops on SIGTERM."""
     uri, dirs = registry
     port, token = free_port(), "s3cret"
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "censusvi.cli", "serve", "--model", f"models:/{NAME}/1",
-         "--port", str(port), "--token", token, "--quiet"],
+         "--port", str(port), "--token-file", str(token_file), "--quiet"],
         env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT / "platform")},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
