@@ -666,13 +666,13 @@ def main(argv: list[str] | None = None) -> int:
             check_output(args.out, args.out_kind, args.overwrite, inputs)
         return args.fn(args)
     except Exception as e:
-        # The registry's own errors (no such version, bad URI) are the user's to fix too.
-        if args.verbose or not (
-            isinstance(e, USER_ERRORS) or type(e).__name__ == "MlflowException"
-        ):
+        # The registry's own errors (no such version, bad URI; RestException from a server) are
+        # the user's to fix too: matched by name, so that mlflow is imported only when used.
+        mlflow_error = any(c.__name__ == "MlflowException" for c in type(e).__mro__)
+        if args.verbose or not (isinstance(e, USER_ERRORS) or mlflow_error):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"censusvi: error: {msg}", file=sys.stderr)
+        print(f"censusvi: error: {' '.join(str(msg).split())}", file=sys.stderr)  # one line
         return 2
 
 

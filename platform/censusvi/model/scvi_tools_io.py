@@ -23,7 +23,7 @@ import torch
 from censusvi.atomic import atomic_directory
 from censusvi.data.vocabulary import GeneVocabulary
 from censusvi.model.config import ModelConfig
-from censusvi.model.io import TrainedModel
+from censusvi.model.io import TrainedModel, check_finite
 from censusvi.model.scvi_tools import scvi_tools_name, state_dict_from_scvi_tools
 from censusvi.model.vae import VAE
 
@@ -233,7 +233,11 @@ def import_scvi_tools(
     var_names = [str(v) for v in np.asarray(d["var_names"])]
     cfg, meta = model_config_from_scvi_tools(d["attr_dict"], len(var_names))
     vae = VAE(cfg)
-    vae.load_state_dict(state_dict_from_scvi_tools(d["model_state_dict"], vae.state_dict()))
+    state = state_dict_from_scvi_tools(d["model_state_dict"], vae.state_dict())
+    # What this model runs, named as scvi-tools names it; a NaN would embed every cell as NaN.
+    where = Path(path) / MODEL_FILE if Path(path).is_dir() else path
+    check_finite({scvi_tools_name(k): v for k, v in state.items()}, where)
+    vae.load_state_dict(state)
     return TrainedModel(
         vae=vae.eval(),
         genes=GeneVocabulary(tuple(var_names)),
