@@ -2,8 +2,9 @@
 
 Parses the YAML and `--set section.key=value` overrides, then calls the library: ingest the local
 SOMA experiment if the config asks for one that is missing, train with Ray Train (a local Ray is
-started when no cluster is reachable), write the model directory, log the run to MLflow and
-register the model version.
+started when no cluster is reachable), write the model directory, log the run to MLflow (the
+config's ``mlflow.tracking_uri``, else the store every ``censusvi`` command uses:
+``MLFLOW_TRACKING_URI``, else ``sqlite:///./mlruns/mlflow.db``) and register the model version.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=raw.get("stream"),
     )
     mlf = raw.get("mlflow") or {}
-    uri = mlf.get("tracking_uri") or tracking_uri(Path(out).parent / "mlruns")
+    # The store every censusvi command uses (MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db), so
+    # that `censusvi models list` run from here shows this run.
+    uri = mlf.get("tracking_uri") or tracking_uri()
     run_id, version = log_and_register(
         model, history, out, uri, mlf.get("model_name", DEFAULT_MODEL_NAME)
     )

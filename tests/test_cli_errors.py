@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +17,8 @@ from censusvi.model.config import ModelConfig
 from censusvi.model.io import TrainedModel
 from censusvi.model.scvi_tools_io import export_scvi_tools, import_scvi_tools, read_model_pt
 from censusvi.model.vae import VAE
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def failing(error: Exception):
@@ -88,3 +93,31 @@ def test_non_finite_scvi_tools_weights_are_refused(tmp_path, capsys):
         err.startswith(f"censusvi: error: {src / 'model.pt'}: non-finite weights") and name in err
     )
     assert not (tmp_path / "m").exists()
+
+
+def test_pretrain_job_logs_to_the_store_the_cli_reads(tmp_path, monkeypatch, capsys):
+    """Without MLFLOW_TRACKING_URI the job's run goes where `censusvi models list` looks from the
+    same directory (sqlite:///./mlruns/mlflow.db), not beside the model."""
+    from censusvi.registry import mlflow_store
+    from censusvi.train import ray_trainer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    history = SimpleNamespace(epochs=[SimpleNamespace(val_elbo=1.0)])
+    monkeypatch.setattr("censusvi.ray_session.init_ray", lambda: None)
+    monkeypatch.setattr(ray_trainer, "pretrain_distributed", lambda *a, **k: (object(), history))
+    logged = []
+    monkeypatch.setattr(
+        mlflow_store,
+        "log_and_register",
+        lambda m, h, out, uri, name: logged.append(uri) or ("r", "1"),
+    )
+    (tmp_path / "c.yaml").write_text("data: {source: x.h5ad}\nout: runs/deep/model\n")
+    spec = importlib.util.spec_from_file_location("job_pretrain", ROOT / "jobs" / "pretrain.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(["--config", str(tmp_path / "c.yaml")]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    default = f"sqlite:///{tmp_path.resolve() / 'mlruns' / 'mlflow.db'}"
+    assert logged == [default] and printed["tracking_uri"] == default
+    assert mlflow_store.tracking_uri() == default  # what every censusvi command opens
