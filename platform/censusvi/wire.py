@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from censusvi.data.counts import CountsError, check_counts, checked_csr
+from censusvi.data.counts import check_counts, checked_csr
+from censusvi.data.vocabulary import check_unique_gene_ids
 from censusvi.untrusted import (
     DecodeLimits,
     PayloadError,
@@ -81,12 +82,13 @@ def _checked(parts: tuple, genes, batch, limits: DecodeLimits) -> QueryCells:
         )
     if not all(isinstance(v, str) for v in batch):
         raise PayloadError("batch labels must be strings")
-    if len(set(genes)) != len(genes):
-        raise PayloadError("gene ids repeat: each column needs its own gene id")
+    if not all(genes):
+        raise PayloadError("gene ids must be non-empty strings: give every column its gene id")
     try:
+        check_unique_gene_ids(genes, "request")
         x = checked_csr(data, indices, indptr, (n, len(genes)), "request")
         check_counts(x, "request")
-    except CountsError as e:
+    except ValueError as e:  # CountsError, or the repeated ids
         raise PayloadError(str(e)) from None
     return QueryCells(x, list(genes), np.asarray(batch, dtype=str))
 
