@@ -42,6 +42,9 @@ def _stream(
     model: TrainedModel, cells: Cells, batch_size: int, device: str, fn
 ) -> tuple[np.ndarray, np.ndarray]:
     """Apply ``fn(vae, minibatch)`` to every non-empty cell; returns (kept positions, stacked rows)."""
+    if not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        # 0 failed inside range(), and a negative size read no cells: "all cells have zero counts"
+        raise ValueError(f"batch size {batch_size!r}: cells per minibatch must be an integer >= 1")
     vae = model.vae.to(device).eval()
     pos_out, rows_out = [], []
     progress = bar(total=len(cells), desc="embed")

@@ -97,6 +97,11 @@ class GeneVocabulary:
         where: str = "the data",
     ) -> GeneAlignment:
         """Match the dataset's genes to this vocabulary; raise if ids repeat or too few match."""
+        if not 0 <= min_overlap <= 1:  # NaN too: every overlap passed a NaN or negative bound
+            raise ValueError(
+                f"minimum gene overlap {min_overlap}: it is a fraction of the model's genes, "
+                "between 0 and 1 (default 0.5)"
+            )
         data_ids = [
             str(i) if i is not None and str(i) not in ("", "nan", "None") else "" for i in data_ids
         ]
