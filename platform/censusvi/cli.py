@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from censusvi.atomic import check_output
+from censusvi.extras import MissingExtra, needs_extras
 from censusvi.registry.mlflow_store import TRACKING_HELP, RegistryUnreachable
 from censusvi.registry.versions import PromotionRefused
 
@@ -26,6 +27,7 @@ USER_ERRORS = (
     TimeoutError,
     PromotionRefused,
     RegistryUnreachable,
+    MissingExtra,  # an extra the command needs is not installed: which one, and the pip line
 )
 
 
@@ -664,7 +666,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "out_kind", None):  # before any work: what --out may replace
             inputs = [getattr(args, k) for k in args.out_inputs]
             check_output(args.out, args.out_kind, args.overwrite, inputs)
-        return args.fn(args)
+        command = " ".join(filter(None, (args.command, getattr(args, "models_command", None))))
+        with needs_extras(f"censusvi {command}"):
+            return args.fn(args)
     except Exception as e:
         # The registry's own errors (no such version, bad URI; RestException from a server) are
         # the user's to fix too: matched by name, so that mlflow is imported only when used.
