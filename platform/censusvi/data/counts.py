@@ -16,20 +16,23 @@ class CountsError(ValueError):
     """The data are not raw counts (or are empty); the message says how to fix it."""
 
 
-def checked_csr(data, indices, indptr, shape: tuple[int, int], where: str) -> sp.csr_matrix:
+def checked_csr(
+    data, indices, indptr, shape: tuple[int, int], where: str, csc: bool = False
+) -> sp.csr_matrix:
     """A CSR matrix from its three arrays, built only once their structure is sound.
 
     scipy trusts ``indices`` and ``indptr``: an index past the last gene or a decreasing
     ``indptr`` later writes out of bounds (``toarray``) or crashes native code, so every decoded
     matrix (wire, .h5ad, SOMA) passes here first. Raises ``CountsError`` saying what is wrong.
     The values are checked apart (``check_counts``), so each caller names where they came from.
+    ``csc``: the arrays are a CSC count matrix's, ``shape`` its transpose's (errors say so).
     """
     data, indices, indptr = (np.asarray(a) for a in (data, indices, indptr))
-    check_csr(data, indices, indptr, shape, where)
+    check_csr(data, indices, indptr, shape, where, csc=csc)
     n, g = int(shape[0]), int(shape[1])
     idx_dtype = np.int64 if max(len(data), g) > np.iinfo(np.int32).max else np.int32
-    x = sp.csr_matrix(
-        (np.array(data, np.float32), indices.astype(idx_dtype), indptr.astype(idx_dtype)),  # own, writable
+    x = sp.csr_matrix(  # owned, writable copies (sum_duplicates writes into them)
+        (np.array(data, np.float32), indices.astype(idx_dtype), indptr.astype(idx_dtype)),
         shape=(n, g),
     )
     x.sum_duplicates()  # a (cell, gene) pair stored twice is one count, summed
@@ -37,10 +40,21 @@ def checked_csr(data, indices, indptr, shape: tuple[int, int], where: str) -> sp
     return x
 
 
-def check_csr(data, indices, indptr, shape: tuple[int, int], where: str) -> None:
+def check_csr(
+    data,
+    indices,
+    indptr,
+    shape: tuple[int, int],
+    where: str,
+    csc: bool = False,
+    axes: tuple[str, str] = ("cell", "gene"),
+) -> None:
     """Raise ``CountsError`` unless the three arrays are a sound CSR matrix of ``shape`` (for
-    CSC, pass the transposed shape); copies nothing, so a file's matrices can be checked as read."""
+    CSC, pass the transposed shape and ``csc``); copies nothing, so a file's matrices can be
+    checked as read. ``axes`` names the stored matrix's rows and columns (a count matrix's are
+    cells and genes, obsp's cells and cells), so the errors speak of what the file holds."""
     n, g = int(shape[0]), int(shape[1])
+    index, major, minor = ("row", axes[1], axes[0]) if csc else ("column", *axes)
     data, indices, indptr = (np.asarray(a) for a in (data, indices, indptr))
     for name, a in (("data", data), ("indices", indices), ("indptr", indptr)):
         if a.ndim != 1:
@@ -54,23 +68,24 @@ def check_csr(data, indices, indptr, shape: tuple[int, int], where: str) -> None
         raise CountsError(f"{where}: a matrix of shape {(n, g)}; both sides must be >= 0")
     if len(indices) != len(data):
         raise CountsError(
-            f"{where}: {len(indices)} column indices but {len(data)} values; they pair one to one"
+            f"{where}: {len(indices)} {index} indices but {len(data)} values; they pair one to one"
         )
-    check_indptr(indptr, n, len(data), where)
+    check_indptr(indptr, n, len(data), where, major)
     if len(indices) and (indices.min() < 0 or indices.max() >= g):
         raise CountsError(
-            f"{where}: column index out of range ({indices.min()}..{indices.max()}) for {g} genes; "
-            f"indices must lie in 0..{g - 1}"
+            f"{where}: {index} index out of range ({indices.min()}..{indices.max()}) for {g} "
+            f"{minor}s; indices must lie in 0..{g - 1}"
         )
 
 
-def check_indptr(indptr, n: int, nnz: int, where: str) -> None:
-    """Raise ``CountsError`` unless ``indptr`` has ``n + 1`` entries rising from 0 to ``nnz``.
-    Alone, it checks a backed file's row pointers once, before any row is read through them."""
+def check_indptr(indptr, n: int, nnz: int, where: str, per: str = "cell") -> None:
+    """Raise ``CountsError`` unless ``indptr`` has ``n + 1`` entries rising from 0 to ``nnz``
+    (one per ``per``: a count matrix's cell for CSR, gene for CSC). Alone, it checks a backed
+    file's pointers once, before any row is read through them."""
     indptr = np.asarray(indptr)
     if indptr.ndim != 1 or len(indptr) != n + 1:
         raise CountsError(
-            f"{where}: indptr has {len(indptr)} entries for {n} cells; it needs {n + 1}"
+            f"{where}: indptr has {len(indptr)} entries for {n} {per}s; it needs {n + 1}"
         )
     if indptr.size and not np.issubdtype(indptr.dtype, np.integer):
         raise CountsError(f"{where}: CSR indptr must hold integers, got {indptr.dtype}")
@@ -81,7 +96,7 @@ def check_indptr(indptr, n: int, nnz: int, where: str) -> None:
         )
     if n and (np.diff(indptr) < 0).any():
         raise CountsError(
-            f"{where}: indptr decreases; each cell's entries need indptr[i] <= indptr[i + 1]"
+            f"{where}: indptr decreases; each {per}'s entries need indptr[i] <= indptr[i + 1]"
         )
 
 
@@ -124,7 +139,7 @@ def to_csr32(x, where: str = "the matrix") -> sp.csr_matrix:
     if sp.issparse(x):
         n, g = x.shape
         if x.format == "csc":  # a CSC matrix is the CSR matrix of its transpose
-            t = checked_csr(x.data, x.indices, x.indptr, (g, n), where)
+            t = checked_csr(x.data, x.indices, x.indptr, (g, n), where, csc=True)
             return t.T.tocsr()
         if x.format == "coo":
             rows, cols = np.asarray(x.row), np.asarray(x.col)

@@ -35,14 +35,20 @@ def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
     return adata
 
 
+SLOT_AXES = {"obsm": ("cell", "column"), "obsp": ("cell", "cell"), "varm": ("gene", "column"),
+             "varp": ("gene", "gene")}  # fmt: skip
+COUNT_AXES = ("cell", "gene")
+
+
 def _sparse_slots(adata: ad.AnnData):
-    """(name, matrix) of every slot that may hold a sparse matrix subsetting cells touches."""
-    yield "X", adata.X
-    yield from ((f"layers[{k!r}]", v) for k, v in adata.layers.items())
+    """(name, matrix, names of its rows and columns) of every slot that may hold a sparse matrix
+    subsetting cells touches."""
+    yield "X", adata.X, COUNT_AXES
+    yield from ((f"layers[{k!r}]", v, COUNT_AXES) for k, v in adata.layers.items())
     if adata.raw is not None:
-        yield "raw.X", adata.raw.X
-    for slot in ("obsm", "obsp", "varm", "varp"):
-        yield from ((f"{slot}[{k!r}]", v) for k, v in getattr(adata, slot).items())
+        yield "raw.X", adata.raw.X, COUNT_AXES
+    for slot, axes in SLOT_AXES.items():
+        yield from ((f"{slot}[{k!r}]", v, axes) for k, v in getattr(adata, slot).items())
 
 
 def check_structure(adata: ad.AnnData, where: str) -> None:
@@ -54,16 +60,18 @@ def check_structure(adata: ad.AnnData, where: str) -> None:
     checked in full (no copy); a backed X has its row pointers checked here, and its column
     indices block by block as ``H5adSource.read_rows`` reads them.
     """
-    for slot, m in _sparse_slots(adata):
+    for slot, m, axes in _sparse_slots(adata):
         name = f"{where} ({slot})"
         if isinstance(m, CSRDataset | CSCDataset):
-            _check_backed(m, name)
+            _check_backed(m, name, axes)
         elif sp.issparse(m) and m.format in ("csr", "csc"):
             shape = m.shape if m.format == "csr" else m.shape[::-1]  # CSC: CSR of the transpose
-            check_csr(m.data, m.indices, m.indptr, shape, name)
+            check_csr(m.data, m.indices, m.indptr, shape, name, m.format == "csc", axes)
 
 
-def _check_backed(m: CSRDataset | CSCDataset, where: str) -> None:
+def _check_backed(
+    m: CSRDataset | CSCDataset, where: str, axes: tuple[str, str] = COUNT_AXES
+) -> None:
     """The pointers of a backed sparse matrix (``n + 1`` integers, read once); for CSC also its
     row indices, in chunks, since anndata slices rows of CSC through scipy before we see them."""
     n_major, n_minor = m.shape if m.format == "csr" else m.shape[::-1]
@@ -71,14 +79,14 @@ def _check_backed(m: CSRDataset | CSCDataset, where: str) -> None:
     nnz, n_indices = g["data"].shape[0], g["indices"].shape[0]
     if n_indices != nnz:
         raise CountsError(f"{where}: {n_indices} indices but {nnz} values; they pair one to one")
-    check_indptr(g["indptr"][...], n_major, nnz, where)
+    check_indptr(g["indptr"][...], n_major, nnz, where, axes[0] if m.format == "csr" else axes[1])
     if m.format == "csc":
         for a in range(0, nnz, SCAN_CHUNK):
             idx = g["indices"][a : a + SCAN_CHUNK]
             if idx.min() < 0 or idx.max() >= n_minor:
                 raise CountsError(
                     f"{where}: row index out of range ({idx.min()}..{idx.max()}) for "
-                    f"{n_minor} cells; indices must lie in 0..{n_minor - 1}"
+                    f"{n_minor} {axes[0]}s; indices must lie in 0..{n_minor - 1}"
                 )
 
 
