@@ -194,6 +194,27 @@ def hostile_payloads(q, tmp: Path) -> dict[str, tuple[bytes, str, dict, int, str
             422,
             "out of range",
         ),  # fmt: skip
+        "arrow index 1e9": (
+            encode_arrow_request(
+                sp.csr_matrix(
+                    (x.data, np.where(np.arange(x.nnz) == 0, 10**9, x.indices), x.indptr),
+                    shape=(x.shape[0], 2 * 10**9),
+                ),
+                genes,
+                q.obs["batch"],
+            ),
+            ARROW,
+            {},
+            422,
+            "column index out of range",
+        ),  # fmt: skip
+        "json repeated gene ids": (
+            *_json({**body, "genes": [genes[1]] + genes[1:]}),
+            {},
+            422,
+            "must be unique",
+        ),
+        "json all cells zero": (*_json({**body, "data": [0.0] * n_nz}), {}, 422, "zero counts"),
         "arrow flat indices": (
             *_arrow_table(
                 pa.table(
