@@ -44,9 +44,10 @@ def cmd_ingest(a: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
+    from censusvi.config_files import locate
     from censusvi.train.pretrain import load_pretrain_config, pretrain
 
-    data: dict[str, Any] = {"source": a.source}
+    data: dict[str, Any] = {"source": a.source} if a.source else {}
     for flag, key in (
         ("batch_keys", "batch_keys"),
         ("hvg_keys", "hvg_keys"),
@@ -67,8 +68,9 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     for key in ("n_hidden", "n_latent", "n_layers", "likelihood", "prior_components"):
         if getattr(a, key) is not None:
             model[key] = getattr(a, key)
-    cfg = load_pretrain_config(a.config, {"data": data, "train": train, "model": model})
-    check_output(a.out, "model", a.overwrite, (cfg.data.source,))  # the source may be YAML's
+    cfg = load_pretrain_config(a.config, {"data": data, "train": train, "model": model}, a.set)
+    config_file = locate(a.config) if a.config else None
+    check_output(a.out, "model", a.overwrite, (cfg.data.source, config_file))  # YAML's source
     trained, history = pretrain(
         cfg, a.out, quiet=a.quiet, resume=not a.no_resume, overwrite=a.overwrite
     )
@@ -453,8 +455,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="0: N(0, I) prior (Census); K: VampPrior over K pseudo-cells (sysVI's 5)",
     )
     s.add_argument("--early-stopping", action="store_true")
-    s.add_argument("--config", help="YAML with sections data, model, train")
-    out_args(s, "model", ("source", "config"), "model directory to write")
+    s.add_argument(
+        "--config",
+        help="a packaged config (census, demo, local, small) or a YAML path: sections data, "
+        "model, train (what only the Ray job reads is skipped); paths relative to the file",
+    )
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a config key (train.lr=0.001, data.n_hvg=2000); VALUE is YAML; flags win",
+    )
+    out_args(s, "model", ("source",), "model directory to write")
     s.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_pretrain)

@@ -25,7 +25,7 @@ from censusvi.cli import main as cli
 from censusvi.data.soma import harmonise
 from censusvi.evaluate.latent import per_group_scores
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+CONFIG = "demo"  # the packaged config (censusvi/configs/demo.yaml)
 DEMO_MIN_OVERLAP = 0.3
 
 
@@ -51,7 +51,7 @@ def run(data: Path, out: Path, max_epochs: int | None = None, overwrite: bool = 
         return ok
 
     step(["ingest", *files, "--out", str(soma)])
-    pre = ["pretrain", "--source", str(soma), "--config", str(CONFIG), "--out", str(model)]
+    pre = ["pretrain", "--source", str(soma), "--config", CONFIG, "--out", str(model)]
     step(pre + (["--max-epochs", str(max_epochs)] if max_epochs else []))
     step(["info", str(model)])
 

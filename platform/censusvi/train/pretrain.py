@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from censusvi import __version__
+from censusvi.config_files import read_config
 from censusvi.data.cells import Cells
 from censusvi.data.hvg import highly_variable_genes
 from censusvi.data.soma import open_source
@@ -33,6 +33,9 @@ from censusvi.train.loop import EpochStats, History, TrainConfig, fit
 log = logging.getLogger(__name__)
 CENSUS_BATCH_KEYS = ("dataset_id", "assay", "suspension_type", "donor_id")
 CENSUS_HVG_KEYS = ("suspension_type", "assay")
+# Keys of a config file that only the Ray job (censusvi.jobs.pretrain) reads; ``censusvi pretrain``
+# trains in this process and leaves them (and the stream, out, mlflow sections) aside.
+JOB_ONLY = {"data": ("ingest",), "train": ("num_workers", "use_gpu", "max_failures")}
 
 
 @dataclass(frozen=True)
@@ -85,25 +88,31 @@ def _section(cls, d: dict[str, Any] | None, name: str):
     return cls(**d)
 
 
-def load_pretrain_config(
-    path: str | os.PathLike | None, overrides: dict[str, dict[str, Any]]
-) -> PretrainConfig:
-    """YAML sections ``data``, ``model``, ``train``; ``overrides`` (from flags) win."""
-    raw: dict[str, Any] = {}
-    if path:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"cannot read config {path}: {e}") from e
-    unknown = sorted(set(raw) - {"data", "model", "train"})
-    if unknown:
-        raise ValueError(f"{path}: unknown section(s) {unknown}; use data, model, train")
-    merged = {s: {**(raw.get(s) or {}), **overrides.get(s, {})} for s in ("data", "model", "train")}
+def pretrain_config_from(doc: dict[str, Any]) -> PretrainConfig:
+    """The ``data``, ``model`` and ``train`` sections of a config document (``censusvi.config_files``)
+    as a PretrainConfig; the keys only the Ray job reads (``JOB_ONLY``) are left to it."""
+    sections = {}
+    for name in ("data", "model", "train"):
+        skip = JOB_ONLY.get(name, ())
+        sections[name] = {k: v for k, v in (doc.get(name) or {}).items() if k not in skip}
     return PretrainConfig(
-        _section(DataConfig, merged["data"], "data"),
-        _section(ModelSettings, merged["model"], "model"),
-        _section(TrainConfig, merged["train"], "train"),
+        _section(DataConfig, sections["data"], "data"),
+        _section(ModelSettings, sections["model"], "model"),
+        _section(TrainConfig, sections["train"], "train"),
     )
+
+
+def load_pretrain_config(
+    config: str | os.PathLike | None,
+    overrides: dict[str, dict[str, Any]],
+    sets: list[str] | tuple[str, ...] = (),
+) -> PretrainConfig:
+    """``config`` (a packaged name or a YAML path, read by ``censusvi.config_files``) with
+    ``--set`` items ``sets``, then ``overrides`` (from flags) win."""
+    doc = read_config(config, sets)
+    for name in ("data", "model", "train"):
+        doc[name] = {**(doc.get(name) or {}), **overrides.get(name, {})}
+    return pretrain_config_from(doc)
 
 
 def choose_genes(source: CellSource, cfg: DataConfig, reducer=None) -> GeneVocabulary:
