@@ -47,17 +47,17 @@ def test_kuberay_objects():
 
 
 def test_census_config_is_loadable():
-    from censusvi.train.pretrain import load_pretrain_config
+    """The packaged census config, by name, as the RayJob's entrypoint reads it."""
+    from censusvi.config_files import read_config
+    from censusvi.jobs.pretrain import job_from
 
-    raw = yaml.safe_load((ROOT / "configs/census.yaml").read_text())
-    train = {
-        k: v for k, v in raw["train"].items() if k not in ("num_workers", "use_gpu", "max_failures")
-    }
-    cfg = load_pretrain_config(None, {"data": raw["data"], "model": raw["model"], "train": train})
+    job = job_from(read_config("census", ["out=/mnt/cluster_storage/censusvi/model"]))
     assert (
-        cfg.data.source.startswith("census://")
-        and cfg.model.n_hidden == 128
-        and cfg.train.lr == 1e-4
+        job.cfg.data.source.startswith("census://")
+        and job.cfg.model.n_hidden == 128
+        and job.cfg.train.lr == 1e-4
+        and (job.num_workers, job.use_gpu) == (4, True)
+        and job.out == "/mnt/cluster_storage/censusvi/model"
     )
 
 

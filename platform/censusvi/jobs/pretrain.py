@@ -1,0 +1,157 @@
+"""``python -m censusvi.jobs.pretrain --config NAME|PATH [--set KEY=VALUE ...]``: pretrain on Ray.
+
+Reads the config (``censusvi.config_files``: a packaged name such as ``local`` or ``census``, or a
+YAML path; ``--set`` overrides any key), then calls the library: builds the SOMA experiment
+``data.source`` from ``data.ingest`` (.h5ad glob patterns) when it does not exist yet, trains with
+Ray Train (the cluster of ``ray job submit``, else a local Ray), writes the model directory
+``out``, logs the run to MLflow (``mlflow.tracking_uri``, else the store every ``censusvi``
+command uses: ``MLFLOW_TRACKING_URI``, else ``sqlite:///./mlruns/mlflow.db``) and registers a
+version of ``mlflow.model_name``. Prints one JSON line. A config that cannot be read or used, or
+data that cannot be: one ``error:`` line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from censusvi.config_files import ConfigError, is_uri, packaged_names, read_config
+from censusvi.registry.mlflow_store import DEFAULT_MODEL_NAME
+from censusvi.train.pretrain import PretrainConfig, pretrain_config_from
+
+PROG = "python -m censusvi.jobs.pretrain"
+MLFLOW_KEYS = ("model_name", "tracking_uri")
+
+
+@dataclass(frozen=True)
+class PretrainJob:
+    """What a run needs, decided from the config before any work."""
+
+    cfg: PretrainConfig
+    out: str  # the model directory; its folder also holds ray_results/
+    ingest: tuple[str, ...] = ()  # .h5ad glob patterns data.source is built from when missing
+    num_workers: int = 1
+    use_gpu: bool = False
+    max_failures: int = 2  # worker-group restarts from the last checkpoint (-1: no limit)
+    stream: dict[str, Any] = field(default_factory=dict)  # ray_trainer.STREAM_DEFAULTS' keys
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db
+    model_name: str = DEFAULT_MODEL_NAME
+
+
+def _setting(doc: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    """``doc``'s ``section.key`` of type ``kind`` (``default`` when absent)."""
+    section, name = key.split(".")
+    value = (doc.get(section) or {}).get(name, default)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def job_from(doc: dict[str, Any]) -> PretrainJob:
+    """The job a config document (``read_config``) describes; ConfigError names what is wrong."""
+    from censusvi.train.ray_trainer import STREAM_DEFAULTS
+
+    cfg = pretrain_config_from(doc)
+    if not cfg.data.source:
+        raise ConfigError(
+            "no data.source: --set data.source=PATH (a SOMA experiment, built from data.ingest "
+            "when missing; an .h5ad) or census://VERSION; on a cluster an absolute path"
+        )
+    if not doc.get("out"):
+        raise ConfigError(
+            "no out: --set out=PATH for the model directory (absolute on a cluster: a job runs "
+            "in Ray's copy of the working dir)"
+        )
+    mlf, stream = doc.get("mlflow") or {}, doc.get("stream") or {}
+    for name, given, known in (("mlflow", mlf, MLFLOW_KEYS), ("stream", stream, STREAM_DEFAULTS)):
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown {name} setting(s) {unknown}; known: {sorted(known)}")
+    return PretrainJob(
+        cfg,
+        doc["out"],
+        tuple((doc.get("data") or {}).get("ingest") or ()),
+        _setting(doc, "train.num_workers", int, 1),
+        _setting(doc, "train.use_gpu", bool, False),
+        _setting(doc, "train.max_failures", int, 2),
+        dict(stream),
+        _setting(doc, "mlflow.tracking_uri", str | None, None),
+        _setting(doc, "mlflow.model_name", str, DEFAULT_MODEL_NAME),
+    )
+
+
+def ingest_if_missing(job: PretrainJob) -> None:
+    """Build the SOMA experiment ``data.source`` from ``data.ingest`` unless it exists."""
+    from censusvi.data.soma import ingest
+
+    source = job.cfg.data.source
+    if not job.ingest or is_uri(source) or Path(source).exists():
+        return
+    files = sorted({f for pattern in job.ingest for f in glob.glob(pattern)})
+    if not files:
+        raise ValueError(f"data.ingest: no file matches {list(job.ingest)} (to build {source})")
+    print(f"ingesting {len(files)} files into {source}", flush=True)
+    ingest(files, source)
+
+
+def run(job: PretrainJob) -> dict[str, Any]:
+    from censusvi.ray_session import init_ray
+    from censusvi.registry.mlflow_store import log_and_register, tracking_uri
+    from censusvi.train.ray_trainer import pretrain_distributed
+
+    ingest_if_missing(job)
+    init_ray()
+    model, history = pretrain_distributed(
+        job.cfg,
+        job.out,
+        num_workers=job.num_workers,
+        use_gpu=job.use_gpu,
+        storage_path=str(Path(job.out).parent / "ray_results"),
+        max_failures=job.max_failures,
+        stream=job.stream,
+    )
+    # The store every censusvi command uses (MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db), so
+    # that `censusvi models list` run from here shows this run.
+    uri = job.tracking_uri or tracking_uri()
+    run_id, version = log_and_register(model, history, job.out, uri, job.model_name)
+    return {
+        "model": str(job.out),
+        "epochs": len(history.epochs),
+        "final_val_elbo": history.epochs[-1].val_elbo,
+        "mlflow_run_id": run_id,
+        "model_version": version,
+        "tracking_uri": uri,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--config",
+        required=True,
+        help=f"a packaged config ({', '.join(packaged_names())}) or the path to a YAML file",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a key (out=/abs/model, train.max_epochs=2); VALUE is YAML; repeatable",
+    )
+    a = p.parse_args(argv)
+    try:
+        result = run(job_from(read_config(a.config, a.set)))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
