@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 
-from censusvi.data.counts import check_counts, to_csr32
+from censusvi.data.counts import check_counts, check_csr, to_csr32
 from censusvi.data.h5ad import gene_ids_and_symbols, read_h5ad
 from censusvi.progress import bar
 
@@ -187,7 +187,11 @@ class SomaX:
         indptr = np.empty(len(jid) + 1, dtype=np.int32 if len(d0) < 2**31 else np.int64)
         indptr[:-1] = np.searchsorted(d0, jid)
         indptr[-1] = len(d0)
-        return sp.csr_matrix((v, cols, indptr), shape=(len(jid), len(self._var_joinids)))
+        shape = (len(jid), len(self._var_joinids))
+        # A few linear passes: an experiment whose X reaches past its var would otherwise
+        # write out of bounds when a minibatch is densified.
+        check_csr(v, cols, indptr, shape, f"{self.uri} (X)")
+        return sp.csr_matrix((v, cols, indptr), shape=shape)
 
 
 class SomaSource:
