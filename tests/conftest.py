@@ -57,9 +57,8 @@ def sim_adata() -> ad.AnnData:
 @pytest.fixture(scope="session")
 def local_ray():
     """One local Ray for the whole test session (starting one costs seconds). Workers import
-    this checkout: censusvi from platform/, the Serve app from serve/."""
-    import os
-
+    censusvi (the Serve app included) from this checkout's platform/, not from whichever
+    checkout a shared venv's editable install names."""
     import ray
 
     if not ray.is_initialized():
@@ -69,9 +68,7 @@ def local_ray():
             object_store_memory=300 * 1024**2,
             include_dashboard=False,
             log_to_driver=False,
-            runtime_env={
-                "env_vars": {"PYTHONPATH": os.pathsep.join([str(root / "platform"), str(root)])}
-            },
+            runtime_env={"env_vars": {"PYTHONPATH": str(root / "platform")}},
         )
     yield
     ray.shutdown()

@@ -72,8 +72,7 @@ def served(local_ray, registry):
     """The app as serve/app.py builds it, on a free loopback port, limits small enough to test."""
     from ray import serve
 
-    sys.path.insert(0, str(ROOT))
-    from serve.app import build_app
+    from censusvi.serving.app import build_app
 
     uri, _ = registry
     port = free_port()
@@ -298,7 +297,8 @@ def test_explorer_page_in_a_real_browser(served, tmp_path):
 def test_a_model_directory_is_served_without_a_registry(served, registry):
     """`--model DIR --index IX`: the same app from files, here as a second app under /local."""
     from ray import serve
-    from serve.app import build_app
+
+    from censusvi.serving.app import build_app
 
     model_dir, index_dir = registry[1]["1"]
     args = {"model": str(model_dir), "index": str(index_dir),

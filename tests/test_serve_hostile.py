@@ -39,9 +39,9 @@ def honest(url: str, **kw) -> None:
 def secure(served, registry, tmp_path_factory):  # noqa: F811
     """A second app from version 2's files (batch-free encoder), behind a token file."""
     from ray import serve
-    from serve.app import build_app
 
     from censusvi.server import wait_healthy
+    from censusvi.serving.app import build_app
 
     token_file = tmp_path_factory.mktemp("token") / "token"
     token_file.write_text(TOKEN + "\n")

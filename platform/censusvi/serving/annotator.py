@@ -1,0 +1,95 @@
+"""What an ``Annotator`` replica does, without Ray: hold each version's FAISS index and label
+table, transfer labels as ``censusvi annotate`` does (requests of one version and options joined
+into one search), and draw the explorer page of a kept result."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from censusvi.serving.grouping import error, groups, split_labels
+from censusvi.serving.settings import Settings, current_version
+from censusvi.serving.versions import VersionCache, VersionFetcher
+
+
+def no_index(version: str) -> dict:
+    return error(
+        409,
+        f"model version {version} was registered without an index, so it cannot annotate: "
+        "register it with `censusvi models register MODEL --index DIR`",
+    )
+
+
+class IndexHost:
+    """The last two versions' indexes (None for a version without one), and their reference maps
+    for the explorer, fitted on first use (a UMAP takes seconds)."""
+
+    def __init__(self, s: Settings) -> None:
+        from censusvi.annotate.index import load_index
+        from censusvi.report.layout import fit_reference_layout
+
+        fetch = VersionFetcher(s, "index")
+
+        def load(version: str):
+            files = fetch(version)
+            return load_index(files.index_dir) if files.index_dir else None
+
+        self.indexes = VersionCache(load)
+        self.indexes.get(current_version(s))
+        self.layouts = VersionCache(lambda v: fit_reference_layout(self.indexes.get(v)))
+
+    def load(self, version: str) -> str:
+        self.indexes.get(version)
+        return version
+
+    def info(self, version: str) -> dict:
+        ix = self.indexes.get(version)
+        if ix is None:
+            return {"index": None}
+        keys = ("n_cells", "kind", "label_keys", "evaluation")
+        return {"index": {k: ix.meta.get(k) for k in keys}}
+
+    def annotate_all(self, requests: list[tuple[np.ndarray, str, int, float]]) -> list[dict]:
+        """One ``{"labels": {key: frame}}`` (or error) per ``(latent_nk, version, k, threshold)``."""
+        from censusvi.annotate.pipeline import transfer_all
+
+        results: list[dict | None] = [None] * len(requests)
+        keyed = ((i, (version, k, thr)) for i, (_, version, k, thr) in enumerate(requests))
+        for (version, k, thr), members in groups(keyed).items():
+            ix = self.indexes.get(version)
+            if ix is None:
+                for i in members:
+                    results[i] = no_index(version)
+                continue
+            latent_nk = np.concatenate([requests[i][0] for i in members])
+            labels = transfer_all(ix, latent_nk, k, thr) if len(latent_nk) else {}
+            sizes = [len(requests[i][0]) for i in members]
+            for i, answer in zip(members, split_labels(labels, sizes)):
+                results[i] = answer
+        return results
+
+    def explore(self, item: dict) -> str:
+        """The explorer page of a kept result: its cells placed on this version's reference map."""
+        import pandas as pd
+
+        from censusvi.report.content import report_content
+        from censusvi.report.page import render_page
+
+        version = item["model"]["version"]
+        layout = self.layouts.get(version)
+        key = next(iter(item["labels"]))
+        frame = item["labels"][key]
+        cells = pd.DataFrame(
+            {
+                f"predicted_{key}": frame["predicted"].to_numpy(),
+                f"{key}_probability": frame["probability"].to_numpy(),
+                f"{key}_uncertainty": frame["uncertainty"].to_numpy(),
+                "batch": item["batch"],
+                "censusvi_nll_per_count": item["nll_per_count"],
+            }
+        )
+        title = (
+            f"censusvi explorer: {item['model']['name']} version {version}, "
+            f"result {item['result_id']}"
+        )
+        content = report_content(cells, item["latent"], layout, key, item["report"], title=title)
+        return render_page(content)

@@ -1,0 +1,104 @@
+"""What a ``Mapper`` replica does, without Ray: hold model versions and map queries exactly as
+``censusvi map`` does, requests that arrived together joined per (version, gene list)."""
+
+from __future__ import annotations
+
+import logging
+
+from censusvi.serving.grouping import error, groups, join_cells, map_key, split_mapped
+from censusvi.serving.settings import Settings, current_version
+from censusvi.serving.versions import VersionCache, VersionFetcher
+
+log = logging.getLogger("censusvi.serve")
+
+
+def surgery_refused(new: list[str]) -> dict:
+    return error(
+        422,
+        f"batch(es) {new[:5]} are not batches of the reference, and this model encodes the "
+        "batch, so their latent needs surgery training: map the query with `censusvi map` (or "
+        "label cells with reference batches); this server runs without allow_surgery",
+    )
+
+
+class ModelHost:
+    """The last two model versions asked for (the served one loaded at start: a missing model
+    fails the replica, not the first request)."""
+
+    def __init__(self, s: Settings, device: str = "cpu") -> None:
+        from censusvi.model.io import load_model
+
+        self.s = s
+        fetch = VersionFetcher(s, "model")
+
+        def load(version: str):
+            files = fetch(version)
+            return files, load_model(files.model_dir, device)
+
+        self.models = VersionCache(load)
+        self.models.get(current_version(s))
+
+    def load(self, version: str) -> str:
+        self.models.get(version)
+        return version
+
+    def info(self, version: str) -> dict:
+        files, m = self.models.get(version)
+        return {
+            "name": files.name,
+            "version": files.version,
+            "n_genes": len(m.genes),
+            "n_latent": m.config.n_latent,
+            "n_batches": len(m.batch_categories),
+            "batch_keys": list(m.batch_keys),
+            "encode_covariates": m.config.encode_covariates,
+            "likelihood": m.config.likelihood,
+        }
+
+    def map_all(self, requests: list[tuple]) -> list[dict]:
+        """One answer (or error) per ``(QueryCells, version)``, in order."""
+        results: list[dict | None] = [None] * len(requests)
+        keyed = []
+        for i, (cells, version) in enumerate(requests):
+            _, model = self.models.get(version)
+            new = sorted(set(cells.batch) - set(model.batch_categories))
+            surgery = bool(new) and model.config.encode_covariates
+            if surgery and not self.s.allow_surgery:
+                results[i] = surgery_refused(new)
+            else:
+                keyed.append((i, map_key(i, version, cells.genes, alone=surgery)))
+        for (version, _), members in groups(keyed).items():
+            answers = self._map_group(version, [requests[i][0] for i in members])
+            for i, answer in zip(members, answers):
+                results[i] = answer
+        return results
+
+    def _map_group(self, version: str, parts: list) -> list[dict]:
+        if len(parts) == 1:
+            return [self._map_safely(version, parts[0])]
+        try:
+            whole = self._map_one(version, join_cells(parts))
+        except ValueError:  # one part's fault: map each alone to say whose
+            return [self._map_safely(version, p) for p in parts]
+        return split_mapped(whole, parts)
+
+    def _map_safely(self, version: str, cells) -> dict:
+        try:
+            return self._map_one(version, cells)
+        except ValueError as e:
+            return error(422, str(e))
+        except Exception as e:  # a request never takes the replica down; the log keeps the trace
+            log.exception("mapping failed")
+            return error(422, f"the query could not be mapped ({type(e).__name__}: {e})")
+
+    def _map_one(self, version: str, cells) -> dict:
+        from censusvi.mapping.query import map_query
+
+        _, model = self.models.get(version)
+        mq = map_query(model, cells.to_anndata(), "batch")
+        return {
+            "positions": mq.positions,
+            "latent": mq.latent,
+            "nll_per_count": mq.nll_per_count,
+            "report": mq.report,
+        }

@@ -1,0 +1,47 @@
+"""An embed/annotate request's options and the HTTP answer to a body that cannot be served."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from censusvi.serving.body import BadUpload, BodyTooLarge, too_large_message
+from censusvi.serving.settings import Settings
+from censusvi.untrusted import PayloadTooLarge
+
+log = logging.getLogger("censusvi.serve")
+
+
+def bounded(value: str | None, default, kind: type, name: str, low, high):
+    """A query-string option as ``kind`` within [low, high] (``default`` when absent)."""
+    if value is None:
+        return default
+    try:
+        v = kind(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a {kind.__name__}") from None
+    if not low <= v <= high:
+        raise ValueError(f"{name}={v} is outside [{low}, {high}]")
+    return v
+
+
+def transfer_options(params: Mapping[str, str], s: Settings) -> tuple[int, float]:
+    """``?k=`` (neighbours) and ``?unknown_threshold=`` of label transfer."""
+    k = bounded(params.get("k"), s.k, int, "k", 1, 1000)
+    thr = bounded(
+        params.get("unknown_threshold"), s.unknown_threshold, float, "unknown_threshold", 0.0, 1.0
+    )
+    return k, thr
+
+
+def refusal(e: Exception, s: Settings) -> tuple[int, str]:
+    """Status and reason for a body that could not be read, decoded or its options parsed."""
+    if isinstance(e, BodyTooLarge):
+        return 413, too_large_message(s.max_request_mb)
+    if isinstance(e, PayloadTooLarge):
+        return 413, str(e)
+    if isinstance(e, (ValueError, BadUpload)):
+        return 422, str(e)
+    # Whatever a decoder missed is the body's fault, not the server's; the log keeps the trace.
+    log.error("request decoding failed", exc_info=e)
+    return 422, f"the body cannot be decoded ({type(e).__name__}: {e})"

@@ -1,0 +1,49 @@
+"""Finished annotations kept for ``GET /explorer/{id}``: bounded in count, cells and age, and each
+one opens only for the token that created it."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+
+class ResultStore:
+    """At most ``kept`` results, ``max_cells`` cells (rows of their ``latent``) in all, none older
+    than ``ttl_s``; the oldest go first."""
+
+    def __init__(
+        self,
+        kept: int,
+        max_cells: int,
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kept, self.max_cells, self.ttl_s, self.clock = kept, max_cells, ttl_s, clock
+        self.items: OrderedDict[str, dict] = OrderedDict()
+
+    def put(self, item: dict, owner: str | None) -> str:
+        """Keep ``item`` for the token digest ``owner`` (None: a server without a token)."""
+        rid = secrets.token_urlsafe(24)  # 192 random bits: unguessable
+        self.items[rid] = {**item, "result_id": rid, "owner": owner, "kept_at": self.clock()}
+        self._evict()
+        return rid
+
+    def get(self, rid: str, owner: str | None) -> dict | None:
+        """The result, only for the token that created it (None for any other)."""
+        self._evict()
+        item = self.items.get(rid)
+        if item is None or not hmac.compare_digest(str(item["owner"]), str(owner)):
+            return None
+        return item
+
+    def _evict(self) -> None:
+        now = self.clock()
+        while self.items and (
+            len(self.items) > self.kept
+            or sum(len(i["latent"]) for i in self.items.values()) > self.max_cells
+            or now - next(iter(self.items.values()))["kept_at"] > self.ttl_s
+        ):
+            self.items.popitem(last=False)

@@ -1,0 +1,102 @@
+"""What the Serve app is configured with: the ``args`` of a Serve config, as one frozen value."""
+
+from __future__ import annotations
+
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from censusvi.serving.auth import token_digest
+
+# Accepted by ``build_app`` beside the fields: per-deployment options and the token's sources
+# (only its SHA-256 reaches the replicas).
+EXTRA_ARGS = ("deployments", "token", "token_file")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``build_app`` accepts (the ``args`` of the Serve config)."""
+
+    model: str = "models:/censusvi-scvi@production"  # a models:/ URI or a model directory
+    index: str | None = None  # only with a model directory: its index directory
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI
+    token_sha256: str | None = (
+        None  # of the bearer token (args: token_file or token); None: no auth
+    )
+    max_cells: int = 50_000  # per request (413 above)
+    max_request_mb: float = 512.0  # per request body (413 above)
+    registry_poll_s: float = 10.0  # how often an alias is re-resolved
+    allow_surgery: bool = (
+        False  # train new batch columns per request (models that encode the batch)
+    )
+    k: int = 15
+    unknown_threshold: float = 1.0
+    results_kept: int = 100  # annotations kept for GET /explorer/{id}: at most this many,
+    results_max_cells: int = 500_000  # this many cells in all,
+    results_ttl_s: float = 3600.0  # and this long
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> Settings:
+        """From a Serve config's ``args`` (typed by YAML) or ``serve run``'s ``key=value`` pairs
+        (strings, converted to the field's type)."""
+        known = {f.name for f in fields(cls)} - {"token_sha256"}
+        accepted = known | set(EXTRA_ARGS)
+        unknown = sorted(set(args) - accepted)
+        if unknown:
+            raise ValueError(f"unknown serve settings {unknown}; known: {sorted(accepted)}")
+        hints = typing.get_type_hints(cls)
+        values = {k: _typed(k, v, hints[k]) for k, v in args.items() if k in known}
+        tracking = values.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        digest = token_digest(args.get("token"), args.get("token_file"))
+        return cls(**{**values, "tracking_uri": tracking, "token_sha256": digest})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for a deployment's arguments (``Settings(**d)`` rebuilds it)."""
+        return asdict(self)
+
+    @property
+    def limits(self):
+        from censusvi.untrusted import DecodeLimits
+
+        return DecodeLimits.for_body_limit(self.max_cells, int(self.max_request_mb * 2**20))
+
+    @property
+    def registered(self) -> bool:
+        return self.model.startswith("models:/")
+
+    @property
+    def model_name(self) -> str:
+        """The registered model's name, or a model directory's own name."""
+        if self.registered:
+            return self.model.removeprefix("models:/").split("@")[0].split("/")[0]
+        return Path(os.path.normpath(self.model)).name
+
+    @property
+    def follows_alias(self) -> bool:
+        return self.registered and "@" in self.model
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the field's type when it came as a string (``serve run ... max_cells=500``)."""
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if not isinstance(value, str) or str in kinds:
+        return value
+    (kind,) = [k for k in kinds if k is not type(None)]
+    if kind is bool:
+        if value.lower() not in ("true", "false"):
+            raise ValueError(f"serve setting {name}={value!r} is not a boolean: use true or false")
+        return value.lower() == "true"
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"serve setting {name}={value!r} is not {kind.__name__}") from None
+
+
+def current_version(s: Settings) -> str:
+    """The version the model URI names now ("local" for a model directory)."""
+    from censusvi.registry.versions import resolve_version
+
+    return resolve_version(s.model, s.tracking_uri) if s.registered else "local"
