@@ -1,29 +1,30 @@
-"""``censusvi serve``: the Serve app of ``serve/app.py`` in the foreground until SIGINT/SIGTERM.
+"""``censusvi serve``: the Serve app (``censusvi.serving.app``) in the foreground until SIGINT or
+SIGTERM.
 
 With no ``RAY_ADDRESS`` it starts a local Ray (and stops it on the way out); with one it deploys
-to that cluster. Deployment options (autoscaling, resources) come from ``serve/config.yaml``, the
-same file ``serve run serve/config.yaml`` reads, so both ways of starting serve the same app.
+to that cluster, where censusvi must be installed (the replicas import it). Deployment options
+(autoscaling, resources) come from the packaged ``serve_config.yaml``, the file ``serve run
+serve/config.yaml`` reads in a checkout, so both ways of starting serve the same app.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 import urllib.request
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]  # platform/censusvi/server.py -> the checkout
-CONFIG = REPO / "serve" / "config.yaml"
+CONFIG = files("censusvi.serving") / "serve_config.yaml"
 
 
-def deployment_options(config: Path = CONFIG) -> dict[str, dict[str, Any]]:
-    """serve/config.yaml's per-deployment options, keyed by deployment name."""
+def deployment_options(config: Path | Any = CONFIG) -> dict[str, dict[str, Any]]:
+    """The Serve config's per-deployment options, keyed by deployment name."""
     d = yaml.safe_load(config.read_text())
     (application,) = d["applications"]
     return {dep.pop("name"): dep for dep in application.get("deployments", [])}
@@ -46,24 +47,18 @@ def wait_healthy(url: str, timeout_s: float) -> None:
 def run_foreground(
     settings: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, quiet: bool = False
 ) -> int:
-    if not (REPO / "serve" / "app.py").is_file():
-        raise FileNotFoundError(
-            f"{REPO / 'serve' / 'app.py'} is missing: `censusvi serve` runs from a censusvi checkout"
-        )
     import ray
     from ray import serve
 
-    pythonpath = os.pathsep.join([str(REPO), str(REPO / "platform")])  # replicas import serve.app
+    from censusvi.serving.app import build_app
+
     started_ray = not ray.is_initialized() and "RAY_ADDRESS" not in os.environ
     if not ray.is_initialized():
         ray.init(
             address=None if "RAY_ADDRESS" in os.environ else "local",
             include_dashboard=False,
             log_to_driver=not quiet,
-            runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
         )
-    sys.path.insert(0, str(REPO))
-    from serve.app import build_app
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,127 @@
+"""The Serve config shipped in the package: Ray's schema accepts it, it names the app by import
+path (no working_dir), and Serve's own CLI (`serve run`) serves a request from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from censusvi.client import Client
+from censusvi.server import deployment_options, wait_healthy
+from censusvi.serving.settings import Settings
+from conftest import simulated_adata
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = files("censusvi.serving") / "serve_config.yaml"
+APP = ("Ingress", "Mapper", "Annotator", "Metrics", "Results")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shipped() -> dict:
+    return yaml.safe_load(SHIPPED.read_text())
+
+
+def test_shipped_config_passes_serves_schema_and_names_the_packaged_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    from censusvi.serving import app as serving_app
+
+    cfg = shipped()
+    ServeDeploySchema.model_validate(cfg)  # what `serve run` / `serve deploy` check first
+    assert (ROOT / "serve" / "config.yaml").read_bytes() == SHIPPED.read_bytes()
+    (application,) = cfg["applications"]
+    assert application["import_path"] == "censusvi.serving.app:build_app"
+    assert "runtime_env" not in application  # the code is the installed package
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    assert set(application["args"]) <= fields, set(application["args"]) - fields
+    assert {d["name"] for d in application["deployments"]} == set(APP)
+    for name in APP:
+        assert getattr(serving_app, name).name == name
+    assert set(deployment_options()) == set(APP)
+
+
+def test_serve_run_args_as_strings_are_typed():
+    """`serve run censusvi.serving.app:build_app max_cells=500 ...` passes strings."""
+    s = Settings.from_args({"model": "m", "max_cells": "500", "allow_surgery": "true", "k": "7"})
+    assert (s.max_cells, s.allow_surgery, s.k, s.max_request_mb) == (500, True, 7, 512.0)
+    with pytest.raises(ValueError, match="max_cells='many' is not int"):
+        Settings.from_args({"max_cells": "many"})
+    with pytest.raises(ValueError, match="unknown serve settings \\['max_cell'\\]"):
+        Settings.from_args({"max_cell": 5})
+
+
+@pytest.fixture(scope="module")
+def model_and_index(tmp_path_factory):
+    from censusvi.annotate.index import save_index
+    from censusvi.annotate.pipeline import index_reference
+    from censusvi.train.loop import TrainConfig
+    from censusvi.train.pretrain import DataConfig, ModelSettings, PretrainConfig, pretrain
+
+    tmp = tmp_path_factory.mktemp("serve_config")
+    simulated_adata(n_cells=300, n_genes=100, seed=3).write_h5ad(tmp / "ref.h5ad")
+    cfg = PretrainConfig(
+        DataConfig(source=str(tmp / "ref.h5ad"), batch_keys=("batch",), n_hvg=0),
+        ModelSettings(n_hidden=16, n_latent=4, encode_covariates=False),
+        TrainConfig(max_epochs=2, lr=1e-2, batch_size=64, seed=0),
+    )
+    model, _ = pretrain(cfg, tmp / "m", quiet=True)
+    save_index(index_reference(model, tmp / "ref.h5ad", ["cell_type"]), tmp / "ix")
+    return tmp
+
+
+def test_serve_run_of_the_shipped_config_serves_a_request(local_ray, model_and_index, tmp_path):
+    """Serve's CLI against this session's Ray, with the shipped file's args pointed at a model
+    directory, its port free, and no CPUs reserved (the session's Ray has 2)."""
+    import ray
+    from ray import serve
+
+    from censusvi.annotate.index import load_index
+    from censusvi.annotate.pipeline import annotate
+    from censusvi.model.io import load_model
+
+    d = model_and_index
+    cfg = shipped()
+    port = free_port()
+    cfg["http_options"]["port"] = port
+    (application,) = cfg["applications"]
+    application["args"].update(model=str(d / "m"), index=str(d / "ix"))
+    for dep in application["deployments"]:
+        dep.setdefault("ray_actor_options", {})["num_cpus"] = 0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+    serve_cli = Path(sys.executable).parent / "serve"
+    address = ray.get_runtime_context().gcs_address
+    run = subprocess.run(
+        [str(serve_cli), "run", "--non-blocking", "--address", address, str(tmp_path / "config.yaml")],
+        env={**os.environ, "RAY_AUTH_MODE": "token"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,  # nothing of the checkout on the path but the installed package
+    )  # fmt: skip
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, 120)
+        q = simulated_adata(n_cells=300, n_genes=100, seed=3)[:40].copy()
+        out = Client(url).annotate(q, batch_key="batch")
+        local, _ = annotate(load_model(d / "m"), load_index(d / "ix"), q, "batch")
+        assert out.uns["censusvi"]["versions"] == ["local"]
+        np.testing.assert_allclose(out.obsm["X_scvi"], local.obsm["X_scvi"], atol=1e-5)
+        assert list(out.obs["predicted_cell_type"]) == list(local.obs["predicted_cell_type"])
+    finally:
+        serve.shutdown()
