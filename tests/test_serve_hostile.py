@@ -90,6 +90,14 @@ def test_bodies_over_the_limit_are_refused_while_they_stream(served):  # noqa: F
                 answer = sock.recv(65536)
                 break
             sent += 1
+        while answer and b"limit of" not in answer:  # the body may follow the headers
+            try:
+                more = sock.recv(65536)
+            except OSError:
+                break
+            if not more:
+                break
+            answer += more
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b"limit of 1 MB" in answer
     assert sent < 64, f"{sent} MiB were read before the refusal"
