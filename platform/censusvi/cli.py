@@ -675,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # faiss logs each loader it tries (AVX512, AVX2, ...) at INFO
+        logging.getLogger("faiss").setLevel(logging.WARNING)
     try:
         if getattr(args, "out_kind", None):  # before any work: what --out may replace
             inputs = [getattr(args, k) for k in args.out_inputs]

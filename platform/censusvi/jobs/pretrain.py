@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from censusvi.config_files import ConfigError, is_uri, packaged_names, read_config
+from censusvi.extras import MissingExtra, needs_extras
 from censusvi.registry.mlflow_store import DEFAULT_MODEL_NAME
 from censusvi.train.pretrain import PretrainConfig, pretrain_config_from
 
@@ -145,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     try:
-        result = run(job_from(read_config(a.config, a.set)))
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        with needs_extras(PROG):
+            result = run(job_from(read_config(a.config, a.set)))
+    except (ValueError, FileNotFoundError, FileExistsError, MissingExtra) as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(json.dumps(result))
