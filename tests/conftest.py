@@ -55,6 +55,36 @@ def sim_adata() -> ad.AnnData:
 
 
 @pytest.fixture(scope="session")
+def censusvi_wheel(tmp_path_factory) -> Path:
+    """This checkout built as a wheel (with the venv's setuptools: no build isolation)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("wheel")
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(out), str(root)],
+        check=True, cwd=out,
+    )  # fmt: skip
+    (built,) = out.glob("censusvi-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def sim_model(tmp_path_factory) -> Path:
+    """A tiny model of simulated counts (every gene, one epoch), one per test module."""
+    from censusvi.cli import main
+
+    d = tmp_path_factory.mktemp("simmodel")
+    simulated_adata().write_h5ad(d / "ref.h5ad")
+    args = ["pretrain", "--source", str(d / "ref.h5ad"), "--batch-keys", "batch", "--n-hvg", "0",
+            "--max-epochs", "1", "--quiet", "--out", str(d / "m")]  # fmt: skip
+    assert main(args) == 0
+    return d / "m"
+
+
+@pytest.fixture(scope="session")
 def local_ray():
     """One local Ray for the whole test session (starting one costs seconds). Workers import
     censusvi (the Serve app included) from this checkout's platform/, not from whichever

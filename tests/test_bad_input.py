@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
-import pytest
 import scipy.sparse as sp
 
 from censusvi.cli import main
@@ -112,14 +111,6 @@ def test_truncated_file(tmp_path, capsys):
 def test_missing_file(tmp_path, capsys):
     code, err = run_cli(pretrain_args(str(tmp_path / "nope.h5ad"), tmp_path / "m"), capsys)
     assert code == 2 and "no such file" in err
-
-
-@pytest.fixture(scope="module")
-def sim_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("simmodel")
-    src = write(simulated_adata(), d / "ref.h5ad")
-    assert main(pretrain_args(src, d / "m")) == 0
-    return d / "m"
 
 
 def embed_args(model, data: str, out) -> list[str]:

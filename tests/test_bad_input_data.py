@@ -42,14 +42,6 @@ DAMAGE = {
 }
 
 
-@pytest.fixture(scope="module")
-def sim_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("simmodel")
-    src = write(simulated_adata(), d / "ref.h5ad")
-    assert main(pretrain_args(src, d / "m")) == 0
-    return d / "m"
-
-
 @pytest.mark.parametrize("backed", [False, True], ids=["in-memory", "backed"])
 @pytest.mark.parametrize("kind", list(DAMAGE))
 def test_pretrain_damaged_sparse_matrix(kind, backed, tmp_path, capsys, monkeypatch):

@@ -69,15 +69,8 @@ def cpu_torch_source() -> tuple[dict[str, str], list[str]] | None:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(out), str(ROOT)],
-        check=True, cwd=out,
-    )  # fmt: skip
-    (built,) = out.glob("censusvi-*.whl")
-    return built
+def wheel(censusvi_wheel) -> Path:
+    return censusvi_wheel
 
 
 @pytest.fixture(scope="module")

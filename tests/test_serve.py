@@ -27,6 +27,7 @@ from censusvi.train.loop import TrainConfig
 from censusvi.train.pretrain import DataConfig, ModelSettings, PretrainConfig, pretrain
 from censusvi.wire import ARROW, decode_result, encode_arrow_request
 from conftest import simulated_adata
+from hostile import csr_body
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "censusvi-test"
@@ -184,18 +185,6 @@ def post_json(url: str, body: dict | bytes, **kw) -> requests.Response:
         timeout=60,
         **kw,
     )
-
-
-def csr_body(q, **change) -> dict:
-    x = sp.csr_matrix(q.X)
-    body = {
-        "genes": list(q.var["gene_ids"]),
-        "indptr": x.indptr.tolist(),
-        "indices": x.indices.tolist(),
-        "data": x.data.tolist(),
-        "batch": list(q.obs["batch"]),
-    }
-    return {**body, **change}
 
 
 def test_every_error_answers_its_status_and_reason(served):

@@ -259,14 +259,17 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _fsync_dir(path: str | os.PathLike) -> None:
-    if os.name != "posix":  # directories cannot be opened for fsync there
-        return
+def _fsync(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: str | os.PathLike) -> None:
+    if os.name == "posix":  # elsewhere directories cannot be opened for fsync
+        _fsync(path)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -278,13 +281,8 @@ def _fsync_tree(path: Path) -> None:
         dirs.append(root)
         files.extend(Path(root) / n for n in names)
     for f in files:
-        if f.is_symlink():
-            continue
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if not f.is_symlink():
+            _fsync(f)
     for d in dirs:
         _fsync_dir(d)
 
