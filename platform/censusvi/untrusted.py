@@ -110,7 +110,7 @@ def check_arrow(body: bytes, limits: DecodeLimits) -> None:
                 rows, size = rows + r, size + s
             limits.cells(rows)
             limits.decoded(size, "Arrow stream")
-    except (pa.ArrowInvalid, OSError, ValueError, IndexError) as e:
+    except (pa.ArrowException, OSError, ValueError, IndexError) as e:
         if isinstance(e, PayloadError):
             raise
         raise PayloadError(f"the body is not an Arrow IPC stream ({e})") from e

@@ -179,7 +179,7 @@ def decode_arrow(body: bytes, limits: DecodeLimits = NO_LIMITS) -> QueryCells:
         if batch.null_count:
             raise PayloadError("Arrow column 'batch' holds nulls: give every cell a label")
         batch = batch.to_numpy(zero_copy_only=False)
-    except (pa.ArrowInvalid, OSError) as e:
+    except (pa.ArrowException, OSError) as e:  # every Arrow error: Invalid, NotImplemented, ...
         raise PayloadError(f"the body is not an Arrow IPC stream ({e})") from e
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise PayloadError("schema metadata 'genes' must be a JSON list of gene ids") from None
@@ -243,12 +243,21 @@ def decode_request(
     limits: DecodeLimits = NO_LIMITS,
 ) -> QueryCells:
     kind = (content_type or "").split(";")[0].strip().lower()
-    if kind == JSON:
-        return decode_json(body, limits)
-    if kind == ARROW:
-        return decode_arrow(body, limits)
-    if kind in (H5AD, "application/octet-stream"):
-        return decode_h5ad(body, batch_key, layer, limits)
+    decoders = {
+        JSON: lambda: decode_json(body, limits),
+        ARROW: lambda: decode_arrow(body, limits),
+        H5AD: lambda: decode_h5ad(body, batch_key, layer, limits),
+        "application/octet-stream": lambda: decode_h5ad(body, batch_key, layer, limits),
+    }
+    if kind in decoders:
+        try:
+            return decoders[kind]()
+        except PayloadError:
+            raise
+        except Exception as e:  # a library's own error for a body no check above foresaw
+            raise PayloadError(
+                f"the {kind} body cannot be decoded ({type(e).__name__}: {e})"
+            ) from e
     raise PayloadError(
         f"unsupported content type {content_type!r}: send {JSON}, {ARROW}, {H5AD} "
         "or a multipart upload with an .h5ad 'file' field"
