@@ -103,6 +103,12 @@ def _bad_index(value: int):
     return change
 
 
+def _as_csc(q):
+    q = q.copy()
+    q.X = sp.csc_matrix(q.X)
+    return q
+
+
 def _h5ad_bomb(f):
     f.create_dataset(
         "layers/zeros", shape=(f["obs/_index"].shape[0], 2_000_000), dtype="f4",
@@ -256,6 +262,12 @@ def hostile_payloads(q, tmp: Path) -> dict[str, tuple[bytes, str, dict, int, str
             "out of range",
         ),
         "h5ad index -1": (*_h5ad_variant(q, tmp, "neg", _bad_index(-1)), h5, 422, "out of range"),
+        "h5ad CSC index 1e9": (
+            *_h5ad_variant(_as_csc(q), tmp, "csc", _bad_index(10**9)),
+            h5,
+            422,
+            "row index out of range",
+        ),
         "h5ad gzip bomb": (*_h5ad_variant(q, tmp, "bomb", _h5ad_bomb), h5, 413, "would decode to"),
         "h5ad truncated": (
             (tmp / "ext.h5ad").read_bytes()[:3000],

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from censusvi.data.counts import check_counts, checked_csr
+from censusvi.data.counts import CountsError, check_counts, checked_csr, to_csr32
 from censusvi.data.vocabulary import check_unique_gene_ids
 from censusvi.untrusted import (
     DecodeLimits,
@@ -223,16 +223,11 @@ def decode_h5ad(
         raise PayloadError(
             f"the upload is not a readable .h5ad file ({type(e).__name__}: {e})"
         ) from e
-    if sp.issparse(x):
-        x = x.tocsr() if x.format != "csr" else x
-        parts = (x.data, x.indices, x.indptr)
-    else:
-        x = np.asarray(x)
-        if x.ndim != 2:
-            raise PayloadError(f"the counts matrix must be 2-D, got shape {x.shape}")
-        dense = sp.csr_matrix(x.astype(np.float64) if x.dtype.kind in "biuf" else x)
-        parts = (dense.data, dense.indices, dense.indptr)
-    return _checked(parts, list(ids), list(batch), limits)
+    try:  # CSC is checked before scipy converts it: tocsr writes through unchecked indices
+        x = to_csr32(x, "request")
+    except CountsError as e:
+        raise PayloadError(str(e)) from None
+    return _checked((x.data, x.indices, x.indptr), list(ids), list(batch), limits)
 
 
 def decode_request(

@@ -59,9 +59,8 @@ def check_csr(
     for name, a in (("data", data), ("indices", indices), ("indptr", indptr)):
         if a.ndim != 1:
             raise CountsError(f"{where}: CSR {name} must be a flat array, got shape {a.shape}")
-    for name, a in (("indices", indices), ("indptr", indptr)):
-        if a.size and not np.issubdtype(a.dtype, np.integer):
-            raise CountsError(f"{where}: CSR {name} must hold integers, got {a.dtype}")
+    if indices.size and not np.issubdtype(indices.dtype, np.integer):  # indptr: check_indptr
+        raise CountsError(f"{where}: CSR indices must hold integers, got {indices.dtype}")
     if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
         raise CountsError(f"{where}: CSR data must hold numbers, got {data.dtype}")
     if n < 0 or g < 0:
