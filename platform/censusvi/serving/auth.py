@@ -3,7 +3,8 @@
 The token comes from ``--token-file`` (or ``token_file`` in a Serve config), the ``CENSUSVI_TOKEN``
 environment variable, or ``--token`` (visible in ``ps``: prefer the other two). Only its SHA-256
 travels to the replicas, so the secret is in no deployment's arguments, and requests are compared
-in constant time.
+in constant time. Every route checks it but ``/healthz``: liveness and readiness probes
+(Kubernetes, load balancers) carry no token.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 from pathlib import Path
 
 TOKEN_ENV = "CENSUSVI_TOKEN"
-OPEN_ROUTES = ("/healthz",)  # liveness/readiness probes carry no token (Kubernetes, load balancers)
 
 
 class TokenError(ValueError):
