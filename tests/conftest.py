@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import anndata as ad
@@ -93,6 +94,8 @@ def local_ray():
 
     if not ray.is_initialized():
         root = Path(__file__).resolve().parents[1]
+        # Ray exports application metrics every 10 s by default; GET /metrics tests wait for one
+        os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
         ray.init(
             num_cpus=2,
             object_store_memory=300 * 1024**2,

@@ -85,7 +85,7 @@ def served(local_ray, registry):
         "max_cells": 500,
         "max_request_mb": 1,
         "deployments": {
-            d: NO_CPU for d in ("Ingress", "Mapper", "Annotator", "Metrics", "Results")
+            d: NO_CPU for d in ("Ingress", "Mapper", "Annotator", "Results")
         },
     }
     serve.run(build_app(args), name="censusvi", route_prefix="/", blocking=False)
@@ -228,18 +228,32 @@ def test_models_health_and_metrics(served):
     def counter(text: str, line_start: str) -> float:
         return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(line_start))
 
-    before = requests.get(f"{served}/metrics", timeout=10).text
+    def scrape() -> str:
+        r = requests.get(f"{served}/metrics", timeout=30)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        return r.text
+
+    ok = 'censusvi_requests_total{endpoint="annotate",status="200"}'
+    cells = 'censusvi_cells_total{endpoint="annotate"}'
+    err = 'censusvi_errors_total{endpoint="annotate",status="422"}'
+    before = scrape()  # settled: earlier tests' requests exported
+    while (now := scrape()) != before or "censusvi_requests_total" not in now:
+        before = now
+        time.sleep(1.5)
     Client(served).annotate(query(40, seed=6), batch_key="batch")
     post_json(served, csr_body(query(20), batch=["b0"]))  # 422
-    time.sleep(0.5)  # the ingress reports to the metrics replica without waiting
-    after = requests.get(f"{served}/metrics", timeout=10).text
-    ok = 'censusvi_requests_total{endpoint="annotate",status="200"}'
+    deadline = time.monotonic() + 60  # Ray exports each replica's metrics every second here
+    while True:
+        after = scrape()
+        if counter(after, err) > counter(before, err) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert counter(after, ok) == counter(before, ok) + 1
-    cells = 'censusvi_cells_total{endpoint="annotate"}'
     assert counter(after, cells) == counter(before, cells) + 40
-    err = 'censusvi_errors_total{endpoint="annotate",status="422"}'
     assert counter(after, err) == counter(before, err) + 1
     assert 'censusvi_request_seconds_bucket{endpoint="annotate",le="+Inf"}' in after
+    assert "censusvi_cells_per_second " in after
+    assert "application=" not in after and "replica=" not in after  # Ray's own tags dropped
     assert f'censusvi_model_version{{name="{NAME}"}} 1.0' in after
 
 
@@ -291,7 +305,7 @@ def test_a_model_directory_is_served_without_a_registry(served, registry):
 
     model_dir, index_dir = registry[1]["1"]
     args = {"model": str(model_dir), "index": str(index_dir),
-            "deployments": {d: NO_CPU for d in ("Ingress", "Mapper", "Annotator", "Metrics", "Results")}}  # fmt: skip
+            "deployments": {d: NO_CPU for d in ("Ingress", "Mapper", "Annotator", "Results")}}  # fmt: skip
     serve.run(build_app(args), name="local", route_prefix="/local", blocking=False)
     try:
         wait_healthy(f"{served}/local", 120)
@@ -378,3 +392,42 @@ def test_cli_serve_with_token_until_sigterm(registry, tmp_path):
     assert "ready at" in out and "stopping" in out
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/healthz", timeout=5)
+
+
+def test_metrics_sum_replicas_of_this_application_only():
+    """GET /metrics adds up every ingress replica's series from Ray's node exports, keeps only
+    this application, drops Ray's tags, and keeps the newest model version."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from censusvi.serving.metrics import combine
+
+    def node(app: str, replica: str, requests: int, version: int) -> str:
+        tags = f'application="{app}",deployment="Ingress",replica="{replica}",WorkerId="w"'
+        return "\n".join([
+            "# TYPE ray_censusvi_requests_total counter",
+            f'ray_censusvi_requests_total{{{tags},endpoint="annotate",status="200"}} {requests}',
+            "# TYPE ray_censusvi_request_seconds histogram",
+            f'ray_censusvi_request_seconds_bucket{{{tags},endpoint="annotate",le="0.5"}} 1',
+            f'ray_censusvi_request_seconds_bucket{{{tags},endpoint="annotate",le="+Inf"}} 2',
+            f'ray_censusvi_request_seconds_sum{{{tags},endpoint="annotate"}} 0.75',
+            f'ray_censusvi_request_seconds_count{{{tags},endpoint="annotate"}} 2',
+            "# TYPE ray_censusvi_model_version gauge",
+            f'ray_censusvi_model_version{{{tags},name="m"}} {version}',
+            "# TYPE ray_serve_num_http_requests_total counter",
+            f'ray_serve_num_http_requests_total{{{tags}}} 99',
+            "",
+        ])  # fmt: skip
+
+    text = combine([node("a", "r1", 3, 4), node("a", "r2", 5, 5), node("b", "r3", 100, 9)], "a")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text.decode())
+        for s in f.samples
+    }
+    ok = (("endpoint", "annotate"), ("status", "200"))
+    assert samples[("censusvi_requests_total", ok)] == 8
+    inf = (("endpoint", "annotate"), ("le", "+Inf"))
+    assert samples[("censusvi_request_seconds_bucket", inf)] == 4
+    assert samples[("censusvi_request_seconds_count", (("endpoint", "annotate"),))] == 4
+    assert samples[("censusvi_model_version", (("name", "m"),))] == 5
+    assert not any("serve" in name for name, _ in samples)

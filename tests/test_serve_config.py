@@ -22,7 +22,7 @@ from conftest import simulated_adata
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = files("censusvi.serving") / "serve_config.yaml"
-APP = ("Ingress", "Mapper", "Annotator", "Metrics", "Results")
+APP = ("Ingress", "Mapper", "Annotator", "Results")
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from hostile import SECRET, csr_body, hostile_payloads
 from test_serve import NO_CPU, query, registry, served  # noqa: F401  (module fixtures)
 
 TOKEN = "hostile-test-token"
-APPS = ("Ingress", "Mapper", "Annotator", "Metrics", "Results")
+APPS = ("Ingress", "Mapper", "Annotator", "Results")
 
 
 def replicas() -> set[str]:

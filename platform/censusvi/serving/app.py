@@ -2,8 +2,9 @@
 
 Each deployment is a thin layer over a plain class of ``censusvi.serving`` (load in
 ``__init__``, parse in ``__call__``): ``Mapper`` over ``ModelHost``, ``Annotator`` over
-``IndexHost``, ``Metrics`` over ``ServeMetrics``, ``Results`` over ``ResultStore``, and the
-``Ingress`` (FastAPI: auth, size limits, decoding) over ``AliasFollower`` and the request parsing.
+``IndexHost``, ``Results`` over ``ResultStore``, and the ``Ingress`` (FastAPI: auth, size limits,
+decoding) over ``AliasFollower`` and the request parsing; each ingress replica records its metrics
+through ``ray.serve.metrics`` (``ReplicaMetrics``) and ``GET /metrics`` sums Ray's exports.
 Small requests that arrive together are joined by ``@serve.batch`` (``grouping``). The ingress pins
 one version per request; when an alias moves it warms the new version in the mappers and
 annotators first, then switches, and replicas keep the previous version, so none is dropped.
@@ -26,7 +27,7 @@ from censusvi.serving.annotator import IndexHost
 from censusvi.serving.auth import authorised, presented_digest
 from censusvi.serving.body import read_body, upload_file
 from censusvi.serving.mapper import ModelHost
-from censusvi.serving.metrics import ServeMetrics
+from censusvi.serving.metrics import ReplicaMetrics, combine, node_exports
 from censusvi.serving.parsing import refusal, transfer_options
 from censusvi.serving.results import ResultStore
 from censusvi.serving.settings import Settings, current_version
@@ -83,23 +84,6 @@ class Annotator:
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
-class Metrics:
-    """The app's counters: one replica, so ``GET /metrics`` counts every ingress replica."""
-
-    def __init__(self) -> None:
-        self.m = ServeMetrics()
-
-    def record(self, endpoint: str, status: int, seconds: float, cells: int) -> None:
-        self.m.record(endpoint, status, seconds, cells)
-
-    def serving(self, name: str, version: str) -> None:
-        self.m.serving(name, version)
-
-    def render(self) -> bytes:
-        return self.m.render()
-
-
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 class Results:
     """Finished annotations for ``GET /explorer/{id}``: one replica, so any ingress finds them."""
 
@@ -124,9 +108,10 @@ UNAUTHORISED = "missing or wrong bearer token: send 'Authorization: Bearer <toke
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, mapper, annotator, metrics, results, settings: dict) -> None:
-        self.mapper, self.annotator, self.metrics = mapper, annotator, metrics
-        self.results = results
+    def __init__(self, mapper, annotator, results, settings: dict) -> None:
+        self.mapper, self.annotator, self.results = mapper, annotator, results
+        self.metrics = ReplicaMetrics()
+        self.app_name = serve.get_replica_context().app_name
         self.s = Settings(**settings)
         self.name = self.s.model_name
         self.versions = AliasFollower(self.s, self._warm, self._switched)
@@ -137,7 +122,7 @@ class Ingress:
         self.annotator.load.remote(version).result()
 
     def _switched(self, version: str) -> None:
-        self.metrics.serving.remote(self.name, version)
+        self.metrics.serving(self.name, version)
 
     def _denied(self, request: Request) -> Response | None:
         """401 unless the request carries the token (always None without one configured)."""
@@ -193,7 +178,10 @@ class Ingress:
 
         if denied := self._denied(request):
             return denied
-        return Response(await self.metrics.render.remote(), media_type=CONTENT_TYPE_LATEST)
+        texts, missing = await asyncio.to_thread(node_exports)
+        if missing and not texts:
+            return _json_error(503, f"no Ray metrics export answered: {'; '.join(missing)}")
+        return Response(combine(texts, self.app_name), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/embed")
     async def embed(self, request: Request) -> Response:
@@ -206,7 +194,7 @@ class Ingress:
     async def _answer(self, request: Request, endpoint: str) -> Response:
         t0 = time.perf_counter()
         response, cells = await self._compute(request, endpoint)
-        self.metrics.record.remote(endpoint, response.status_code, time.perf_counter() - t0, cells)
+        self.metrics.record(endpoint, response.status_code, time.perf_counter() - t0, cells)
         return response
 
     async def _compute(self, request: Request, endpoint: str) -> tuple[Response, int]:
@@ -266,7 +254,6 @@ def build_app(args: dict[str, Any]):
     return Ingress.options(**options.get("Ingress", {})).bind(
         Mapper.options(**mapper).bind(settings),
         Annotator.options(**options.get("Annotator", {})).bind(settings),
-        Metrics.options(**options.get("Metrics", {})).bind(),
         Results.options(**options.get("Results", {})).bind(settings),
         settings,
     )
