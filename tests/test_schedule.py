@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+from dataclasses import replace
 
 import anndata as ad
 import numpy as np
@@ -126,22 +127,40 @@ def _pretrain(src, out, *extra) -> dict:
     return read_config(out)["provenance"]
 
 
+PBMC = "pbmc_3chem_symphony_small"
+
+
 @pytest.fixture(scope="module")
 def arms(subsets):
-    """Per dataset: the default run, ``--config small`` and the Census recipe (the old default)."""
+    """On the PBMC panel: the default run, ``--config small`` and the Census recipe (the old
+    default). The other datasets train the same plans (``test_default_plans_the_small_run``)."""
     d, files = subsets
-    runs = {}
-    for name, src in files.items():
-        runs[name] = {
-            "default": _pretrain(src, d / f"{name}-default"),
-            "small": _pretrain(src, d / f"{name}-small", "--config", "small"),
-            "census": _pretrain(src, d / f"{name}-census", "--schedule", "census"),
-        }
-    return d, runs
+    runs = {
+        "default": _pretrain(files[PBMC], d / f"{PBMC}-default"),
+        "small": _pretrain(files[PBMC], d / f"{PBMC}-small", "--config", "small"),
+        "census": _pretrain(files[PBMC], d / f"{PBMC}-census", "--schedule", "census"),
+    }
+    return d, {PBMC: runs}
 
 
 @pytest.mark.parametrize("name", DATASETS)
-def test_default_reaches_the_small_config_elbo(arms, name):
+def test_default_plans_the_small_run(subsets, name):
+    """On every shared dataset the default schedule trains exactly what ``--config small`` does
+    (the same resolved settings, genes, split and architecture: the same ELBO, seed for seed)."""
+    from censusvi.train.pretrain import load_pretrain_config, plan_from
+
+    data = {"source": str(subsets[1][name]), "batch_keys": ("batch",), "n_hvg": 0}
+    plans = [plan_from(load_pretrain_config(c, {"data": data})) for c in (None, "small")]
+    default, small = plans
+    assert default.cfg.train.max_epochs == 400 and default.schedule_record()["name"] == "scvi-tools"
+    assert small.schedule_record()["why"] == "asked for; " + f"{N_CELLS[name]} cells"
+    assert default.cfg.train == replace(small.cfg.train, schedule="auto")
+    assert default.model_cfg == small.model_cfg and default.genes.ids == small.genes.ids
+    assert (default.train_rows == small.train_rows).all()
+
+
+def test_default_reaches_the_small_config_elbo(arms):
+    name = PBMC
     runs = arms[1][name]
     default, small = runs["default"]["final_val_elbo"], runs["small"]["final_val_elbo"]
     census = runs["census"]["final_val_elbo"]
@@ -169,7 +188,7 @@ def test_default_model_calls_the_known_markers(arms, tmp_path, capsys):
 
 def test_starved_run_warns_and_info_shows_the_schedule(arms, capsys, caplog):
     d, runs = arms
-    census = runs["pbmc_3chem_symphony_small"]["census"]
+    census = runs[PBMC]["census"]
     assert census["schedule"]["optimizer_steps"] == 100  # 540 training cells, batch 1,024
     assert any("--schedule scvi-tools" in w for w in census["training_warnings"])
     capsys.readouterr()
@@ -225,7 +244,7 @@ def test_info_of_a_model_without_a_schedule_record(arms, tmp_path, capsys):
 
     d, _ = arms
     old = tmp_path / "old"
-    shutil.copytree(d / "pbmc_kang_ctrl_stim_harmony-default", old)
+    shutil.copytree(d / f"{PBMC}-default", old)
     cfg = json.loads((old / "config.json").read_text())
     del cfg["provenance"]["schedule"]  # as written before the schedule was recorded
     (old / "config.json").write_text(json.dumps(cfg))
