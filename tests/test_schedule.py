@@ -232,7 +232,9 @@ def test_flags_and_config_keys_win(subsets, tmp_path, capsys, caplog):
         1,
         1e-4,
     )
-    assert main(["pretrain", "--source", str(src), "--schedule", "fast", "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+    with pytest.raises(SystemExit) as e:  # argparse's own exit for a bad choice
+        main(["pretrain", "--source", str(src), "--schedule", "fast", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
     assert "--schedule: invalid choice: 'fast'" in capsys.readouterr().err
     yaml.write_text("train:\n  schedule: fast\n")
     assert main(["pretrain", "--source", str(src), "--config", str(yaml), "--out", str(tmp_path / "y")]) == 2  # fmt: skip
