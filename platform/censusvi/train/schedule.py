@@ -21,7 +21,7 @@ threshold is where the Census recipe takes as many optimiser steps as scvi-tools
 20,000 cells scvi-tools plans 400 * 20,000 / n epochs of n * 0.9 / 128 steps, a constant
 56,250 steps; the Census plans 100 epochs of n * 0.9 / 1,024 steps, which reaches 56,250 at
 n = 1,024 / 128 * 400 * 20,000 / 100 = 640,000 cells. Below that the Census recipe is starved (at
-1,200 cells: 100 steps, at a tenth of scvi-tools' learning rate); from there on its big batches
+1,200 cells: 200 steps, at a tenth of scvi-tools' learning rate); from there on its big batches
 are what keep a GPU busy, and the Census itself (tens of millions of cells) is far above.
 """
 
@@ -43,7 +43,7 @@ SCVI_DECAY_AT_N_OBS = 20_000
 
 # The end-of-run checks (``training_warnings``). scvi-tools' own rule never plans fewer than
 # 1,200 steps for a corpus of 300 cells or more (400 epochs of 3 minibatches); the starved run
-# this guards against (the Census recipe on 1,200 cells) takes 100.
+# this guards against (the Census recipe on 1,200 cells) takes 200 (2 an epoch: 1,024 + 56 cells).
 MIN_OPTIMIZER_STEPS = 1_000
 # "Still falling fast": over the last tenth of the epochs (at least 5) the validation ELBO fell by
 # more than 0.05 % an epoch. Measured on the PBMC panel (600 cells, 300 genes, seed 0): the
