@@ -41,7 +41,7 @@ def real_latents(epochs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         cfg = PretrainConfig(
             DataConfig(source=str(DATA), batch_keys=("batch",), n_hvg=2000),
             ModelSettings(),
-            TrainConfig(max_epochs=epochs, batch_size=256, lr=1e-3, seed=0),
+            TrainConfig(max_epochs=epochs, batch_size=256, lr=1e-3, seed=0, schedule="census"),
         )
         model, _ = pretrain(cfg, Path(tmp) / "m", quiet=True)
         a = ad.read_h5ad(DATA)

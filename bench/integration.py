@@ -75,7 +75,7 @@ def export(name: str, cfg: PretrainConfig, seeds: list[int], out: Path) -> None:
     x, cov = plan.cells(np.arange(len(plan.source.obs))).read(np.arange(len(plan.source.obs)))
     if (np.diff(x.indptr) == 0).any():
         raise RuntimeError("cells without counts over the chosen genes; the bench expects none")
-    train = {k: v for k, v in cfg.train.__dict__.items() if k not in ("seed", "device")}
+    train = {k: v for k, v in plan.cfg.train.__dict__.items() if k not in ("seed", "device")}
     meta = {"model": plan.model_cfg.to_dict(), "train": train, "seeds": seeds}
     splits = {}
     for seed in seeds:

@@ -12,8 +12,10 @@ Before that, the chemistry rotations (``--rotations``; each chemistry the query 
 cells, over ``--seeds``): censusvi as users run it (its own pretrained reference, ``annotate``
 with class-balanced kNN) beside scvi-tools' ``load_query_data`` + weighted kNN and PCA + weighted
 kNN with no integration, on the same split. Both VAEs train the reference for scvi-tools' epoch
-heuristic (400 at this size); censusvi keeps the Census model's 20-epoch KL warm-up
-(``--kl-warmup 400``: scvi-tools', as ``configs/small.yaml``).
+heuristic (400 at this size); censusvi with its default training schedule (``--schedule auto``,
+which picks scvi-tools' at this size: 400 epochs, lr 1e-3, batch 128, KL warm-up 400) unless
+``--rotation-epochs`` / ``--kl-warmup`` set those (the session 3 rows: ``--kl-warmup 20``, the
+Census warm-up).
 """
 
 from __future__ import annotations
@@ -56,8 +58,8 @@ def rotation(
     full: ad.AnnData,
     query_batch: str,
     seed: int,
-    epochs: int,
-    kl_warmup: int,
+    epochs: int | None,
+    kl_warmup: int | None,
     tmp: Path,
     scvi_tools: bool,
     prior_components: int = 0,
@@ -79,9 +81,7 @@ def rotation(
     cfg = PretrainConfig(
         DataConfig(source=str(tmp / "ref.h5ad"), batch_keys=("batch",), n_hvg=0),
         model=ModelSettings(prior_components=prior_components),
-        train=TrainConfig(
-            max_epochs=epochs, lr=1e-3, batch_size=128, seed=seed, n_epochs_kl_warmup=kl_warmup
-        ),
+        train=TrainConfig(max_epochs=epochs, seed=seed, n_epochs_kl_warmup=kl_warmup),
     )
     model, _ = pretrain(cfg, tmp / f"censusvi_{seed}", quiet=True, resume=False)
     save_index(index_reference(model, tmp / "ref.h5ad", ["cell_type"]), tmp / "ix")
@@ -136,8 +136,8 @@ def run_rotations(
     data: Path,
     batches: list[str],
     seeds: list[int],
-    epochs: int,
-    kl_warmup: int,
+    epochs: int | None,
+    kl_warmup: int | None,
     scvi_seeds: set[int],
     prior_components: int = 0,
 ) -> None:
@@ -186,9 +186,11 @@ def main() -> int:
     p.add_argument("--rotations", default="3pv1,3pv2,5p", help="query chemistries; '' skips")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--scvi-seeds", default="0,1,2", help="seeds that also run scvi-tools")
-    p.add_argument("--rotation-epochs", type=int, default=400)
     p.add_argument(
-        "--kl-warmup", type=int, default=20, help="censusvi's KL warm-up epochs (Census 20)"
+        "--rotation-epochs", type=int, help="reference epochs (default: censusvi's schedule's)"
+    )
+    p.add_argument(
+        "--kl-warmup", type=int, help="censusvi's KL warm-up epochs (default: its schedule's)"
     )
     p.add_argument(
         "--prior-components",

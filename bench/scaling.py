@@ -56,7 +56,7 @@ def main() -> int:
         )
         cfg = PretrainConfig(
             DataConfig(source=str(src), batch_keys=("batch",), n_hvg=0),
-            train=TrainConfig(max_epochs=a.epochs, lr=1e-3),
+            train=TrainConfig(max_epochs=a.epochs, lr=1e-3, schedule="census"),
         )
         for n in sorted({1, a.workers}):
             _, history = pretrain_distributed(

@@ -41,7 +41,7 @@ def register_model(tmp: Path, epochs: int) -> str:
     cfg = PretrainConfig(
         DataConfig(source=str(DATA), obs_filter=reference, batch_keys=("batch",), n_hvg=2000),
         ModelSettings(),  # the Census architecture
-        TrainConfig(max_epochs=epochs, batch_size=256, lr=1e-3, seed=0),
+        TrainConfig(max_epochs=epochs, batch_size=256, lr=1e-3, seed=0, schedule="census"),
     )
     model, _ = pretrain(cfg, tmp / "model", quiet=True)
     save_index(index_reference(model, DATA, ["cell_type"], reference), tmp / "index")

@@ -191,6 +191,8 @@ def cellbench_split(shared_data, tmp_path_factory):
                 "40",
                 "--lr",
                 "1e-3",
+                "--schedule",  # the settings this fixture was tuned with
+                "census",
                 "--quiet",
                 "--out",
                 str(d / "m"),

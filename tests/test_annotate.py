@@ -170,7 +170,9 @@ def test_cellbench_each_technology_held_out(shared_data, tmp_path):
             hvg_keys=("batch",),
         )
         cfg = PretrainConfig(
-            data, ModelSettings(), TrainConfig(max_epochs=60, lr=1e-3, batch_size=128, seed=0)
+            data,
+            ModelSettings(),
+            TrainConfig(schedule="census", max_epochs=60, lr=1e-3, batch_size=128, seed=0),
         )
         model, _ = pretrain(cfg, tmp_path / f"m{tech}", quiet=True)
         out, _ = annotate(

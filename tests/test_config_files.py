@@ -86,7 +86,8 @@ def test_set_takes_top_level_and_section_keys_and_paths_from_the_cwd(tmp_path, m
     assert doc["data"]["n_hvg"] == 2000 and doc["data"]["batch_keys"]  # the rest of data kept
     assert read_config(None, ["out=2024"])["out"] == str(tmp_path / "2024")  # a path, not an int
     cfg = load_pretrain_config("small", {"train": {"lr": 0.5}}, ["train.lr=0.1", "data.n_hvg=7"])
-    assert (cfg.train.lr, cfg.data.n_hvg, cfg.train.max_epochs) == (0.5, 7, 400)  # flags win
+    assert (cfg.train.lr, cfg.data.n_hvg, cfg.train.schedule) == (0.5, 7, "scvi-tools")  # flags win
+    assert cfg.train.resolved(1_200).max_epochs == 400  # scvi-tools' epochs for 1,200 cells
 
 
 @pytest.mark.parametrize(

@@ -126,7 +126,7 @@ def cellbench_reference_and_query(shared_data, tmp_path_factory):
     cfg = PretrainConfig(
         DataConfig(source=str(d / "ref.h5ad"), batch_keys=("batch",), n_hvg=0),
         ModelSettings(n_hidden=64, n_latent=10),
-        TrainConfig(max_epochs=60, lr=3e-3, batch_size=128, seed=0),
+        TrainConfig(schedule="census", max_epochs=60, lr=3e-3, batch_size=128, seed=0),
     )
     pretrain(cfg, d / "model", quiet=True)
     return d / "model", query, d
@@ -182,7 +182,7 @@ def tiny_model(tmp_path_factory):
     cfg = PretrainConfig(
         DataConfig(source=str(d / "ref.h5ad"), batch_keys=("batch",), n_hvg=0),
         ModelSettings(n_hidden=16, n_latent=4),
-        TrainConfig(max_epochs=1, batch_size=64),
+        TrainConfig(schedule="census", max_epochs=1, batch_size=64),
     )
     model, _ = pretrain(cfg, d / "model", quiet=True)
     return model, a

@@ -25,7 +25,7 @@ def test_embed_job_matches_censusvi_index_and_makes_the_version_servable(
     cfg = PretrainConfig(
         DataConfig(source=exp, batch_keys=("dataset_id",), n_hvg=500),
         ModelSettings(n_hidden=16, n_latent=4),
-        TrainConfig(max_epochs=2, lr=1e-2, batch_size=256, seed=0),
+        TrainConfig(schedule="census", max_epochs=2, lr=1e-2, batch_size=256, seed=0),
     )
     model, _ = pretrain(cfg, tmp_path / "m", quiet=True)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -267,7 +267,18 @@ def test_census_config_is_the_census_recipe():
     from censusvi.jobs.pretrain import job_from
 
     job = job_from(read_config("census"))
-    assert (job.cfg.model.n_hidden, job.cfg.train.lr, job.cfg.model.n_latent) == (128, 1e-4, 50)
+    train = job.cfg.train.resolved(1_000)  # the Census recipe even on a small corpus
+    assert (job.cfg.model.n_hidden, job.cfg.model.n_latent, job.cfg.train.schedule) == (
+        128,
+        50,
+        "census",
+    )
+    assert (train.lr, train.batch_size, train.max_epochs, train.n_epochs_kl_warmup) == (
+        1e-4,
+        1024,
+        100,
+        20,
+    )
 
 
 def test_nothing_in_infra_uploads_a_working_dir_or_names_checkout_files():

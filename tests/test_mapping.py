@@ -31,7 +31,7 @@ def reference(
             dispersion=dispersion,
             prior_components=prior_components,
         ),
-        TrainConfig(max_epochs=5, lr=1e-2, batch_size=64),
+        TrainConfig(schedule="census", max_epochs=5, lr=1e-2, batch_size=64),
     )
     model, _ = pretrain(cfg, tmp_path / "m", quiet=True)
     return model, ref, query

@@ -19,7 +19,7 @@ def small_cfg(src: str, epochs: int = 3, prior_components: int = 0) -> PretrainC
     return PretrainConfig(
         DataConfig(source=src, batch_keys=("batch",), n_hvg=0),
         ModelSettings(n_hidden=16, n_latent=4, prior_components=prior_components),
-        TrainConfig(max_epochs=epochs, lr=1e-2, batch_size=64, seed=0),
+        TrainConfig(schedule="census", max_epochs=epochs, lr=1e-2, batch_size=64, seed=0),
     )
 
 

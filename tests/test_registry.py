@@ -37,7 +37,7 @@ def small_model_and_index(tmp_path, name: str, seed: int, epochs: int = 5):
     cfg = PretrainConfig(
         DataConfig(source=str(tmp_path / "ref.h5ad"), batch_keys=("batch",), n_hvg=0),
         ModelSettings(n_hidden=16, n_latent=4),
-        TrainConfig(max_epochs=epochs, lr=1e-2, batch_size=64, seed=seed),
+        TrainConfig(schedule="census", max_epochs=epochs, lr=1e-2, batch_size=64, seed=seed),
     )
     model, _ = pretrain(cfg, tmp_path / f"m-{name}", quiet=True)
     ix = index_reference(model, tmp_path / "ref.h5ad", ["cell_type"])

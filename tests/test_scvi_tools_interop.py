@@ -71,7 +71,7 @@ def test_censusvi_trained_model_exports(tmp_path, prior_components):
     cfg = PretrainConfig(
         DataConfig(source=str(tmp_path / "x.h5ad"), batch_keys=("batch",), n_hvg=0),
         ModelSettings(n_hidden=16, n_latent=4, prior_components=prior_components),
-        TrainConfig(max_epochs=2, batch_size=64),
+        TrainConfig(schedule="census", max_epochs=2, batch_size=64),
     )
     ours, _ = pretrain(cfg, tmp_path / "m", quiet=True)
     assert main(["export-scvi-tools", str(tmp_path / "m"), "--out", str(tmp_path / "s")]) == 0

@@ -54,7 +54,7 @@ def registry(tmp_path_factory):
         cfg = PretrainConfig(
             DataConfig(source=str(tmp / "ref.h5ad"), batch_keys=("batch",), n_hvg=0),
             ModelSettings(n_hidden=16, n_latent=4, encode_covariates=encode),
-            TrainConfig(max_epochs=epochs, lr=1e-2, batch_size=64, seed=seed),
+            TrainConfig(schedule="census", max_epochs=epochs, lr=1e-2, batch_size=64, seed=seed),
         )
         model, _ = pretrain(cfg, tmp / f"m{version}", quiet=True)
         save_index(index_reference(model, tmp / "ref.h5ad", ["cell_type"]), tmp / f"ix{version}")

@@ -76,7 +76,7 @@ def model_and_index(tmp_path_factory):
     cfg = PretrainConfig(
         DataConfig(source=str(tmp / "ref.h5ad"), batch_keys=("batch",), n_hvg=0),
         ModelSettings(n_hidden=16, n_latent=4, encode_covariates=False),
-        TrainConfig(max_epochs=2, lr=1e-2, batch_size=64, seed=0),
+        TrainConfig(schedule="census", max_epochs=2, lr=1e-2, batch_size=64, seed=0),
     )
     model, _ = pretrain(cfg, tmp / "m", quiet=True)
     save_index(index_reference(model, tmp / "ref.h5ad", ["cell_type"]), tmp / "ix")

@@ -30,7 +30,7 @@ def cellbench_model(shared_data, tmp_path_factory):
             hvg_keys=("assay",),
             n_hvg=2000,
         ),
-        train=TrainConfig(max_epochs=60, lr=1e-3, seed=0),
+        train=TrainConfig(schedule="census", max_epochs=60, lr=1e-3, seed=0),
     )
     model, history = pretrain(cfg, out, quiet=True)
     return out, model, history
@@ -68,7 +68,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     simulated_adata(n_cells=200).write_h5ad(src)
     cfg = PretrainConfig(
         data=DataConfig(source=str(src), batch_keys=("batch",), n_hvg=0),
-        train=TrainConfig(max_epochs=4, lr=1e-3, batch_size=64),
+        train=TrainConfig(schedule="census", max_epochs=4, lr=1e-3, batch_size=64),
     )
     straight, _ = pretrain(cfg, tmp_path / "straight", quiet=True)
 
@@ -98,11 +98,13 @@ def test_checkpoint_of_another_run_is_refused(tmp_path, monkeypatch):
     simulated_adata(n_cells=120).write_h5ad(src)
     cfg = PretrainConfig(
         data=DataConfig(source=str(src), batch_keys=("batch",), n_hvg=0),
-        train=TrainConfig(max_epochs=2, batch_size=64),
+        train=TrainConfig(schedule="census", max_epochs=2, batch_size=64),
     )
     monkeypatch.setattr(ckpt_mod.CheckpointStore, "remove", lambda self: None)  # keep it
     pretrain(cfg, tmp_path / "m", quiet=True)
-    other = PretrainConfig(data=cfg.data, train=TrainConfig(max_epochs=2, batch_size=64, lr=0.5))
+    other = PretrainConfig(
+        data=cfg.data, train=TrainConfig(schedule="census", max_epochs=2, batch_size=64, lr=0.5)
+    )
     with pytest.raises(ValueError, match=r"different run \(differs in \['config'\]\)"):
         pretrain(other, tmp_path / "m", quiet=True)
 
@@ -207,7 +209,9 @@ def test_bf16_autocast_trains_to_the_same_elbo(tmp_path):
     simulated_adata(n_cells=600).write_h5ad(src)
     elbo = {}
     for precision in ("fp32", "bf16"):
-        train = TrainConfig(max_epochs=15, batch_size=128, lr=1e-3, precision=precision)
+        train = TrainConfig(
+            schedule="census", max_epochs=15, batch_size=128, lr=1e-3, precision=precision
+        )
         cfg = PretrainConfig(
             data=DataConfig(source=str(src), batch_keys=("batch",), n_hvg=0), train=train
         )
@@ -215,7 +219,7 @@ def test_bf16_autocast_trains_to_the_same_elbo(tmp_path):
         elbo[precision] = history.epochs[-1].val_elbo
     assert np.isfinite(elbo["bf16"]) and elbo["bf16"] == pytest.approx(elbo["fp32"], rel=0.02)
     with pytest.raises(ValueError, match="precision='fp16'"):
-        TrainConfig(precision="fp16")
+        TrainConfig(schedule="census", precision="fp16")
 
 
 def test_console_script_is_installed(tmp_path):
@@ -242,7 +246,7 @@ def test_python_api_latent_and_normalized_expression(tmp_path):
     a.write_h5ad(tmp_path / "x.h5ad")
     cfg = PretrainConfig(
         data=DataConfig(source=str(tmp_path / "x.h5ad"), batch_keys=("batch",), n_hvg=0),
-        train=TrainConfig(max_epochs=2, batch_size=64),
+        train=TrainConfig(schedule="census", max_epochs=2, batch_size=64),
     )
     pretrain(cfg, tmp_path / "m", quiet=True)
     model = censusvi.load_model(tmp_path / "m")
@@ -277,7 +281,7 @@ def test_model_options_train_save_and_embed(tmp_path, model_settings):
     cfg = PretrainConfig(
         data,
         ModelSettings(n_hidden=16, n_latent=4, **model_settings),
-        TrainConfig(max_epochs=2, batch_size=64),
+        TrainConfig(schedule="census", max_epochs=2, batch_size=64),
     )
     _, history = pretrain(cfg, tmp_path / "m", quiet=True)
     assert all(np.isfinite(e.val_elbo) for e in history.epochs)
@@ -300,7 +304,10 @@ def test_device_cache_path_trains_like_the_host_path(tmp_path):
     results = {}
     for cache in (False, True):
         cfg = PretrainConfig(
-            data=data, train=TrainConfig(max_epochs=8, lr=1e-2, batch_size=64, device_cache=cache)
+            data=data,
+            train=TrainConfig(
+                schedule="census", max_epochs=8, lr=1e-2, batch_size=64, device_cache=cache
+            ),
         )
         _, history = pretrain(cfg, tmp_path / f"m{cache}", quiet=True)
         results[cache] = [e.val_elbo for e in history.epochs]

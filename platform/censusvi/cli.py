@@ -17,6 +17,9 @@ from censusvi.atomic import check_output
 from censusvi.extras import MissingExtra, needs_extras
 from censusvi.registry.mlflow_store import TRACKING_HELP, RegistryUnreachable
 from censusvi.registry.versions import PromotionRefused
+from censusvi.train.schedule import AUTO_CENSUS_MIN_CELLS
+from censusvi.train.schedule import CHOICES as SCHEDULE_CHOICES
+from censusvi.train.schedule import describe as describe_schedule
 
 USER_ERRORS = (
     ValueError,
@@ -59,7 +62,15 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
         if getattr(a, key) is not None:
             data[key] = getattr(a, key)
     train: dict[str, Any] = {}
-    for key in ("max_epochs", "batch_size", "lr", "n_epochs_kl_warmup", "seed", "device"):
+    for key in (
+        "max_epochs",
+        "batch_size",
+        "lr",
+        "n_epochs_kl_warmup",
+        "seed",
+        "device",
+        "schedule",
+    ):
         if getattr(a, key) is not None:
             train[key] = getattr(a, key)
     if a.early_stopping:
@@ -383,8 +394,10 @@ def cmd_info(a: argparse.Namespace) -> int:
         f"  parameters {info['n_parameters']:,} ({info['n_parameters_scvi_tools']:,} as scvi-tools "
         "builds it, with heads this likelihood never uses)"
     )
+    print(f"  schedule: {describe_schedule(info['provenance'].get('schedule'))}")
     for k, v in info["provenance"].items():
-        print(f"  {k}: {v}")
+        if k != "schedule":
+            print(f"  {k}: {v}")
     return 0
 
 
@@ -434,6 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-hvg", type=int, help="highly variable genes to keep (0: all)")
     s.add_argument("--obs-filter", help="e.g. 'is_primary_data == True and nnz >= 300'")
     s.add_argument("--layer", help="where counts are in an .h5ad: a layer name or 'raw'")
+    s.add_argument(
+        "--schedule",
+        choices=SCHEDULE_CHOICES,
+        help="epochs, batch size, lr and KL warm-up: census (the Census recipe), scvi-tools "
+        "(its small-data heuristic), auto (default: census from "
+        f"{AUTO_CENSUS_MIN_CELLS:,} cells, else scvi-tools); the flags below win",
+    )
     s.add_argument("--max-epochs", type=int)
     s.add_argument("--batch-size", type=int)
     s.add_argument("--lr", type=float)

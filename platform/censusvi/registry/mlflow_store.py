@@ -236,6 +236,8 @@ def log_and_register(
         for key in ("num_workers", "restarts_from_checkpoint"):  # a resumed run says so
             if key in prov:
                 run_tags[key] = str(prov[key])
+        if isinstance(prov.get("schedule"), dict):  # the training schedule train/ chose
+            run_tags["schedule"] = str(prov["schedule"].get("name"))
         mlflow.set_tags(run_tags)
         mlflow.log_artifacts(str(model_dir), artifact_path="model")
     tags = {

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,6 +20,17 @@ import torch
 from censusvi.model.minibatch import Minibatch
 from censusvi.model.vae import VAE
 from censusvi.train.checkpoint import CheckpointStore
+from censusvi.train.schedule import (
+    ADAM_EPS,
+    AUTO,
+    EARLY_STOPPING_PATIENCE,
+    SCHEDULED,
+    TRAIN_FRACTION,
+    WEIGHT_DECAY,
+    schedule_values,
+)
+from censusvi.train.schedule import check_name as check_schedule
+from censusvi.train.schedule import pick as pick_schedule
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +40,19 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training schedule; defaults are the Census model's (100 epochs, lr 1e-4, warm-up 20)."""
+    """Training settings. The five a schedule decides (epochs, batch size, lr, KL warm-up, early
+    stopping) default to None, "the schedule's": ``resolved(n_cells)`` fills them from
+    ``schedule`` (``censusvi.train.schedule``: auto, census or scvi-tools); given ones win."""
 
-    max_epochs: int = 100
-    batch_size: int = 1024
-    lr: float = 1e-4
-    weight_decay: float = 1e-6  # scvi-tools' TrainingPlan default
-    adam_eps: float = 0.01  # scvi-tools' TrainingPlan default (large on purpose: stabler Adam)
-    n_epochs_kl_warmup: int = 20
-    train_fraction: float = 0.9
-    early_stopping: bool = False  # the Census model trained all 100 epochs
-    patience: int = 45  # scvi-tools' early_stopping_patience
+    max_epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float = WEIGHT_DECAY
+    adam_eps: float = ADAM_EPS
+    n_epochs_kl_warmup: int | None = None
+    train_fraction: float = TRAIN_FRACTION
+    early_stopping: bool | None = None
+    patience: int = EARLY_STOPPING_PATIENCE
     min_delta: float = 0.0
     seed: int = 0
     device: str = "cpu"
@@ -48,16 +61,38 @@ class TrainConfig:
     precision: str = "auto"
     """"bf16": layers under bf16 autocast, likelihood and optimiser in fp32; "fp32"; "auto":
     bf16 on a GPU (tensor cores), fp32 on a CPU (no gain there)."""
+    schedule: str = AUTO
+    """auto (by the corpus's cell count), census or scvi-tools: ``censusvi.train.schedule``."""
 
     def __post_init__(self) -> None:
+        check_schedule(self.schedule)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}: choose one of {PRECISIONS}")
-        if self.max_epochs < 1 or self.batch_size < 3:
+        if (self.max_epochs is not None and self.max_epochs < 1) or (
+            self.batch_size is not None and self.batch_size < 3
+        ):
             raise ValueError(
                 f"max_epochs={self.max_epochs}, batch_size={self.batch_size}: need >=1 and >=3"
             )
         if not 0.0 < self.train_fraction <= 1.0:
             raise ValueError(f"train_fraction={self.train_fraction} must be in (0, 1]")
+
+    def explicit(self) -> tuple[str, ...]:
+        """The schedule-decided fields set here (they win over the schedule)."""
+        return tuple(k for k in SCHEDULED if getattr(self, k) is not None)
+
+    def resolved(self, n_cells: int) -> TrainConfig:
+        """Every schedule-decided field set: the given ones kept, the others the values of the
+        schedule ``self.schedule`` picks for a corpus of ``n_cells`` cells."""
+        values = schedule_values(pick_schedule(self.schedule, n_cells), n_cells)
+        return replace(self, **{k: values[k] for k in SCHEDULED if getattr(self, k) is None})
+
+    def check_resolved(self) -> None:
+        unset = [k for k in SCHEDULED if getattr(self, k) is None]
+        if unset:
+            raise ValueError(
+                f"TrainConfig {unset} unset: call .resolved(n_cells) to take the schedule's values"
+            )
 
 
 def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
@@ -203,6 +238,7 @@ def fit(
     progress: Callable[[EpochStats], None] | None = None,
 ) -> History:
     """Train ``vae``; ``train_batches(epoch)`` gives that epoch's shuffled minibatches."""
+    cfg.check_resolved()
     opt = make_optimizer(vae, cfg)
     device = next(vae.parameters()).device
     history = History()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import platform as py_platform
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from censusvi.model.config import ModelConfig
 from censusvi.model.io import TrainedModel, save_model
 from censusvi.model.minibatch import DeviceCSR, minibatch_from_csr
 from censusvi.model.vae import VAE, new_vae
+from censusvi.train import schedule
 from censusvi.train.checkpoint import CheckpointStore, source_identity
 from censusvi.train.loop import EpochStats, History, TrainConfig, fit
 
@@ -153,6 +154,19 @@ class RunPlan:
     train_rows: np.ndarray
     val_rows: np.ndarray
     model_cfg: ModelConfig
+    requested: TrainConfig  # the train settings as given; cfg.train is them resolved
+
+    def schedule_record(self, workers: int = 1) -> dict[str, Any]:
+        """The schedule this run trains with (``censusvi.train.schedule.record``)."""
+        t = self.cfg.train
+        return schedule.record(
+            t.schedule,
+            len(self.source.obs),
+            len(self.train_rows),
+            {k: getattr(t, k) for k in schedule.SCHEDULED},
+            self.requested.explicit(),
+            workers,
+        )
 
     def cells(self, rows: np.ndarray) -> Cells:
         alignment = self.genes.align(self.source.var_ids, self.source.var_symbols, min_overlap=1.0)
@@ -168,10 +182,11 @@ class RunPlan:
         )
 
     def trained_model(
-        self, vae: VAE, history: History, extra: dict[str, Any] | None = None
+        self, vae: VAE, history: History, extra: dict[str, Any] | None = None, workers: int = 1
     ) -> TrainedModel:
         d = self.cfg.data
         provenance = {
+            "schedule": self.schedule_record(workers),
             "source": d.source,
             "obs_filter": d.obs_filter,
             "n_cells": len(self.source.obs),
@@ -236,6 +251,7 @@ def plan_from(
     ]
     genes = genes if genes is not None else choose_genes(source, d, hvg_reducer)
     train_rows, val_rows = split_rows(len(source.obs), t.train_fraction, t.seed)
+    cfg = replace(cfg, train=t.resolved(len(source.obs)))
     model_cfg = ModelConfig(
         n_genes=len(genes),
         n_batches=len(categories),
@@ -253,7 +269,20 @@ def plan_from(
         train_rows,
         val_rows,
         model_cfg,
+        t,
     )
+
+
+def warn_if_undertrained(plan: RunPlan, history: History, workers: int = 1) -> dict[str, Any]:
+    """Log ``schedule.training_warnings`` for the run; returns them as provenance."""
+    rec = plan.schedule_record(workers)
+    steps = schedule.steps_per_epoch(len(plan.train_rows) // workers, rec["batch_size"])
+    found = schedule.training_warnings(
+        steps * len(history.epochs), [e.val_elbo for e in history.epochs], rec["name"]
+    )
+    for w in found:
+        log.warning(w)
+    return {"training_warnings": found} if found else {}
 
 
 def pretrain(
@@ -265,8 +294,9 @@ def pretrain(
 ) -> tuple[TrainedModel, History]:
     from tqdm.auto import tqdm
 
-    t = cfg.train
     plan = plan_from(cfg)
+    cfg, t = plan.cfg, plan.cfg.train
+    log.info("training schedule %s", schedule.describe(plan.schedule_record()))
     genes, source = plan.genes, plan.source
     train_cells = plan.cells(plan.train_rows)
     val_cells = plan.cells(plan.val_rows) if len(plan.val_rows) else None
@@ -316,7 +346,7 @@ def pretrain(
         progress,
     )
     bar.close()
-    trained = plan.trained_model(vae, history)
+    trained = plan.trained_model(vae, history, warn_if_undertrained(plan, history))
     save_model(trained, out, overwrite)
     if ckpt is not None:
         ckpt.remove()

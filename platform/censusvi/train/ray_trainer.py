@@ -23,6 +23,7 @@ from censusvi.data.ray_stream import CellStream, stream_minibatches
 from censusvi.data.vocabulary import GeneVocabulary
 from censusvi.model.minibatch import minibatch_from_csr
 from censusvi.model.vae import VAE
+from censusvi.train import schedule
 from censusvi.train.loop import (
     EpochStats,
     History,
@@ -32,7 +33,13 @@ from censusvi.train.loop import (
     train_epoch,
     validation_terms,
 )
-from censusvi.train.pretrain import PretrainConfig, RunPlan, load_pretrain_config, plan_from
+from censusvi.train.pretrain import (
+    PretrainConfig,
+    RunPlan,
+    load_pretrain_config,
+    plan_from,
+    warn_if_undertrained,
+)
 
 log = logging.getLogger(__name__)
 # Ray Data ingest; read tasks reserve no CPU (the workers hold them all).
@@ -227,8 +234,10 @@ def pretrain_distributed(
     plan = plan_from(
         cfg, hvg_reducer=ray_reducer(cfg.data.source, cfg.data.obs_filter, cfg.data.layer)
     )
+    # The schedule is resolved once, here (plan_from); the workers get its values.
+    log.info("training schedule %s", schedule.describe(plan.schedule_record(num_workers)))
     config = {
-        "cfg": _config_dict(cfg),
+        "cfg": _config_dict(plan.cfg),
         "genes": plan.genes.to_dict(),
         "categories": list(plan.categories),
         "extra_cats": [list(c) for c in plan.extra_cats],
@@ -262,7 +271,8 @@ def pretrain_distributed(
         "ray_result_path": str(result.path),
         "restarts_from_checkpoint": _restarts(result),
     }
-    trained = plan.trained_model(vae.eval(), history, extra)
+    extra.update(warn_if_undertrained(plan, history, num_workers))
+    trained = plan.trained_model(vae.eval(), history, extra, num_workers)
     save_model(trained, out)
     return trained, history
 
