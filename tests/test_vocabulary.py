@@ -88,7 +88,9 @@ def test_repeats_refused_in_the_chosen_key_only():
     ok = gene_keys(var(list(IDS), feature_name=["A", "A", "C", "D"]))
     assert VOCAB.align(ok).matched_by == "model ids ~ var_names"
     # a symbol-only model must match by symbol, and the repeated one is refused
-    with pytest.raises(ValueError, match=r"var\['feature_name'\]: gene ids must be unique.*A \(2"):
+    with pytest.raises(
+        ValueError, match=r"the data, var\['feature_name'\]: gene ids must be unique.*A \(2"
+    ):
         SYMBOL_MODEL.align(ok)
 
 

@@ -197,7 +197,7 @@ class GeneVocabulary:
         if best is None:
             raise ValueError(f"{where}: no gene names to match; give the genes names")
         n, mk, dk, index = best
-        check_unique_gene_ids(data[dk], where if dk == VAR_NAMES else f"{where} {dk}")
+        check_unique_gene_ids(data[dk], where if dk == VAR_NAMES else f"{where}, {dk}")
         al = GeneAlignment(index, len(self.ids), n_data, (mk, dk), tried)
         if al.overlap < min_overlap:
             raise ValueError(self._low_overlap(al, data, min_overlap))
