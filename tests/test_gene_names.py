@@ -115,3 +115,44 @@ def test_symbol_model_de_and_impute_tables_by_symbol(symbol_scvi, tmp_path, caps
     assert out.layers[LAYER][:, [list(out.var_names).index("CD79A"), -1]].nnz == 2 * out.n_obs
     with pytest.raises(ValueError, match="not in the model's vocabulary"):
         impute(model, a, ["ENSG00000000000"], "batch", quiet=True)
+
+
+def test_censusvi_model_keeps_ids_and_symbols_and_reads_either(tmp_path):
+    """Trained on Census-style data (ids in var_names, symbols in feature_name), a model stores
+    both and embeds a symbols-only copy of its data identically; a model directory written
+    before symbols were stored (ids only) still loads and aligns by id."""
+    import json
+
+    from censusvi.train.loop import TrainConfig
+    from censusvi.train.pretrain import DataConfig, ModelSettings, PretrainConfig, pretrain
+    from conftest import simulated_adata
+
+    a = simulated_adata(n_cells=120)
+    census = a.copy()
+    census.var = pd.DataFrame({"feature_name": a.var_names}, index=a.var["gene_ids"].to_numpy())
+    census.write_h5ad(tmp_path / "census.h5ad")
+    cfg = PretrainConfig(
+        DataConfig(source=str(tmp_path / "census.h5ad"), batch_keys=("batch",), n_hvg=0),
+        ModelSettings(n_hidden=16, n_latent=4),
+        TrainConfig(max_epochs=1, batch_size=64),
+    )
+    pretrain(cfg, tmp_path / "m", quiet=True)
+    genes = json.loads((tmp_path / "m" / "config.json").read_text())["genes"]
+    assert genes["ids"][:2] == ["ENSG00000000000", "ENSG00000000001"]
+    assert genes["symbols"][:2] == ["G0", "G1"]
+    symbols_only = ad.AnnData(a.X, obs=a.obs, var=pd.DataFrame(index=a.var_names))
+    symbols_only.write_h5ad(tmp_path / "symbols.h5ad")
+    model = load_model(tmp_path / "m")
+    _, z_ids, r_ids = latent_representation(model, H5adSource(tmp_path / "census.h5ad"))
+    _, z_sym, r_sym = latent_representation(model, H5adSource(tmp_path / "symbols.h5ad"))
+    assert r_ids["matched_by"] == "model ids ~ var_names" and r_ids["overlap"] == 1.0
+    assert r_sym["matched_by"] == "model symbols ~ var_names" and r_sym["overlap"] == 1.0
+    np.testing.assert_array_equal(z_ids, z_sym)
+    conf = json.loads((tmp_path / "m" / "config.json").read_text())
+    del conf["genes"]["symbols"]  # as older directories were written
+    (tmp_path / "m" / "config.json").write_text(json.dumps(conf))
+    old = load_model(tmp_path / "m")
+    assert old.genes.symbols == old.genes.ids
+    _, z_old, r_old = latent_representation(old, H5adSource(tmp_path / "census.h5ad"))
+    assert r_old["matched_by"] == "model ids ~ var_names"
+    np.testing.assert_array_equal(z_old, z_ids)
