@@ -156,3 +156,22 @@ def test_censusvi_model_keeps_ids_and_symbols_and_reads_either(tmp_path):
     _, z_old, r_old = latent_representation(old, H5adSource(tmp_path / "census.h5ad"))
     assert r_old["matched_by"] == "model ids ~ var_names"
     np.testing.assert_array_equal(z_old, z_ids)
+
+
+def test_wire_symbols_are_optional_and_checked():
+    import json
+
+    from censusvi.wire import PayloadError, decode_json
+
+    body = {
+        "genes": ["ENSG1", "ENSG2"],
+        "indptr": [0, 1],
+        "indices": [1],
+        "data": [3],
+        "batch": "b",
+    }
+    assert decode_json(json.dumps(body).encode()).symbols is None
+    cells = decode_json(json.dumps({**body, "symbols": ["A", ""]}).encode())
+    assert cells.to_anndata().var["feature_name"].tolist() == ["A", ""]
+    with pytest.raises(PayloadError, match="symbols must be a list of 2 strings, one per gene"):
+        decode_json(json.dumps({**body, "symbols": ["A"]}).encode())
