@@ -46,9 +46,11 @@ def test_symbol_model_embeds_its_training_data_as_scvi_tools(symbol_scvi, capsys
     assert main(["embed", "--model", str(d / "m"), "--data", str(data), "--out", str(d / "e.h5ad"), "--quiet"]) == 0  # fmt: skip
     out = ad.read_h5ad(d / "e.h5ad")
     assert np.abs(out.obsm["X_scvi"] - theirs).max() < 1e-5
-    assert out.uns["censusvi"]["genes"]["matched_by"] == "model ids ~ var_names"
+    assert out.uns["censusvi"]["genes"]["matched_by"] == "model symbols ~ var_names"
     pos, z, report = latent_representation(model, H5adSource(data))
-    assert report["overlap"] == 1.0 and report["keys_tried"]["model ids ~ var['gene_ids']"] < 1767
+    assert (
+        report["overlap"] == 1.0 and report["keys_tried"]["model symbols ~ var['gene_ids']"] < 1767
+    )
     assert np.abs(z[np.argsort(pos)] - theirs).max() < 1e-5
 
 
@@ -68,12 +70,14 @@ def test_symbol_model_embeds_census_style_data(symbol_scvi, tmp_path):
     )
     census.write_h5ad(tmp_path / "census.h5ad")
     pos, z, report = latent_representation(load_model(d / "m"), H5adSource(tmp_path / "census.h5ad"))  # fmt: skip
-    assert report["matched_by"] == "model ids ~ var['feature_name']" and report["overlap"] == 1.0
+    assert (
+        report["matched_by"] == "model symbols ~ var['feature_name']" and report["overlap"] == 1.0
+    )
     assert np.abs(z[np.argsort(pos)] - theirs).max() < 1e-5
     # through the wire as the client sends it (ids, symbols beside them): the server's path
     cells = decode_arrow(encode_arrow_request(census.X, list(census.var_names), census.obs["batch"].astype(str), list(a.var_names)))  # fmt: skip
     mq = map_query(load_model(d / "m"), cells.to_anndata(), "batch")
-    assert mq.report["genes"]["matched_by"] == "model ids ~ var['feature_name']"
+    assert mq.report["genes"]["matched_by"] == "model symbols ~ var['feature_name']"
     assert np.abs(mq.latent - theirs[mq.positions]).max() < 1e-5
 
 
@@ -87,10 +91,10 @@ def test_too_low_overlap_names_the_keys_tried(symbol_scvi, tmp_path, capsys):
     assert "only 100 of the model's 1767 genes (5.7%)" in err
     # genes without an Ensembl id keep their symbol in the id key: a few match there too
     assert re.search(
-        r"Keys tried \(genes matched\): model ids ~ var\['gene_ids'\]: \d, model ids ~ var_names: 100\.",
+        r"Keys tried \(genes matched\): model symbols ~ var\['gene_ids'\]: \d, model symbols ~ var_names: 100\.",
         err,
     ), err
-    assert "The model expects gene names like ['LYZ', 'FTL', 'HLA-DRA']" in err
+    assert "The model expects gene symbols like ['LYZ', 'FTL', 'HLA-DRA']" in err
 
 
 def test_symbol_model_de_and_impute_tables_by_symbol(symbol_scvi, tmp_path, capsys):

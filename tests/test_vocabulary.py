@@ -55,9 +55,9 @@ def test_align_by_ids_and_zero_fill():
         (VOCAB, var(["ENSG7", "ENSG8", "ENSG9", "ENSG0"], feature_name=list(SYMS)),
          "model symbols ~ var['feature_name']"),
         # a symbol-keyed model vs Census-style data: ids in var_names, symbols in feature_name
-        (SYMBOL_MODEL, var(list(IDS), feature_name=list(SYMS)), "model ids ~ var['feature_name']"),
+        (SYMBOL_MODEL, var(list(IDS), feature_name=list(SYMS)), "model symbols ~ var['feature_name']"),
         # a symbol-keyed model vs scanpy-style data: symbols in var_names, ids in gene_ids
-        (SYMBOL_MODEL, var(list(SYMS), gene_ids=list(IDS)), "model ids ~ var_names"),
+        (SYMBOL_MODEL, var(list(SYMS), gene_ids=list(IDS)), "model symbols ~ var_names"),
     ],
 )  # fmt: skip
 def test_align_picks_the_key_matching_most_and_says_which(vocab, data, matched_by, caplog):

@@ -130,14 +130,13 @@ def table_names(
     data = {k: _clean(v) for k, v in data_keys.items()}
     d_sym = _first_key(data, SYMBOL_COLUMNS, ensembl=False)
     d_ids = _first_key(data, ID_COLUMNS, ensembl=True)
-    model_has_ids = MODEL_SYMBOLS in vocab.keys() or looks_like_ensembl(vocab.ids)
     symbols, ids = list(vocab.symbols), list(vocab.ids)
     for m, j in enumerate(alignment.data_index):
         if j < 0:
             continue
         if d_sym is not None and d_sym[j]:
             symbols[m] = d_sym[j]
-        if not model_has_ids and d_ids is not None and d_ids[j]:
+        if not vocab.has_ids and d_ids is not None and d_ids[j]:
             ids[m] = d_ids[j]
     return symbols, ids
 
@@ -161,10 +160,16 @@ class GeneVocabulary:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def has_ids(self) -> bool:
+        """Whether the model knows its genes by id: symbols beside them, or Ensembl-like. A model
+        trained on symbol var_names alone (common for scvi-tools) knows them by symbol only."""
+        return self.symbols != self.ids or looks_like_ensembl(self.ids)
+
     def keys(self) -> dict[str, tuple[str, ...]]:
-        """The model's names for its genes: ids, and symbols where they differ from the ids."""
+        """The model's names for its genes: ids and symbols, or the one it has."""
         if self.symbols == self.ids:
-            return {MODEL_IDS: self.ids}
+            return {MODEL_IDS if self.has_ids else MODEL_SYMBOLS: self.ids}
         return {MODEL_IDS: self.ids, MODEL_SYMBOLS: self.symbols}
 
     def align(
@@ -211,10 +216,10 @@ class GeneVocabulary:
         expected = (
             "Ensembl ids (e.g. ENSG00000141510)" if looks_like_ensembl(self.ids) else "gene ids"
         )
-        if MODEL_SYMBOLS in self.keys():
+        if not self.has_ids:
+            expected = f"gene symbols like {list(self.symbols[:3])}"
+        elif MODEL_SYMBOLS in self.keys():
             expected += f" or symbols (e.g. {self.symbols[0]})"
-        elif not looks_like_ensembl(self.ids):
-            expected = f"gene names like {list(self.ids[:3])}"
         found = "; ".join(f"{k} like {[g for g in v if g][:3]}" for k, v in data.items())
         tried = ", ".join(f"{k}: {n}" for k, n in al.tried.items())
         return (
