@@ -158,7 +158,7 @@ def main() -> int:
         genes = choose_genes(
             source, DataConfig(source=str(DATA / file), n_hvg=n_hvg, hvg_keys=hvg_keys)
         )
-        columns = genes.align(source.var_ids, source.var_symbols, min_overlap=1.0).data_index
+        columns = genes.align(source.var_keys, min_overlap=1.0).data_index
         pca = pca_baseline(adata[:, columns])  # the genes the model sees
         base = {"X_pca": pca, "Harmony": harmony_baseline(pca, adata.obs["batch"])}
         totals = {"PCA": [], "Harmony": [], "censusvi": []}

@@ -120,10 +120,12 @@ def embed_args(model, data: str, out) -> list[str]:
 def test_embed_gene_overlap_below_threshold(sim_model, tmp_path, capsys):
     a = simulated_adata()
     a.var["gene_ids"] = [f"ENSG{i:011d}" if i < 80 else f"OTHER{i}" for i in range(a.n_vars)]
+    a.var_names = [f"other{i}" for i in range(a.n_vars)]  # nor do the symbols match
     code, err = run_cli(
         embed_args(sim_model, write(a, tmp_path / "q.h5ad"), tmp_path / "o.h5ad"), capsys
     )
     assert code == 2 and "only 80 of the model's 200 genes (40.0%)" in err
+    assert "model ids ~ var['gene_ids']: 80, model ids ~ var_names: 0" in err
     assert not (tmp_path / "o.h5ad").exists()
 
 

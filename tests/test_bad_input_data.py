@@ -203,12 +203,14 @@ def test_query_repeated_gene_ids(sim_model, sim_index, tmp_path, capsys):
     ids[7] = ids[9] = ids[3]
     ids[11] = ids[4]
     a.var["gene_ids"] = ids
+    a.var_names = [f"other{i}" for i in range(a.n_vars)]  # no symbol match: ids are the best key
     src = write(a, tmp_path / "q.h5ad")
     for name, args in query_commands(sim_model, sim_index, src, tmp_path / "o.h5ad").items():
         code, err = run_cli(args, capsys)
         assert code == 2 and err.count("\n") == 1, name
         assert (
-            f"{src if name == 'embed' else 'the query'}: gene ids must be unique, but 2 repeat, "
+            f"{src if name == 'embed' else 'the query'}, var['gene_ids']: gene ids must be unique, "
+            "but 2 repeat, "
             "e.g. ENSG00000000003 (3 columns), ENSG00000000004 (2 columns). Sum the repeated "
             "columns into one (or drop all but one) first" in err
         ), (name, err)

@@ -92,5 +92,6 @@ def test_mapping_errors(tmp_path):
         map_query(model, query, "donor")
     q = query.copy()
     q.var["gene_ids"] = [f"X{i}" for i in range(q.n_vars)]
+    q.var_names = [f"Y{i}" for i in range(q.n_vars)]  # neither ids nor symbols match
     with pytest.raises(ValueError, match=r"only 0 of the model's 200 genes"):
         map_query(model, q, "batch")

@@ -15,7 +15,7 @@ from censusvi.cli import main
 from conftest import simulated_adata
 
 DEAD_PID = 4_194_305  # above the largest pid_max Linux allows: no such process can run
-DE_CSV = "gene_id,gene_symbol,lfc_mean,comparison,group1,group2\nENSG1,A,0.5,a vs b,a,b\n"
+DE_CSV = "gene,gene_id,lfc_mean,comparison,group1,group2\nA,ENSG1,0.5,a vs b,a,b\n"
 
 
 def pretrain_args(src, out, *extra: str) -> list[str]:

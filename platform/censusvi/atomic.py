@@ -60,7 +60,8 @@ MARKED_DIR_KINDS: dict[str, re.Pattern[str]] = {
     "demo": re.compile(rf"{_DEMO_ENTRY}|\.{_DEMO_ENTRY}\.(?:tmp|old)-[\w.-]+"),  # censusvi.demo
 }
 HTML_GENERATOR = '<meta name="generator" content="censusvi">'
-DE_CSV_HEADER = "gene_id,gene_symbol,"  # censusvi.generative.de: the table's first columns
+DE_GENE, DE_GENE_ID = "gene", "gene_id"  # censusvi.generative.de: index (symbol), id column
+DE_CSV_HEADERS = (f"{DE_GENE},{DE_GENE_ID},", "gene_id,gene_symbol,")  # now; older tables
 
 
 class OutputRefused(ValueError):
@@ -85,7 +86,7 @@ def _head(path: Path, n: int = 4096) -> str:
 
 def _csv_is_ours(path: Path) -> bool:
     header = _head(path).split("\n", 1)[0]
-    return header.startswith(DE_CSV_HEADER) and ",comparison,group1,group2" in header
+    return header.startswith(DE_CSV_HEADERS) and ",comparison,group1,group2" in header
 
 
 def _html_is_ours(path: Path) -> bool:

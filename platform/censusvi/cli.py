@@ -237,7 +237,7 @@ def cmd_de(a: argparse.Namespace) -> int:
     for comparison, frame in res.groupby("comparison", sort=False):
         top = top_genes(frame, 10)
         summary[comparison] = {
-            "top_genes": top["gene_symbol"].tolist(),
+            "top_genes": top.index.tolist(),
             **({"n_de_fdr": int(frame[f"is_de_fdr_{a.fdr}"].sum())} if a.mode == "change" else {}),
         }
     print(

@@ -102,12 +102,12 @@ class Client:
                 f"batch_key {batch_key!r} is not an obs column; obs has {sorted(adata.obs.columns)}"
             )
         x = to_csr32(counts_matrix(adata, layer), "the query")
-        genes, _ = gene_ids_and_symbols(adata.var)
+        genes, symbols = gene_ids_and_symbols(adata.var)
         batch = adata.obs[batch_key].astype(str).to_numpy()
         answers = []
         for start in range(0, adata.n_obs, self.chunk_size):
             stop = min(start + self.chunk_size, adata.n_obs)
-            body = encode_arrow_request(x[start:stop], genes, batch[start:stop])
+            body = encode_arrow_request(x[start:stop], genes, batch[start:stop], symbols)
             r = self._call(
                 "POST",
                 path,

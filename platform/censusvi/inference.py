@@ -1,7 +1,7 @@
 """Reading a dataset through a trained model: latent means (``embed``) and decoded expression.
 
 Cells are streamed in blocks (bounded memory); genes are aligned to the model's vocabulary by
-Ensembl id; batches must be ones the model knows (new batches are the mapping path's job).
+whichever names match best (ids or symbols, ``GeneVocabulary.align``); batches must be ones the model knows (new batches are the mapping path's job).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def reference_cells(
     overlap."""
     if len(source.obs) == 0:
         raise ValueError(f"{source.uri}: 0 cells; there is nothing to embed")
-    alignment = model.genes.align(source.var_ids, source.var_symbols, min_overlap, source.uri)
+    alignment = model.genes.align(source.var_keys, min_overlap, source.uri)
     codes = model.covariate_codes(source.obs, source.uri)
     cells = Cells(source, np.arange(len(source.obs)), alignment, codes, preload=False)
     return cells, alignment.report()

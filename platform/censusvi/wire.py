@@ -2,8 +2,9 @@
 
 Requests: an ``.h5ad`` (raw body or a multipart ``file`` field; batches from an obs column), JSON
 ``{"genes", "indptr", "indices", "data", "batch"}`` (CSR, one batch label per cell or one for
-all), or an Arrow IPC stream with one row per cell (``indices``, ``data``, ``batch``) and the gene
-ids in the schema metadata. Answers: JSON, or Arrow when the request accepts ``ARROW``. Every
+all; optionally ``"symbols"``, one per gene), or an Arrow IPC stream with one row per cell
+(``indices``, ``data``, ``batch``) and the gene ids (and optionally symbols) in the schema
+metadata. The model's genes are matched by whichever of the two names matches more of them. Answers: JSON, or Arrow when the request accepts ``ARROW``. Every
 malformed payload raises ``PayloadError`` with what was wrong and how to fix it (HTTP 422).
 """
 
@@ -19,7 +20,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from censusvi.data.counts import CountsError, check_counts, checked_csr, to_csr32
-from censusvi.data.vocabulary import check_unique_gene_ids
+from censusvi.data.vocabulary import SYMBOL_COLUMNS, check_unique_gene_ids
 from censusvi.untrusted import (
     DecodeLimits,
     PayloadError,
@@ -47,8 +48,9 @@ class QueryCells:
     """Raw counts of the query's cells over its own genes, with a batch label per cell."""
 
     x: sp.csr_matrix
-    genes: list[str]  # Ensembl ids (symbols are accepted: the model falls back to them)
+    genes: list[str]  # gene ids or symbols: whichever the model knows its genes by
     batch: np.ndarray
+    symbols: list[str] | None = None  # a second name per gene (symbols beside ids), optional
 
     @property
     def n_cells(self) -> int:
@@ -60,15 +62,25 @@ class QueryCells:
 
         obs = pd.DataFrame({batch_key: self.batch}, index=[str(i) for i in range(self.n_cells)])
         var = pd.DataFrame(index=pd.Index(self.genes, dtype=str))
+        if self.symbols is not None:
+            var[SYMBOL_COLUMNS[0]] = self.symbols
         return ad.AnnData(self.x, obs=obs, var=var)
 
 
-def _checked(parts: tuple, genes, batch, limits: DecodeLimits) -> QueryCells:
+def _checked(parts: tuple, genes, batch, limits: DecodeLimits, symbols=None) -> QueryCells:
     """Query cells from CSR ``parts`` (data, indices, indptr) over ``genes``, checked in full:
-    every label and gene id a string, the structure sound, the values raw counts."""
+    every label and gene name a string, the structure sound, the values raw counts."""
     data, indices, indptr = parts
     if not isinstance(genes, list) or not all(isinstance(v, str) for v in genes):
         raise PayloadError("genes must be a list of gene id strings")
+    if symbols is not None and (
+        not isinstance(symbols, list)
+        or not all(isinstance(v, str) for v in symbols)
+        or len(symbols) != len(genes)
+    ):
+        raise PayloadError(
+            f"symbols must be a list of {len(genes)} strings, one per gene ('' where unknown)"
+        )
     n = len(indptr) - 1
     if n <= 0:
         raise PayloadError("the request holds no cells: send at least one cell")
@@ -90,7 +102,7 @@ def _checked(parts: tuple, genes, batch, limits: DecodeLimits) -> QueryCells:
         check_counts(x, "request")
     except ValueError as e:  # CountsError, or the repeated ids
         raise PayloadError(str(e)) from None
-    return QueryCells(x, list(genes), np.asarray(batch, dtype=str))
+    return QueryCells(x, list(genes), np.asarray(batch, dtype=str), symbols)
 
 
 def _numbers(values, dtype, name: str) -> np.ndarray:
@@ -125,10 +137,10 @@ def decode_json(body: bytes, limits: DecodeLimits = NO_LIMITS) -> QueryCells:
         _numbers(d["indices"], np.int64, "indices"),
         _numbers(d["indptr"], np.int64, "indptr"),
     )
-    return _checked(parts, d["genes"], d["batch"], limits)
+    return _checked(parts, d["genes"], d["batch"], limits, d.get("symbols"))
 
 
-def encode_arrow_request(x: sp.csr_matrix, genes: list[str], batch) -> bytes:
+def encode_arrow_request(x: sp.csr_matrix, genes: list[str], batch, symbols=None) -> bytes:
     x = sp.csr_matrix(x)
     offsets = pa.array(x.indptr.astype(np.int32))
     table = pa.table(
@@ -137,7 +149,10 @@ def encode_arrow_request(x: sp.csr_matrix, genes: list[str], batch) -> bytes:
             "data": pa.ListArray.from_arrays(offsets, pa.array(x.data.astype(np.float32))),
             "batch": pa.array(np.asarray(batch).astype(str)),
         }
-    ).replace_schema_metadata({b"genes": json.dumps(list(map(str, genes)))})
+    ).replace_schema_metadata(
+        {b"genes": json.dumps(list(map(str, genes)))}
+        | ({b"symbols": json.dumps(list(map(str, symbols)))} if symbols is not None else {})
+    )
     sink = io.BytesIO()
     with pa.ipc.new_stream(sink, table.schema) as w:
         w.write_table(table)
@@ -168,7 +183,9 @@ def decode_arrow(body: bytes, limits: DecodeLimits = NO_LIMITS) -> QueryCells:
     try:
         table = pa.ipc.open_stream(body).read_all()
         table.validate(full=True)  # IPC reading trusts offsets; a forged one aborts the process
-        genes = json.loads((table.schema.metadata or {})[b"genes"])
+        meta = table.schema.metadata or {}
+        genes = json.loads(meta[b"genes"])
+        symbols = json.loads(meta[b"symbols"]) if b"symbols" in meta else None
         ind_off, indices = _list_column(table, "indices", pt.is_integer)
         data_off, data = _list_column(
             table, "data", lambda t: pt.is_integer(t) or pt.is_floating(t)
@@ -182,7 +199,9 @@ def decode_arrow(body: bytes, limits: DecodeLimits = NO_LIMITS) -> QueryCells:
     except (pa.ArrowException, OSError) as e:  # every Arrow error: Invalid, NotImplemented, ...
         raise PayloadError(f"the body is not an Arrow IPC stream ({e})") from e
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise PayloadError("schema metadata 'genes' must be a JSON list of gene ids") from None
+        raise PayloadError(
+            "schema metadata 'genes' (and 'symbols') must be JSON lists of strings"
+        ) from None
     except KeyError as e:
         raise PayloadError(
             f"the Arrow table lacks {e.args[0]!r}: columns indices, data, batch and the gene ids "
@@ -190,7 +209,7 @@ def decode_arrow(body: bytes, limits: DecodeLimits = NO_LIMITS) -> QueryCells:
         ) from e
     if not np.array_equal(ind_off, data_off):
         raise PayloadError("Arrow columns 'indices' and 'data' differ in list lengths: pair them")
-    return _checked((data, indices, ind_off), genes, batch, limits)
+    return _checked((data, indices, ind_off), genes, batch, limits, symbols)
 
 
 def decode_h5ad(
@@ -210,7 +229,7 @@ def decode_h5ad(
     check_hdf5(body, limits)
     try:
         adata = ad.read_h5ad(io.BytesIO(body))
-        ids, _ = gene_ids_and_symbols(adata.var)
+        ids, symbols = gene_ids_and_symbols(adata.var)
         x = counts_matrix(adata, layer)
         if batch_key not in adata.obs.columns:
             raise PayloadError(
@@ -227,7 +246,7 @@ def decode_h5ad(
         x = to_csr32(x, "request")
     except CountsError as e:
         raise PayloadError(str(e)) from None
-    return _checked((x.data, x.indices, x.indptr), list(ids), list(batch), limits)
+    return _checked((x.data, x.indices, x.indptr), list(ids), list(batch), limits, symbols)
 
 
 def decode_request(

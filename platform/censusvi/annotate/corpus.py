@@ -47,7 +47,7 @@ class ShardEmbedder:
         if missing:
             raise ValueError(f"label key(s) {missing} not in {source}'s obs")
         self.label_keys = label_keys
-        self.alignment = self.model.genes.align(self.source.var_ids, self.source.var_symbols)
+        self.alignment = self.model.genes.align(self.source.var_keys, where=self.source.uri)
         self.codes = self.model.covariate_codes(self.source.obs, self.source.uri)
 
     def __call__(self, shard: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -12,9 +12,8 @@ import scipy.sparse as sp
 from anndata.abc import CSCDataset, CSRDataset
 
 from censusvi.data.counts import CountsError, check_csr, check_indptr, to_csr32
+from censusvi.data.vocabulary import ID_COLUMNS, SYMBOL_COLUMNS, VAR_NAMES, var_column_key
 
-ID_COLUMNS = ("feature_id", "gene_ids", "gene_id", "ensembl_id")
-SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "symbol")
 BACKED_ABOVE_BYTES = 4 << 30  # files over 4 GiB are read row-block by row-block, not loaded
 SCAN_CHUNK = 1 << 24  # stored values per read when a backed CSC matrix's indices are scanned
 
@@ -103,6 +102,23 @@ def gene_ids_and_symbols(var: pd.DataFrame) -> tuple[list[str], list[str]]:
     return id_list, sym_list
 
 
+def gene_keys(var: pd.DataFrame) -> dict[str, list[str]]:
+    """Every name a dataset gives its genes, for alignment: id columns first (in the first, a
+    gene without an id keeps its symbol, as ``gene_ids_and_symbols`` and training do), then
+    var_names, then symbol columns."""
+
+    def column(c: str) -> list[str]:
+        return [("" if pd.isna(v) else str(v)) for v in var[c]]
+
+    id_cols = [c for c in ID_COLUMNS if c in var.columns]
+    keys = {var_column_key(c): column(c) for c in id_cols[1:]}
+    if id_cols:
+        keys = {var_column_key(id_cols[0]): gene_ids_and_symbols(var)[0], **keys}
+    keys[VAR_NAMES] = [str(v) for v in var.index]
+    keys.update({var_column_key(c): column(c) for c in SYMBOL_COLUMNS if c in var.columns})
+    return keys
+
+
 def counts_matrix(adata: ad.AnnData, layer: str | None) -> object:
     """Where the counts are: X, ``layers[layer]``, or ``raw.X`` for ``layer='raw'``."""
     if layer is None:
@@ -164,6 +180,7 @@ class H5adSource:
             obs = obs.iloc[self._rows]
         self.obs = obs
         self.var_ids, self.var_symbols = gene_ids_and_symbols(adata.var)
+        self.var_keys = gene_keys(adata.var)
         if not self.backed:
             self._x = to_csr32(self._x, self.uri)
 

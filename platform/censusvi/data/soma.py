@@ -22,6 +22,7 @@ import scipy.sparse as sp
 
 from censusvi.data.counts import check_counts, check_csr, to_csr32
 from censusvi.data.h5ad import gene_ids_and_symbols, read_h5ad
+from censusvi.data.vocabulary import var_column_key
 from censusvi.progress import bar
 
 log = logging.getLogger(__name__)
@@ -235,6 +236,10 @@ class SomaSource:
         self._joinids = self.obs["soma_joinid"].to_numpy()
         self.var_ids = self.x.var["feature_id"].astype(str).tolist()
         self.var_symbols = self.x.var["feature_name"].astype(str).tolist()
+        self.var_keys = {
+            var_column_key("feature_id"): self.var_ids,
+            var_column_key("feature_name"): self.var_symbols,
+        }
 
     def joinids(self, rows: np.ndarray) -> np.ndarray:
         return self._joinids[rows]

@@ -1,7 +1,7 @@
 """What every cell source (h5ad in memory or backed, TileDB-SOMA on disk or a Census URI) offers.
 
-A source is a table of cells (``obs``, already filtered) and genes (``var_ids``/``var_symbols``)
-and one way to read counts: ``read_rows(rows)`` for sorted row positions into ``obs``, returning
+A source is a table of cells (``obs``, already filtered) and genes (``var_ids``/``var_symbols``;
+``var_keys``, every name the genes have, for alignment) and one way to read counts: ``read_rows(rows)`` for sorted row positions into ``obs``, returning
 float32 CSR over the source's own genes. Loaders, HVG selection and embedding work on this alone.
 """
 
@@ -21,6 +21,7 @@ class CellSource(Protocol):
     obs: pd.DataFrame
     var_ids: list[str]
     var_symbols: list[str]
+    var_keys: dict[str, list[str]]  # every name of the genes, for alignment (data.h5ad.gene_keys)
 
     def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
         """Counts of the cells at these sorted positions of ``obs``, all of the source's genes."""

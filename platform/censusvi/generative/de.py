@@ -27,7 +27,9 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from censusvi.atomic import DE_GENE, DE_GENE_ID
 from censusvi.data.source import batch_labels
+from censusvi.data.vocabulary import table_names
 from censusvi.mapping.query import PreparedQuery, prepare_query
 from censusvi.mapping.surgery import SurgeryConfig
 from censusvi.model.io import TrainedModel
@@ -294,7 +296,8 @@ def differential_expression(
     quiet: bool = False,
 ) -> pd.DataFrame:
     """One row per model gene and comparison (``group1`` vs ``group2``, or vs the rest), sorted
-    by proba_de (change) or Bayes factor (vanilla). ``batch_key`` defaults to the model's own
+    by proba_de (change) or Bayes factor (vanilla), indexed by gene symbol (the data's, else the
+    model's; ``table_names``) with the gene id in column ``gene_id``. ``batch_key`` defaults to the model's own
     batch keys (reference data); a query with new batches is mapped first (surgery)."""
     cfg = config or DEConfig()
     if groupby not in adata.obs.columns:
@@ -316,6 +319,7 @@ def differential_expression(
     label_sums = LabelSums.scan(q, labels)
     nonempty = label_sums.nonempty
     codes = _decode_codes(model, q, cfg)
+    symbols, ids = table_names(model.genes, q.alignment, q.cells.source.var_keys)
     n_per_batch = max(int(cfg.n_samples / len(codes)), 2)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -330,10 +334,8 @@ def differential_expression(
             c1, c2 = label_sums.group(g1), label_sums.group(group2, rest_of=g1)
             s1 = _draw_scales(q, np.flatnonzero(m1), codes, n_per_batch, rng, gen, cfg, progress)
             s2 = _draw_scales(q, np.flatnonzero(m2), codes, n_per_batch, rng, gen, cfg, progress)
-            res = pd.DataFrame(
-                _compare(s1, s2, c1, c2, cfg), index=pd.Index(q.model.genes.ids, name="gene_id")
-            )
-            res.insert(0, "gene_symbol", list(q.model.genes.symbols))
+            res = pd.DataFrame(_compare(s1, s2, c1, c2, cfg), index=pd.Index(symbols, name=DE_GENE))
+            res.insert(0, DE_GENE_ID, ids)
             res = res.sort_values(
                 "proba_de" if cfg.mode == "change" else "bayes_factor", ascending=False
             )

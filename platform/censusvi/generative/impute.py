@@ -13,6 +13,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from censusvi.data.h5ad import gene_keys
+from censusvi.data.vocabulary import looks_like_ensembl, table_names
 from censusvi.mapping.query import prepare_query
 from censusvi.mapping.surgery import SurgeryConfig
 from censusvi.model.io import TrainedModel
@@ -22,15 +24,17 @@ from censusvi.progress import bar
 LAYER = "censusvi_imputed"
 
 
-def gene_columns(model: TrainedModel, genes: list[str]) -> np.ndarray:
-    """Vocabulary positions of genes named by Ensembl id or symbol; unknown names are an error."""
-    by_id = {g: i for i, g in enumerate(model.genes.ids)}
-    by_symbol: dict[str, int] = {}
-    for i, s in enumerate(model.genes.symbols):
-        by_symbol.setdefault(s, i)
+def gene_columns(model: TrainedModel, genes: list[str], names=None) -> np.ndarray:
+    """Vocabulary positions of genes named by id or symbol (the model's, or ``names``: the
+    (symbols, ids) the data gives the model's genes, ``table_names``); unknown names are an
+    error."""
+    lookup: dict[str, int] = {}
+    for key in (model.genes.ids, *(names or ()), model.genes.symbols):
+        for i, g in enumerate(key):
+            lookup.setdefault(g, i)
     cols, unknown = [], []
     for g in genes:
-        i = by_id.get(g, by_symbol.get(g))
+        i = lookup.get(g)
         (unknown.append(g) if i is None else cols.append(i))
     if unknown:
         raise ValueError(
@@ -38,6 +42,12 @@ def gene_columns(model: TrainedModel, genes: list[str]) -> np.ndarray:
             f"(ids like {model.genes.ids[0]}, symbols like {model.genes.symbols[0]})"
         )
     return np.array(cols, dtype=np.int64)
+
+
+def _names(model: TrainedModel, adata: ad.AnnData) -> tuple[list[str], list[str]]:
+    """(symbol, id) of every model gene as the data names it (``table_names``)."""
+    keys = gene_keys(adata.var)
+    return table_names(model.genes, model.genes.align(keys, 0.0, "the query"), keys)
 
 
 def impute(
@@ -58,7 +68,8 @@ def impute(
     Each cell is decoded at its posterior mean under its own batch, or under ``decode_batch``
     (any batch of the model or of the query) to read all cells as one technology.
     """
-    cols = np.array(list(dict.fromkeys(gene_columns(model, genes).tolist())), dtype=np.int64)
+    names = _names(model, adata)  # before surgery: an unknown gene fails at once
+    cols = np.array(list(dict.fromkeys(gene_columns(model, genes, names).tolist())), dtype=np.int64)
     q = prepare_query(model, adata, batch_key, layer, surgery)
     vae = q.model.vae.eval()
     device = next(vae.parameters()).device
@@ -91,24 +102,26 @@ def impute(
     positions = np.concatenate(pos_parts)
     order = np.argsort(positions)
     positions, values = positions[order], np.concatenate(val_parts)[order]
-    return _with_imputed_layer(adata[positions].copy(), model, cols, values, decode_batch, q)
+    return _with_imputed_layer(adata[positions].copy(), names, cols, values, decode_batch, q)
 
 
-def _with_imputed_layer(out: ad.AnnData, model, cols, values, decode_batch, q) -> ad.AnnData:
-    """Append requested genes the data lack to ``var`` (zero counts) and fill the layer."""
-    ids = [model.genes.ids[i] for i in cols]
+def _with_imputed_layer(out: ad.AnnData, names, cols, values, decode_batch, q) -> ad.AnnData:
+    """Append requested genes the data lack to ``var`` (zero counts; named as the data names its
+    genes: by id if its var_names are ids, else by symbol) and fill the layer."""
+    symbols, ids = names
     n_measured = out.n_vars
-    position = {g: j for j, g in enumerate(q.cells.source.var_ids)}
-    missing = [i for i in dict.fromkeys(cols) if model.genes.ids[i] not in position]
+    position = {int(i): int(q.alignment.data_index[i]) for i in cols}
+    missing = [i for i in position if position[i] < 0]
     for k, i in enumerate(missing):
-        position[model.genes.ids[i]] = n_measured + k
+        position[i] = n_measured + k
     if missing:
+        by_id = looks_like_ensembl([str(v) for v in out.var_names])
         extra = ad.AnnData(
             sp.csr_matrix((out.n_obs, len(missing)), dtype=np.float32),
             obs=out.obs[[]],
             var=pd.DataFrame(
-                {"gene_ids": [model.genes.ids[i] for i in missing]},
-                index=pd.Index([model.genes.symbols[i] for i in missing]).astype(str),
+                {"gene_ids": [ids[i] for i in missing]},
+                index=pd.Index([(ids if by_id else symbols)[i] for i in missing]).astype(str),
             ),
         )
         uns = out.uns
@@ -117,12 +130,13 @@ def _with_imputed_layer(out: ad.AnnData, model, cols, values, decode_batch, q) -
         out.var_names_make_unique()
     out.var["censusvi_measured"] = np.arange(out.n_vars) < n_measured
     rows = np.repeat(np.arange(out.n_obs), len(cols))
-    target = np.tile([position[g] for g in ids], out.n_obs)
+    target = np.tile([position[int(i)] for i in cols], out.n_obs)
     layer = sp.coo_matrix((values.ravel().astype(np.float32), (rows, target)), shape=out.shape)
     out.layers[LAYER] = layer.tocsr()
     out.uns["censusvi_imputation"] = {
-        "genes": ids,
-        "unmeasured_genes": [model.genes.ids[i] for i in missing],
+        "genes": [symbols[i] for i in cols],
+        "gene_ids": [ids[i] for i in cols],
+        "unmeasured_genes": [symbols[i] for i in missing],
         "decode_batch": decode_batch or "own batch",
         "new_batches": q.new_batches,
     }

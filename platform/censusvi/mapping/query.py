@@ -67,7 +67,7 @@ def prepare_query(
             f"--batch-key {batch_key!r} is not an obs column; obs has {sorted(adata.obs.columns)}"
         )
     source = H5adSource("query", adata=adata, layer=layer)
-    alignment = model.genes.align(source.var_ids, source.var_symbols, min_overlap, "the query")
+    alignment = model.genes.align(source.var_keys, min_overlap, "the query")
     labels = adata.obs[batch_key].astype(str).to_numpy()
     new = query_batches(labels, model.batch_categories)
     mapped, trainable = extend_batches(model, new) if new else (model, {})

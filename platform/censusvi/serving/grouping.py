@@ -24,10 +24,10 @@ def groups(keyed: Iterable[tuple[int, Hashable]]) -> dict[Hashable, list[int]]:
     return out
 
 
-def map_key(i: int, version: str, genes: Sequence[str], alone: bool) -> tuple:
-    """Requests of one version with the same gene list map together; ``alone`` (surgery trains
+def map_key(i: int, version: str, cells, alone: bool) -> tuple:
+    """Requests of one version with the same gene names map together; ``alone`` (surgery trains
     on one query's cells only) keys a request by its own position."""
-    return (version, i) if alone else (version, tuple(genes))
+    return (version, i) if alone else (version, tuple(cells.genes), tuple(cells.symbols or ()))
 
 
 def join_cells(parts: list):
@@ -35,7 +35,8 @@ def join_cells(parts: list):
     from censusvi.wire import QueryCells
 
     x_ng = sp.vstack([p.x for p in parts]).tocsr()  # (sum of cells, genes)
-    return QueryCells(x_ng, parts[0].genes, np.concatenate([p.batch for p in parts]))
+    batch = np.concatenate([p.batch for p in parts])
+    return QueryCells(x_ng, parts[0].genes, batch, parts[0].symbols)
 
 
 def split_mapped(whole: dict, parts: list) -> list[dict]:

@@ -66,8 +66,8 @@ class ModelHost:
             if surgery and not self.s.allow_surgery:
                 results[i] = surgery_refused(new)
             else:
-                keyed.append((i, map_key(i, version, cells.genes, alone=surgery)))
-        for (version, _), members in groups(keyed).items():
+                keyed.append((i, map_key(i, version, cells, alone=surgery)))
+        for (version, *_), members in groups(keyed).items():
             answers = self._map_group(version, [requests[i][0] for i in members])
             for i, answer in zip(members, answers):
                 results[i] = answer

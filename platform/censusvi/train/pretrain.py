@@ -169,7 +169,7 @@ class RunPlan:
         )
 
     def cells(self, rows: np.ndarray) -> Cells:
-        alignment = self.genes.align(self.source.var_ids, self.source.var_symbols, min_overlap=1.0)
+        alignment = self.genes.align({"var ids": self.source.var_ids}, min_overlap=1.0)
         return Cells(self.source, rows, alignment, self.cov[rows])
 
     def new_vae(self, train_cells: Cells) -> VAE:
