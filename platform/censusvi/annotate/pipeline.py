@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from censusvi.annotate.index import LabelIndex, build_index
-from censusvi.annotate.transfer import transfer_labels
+from censusvi.annotate.transfer import label_columns, transfer_labels
 from censusvi.data.soma import open_source
 from censusvi.inference import latent_representation
 from censusvi.mapping.query import MappedQuery, map_query
@@ -19,12 +19,6 @@ from censusvi.model.io import TrainedModel
 DEFAULT_K = 15  # scArches' default neighbour count
 DEFAULT_CLASS_BALANCE = 0.5  # divide votes by sqrt(reference label frequency): see transfer.py
 DEFAULT_UNKNOWN_THRESHOLD = 1.0  # uncertainty above which a cell is 'Unknown' (1.0: never)
-
-
-def label_columns(key: str) -> tuple[str, str, str]:
-    """The annotated cells' columns for one label key: predicted label, its probability and
-    uncertainty (what `censusvi annotate` writes to obs and the MLflow model answers)."""
-    return f"predicted_{key}", f"{key}_probability", f"{key}_uncertainty"
 
 
 def index_reference(

@@ -28,8 +28,8 @@ from censusvi.annotate.pipeline import (
     DEFAULT_K,
     DEFAULT_UNKNOWN_THRESHOLD,
     annotate,
-    label_columns,
 )
+from censusvi.annotate.transfer import label_columns
 
 BATCH_COLUMN = "batch"
 DEFAULT_BATCH = "query"  # every cell's batch when the input has no batch column (a new batch)
