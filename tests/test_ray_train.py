@@ -56,6 +56,9 @@ def test_two_workers_train_register_and_embed_identically(local_ray, tmp_path, m
     last = history.epochs[-1]
     assert abs(last.val_reconstruction + last.val_kl - last.val_elbo) < 1e-6 * abs(last.val_elbo)
     assert run.data.params["train.lr"] == "0.01" and "git_commit" in run.data.tags
+    info = mlflow.models.get_model_info("models:/censusvi-test/1")  # an MLflow model, no index yet
+    assert info.flavors["python_function"]["loader_module"] == "censusvi.registry.pyfunc"
+    assert info.signature.outputs is None and info.signature.params.params[0].name == "k"
 
 
 def test_one_worker_matches_single_process_elbo(local_ray, tmp_path):

@@ -1,25 +1,58 @@
 """A Python client for the censusvi Serve app: AnnData in, the same AnnData annotated out.
 
 Large AnnData are sent in chunks below the server's cell limit (Arrow bodies: compact and
-exact), answers are stitched back in cell order, and calls are retried on connection errors and
-on 502/503/504 (embedding and annotation are pure functions of the request, so retrying is safe).
+exact), answers are stitched back in cell order, and calls are retried (urllib3's ``Retry``, with
+exponential backoff) on connection errors and on 502/503/504: embedding and annotation are pure
+functions of the request, so retrying a POST is safe.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ReadTimeoutError
+from urllib3.util.retry import Retry
 
 from censusvi.data.counts import to_csr32
 from censusvi.data.h5ad import counts_matrix, gene_ids_and_symbols
 from censusvi.wire import ARROW, decode_result, encode_arrow_request
 
 RETRY_STATUS = (502, 503, 504)
+BACKOFF_S, BACKOFF_MAX_S = 0.5, 8.0  # retry 1 at once, retry n after BACKOFF_S * 2**(n - 1) s
+
+
+class _Retry(Retry):
+    """urllib3's ``Retry``, except for a read timeout: an answer that did not come within
+    ``timeout_s`` is raised (``requests.ReadTimeout``), not asked for again."""
+
+    def increment(
+        self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None
+    ):
+        if isinstance(error, ReadTimeoutError):
+            raise error
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
+def retry_policy(retries: int) -> Retry:
+    """``retries`` more tries after a connection error or a 502/503/504 (any method: the calls
+    are pure); the last answer is returned rather than raised, for ``Client`` to report."""
+    return _Retry(
+        total=retries,
+        connect=retries,
+        read=retries,
+        status=retries,
+        other=0,
+        allowed_methods=None,
+        status_forcelist=RETRY_STATUS,
+        backoff_factor=BACKOFF_S,
+        backoff_max=BACKOFF_MAX_S,
+        raise_on_status=False,
+    )
 
 
 class ServiceError(RuntimeError):
@@ -42,27 +75,22 @@ class Client:
         self.url = url.rstrip("/")
         self.chunk_size, self.retries, self.timeout_s = chunk_size, retries, timeout_s
         self.session = requests.Session()
+        adapter = HTTPAdapter(max_retries=retry_policy(retries))
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
     def _call(self, method: str, path: str, **kw: Any) -> requests.Response:
-        for attempt in range(self.retries + 1):
-            try:
-                r = self.session.request(method, f"{self.url}{path}", timeout=self.timeout_s, **kw)
-            except requests.ConnectionError:
-                if attempt == self.retries:
-                    raise
-            else:
-                if r.status_code < 400:
-                    return r
-                if r.status_code not in RETRY_STATUS or attempt == self.retries:
-                    try:
-                        message = r.json().get("error", r.text)
-                    except ValueError:
-                        message = r.text
-                    raise ServiceError(r.status_code, message)
-            time.sleep(min(0.5 * 2**attempt, 8.0))
-        raise AssertionError("unreachable")
+        """One call, retried by the session's adapter; an error status is a ``ServiceError``."""
+        r = self.session.request(method, f"{self.url}{path}", timeout=self.timeout_s, **kw)
+        if r.status_code < 400:
+            return r
+        try:
+            message = r.json().get("error", r.text)
+        except ValueError:
+            message = r.text
+        raise ServiceError(r.status_code, message)
 
     def health(self) -> dict:
         return self._call("GET", "/healthz").json()

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from censusvi.annotate.index import LabelIndex, build_index
-from censusvi.annotate.transfer import transfer_labels
+from censusvi.annotate.transfer import label_columns, transfer_labels
 from censusvi.data.soma import open_source
 from censusvi.inference import latent_representation
 from censusvi.mapping.query import MappedQuery, map_query
@@ -18,6 +18,7 @@ from censusvi.model.io import TrainedModel
 
 DEFAULT_K = 15  # scArches' default neighbour count
 DEFAULT_CLASS_BALANCE = 0.5  # divide votes by sqrt(reference label frequency): see transfer.py
+DEFAULT_UNKNOWN_THRESHOLD = 1.0  # uncertainty above which a cell is 'Unknown' (1.0: never)
 
 
 def index_reference(
@@ -69,7 +70,7 @@ def transfer_all(
     index: LabelIndex,
     latent: np.ndarray,
     k: int = DEFAULT_K,
-    unknown_threshold: float = 1.0,
+    unknown_threshold: float = DEFAULT_UNKNOWN_THRESHOLD,
     class_balance: float = DEFAULT_CLASS_BALANCE,
 ) -> dict[str, pd.DataFrame]:
     """Weighted-kNN transfer of every label key of the index to each row of ``latent``."""
@@ -93,7 +94,7 @@ def annotate(
     adata: ad.AnnData,
     batch_key: str,
     k: int = DEFAULT_K,
-    unknown_threshold: float = 1.0,
+    unknown_threshold: float = DEFAULT_UNKNOWN_THRESHOLD,
     surgery: SurgeryConfig | None = None,
     layer: str | None = None,
     class_balance: float = DEFAULT_CLASS_BALANCE,
@@ -107,14 +108,15 @@ def annotate(
     mapped = map_query(model, adata, batch_key, layer=layer, surgery=surgery)
     out = mapped.annotated_copy(adata)
     for key, res in transfer_all(index, mapped.latent, k, unknown_threshold, class_balance).items():
-        out.obs[f"predicted_{key}"] = pd.Categorical(res["predicted"].to_numpy())
-        out.obs[f"{key}_probability"] = res["probability"].to_numpy()
-        out.obs[f"{key}_uncertainty"] = res["uncertainty"].to_numpy()
+        predicted, probability, uncertainty = label_columns(key)
+        out.obs[predicted] = pd.Categorical(res["predicted"].to_numpy())
+        out.obs[probability] = res["probability"].to_numpy()
+        out.obs[uncertainty] = res["uncertainty"].to_numpy()
     evaluation = {  # where the query carries true labels: how well the transfer did
         key: label_transfer_metrics(
             out.obs[key],
-            out.obs[f"predicted_{key}"],
-            out.obs[f"{key}_probability"],
+            out.obs[label_columns(key)[0]],
+            out.obs[label_columns(key)[1]],
             set(index.labels[key]),
         )
         for key in index.labels.columns

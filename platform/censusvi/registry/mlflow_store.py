@@ -2,7 +2,8 @@
 
 A run logs its parameters, the resolved config, per-epoch metrics, the gene vocabulary, the git
 commit, and the model directory as artifacts (``model/``: config.json + safetensors, no pickle);
-the model is then registered as a new version of ``censusvi-scvi`` with lineage tags.
+the model is then registered as a new version of ``censusvi-scvi`` with lineage tags, and an
+``MLmodel`` at the run's artifact root makes the version an MLflow model (registry/pyfunc.py).
 
 Every command reaches the store through ``use_tracking``: ``MLFLOW_TRACKING_URI`` when set, else
 ``sqlite:///./mlruns/mlflow.db`` under the current directory (``mlflow ui`` reads it). A store
@@ -240,6 +241,10 @@ def log_and_register(
             run_tags["schedule"] = str(prov["schedule"].get("name"))
         mlflow.set_tags(run_tags)
         mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    from censusvi.registry.pyfunc import log_mlmodel
+
+    client = MlflowClient()
+    log_mlmodel(client, run.info.run_id, None)  # an MLflow model; an index is attached later
     tags = {
         "source": str(prov.get("source")),
         "census_version": str(prov.get("source", "")).removeprefix("census://")
@@ -250,7 +255,7 @@ def log_and_register(
         "n_genes": str(len(trained.genes)),
         "n_batches": str(len(trained.batch_categories)),
     }
-    return run.info.run_id, new_version(MlflowClient(), name, run, tags)
+    return run.info.run_id, new_version(client, name, run, tags)
 
 
 def new_version(client, name: str, run, tags: dict[str, str]) -> str:

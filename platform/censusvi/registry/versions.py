@@ -1,9 +1,10 @@
 """Model versions that carry everything needed to serve them, and a gated alias promotion.
 
 A version's artifacts are ``model/`` (config.json + safetensors) and, for a servable version,
-``index/`` (FAISS + label table + the index's held-out label-transfer evaluation). Its evaluation
-metrics are the registering run's metrics named ``eval.*``; promotion compares them with the
-current alias holder's and refuses a worse candidate with the numbers. Every alias move is
+``index/`` (FAISS + label table + the index's held-out label-transfer evaluation), with an
+``MLmodel`` at their root: the version is an MLflow python_function model (registry/pyfunc.py).
+Its evaluation metrics are the registering run's metrics named ``eval.*``; promotion compares
+them with the current alias holder's and refuses a worse candidate with the numbers. Every alias move is
 appended to a registered-model tag (``alias_history.<alias>``), which is what ``rollback`` undoes.
 """
 
@@ -74,6 +75,7 @@ def register_version(
 
     from censusvi.annotate.index import load_index
     from censusvi.model.io import read_config
+    from censusvi.registry.pyfunc import log_mlmodel
 
     cfg = read_config(model_dir)  # refuses anything that is not a model directory
     if index_dir is not None:
@@ -93,6 +95,7 @@ def register_version(
         if metrics:
             mlflow.log_metrics(metrics)
         mlflow.set_tags({"git_commit": git_commit(), "model_dir": str(Path(model_dir).resolve())})
+    log_mlmodel(client, run.info.run_id, index_dir)
     prov = cfg.get("provenance", {})
     tags = {
         "source": str(prov.get("source")),
@@ -257,12 +260,15 @@ def add_to_version(
     """Log evaluation metrics (and an index, as ``index/``) to the run behind a registered
     version, after the fact: what the promotion gate compares and what serving needs.
     Returns (name, version)."""
+    from censusvi.registry.pyfunc import log_mlmodel
+
     name, _, _ = parse_model_uri(model_uri)
     version = resolve_version(model_uri, uri)
     client = _client(uri)
     run_id = client.get_model_version(name, version).run_id
     if index_dir is not None:
         client.log_artifacts(run_id, str(index_dir), artifact_path="index")
+        log_mlmodel(client, run_id, index_dir)  # the output schema: the index's label columns
         client.set_model_version_tag(name, version, "has_index", "true")
     for key, value in metrics.items():
         client.log_metric(run_id, key, float(value))

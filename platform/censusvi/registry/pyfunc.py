@@ -1,0 +1,193 @@
+"""Every registered version is also an MLflow model: ``mlflow models serve -m models:/NAME@ALIAS``.
+
+The run behind a version gets an ``MLmodel`` file at its artifact root (beside ``model/`` and,
+once attached, ``index/``): a ``python_function`` flavor whose loader is this module, found by
+import path. Nothing is pickled and no code is copied into the artifacts: ``_load_pyfunc`` reads
+the safetensors model and the FAISS index that the version already holds, so an index attached
+after registration is what ``predict`` searches (its ``MLmodel`` is rewritten then, with the label
+columns as the output schema).
+
+``predict`` takes a DataFrame of raw counts (one row per cell, one column per gene named by id or
+symbol, an optional ``batch`` column and the model's other covariate columns) and answers the
+label columns of ``censusvi annotate``, computed by the same function. The input has no schema:
+the genes are the caller's panel (ids or symbols, any subset the model can align), which a fixed
+column list would refuse or silently drop.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from censusvi.annotate.pipeline import (
+    DEFAULT_CLASS_BALANCE,
+    DEFAULT_K,
+    DEFAULT_UNKNOWN_THRESHOLD,
+    annotate,
+)
+from censusvi.annotate.transfer import label_columns
+
+BATCH_COLUMN = "batch"
+DEFAULT_BATCH = "query"  # every cell's batch when the input has no batch column (a new batch)
+
+
+def _params_schema():
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    return ParamSchema(
+        [
+            ParamSpec("k", "long", DEFAULT_K),
+            ParamSpec("unknown_threshold", "double", DEFAULT_UNKNOWN_THRESHOLD),
+            ParamSpec("class_balance", "double", DEFAULT_CLASS_BALANCE),
+        ]
+    )
+
+
+def signature(label_keys: list[str] | None):
+    """No input schema (see the module's note); the label columns out, once an index gives the
+    keys; ``annotate``'s options as parameters."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    outputs = None
+    if label_keys:
+        types = ("string", "double", "double")
+        outputs = Schema(
+            [
+                ColSpec(t, name)
+                for key in label_keys
+                for t, name in zip(types, label_columns(key), strict=True)
+            ]
+        )
+    return ModelSignature(inputs=None, outputs=outputs, params=_params_schema())
+
+
+def pip_requirements() -> list[str]:
+    """This censusvi (torch, faiss and pandas come with it) and the MLflow that wrote the model."""
+    import mlflow
+
+    from censusvi import __version__
+
+    return [f"censusvi[mlflow]=={__version__}", f"mlflow=={mlflow.__version__}"]
+
+
+def log_mlmodel(client, run_id: str, index_dir: str | os.PathLike | None) -> None:
+    """Write (or rewrite) the ``MLmodel`` and environment files at the root of ``run_id``'s
+    artifacts; the output schema names the label columns of ``index_dir``'s keys."""
+    import mlflow.pyfunc
+
+    label_keys = None
+    if index_dir is not None:
+        from censusvi.annotate.index import load_index
+
+        label_keys = list(load_index(index_dir).labels.columns)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # An input example would be a row of every gene, checked by a predict that needs an index.
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
+        path = Path(tmp) / "mlmodel"
+        mlflow.pyfunc.save_model(
+            path,
+            loader_module=__name__,
+            signature=signature(label_keys),
+            pip_requirements=pip_requirements(),
+        )
+        client.log_artifacts(run_id, str(path))
+
+
+class VersionModel:
+    """A loaded version: the model and (when the version has one) its index."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        from censusvi.annotate.index import load_index
+        from censusvi.model.io import load_model
+
+        root = Path(root)
+        self.model = load_model(root / "model" if (root / "model").is_dir() else root)
+        self.index = load_index(root / "index") if (root / "index").is_dir() else None
+
+    def predict(self, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        """The label columns of ``censusvi annotate`` for each row of ``model_input``; a bad
+        input is an MLflow INVALID_PARAMETER_VALUE (HTTP 400 from the scoring server)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return predict_labels(self.model, self.index, model_input, params)
+        except ValueError as e:
+            raise MlflowException.invalid_parameter_value(str(e)) from e
+
+
+def _load_pyfunc(path: str, model_config: dict | None = None) -> VersionModel:
+    """MLflow's loader hook: ``path`` is the downloaded version (``MLmodel``, ``model/``,
+    ``index/``)."""
+    return VersionModel(path)
+
+
+def predict_labels(model, index, frame, params: dict | None = None) -> pd.DataFrame:
+    """``annotate`` on the cells of ``frame``; one row per input row, in its order and index (a
+    cell with no counts over the model's genes is not mapped: its labels are missing)."""
+    if index is None:
+        raise ValueError(
+            "this model version has no index, so it cannot annotate: attach one (the embed job "
+            "with --model models:/NAME/VERSION) or register the model with "
+            "`censusvi models register MODEL --index DIR`"
+        )
+    options = {"k": DEFAULT_K, "unknown_threshold": DEFAULT_UNKNOWN_THRESHOLD}
+    options |= {"class_balance": DEFAULT_CLASS_BALANCE, **(params or {})}
+    adata = counts_anndata(model, frame)
+    out, _ = annotate(
+        model,
+        index,
+        adata,
+        BATCH_COLUMN,
+        k=int(options["k"]),
+        unknown_threshold=float(options["unknown_threshold"]),
+        class_balance=float(options["class_balance"]),
+    )
+    columns = [c for key in index.labels.columns for c in label_columns(key)]
+    labels = out.obs[columns].reindex(adata.obs_names)
+    for key in index.labels.columns:  # categories do not travel as JSON; strings do
+        predicted = label_columns(key)[0]
+        labels[predicted] = labels[predicted].astype(object).where(labels[predicted].notna(), None)
+    labels.index = frame.index
+    return labels
+
+
+def counts_anndata(model, frame):
+    """The cells of ``frame`` as the AnnData ``censusvi annotate`` reads: gene columns matched by
+    the model's id, else by its symbol; ``batch`` and the model's covariate columns as obs."""
+    import anndata as ad
+
+    from censusvi.data.counts import check_counts, to_csr32
+
+    if not isinstance(frame, pd.DataFrame):
+        raise ValueError(
+            f"the input is a {type(frame).__name__}; send a DataFrame (dataframe_split JSON) of "
+            "raw counts: one row per cell, one column per gene"
+        )
+    obs_keys = [BATCH_COLUMN, *model.covariate_keys]
+    genes = [c for c in frame.columns if c not in obs_keys]
+    if len(frame) == 0 or not genes:
+        raise ValueError(
+            f"the input has {len(frame)} rows and {len(genes)} gene columns; send one row per "
+            "cell and one column of raw counts per gene (named by id or symbol)"
+        )
+    ids = set(model.genes.ids)
+    by_symbol: dict[str, str] = {}
+    for gid, sym in zip(model.genes.ids, model.genes.symbols):
+        by_symbol.setdefault(sym, gid)
+    var_ids = [str(c) if str(c) in ids else by_symbol.get(str(c), str(c)) for c in genes]
+    x = to_csr32(frame[genes].to_numpy(), "the input's counts")
+    check_counts(x, "the input's counts")
+    obs = pd.DataFrame(index=[str(i) for i in range(len(frame))])
+    obs[BATCH_COLUMN] = (
+        frame[BATCH_COLUMN].astype(str).to_numpy() if BATCH_COLUMN in frame else DEFAULT_BATCH
+    )
+    for key in model.covariate_keys:
+        if key in frame:
+            obs[key] = frame[key].astype(str).to_numpy()
+    var = pd.DataFrame({"gene_ids": var_ids}, index=[str(j) for j in range(len(var_ids))])
+    return ad.AnnData(x, obs=obs, var=var)
