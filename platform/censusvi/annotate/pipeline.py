@@ -8,27 +8,46 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from censusvi import defaults
 from censusvi.annotate.index import LabelIndex, build_index
+from censusvi.annotate.majority import majority_vote, n_clusters, over_cluster
 from censusvi.annotate.transfer import transfer_labels
+from censusvi.data.h5ad import H5adSource
 from censusvi.data.soma import open_source
 from censusvi.inference import latent_representation
 from censusvi.mapping.query import MappedQuery, map_query
 from censusvi.mapping.surgery import SurgeryConfig
 from censusvi.model.io import TrainedModel
+from censusvi.outputs import (
+    LATENT_KEY,
+    OVER_CLUSTERING_COLUMN,
+    UNS_KEY,
+    majority_voting_column,
+    predicted_column,
+    probability_column,
+    uncertainty_column,
+)
 
-DEFAULT_K = 15  # scArches' default neighbour count
-DEFAULT_CLASS_BALANCE = 0.5  # divide votes by sqrt(reference label frequency): see transfer.py
+DEFAULT_K = defaults.K  # scArches' default neighbour count
+DEFAULT_CLASS_BALANCE = defaults.CLASS_BALANCE  # votes / sqrt(label frequency): see transfer.py
+IN_MEMORY = "<AnnData>"  # what an in-memory reference is called in the index's metadata
 
 
 def index_reference(
     model: TrainedModel,
-    data: str | os.PathLike,
+    data: str | os.PathLike | ad.AnnData,
     label_keys: list[str],
     obs_filter: str | None = None,
     faiss_device: str | None = None,
+    layer: str | None = None,
 ) -> LabelIndex:
-    """Embed the reference (an .h5ad or SOMA experiment of batches the model knows) and index it."""
-    source = open_source(str(data), obs_filter=obs_filter)
+    """Embed the reference (an .h5ad, a SOMA experiment or an in-memory AnnData, of batches the
+    model knows) and index it."""
+    if isinstance(data, ad.AnnData):
+        source = H5adSource(IN_MEMORY, obs_filter=obs_filter, layer=layer, adata=data)
+        data = IN_MEMORY
+    else:
+        source = open_source(str(data), obs_filter=obs_filter, layer=layer)
     missing = [k for k in label_keys if k not in source.obs.columns]
     if missing:
         raise ValueError(
@@ -69,7 +88,7 @@ def transfer_all(
     index: LabelIndex,
     latent: np.ndarray,
     k: int = DEFAULT_K,
-    unknown_threshold: float = 1.0,
+    unknown_threshold: float = defaults.UNKNOWN_THRESHOLD,
     class_balance: float = DEFAULT_CLASS_BALANCE,
 ) -> dict[str, pd.DataFrame]:
     """Weighted-kNN transfer of every label key of the index to each row of ``latent``."""
@@ -93,35 +112,48 @@ def annotate(
     adata: ad.AnnData,
     batch_key: str,
     k: int = DEFAULT_K,
-    unknown_threshold: float = 1.0,
+    unknown_threshold: float = defaults.UNKNOWN_THRESHOLD,
     surgery: SurgeryConfig | None = None,
     layer: str | None = None,
     class_balance: float = DEFAULT_CLASS_BALANCE,
+    latent_key: str = LATENT_KEY,
+    majority_voting: bool = False,
 ) -> tuple[ad.AnnData, MappedQuery]:
-    """Map the query, then transfer every label key of the index; returns the annotated cells."""
+    """Map the query, then transfer every label key of the index; returns the annotated cells
+    (``censusvi.outputs`` names what is written). ``majority_voting`` adds, per label key, each
+    over-cluster's majority label (``censusvi.annotate.majority``)."""
     if index.meta.get("dim") != model.config.n_latent:
         raise ValueError(
             f"the index holds {index.meta.get('dim')}-d embeddings but the model's latent is "
             f"{model.config.n_latent}-d: build the index with this model"
         )
     mapped = map_query(model, adata, batch_key, layer=layer, surgery=surgery)
-    out = mapped.annotated_copy(adata)
+    out = mapped.annotated_copy(adata, latent_key)
     for key, res in transfer_all(index, mapped.latent, k, unknown_threshold, class_balance).items():
-        out.obs[f"predicted_{key}"] = pd.Categorical(res["predicted"].to_numpy())
-        out.obs[f"{key}_probability"] = res["probability"].to_numpy()
-        out.obs[f"{key}_uncertainty"] = res["uncertainty"].to_numpy()
+        out.obs[predicted_column(key)] = pd.Categorical(res["predicted"].to_numpy())
+        out.obs[probability_column(key)] = res["probability"].to_numpy()
+        out.obs[uncertainty_column(key)] = res["uncertainty"].to_numpy()
+    voting = {}
+    if majority_voting:
+        clusters = over_cluster(mapped.latent)
+        out.obs[OVER_CLUSTERING_COLUMN] = pd.Categorical(clusters.astype(str))
+        for key in index.labels.columns:
+            voted = majority_vote(clusters, out.obs[predicted_column(key)].to_numpy())
+            out.obs[majority_voting_column(key)] = pd.Categorical(voted)
+        voting = {"majority_voting": {"n_clusters": n_clusters(len(mapped.latent))}}
     evaluation = {  # where the query carries true labels: how well the transfer did
         key: label_transfer_metrics(
             out.obs[key],
-            out.obs[f"predicted_{key}"],
-            out.obs[f"{key}_probability"],
+            out.obs[predicted_column(key)],
+            out.obs[probability_column(key)],
             set(index.labels[key]),
         )
         for key in index.labels.columns
         if key in out.obs.columns
     }
-    out.uns["censusvi"] = {
-        **out.uns["censusvi"],
+    out.uns[UNS_KEY] = {
+        **out.uns[UNS_KEY],
+        **voting,
         "k": k,
         "unknown_threshold": unknown_threshold,
         "class_balance": class_balance,
