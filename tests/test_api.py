@@ -194,3 +194,41 @@ def test_readme_python_quickstart_runs(shared_data, tmp_path, monkeypatch):
     assert q.obs["predicted_cell_type"].notna().all()
     assert load_model(tmp_path / "model").batch_keys == ("batch",)
     assert load_index(tmp_path / "index").meta["n_cells"] == ref.n_obs
+
+
+def test_cells_without_counts_get_nan_in_place(trained):
+    _, query, model, index, _ = trained
+    q = query.copy()
+    q.X[:3] = 0  # three cells without a single count: the library cannot map them
+    q.X.eliminate_zeros()
+    censusvi.annotate(q, model=model, index=index, batch_key="batch")
+    assert q.n_obs == query.n_obs and np.isnan(q.obsm["X_scvi"][:3]).all()
+    assert q.obs["predicted_cell_type"].iloc[:3].isna().all()
+    assert q.obs["predicted_cell_type"].iloc[3:].notna().all()
+    assert np.isfinite(q.obsm["X_scvi"][3:]).all()
+
+
+def test_subpackages_named_like_api_functions_call_them(tmp_path):
+    import types
+
+    import censusvi.annotate.pipeline  # noqa: F401  binds censusvi.annotate to the subpackage
+    import censusvi.report.build  # noqa: F401
+
+    assert isinstance(censusvi.annotate, types.ModuleType) and callable(censusvi.report)
+    with pytest.raises(ValueError, match="no index: pass index="):
+        censusvi.annotate(ad.AnnData(np.ones((2, 2), np.float32)), model=str(tmp_path))
+
+
+def test_pretrain_from_a_path_with_batch_keys_writes_the_cli_directory(shared_data, tmp_path):
+    a = ad.read_h5ad(shared_data / PBMC)[::6].copy()
+    a.write_h5ad(tmp_path / "small.h5ad")
+    model = censusvi.pretrain(
+        tmp_path / "small.h5ad", batch_keys=["batch", "assay"], out=tmp_path / "m",
+        max_epochs=1, n_latent=4, n_hidden=16, n_hvg=0,
+    )  # fmt: skip
+    assert model.batch_keys == ("batch", "assay")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.batch_categories == model.batch_categories and len(loaded.genes) == a.n_vars
+    assert loaded.provenance["source"] == str(tmp_path / "small.h5ad")
+    with pytest.raises(ValueError, match=r"unknown pretrain setting\(s\) \['n_latnet'\]"):
+        censusvi.pretrain(a, n_latnet=4)

@@ -154,14 +154,13 @@ def pretrain(
             f"unknown pretrain setting(s) {sorted(settings)}: use fields of DataConfig, "
             "ModelSettings or TrainConfig (censusvi.train.pretrain, censusvi.train.loop)"
         )
-    source = None
-    if isinstance(adata_or_path, ad.AnnData):
-        d = sections["data"]
-        source = H5adSource(IN_MEMORY, d.get("obs_filter"), d.get("layer"), adata=adata_or_path)
-        d["source"] = IN_MEMORY
-    else:
-        sections["data"]["source"] = str(adata_or_path)
+    in_memory = isinstance(adata_or_path, ad.AnnData)
+    sections["data"]["source"] = IN_MEMORY if in_memory else str(adata_or_path)
     cfg = load_pretrain_config(config, sections)
+    source = None
+    if in_memory:  # the config's filter and layer apply as to a file
+        d = cfg.data
+        source = H5adSource(IN_MEMORY, d.obs_filter, d.layer, adata=adata_or_path)
     model, _ = train(
         cfg, out, quiet=quiet, resume=out is not None, overwrite=overwrite, source=source
     )
