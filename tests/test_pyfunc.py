@@ -20,9 +20,10 @@ import scipy.sparse as sp
 
 from censusvi.annotate.index import save_index
 from censusvi.annotate.pipeline import index_reference
-from censusvi.annotate.transfer import UNKNOWN, label_columns
+from censusvi.annotate.transfer import UNKNOWN
 from censusvi.cli import main
 from censusvi.model.io import load_model
+from censusvi.outputs import label_columns
 from censusvi.registry.versions import add_to_version, evaluation_metrics, promote, register_version
 from conftest import simulated_adata
 

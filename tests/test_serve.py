@@ -84,9 +84,7 @@ def served(local_ray, registry):
         "registry_poll_s": 0.5,
         "max_cells": 500,
         "max_request_mb": 1,
-        "deployments": {
-            d: NO_CPU for d in ("Ingress", "Mapper", "Annotator", "Results")
-        },
+        "deployments": {d: NO_CPU for d in ("Ingress", "Mapper", "Annotator", "Results")},
     }
     serve.run(build_app(args), name="censusvi", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"

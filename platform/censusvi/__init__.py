@@ -1,7 +1,8 @@
 """censusvi: pretrain scVI on Census-scale single-cell corpora, map queries onto it, serve it.
 
 The package root stays import-light (the model core runs where only torch, numpy and scipy are
-installed); the user-facing functions below are imported on first use.
+installed); the user-facing functions below are imported on first use. ``censusvi.api`` holds
+the notebook API: pretrain, embed, build_index, annotate, map_query, de, impute, report.
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    **dict.fromkeys(
+        ("pretrain", "embed", "build_index", "annotate", "map_query", "de", "impute", "report"),
+        "censusvi.api",
+    ),
     "load_model": "censusvi.model.io",
     "save_model": "censusvi.model.io",
-    "embed": "censusvi.inference",
+    "load_index": "censusvi.annotate.index",
     "get_latent_representation": "censusvi.inference",
     "get_normalized_expression": "censusvi.inference",
 }

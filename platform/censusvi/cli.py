@@ -13,8 +13,11 @@ import logging
 import sys
 from typing import Any
 
+from censusvi import defaults
 from censusvi.atomic import check_output
+from censusvi.data.vocabulary import DEFAULT_MIN_OVERLAP
 from censusvi.extras import MissingExtra, needs_extras
+from censusvi.outputs import LATENT_KEY, UMAP_KEY, label_keys_of, predicted_column
 from censusvi.registry.mlflow_store import TRACKING_HELP, RegistryUnreachable
 from censusvi.registry.versions import PromotionRefused
 from censusvi.train.schedule import AUTO_CENSUS_MIN_CELLS
@@ -104,8 +107,10 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 def cmd_embed(a: argparse.Namespace) -> int:
     from censusvi.inference import embed
 
-    adata = embed(a.model, a.data, a.out, a.layer, a.batch_size, a.min_gene_overlap, a.overwrite)
-    print(f"wrote {a.out}: obsm['X_scvi'] {adata.obsm['X_scvi'].shape}")
+    adata = embed(
+        a.model, a.data, a.out, a.layer, a.batch_size, a.min_gene_overlap, a.overwrite, a.latent_key
+    )
+    print(f"wrote {a.out}: obsm[{a.latent_key!r}] {adata.obsm[a.latent_key].shape}")
     return 0
 
 
@@ -149,7 +154,7 @@ def cmd_map(a: argparse.Namespace) -> int:
     mq = map_query(
         load_model(a.model), adata, a.batch_key, a.layer, _surgery(a), a.min_gene_overlap
     )
-    write_h5ad_atomic(mq.annotated_copy(adata), a.out, a.overwrite)
+    write_h5ad_atomic(mq.annotated_copy(adata, a.latent_key), a.out, a.overwrite)
     if a.save_model:
         save_model(mq.model, a.save_model, a.overwrite)
     print(
@@ -193,10 +198,12 @@ def cmd_annotate(a: argparse.Namespace) -> int:
         _surgery(a),
         a.layer,
         a.class_balance,
+        a.latent_key,
+        a.majority_voting,
     )
     write_h5ad_atomic(out, a.out, a.overwrite)
-    keys = [c.removeprefix("predicted_") for c in out.obs.columns if c.startswith("predicted_")]
-    summary = {k: out.obs[f"predicted_{k}"].value_counts().head(10).to_dict() for k in keys}
+    keys = label_keys_of(out.obs.columns)
+    summary = {k: out.obs[predicted_column(k)].value_counts().head(10).to_dict() for k in keys}
     evaluation = out.uns["censusvi"]["evaluation"]
     print(
         json.dumps(
@@ -283,6 +290,9 @@ def cmd_report(a: argparse.Namespace) -> int:
         a.per_type,
         a.scib,
         a.overwrite,
+        a.latent_key,
+        a.umap_key if a.umap_out else None,
+        a.umap_out,
     )
     e = content["evaluation"] or {}
     print(
@@ -293,6 +303,7 @@ def cmd_report(a: argparse.Namespace) -> int:
                 "reference_cells_drawn": len(content["reference"]["x"]),
                 **{k: e[k] for k in ("accuracy", "macro_f1", "ece") if k in e},
                 **({"png_dir": str(a.png_dir)} if a.png_dir else {}),
+                **({"umap_out": str(a.umap_out), "umap_key": a.umap_key} if a.umap_out else {}),
             }
         )
     )
@@ -415,6 +426,14 @@ def out_args(
     s.set_defaults(out_kind=kind, out_inputs=inputs)
 
 
+def latent_key_arg(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--latent-key",
+        default=LATENT_KEY,
+        help=f"obsm key of the latent (default {LATENT_KEY}; scvi-tools uses X_scVI)",
+    )
+
+
 def faiss_device_arg(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--faiss-device",
@@ -492,17 +511,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_pretrain)
 
-    s = sub.add_parser("embed", help="write obsm['X_scvi'] for a dataset of known batches")
+    s = sub.add_parser("embed", help="write the latent (obsm) for a dataset of known batches")
     s.add_argument("--model", required=True)
     s.add_argument("--data", required=True)
     out_args(s, ".h5ad", ("model", "data"))
     s.add_argument("--layer")
-    s.add_argument("--batch-size", type=int, default=4096)
+    latent_key_arg(s)
+    s.add_argument("--batch-size", type=int, default=defaults.EMBED_BATCH_SIZE)
     s.add_argument(
         "--min-gene-overlap",
         type=float,
-        default=0.5,
-        help="fraction of the model's genes the data must have (default 0.5)",
+        default=DEFAULT_MIN_OVERLAP,
+        help=f"fraction of the model's genes the data must have (default {DEFAULT_MIN_OVERLAP})",
     )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_embed)
@@ -536,12 +556,18 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="train the new batch columns (default: only if the encoder reads the batch)",
         )
-        s.add_argument("--max-epochs", type=int, default=50, help="cap on surgery epochs")
+        s.add_argument(
+            "--max-epochs",
+            type=int,
+            default=defaults.SURGERY_MAX_EPOCHS,
+            help=f"cap on surgery epochs (default {defaults.SURGERY_MAX_EPOCHS})",
+        )
         s.add_argument("--quiet", action="store_true", help="no progress bar")
 
     s = sub.add_parser("map", help="map a query onto the reference latent space (scArches surgery)")
     query_args(s)
-    s.add_argument("--min-gene-overlap", type=float, default=0.5)
+    latent_key_arg(s)
+    s.add_argument("--min-gene-overlap", type=float, default=DEFAULT_MIN_OVERLAP)
     s.add_argument("--save-model", help="also write the mapped model (reference + query batches)")
     s.set_defaults(fn=cmd_map)
 
@@ -567,7 +593,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--layer", help="where counts are: a layer name or 'raw'")
     s.add_argument("--train", action=argparse.BooleanOptionalAction, default=None)
-    s.add_argument("--max-epochs", type=int, default=50, help="cap on surgery epochs (new batches)")
+    s.add_argument(
+        "--max-epochs",
+        type=int,
+        default=defaults.SURGERY_MAX_EPOCHS,
+        help="cap on surgery epochs (new batches)",
+    )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_de)
 
@@ -586,13 +617,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mapped", required=True, help="the .h5ad `censusvi annotate` wrote")
     s.add_argument("--reference", required=True, help="INDEX_DIR the query was annotated with")
     out_args(s, ".html", ("mapped", "reference", "scib"), "report.html")
+    s.set_defaults(extra_outs=(("umap_out", ".h5ad"),))
     s.add_argument("--png-dir", help="also write static PNGs here")
     s.add_argument("--label-key", help="which label to draw (default: the index's first)")
     s.add_argument(
         "--truth-key", help="obs column of true labels (default: the label key, if present)"
     )
     s.add_argument("--batch-key", help="obs column of batches (default: the one the mapping used)")
-    s.add_argument("--per-type", type=int, default=300, help="reference cells drawn per label")
+    s.add_argument(
+        "--per-type",
+        type=int,
+        default=defaults.REPORT_PER_TYPE,
+        help="reference cells drawn per label",
+    )
+    s.add_argument("--latent-key", help="obsm key of the latent (default: the one annotate wrote)")
+    s.add_argument(
+        "--umap-out",
+        help="also write the mapped .h5ad with each cell's place on the report's UMAP in obsm "
+        f"(--umap-key, default {UMAP_KEY})",
+    )
+    s.add_argument("--umap-key", default=UMAP_KEY, help="obsm key of --umap-out's UMAP")
     s.add_argument("--scib", help="scib.json from jobs/evaluate.py: the integration table")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_report)
@@ -611,19 +655,27 @@ def build_parser() -> argparse.ArgumentParser:
     query_args(s, ("model", "query", "index"))
     s.add_argument("--index", required=True, help="directory written by `censusvi index`")
     faiss_device_arg(s)
-    s.add_argument("--k", type=int, default=15)
+    latent_key_arg(s)
+    s.add_argument("--k", type=int, default=defaults.K)
     s.add_argument(
         "--unknown-threshold",
         type=float,
-        default=1.0,
+        default=defaults.UNKNOWN_THRESHOLD,
         help="uncertainty above which a cell is 'Unknown' (1.0: never)",
     )
     s.add_argument(
         "--class-balance",
         type=float,
-        default=0.5,
+        default=defaults.CLASS_BALANCE,
         help="divide each neighbour's vote by its label's reference frequency to this power "
-        "(0: plain weighted kNN as scArches; 1: uniform label prior; default 0.5)",
+        f"(0: plain weighted kNN as scArches; 1: uniform label prior; default "
+        f"{defaults.CLASS_BALANCE})",
+    )
+    s.add_argument(
+        "--majority-voting",
+        action="store_true",
+        help="also write KEY_majority_voting: each over-cluster's majority label (CellTypist's "
+        "majority voting; k-means with ceil(sqrt(cells)) clusters on the latent)",
     )
     s.set_defaults(fn=cmd_annotate)
 
@@ -701,6 +753,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "out_kind", None):  # before any work: what --out may replace
             inputs = [getattr(args, k) for k in args.out_inputs]
             check_output(args.out, args.out_kind, args.overwrite, inputs)
+            for flag, kind in getattr(args, "extra_outs", ()):
+                if getattr(args, flag):
+                    check_output(getattr(args, flag), kind, args.overwrite, [*inputs, args.out])
         command = " ".join(filter(None, (args.command, getattr(args, "models_command", None))))
         with needs_extras(f"censusvi {command}"):
             return args.fn(args)

@@ -20,6 +20,14 @@ from urllib3.util.retry import Retry
 
 from censusvi.data.counts import to_csr32
 from censusvi.data.h5ad import counts_matrix, gene_ids_and_symbols
+from censusvi.outputs import (
+    LATENT_KEY,
+    NLL_COLUMN,
+    UNS_KEY,
+    predicted_column,
+    probability_column,
+    uncertainty_column,
+)
 from censusvi.wire import ARROW, decode_result, encode_arrow_request
 
 RETRY_STATUS = (502, 503, 504)
@@ -152,15 +160,15 @@ class Client:
 def _annotated_copy(adata: ad.AnnData, answers: list[dict]) -> ad.AnnData:
     positions = np.concatenate([a["positions"] for a in answers])
     out = adata[positions].copy() if len(positions) < adata.n_obs else adata.copy()
-    out.obsm["X_scvi"] = np.concatenate([a["latent"] for a in answers]).astype(np.float32)
-    out.obs["censusvi_nll_per_count"] = np.concatenate([a["nll_per_count"] for a in answers])
+    out.obsm[LATENT_KEY] = np.concatenate([a["latent"] for a in answers]).astype(np.float32)
+    out.obs[NLL_COLUMN] = np.concatenate([a["nll_per_count"] for a in answers])
     for key in answers[0]["labels"]:
         frame = pd.concat([a["labels"][key] for a in answers], ignore_index=True)
-        out.obs[f"predicted_{key}"] = pd.Categorical(frame["predicted"].astype(str).to_numpy())
-        out.obs[f"{key}_probability"] = frame["probability"].to_numpy(np.float64)
-        out.obs[f"{key}_uncertainty"] = frame["uncertainty"].to_numpy(np.float64)
+        out.obs[predicted_column(key)] = pd.Categorical(frame["predicted"].astype(str).to_numpy())
+        out.obs[probability_column(key)] = frame["probability"].to_numpy(np.float64)
+        out.obs[uncertainty_column(key)] = frame["uncertainty"].to_numpy(np.float64)
     versions = sorted({str(a["model"]["version"]) for a in answers})
-    out.uns["censusvi"] = {
+    out.uns[UNS_KEY] = {
         "model": answers[0]["model"]["name"],
         "versions": versions,  # more than one when the alias moved between chunks
         "cells_mapped": int(len(positions)),

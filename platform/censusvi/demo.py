@@ -24,6 +24,7 @@ from censusvi.atomic import MARKER, OutputRefused, check_output
 from censusvi.cli import main as cli
 from censusvi.data.soma import harmonise
 from censusvi.evaluate.latent import per_group_scores
+from censusvi.outputs import LATENT_KEY
 
 CONFIG = "demo"  # the packaged config (censusvi/configs/demo.yaml)
 DEMO_MIN_OVERLAP = 0.3
@@ -72,7 +73,7 @@ def run(data: Path, out: Path, max_epochs: int | None = None, overwrite: bool = 
         a = ad.read_h5ad(embedded)
         results.update(
             per_group_scores(
-                a.obsm["X_scvi"], a.obs["cell_type"].to_numpy(), a.obs["dataset_id"].to_numpy()
+                a.obsm[LATENT_KEY], a.obs["cell_type"].to_numpy(), a.obs["dataset_id"].to_numpy()
             )
         )
     print(

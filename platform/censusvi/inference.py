@@ -18,8 +18,10 @@ from censusvi.atomic import write_atomic
 from censusvi.data.cells import Cells
 from censusvi.data.h5ad import H5adSource, read_h5ad
 from censusvi.data.vocabulary import DEFAULT_MIN_OVERLAP
+from censusvi.defaults import EMBED_BATCH_SIZE
 from censusvi.model.io import TrainedModel, load_model
 from censusvi.model.minibatch import minibatch_from_csr
+from censusvi.outputs import LATENT_KEY, UNS_KEY
 from censusvi.progress import bar
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ def _stream(
 
 
 def stream_latent(
-    model: TrainedModel, cells: Cells, batch_size: int = 4096, device: str = "cpu"
+    model: TrainedModel, cells: Cells, batch_size: int = EMBED_BATCH_SIZE, device: str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray]:
     """(positions of cells with counts, their latent means) for prepared cells."""
     return _stream(model, cells, batch_size, device, lambda v, mb: v.latent_mean(mb))
@@ -75,7 +77,7 @@ def stream_latent(
 def latent_representation(
     model: TrainedModel,
     source: H5adSource,
-    batch_size: int = 4096,
+    batch_size: int = EMBED_BATCH_SIZE,
     device: str = "cpu",
     min_overlap: float = DEFAULT_MIN_OVERLAP,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -88,7 +90,7 @@ def latent_representation(
 def get_latent_representation(
     model: TrainedModel,
     adata: ad.AnnData,
-    batch_size: int = 4096,
+    batch_size: int = EMBED_BATCH_SIZE,
     device: str = "cpu",
     layer: str | None = None,
 ) -> np.ndarray:
@@ -142,11 +144,12 @@ def embed(
     data: str | os.PathLike,
     out: str | os.PathLike,
     layer: str | None = None,
-    batch_size: int = 4096,
+    batch_size: int = EMBED_BATCH_SIZE,
     min_overlap: float = DEFAULT_MIN_OVERLAP,
     overwrite: bool = False,
+    latent_key: str = LATENT_KEY,
 ) -> ad.AnnData:
-    """``censusvi embed``: write ``obsm["X_scvi"]`` (latent means) for the file's cells."""
+    """``censusvi embed``: write ``obsm[latent_key]`` (latent means) for the file's cells."""
     model = load_model(model_dir)
     adata = read_h5ad(data)
     source = H5adSource(data, adata=adata, layer=layer)
@@ -159,7 +162,7 @@ def embed(
             adata.n_obs,
         )
         adata = adata[np.sort(pos)].copy()
-    adata.obsm["X_scvi"] = z[np.argsort(pos)].astype(np.float32)
-    adata.uns["censusvi"] = {"model": str(model_dir), "genes": report}
+    adata.obsm[latent_key] = z[np.argsort(pos)].astype(np.float32)
+    adata.uns[UNS_KEY] = {"model": str(model_dir), "genes": report, "latent_key": latent_key}
     write_h5ad_atomic(adata, out, overwrite)
     return adata

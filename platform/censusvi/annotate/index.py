@@ -110,6 +110,10 @@ class LabelIndex:
     def device(self) -> str:
         return "cpu" if self.gpu_resources is None else "gpu"
 
+    def save(self, out: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the index directory ``censusvi index`` writes (``save_index``)."""
+        return save_index(self, out, overwrite)
+
     def cpu_index(self) -> faiss.Index:
         """The index as it is written to disk."""
         return self.index if self.gpu_resources is None else faiss.index_gpu_to_cpu(self.index)

@@ -8,28 +8,44 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from censusvi import defaults
 from censusvi.annotate.index import LabelIndex, build_index
-from censusvi.annotate.transfer import label_columns, transfer_labels
+from censusvi.annotate.majority import majority_vote, n_clusters, over_cluster
+from censusvi.annotate.transfer import transfer_labels
+from censusvi.data.h5ad import H5adSource
 from censusvi.data.soma import open_source
 from censusvi.inference import latent_representation
 from censusvi.mapping.query import MappedQuery, map_query
 from censusvi.mapping.surgery import SurgeryConfig
 from censusvi.model.io import TrainedModel
+from censusvi.outputs import (
+    LATENT_KEY,
+    OVER_CLUSTERING_COLUMN,
+    UNS_KEY,
+    majority_voting_column,
+    predicted_column,
+    probability_column,
+    uncertainty_column,
+)
 
-DEFAULT_K = 15  # scArches' default neighbour count
-DEFAULT_CLASS_BALANCE = 0.5  # divide votes by sqrt(reference label frequency): see transfer.py
-DEFAULT_UNKNOWN_THRESHOLD = 1.0  # uncertainty above which a cell is 'Unknown' (1.0: never)
+IN_MEMORY = "<AnnData>"  # what an in-memory reference is called in the index's metadata
 
 
 def index_reference(
     model: TrainedModel,
-    data: str | os.PathLike,
+    data: str | os.PathLike | ad.AnnData,
     label_keys: list[str],
     obs_filter: str | None = None,
     faiss_device: str | None = None,
+    layer: str | None = None,
 ) -> LabelIndex:
-    """Embed the reference (an .h5ad or SOMA experiment of batches the model knows) and index it."""
-    source = open_source(str(data), obs_filter=obs_filter)
+    """Embed the reference (an .h5ad, a SOMA experiment or an in-memory AnnData, of batches the
+    model knows) and index it."""
+    if isinstance(data, ad.AnnData):
+        source = H5adSource(IN_MEMORY, obs_filter=obs_filter, layer=layer, adata=data)
+        data = IN_MEMORY
+    else:
+        source = open_source(str(data), obs_filter=obs_filter, layer=layer)
     missing = [k for k in label_keys if k not in source.obs.columns]
     if missing:
         raise ValueError(
@@ -43,7 +59,7 @@ def index_reference(
 
 
 def holdout_evaluation(
-    z: np.ndarray, labels: pd.DataFrame, fraction: float = 0.1, seed: int = 0, k: int = DEFAULT_K
+    z: np.ndarray, labels: pd.DataFrame, fraction: float = 0.1, seed: int = 0, k: int = defaults.K
 ) -> dict[str, dict]:
     """Label transfer from a random 90 % of the reference to the other 10 %: the index's own
     accuracy, macro-F1 and calibration, which the registry's promotion gate compares."""
@@ -69,9 +85,9 @@ def holdout_evaluation(
 def transfer_all(
     index: LabelIndex,
     latent: np.ndarray,
-    k: int = DEFAULT_K,
-    unknown_threshold: float = DEFAULT_UNKNOWN_THRESHOLD,
-    class_balance: float = DEFAULT_CLASS_BALANCE,
+    k: int = defaults.K,
+    unknown_threshold: float = defaults.UNKNOWN_THRESHOLD,
+    class_balance: float = defaults.CLASS_BALANCE,
 ) -> dict[str, pd.DataFrame]:
     """Weighted-kNN transfer of every label key of the index to each row of ``latent``."""
     dist, idx = index.search(latent, k)
@@ -93,37 +109,49 @@ def annotate(
     index: LabelIndex,
     adata: ad.AnnData,
     batch_key: str,
-    k: int = DEFAULT_K,
-    unknown_threshold: float = DEFAULT_UNKNOWN_THRESHOLD,
+    k: int = defaults.K,
+    unknown_threshold: float = defaults.UNKNOWN_THRESHOLD,
     surgery: SurgeryConfig | None = None,
     layer: str | None = None,
-    class_balance: float = DEFAULT_CLASS_BALANCE,
+    class_balance: float = defaults.CLASS_BALANCE,
+    latent_key: str = LATENT_KEY,
+    majority_voting: bool = False,
 ) -> tuple[ad.AnnData, MappedQuery]:
-    """Map the query, then transfer every label key of the index; returns the annotated cells."""
+    """Map the query, then transfer every label key of the index; returns the annotated cells
+    (``censusvi.outputs`` names what is written). ``majority_voting`` adds, per label key, each
+    over-cluster's majority label (``censusvi.annotate.majority``)."""
     if index.meta.get("dim") != model.config.n_latent:
         raise ValueError(
             f"the index holds {index.meta.get('dim')}-d embeddings but the model's latent is "
             f"{model.config.n_latent}-d: build the index with this model"
         )
     mapped = map_query(model, adata, batch_key, layer=layer, surgery=surgery)
-    out = mapped.annotated_copy(adata)
+    out = mapped.annotated_copy(adata, latent_key)
     for key, res in transfer_all(index, mapped.latent, k, unknown_threshold, class_balance).items():
-        predicted, probability, uncertainty = label_columns(key)
-        out.obs[predicted] = pd.Categorical(res["predicted"].to_numpy())
-        out.obs[probability] = res["probability"].to_numpy()
-        out.obs[uncertainty] = res["uncertainty"].to_numpy()
+        out.obs[predicted_column(key)] = pd.Categorical(res["predicted"].to_numpy())
+        out.obs[probability_column(key)] = res["probability"].to_numpy()
+        out.obs[uncertainty_column(key)] = res["uncertainty"].to_numpy()
+    voting = {}
+    if majority_voting:
+        clusters = over_cluster(mapped.latent)
+        out.obs[OVER_CLUSTERING_COLUMN] = pd.Categorical(clusters.astype(str))
+        for key in index.labels.columns:
+            voted = majority_vote(clusters, out.obs[predicted_column(key)].to_numpy())
+            out.obs[majority_voting_column(key)] = pd.Categorical(voted)
+        voting = {"majority_voting": {"n_clusters": n_clusters(len(mapped.latent))}}
     evaluation = {  # where the query carries true labels: how well the transfer did
         key: label_transfer_metrics(
             out.obs[key],
-            out.obs[label_columns(key)[0]],
-            out.obs[label_columns(key)[1]],
+            out.obs[predicted_column(key)],
+            out.obs[probability_column(key)],
             set(index.labels[key]),
         )
         for key in index.labels.columns
         if key in out.obs.columns
     }
-    out.uns["censusvi"] = {
-        **out.uns["censusvi"],
+    out.uns[UNS_KEY] = {
+        **out.uns[UNS_KEY],
+        **voting,
         "k": k,
         "unknown_threshold": unknown_threshold,
         "class_balance": class_balance,

@@ -20,12 +20,6 @@ import pandas as pd
 UNKNOWN = "Unknown"
 
 
-def label_columns(key: str) -> tuple[str, str, str]:
-    """The annotated cells' columns for one label key: predicted label, its probability and
-    uncertainty (what `censusvi annotate` writes to obs and the MLflow model answers)."""
-    return f"predicted_{key}", f"{key}_probability", f"{key}_uncertainty"
-
-
 def kernel_weights(distances: np.ndarray) -> np.ndarray:
     std = distances.std(axis=1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):

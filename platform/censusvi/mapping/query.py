@@ -13,9 +13,11 @@ from censusvi.data.cells import Cells
 from censusvi.data.h5ad import H5adSource
 from censusvi.data.source import codes_in
 from censusvi.data.vocabulary import DEFAULT_MIN_OVERLAP, GeneAlignment
+from censusvi.defaults import EMBED_BATCH_SIZE
 from censusvi.mapping.surgery import SurgeryConfig, extend_batches, query_batches, train_new_columns
 from censusvi.model.io import TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
+from censusvi.outputs import LATENT_KEY, NLL_COLUMN, UNS_KEY
 from censusvi.progress import bar
 
 log = logging.getLogger(__name__)
@@ -29,13 +31,18 @@ class MappedQuery:
     nll_per_count: np.ndarray  # reconstruction QC: -log p(x | z) / total counts, per cell
     report: dict
 
-    def annotated_copy(self, adata: ad.AnnData) -> ad.AnnData:
-        """The mapped cells of ``adata`` with ``obsm["X_scvi"]``, the QC column and the report."""
+    def annotated_copy(self, adata: ad.AnnData, latent_key: str = LATENT_KEY) -> ad.AnnData:
+        """The mapped cells of ``adata`` with ``obsm[latent_key]``, the QC column and the report
+        (which names ``latent_key``, so that ``censusvi report`` finds the latent)."""
         out = adata[self.positions].copy() if len(self.positions) < adata.n_obs else adata.copy()
-        out.obsm["X_scvi"] = self.latent.astype(np.float32)
-        out.obs["censusvi_nll_per_count"] = self.nll_per_count
-        out.uns["censusvi"] = dict(self.report)
+        out.obsm[latent_key] = self.latent.astype(np.float32)
+        out.obs[NLL_COLUMN] = self.nll_per_count
+        out.uns[UNS_KEY] = self.uns(latent_key)
         return out
+
+    def uns(self, latent_key: str = LATENT_KEY) -> dict:
+        """The ``uns["censusvi"]`` entry: the mapping report and where the latent is."""
+        return {**self.report, "latent_key": latent_key}
 
 
 @dataclass
@@ -107,7 +114,9 @@ def map_query(
     pos_parts, z_parts, nll_parts = [], [], []
     device = next(model.vae.parameters()).device  # surgery trains on the CPU; mapping runs here
     vae = mapped.vae.to(device).eval()
-    for pos, x, c in bar(cells.minibatches(4096, shuffle=False), desc="map", unit="batch"):
+    for pos, x, c in bar(
+        cells.minibatches(EMBED_BATCH_SIZE, shuffle=False), desc="map", unit="batch"
+    ):
         if not len(pos):
             continue  # every cell of this minibatch had zero counts and was dropped
         mb = minibatch_from_csr(x, c, device, with_counts=vae.needs_dense_counts)

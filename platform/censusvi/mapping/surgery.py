@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from censusvi.defaults import SURGERY_MAX_EPOCHS
 from censusvi.model.io import TrainedModel
 from censusvi.model.layers import InjectedLinear
 from censusvi.model.vae import VAE
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SurgeryConfig:
-    max_epochs: int = 50  # scvi-tools allows up to 400 on a small query; early stopping ends sooner
+    max_epochs: int = SURGERY_MAX_EPOCHS  # scvi-tools allows up to 400 on a small query; early stopping ends sooner
     lr: float = 1e-3
     batch_size: int = 1024
     patience: int = 5

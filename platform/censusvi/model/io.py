@@ -63,6 +63,10 @@ class TrainedModel:
     def config(self) -> ModelConfig:
         return self.vae.cfg
 
+    def save(self, out: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the model directory ``censusvi pretrain`` writes (``save_model``)."""
+        return save_model(self, out, overwrite)
+
     def covariate_codes(self, obs, where: str) -> np.ndarray:
         """(n, 1 + k) codes: the batch (from ``batch_keys``) then each extra covariate."""
         from censusvi.data.source import codes_in  # pandas: not in the model core

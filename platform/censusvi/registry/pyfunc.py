@@ -23,15 +23,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from censusvi.annotate.pipeline import (
-    DEFAULT_CLASS_BALANCE,
-    DEFAULT_K,
-    DEFAULT_UNKNOWN_THRESHOLD,
-    annotate,
-)
-from censusvi.annotate.transfer import label_columns
+from censusvi import defaults
+from censusvi.annotate.pipeline import annotate
+from censusvi.outputs import label_columns
 
-BATCH_COLUMN = "batch"
+BATCH_COLUMN = "batch"  # the input frame's optional batch column (a contract of predict)
 DEFAULT_BATCH = "query"  # every cell's batch when the input has no batch column (a new batch)
 
 
@@ -40,9 +36,9 @@ def _params_schema():
 
     return ParamSchema(
         [
-            ParamSpec("k", "long", DEFAULT_K),
-            ParamSpec("unknown_threshold", "double", DEFAULT_UNKNOWN_THRESHOLD),
-            ParamSpec("class_balance", "double", DEFAULT_CLASS_BALANCE),
+            ParamSpec("k", "long", defaults.K),
+            ParamSpec("unknown_threshold", "double", defaults.UNKNOWN_THRESHOLD),
+            ParamSpec("class_balance", "double", defaults.CLASS_BALANCE),
         ]
     )
 
@@ -135,8 +131,8 @@ def predict_labels(model, index, frame, params: dict | None = None) -> pd.DataFr
             "with --model models:/NAME/VERSION) or register the model with "
             "`censusvi models register MODEL --index DIR`"
         )
-    options = {"k": DEFAULT_K, "unknown_threshold": DEFAULT_UNKNOWN_THRESHOLD}
-    options |= {"class_balance": DEFAULT_CLASS_BALANCE, **(params or {})}
+    options = {"k": defaults.K, "unknown_threshold": defaults.UNKNOWN_THRESHOLD}
+    options |= {"class_balance": defaults.CLASS_BALANCE, **(params or {})}
     adata = counts_anndata(model, frame)
     out, _ = annotate(
         model,

@@ -7,25 +7,43 @@ import os
 from pathlib import Path
 
 import anndata as ad
+import numpy as np
 
-from censusvi.annotate.index import load_index
+from censusvi.annotate.index import LabelIndex, load_index
 from censusvi.atomic import write_atomic
+from censusvi.defaults import REPORT_PER_TYPE
+from censusvi.outputs import (
+    LATENT_KEY,
+    UNS_KEY,
+    predicted_column,
+    probability_column,
+    uncertainty_column,
+)
 from censusvi.progress import bar
 from censusvi.report.content import report_content
 from censusvi.report.layout import fit_reference_layout
 from censusvi.report.page import render_page
 
 
-def mapped_cells_table(adata: ad.AnnData, label_key: str, batch_key: str | None):
+def latent_key_of(adata: ad.AnnData, latent_key: str | None = None) -> str:
+    """The obsm key of the latent: ``latent_key``, else the one annotate recorded in uns."""
+    return latent_key or adata.uns.get(UNS_KEY, {}).get("latent_key", LATENT_KEY)
+
+
+def mapped_cells_table(
+    adata: ad.AnnData, label_key: str, batch_key: str | None, latent_key: str | None = None
+):
     """The per-cell columns a report draws, with the batch under a fixed name."""
-    needed = [f"predicted_{label_key}", f"{label_key}_probability", f"{label_key}_uncertainty"]
+    needed = [predicted_column(label_key), probability_column(label_key)]
+    needed.append(uncertainty_column(label_key))
     missing = [c for c in needed if c not in adata.obs.columns]
-    if missing or "X_scvi" not in adata.obsm:
+    latent = latent_key_of(adata, latent_key)
+    if missing or latent not in adata.obsm:
         raise ValueError(
-            f"{missing or ['obsm X_scvi']} missing: the report reads the output of "
+            f"{missing or [f'obsm {latent}']} missing: the report reads the output of "
             "`censusvi annotate` (or the Serve app), which writes them"
         )
-    key = batch_key or adata.uns.get("censusvi", {}).get("batch_key")
+    key = batch_key or adata.uns.get(UNS_KEY, {}).get("batch_key")
     if key is None or key not in adata.obs.columns:
         raise ValueError(f"batch column {key!r} not in obs: pass --batch-key")
     cells = adata.obs.copy()
@@ -34,33 +52,43 @@ def mapped_cells_table(adata: ad.AnnData, label_key: str, batch_key: str | None)
 
 
 def build_report(
-    mapped: str | os.PathLike,
-    index_dir: str | os.PathLike,
+    mapped: str | os.PathLike | ad.AnnData,
+    index_dir: str | os.PathLike | LabelIndex,
     out: str | os.PathLike,
     label_key: str | None = None,
     truth_key: str | None = None,
     batch_key: str | None = None,
     png_dir: str | os.PathLike | None = None,
-    per_type: int = 300,
+    per_type: int = REPORT_PER_TYPE,
     scib: str | os.PathLike | None = None,
     overwrite: bool = False,
+    latent_key: str | None = None,
+    umap_key: str | None = None,
+    umap_out: str | os.PathLike | None = None,
 ) -> dict:
-    adata = ad.read_h5ad(mapped)
-    index = load_index(index_dir)
+    """Write the report page; ``mapped`` is annotate's output (a path or the AnnData itself),
+    ``index_dir`` the index it was annotated with. ``umap_key``: also store the query's place
+    on the report's UMAP in ``obsm[umap_key]`` of the AnnData (changed in place when given as
+    one); ``umap_out``: then write that AnnData to this .h5ad."""
+    adata = mapped if isinstance(mapped, ad.AnnData) else ad.read_h5ad(mapped)
+    index = index_dir if isinstance(index_dir, LabelIndex) else load_index(index_dir)
     key = label_key or index.labels.columns[0]
-    cells = mapped_cells_table(adata, key, batch_key)
+    cells = mapped_cells_table(adata, key, batch_key, latent_key)
     truth = truth_key or (key if key in adata.obs.columns else None)
-    uns = adata.uns.get("censusvi", {})
+    uns = adata.uns.get(UNS_KEY, {})
     mapping = {
         k: uns[k] for k in ("genes", "cells_per_batch", "new_batches", "cells_mapped") if k in uns
     }
+    name = "AnnData" if isinstance(mapped, ad.AnnData) else Path(mapped).name
+    latent = adata.obsm[latent_key_of(adata, latent_key)]
     with bar(total=2, desc="report", unit="step") as progress:
         layout = fit_reference_layout(index, key, per_type)  # the UMAP: most of the time
+        xy = layout.place(latent)
         progress.update(1)
         content = report_content(
-            cells, adata.obsm["X_scvi"], layout, key, mapping, truth,
+            cells, latent, layout, key, mapping, truth,
             json.loads(Path(scib).read_text()) if scib else uns.get("scib"),
-            title=f"censusvi mapping report: {Path(mapped).name}",
+            title=f"censusvi mapping report: {name}", xy=xy,
         )  # fmt: skip
         progress.update(1)
     page = render_page(content)
@@ -69,4 +97,10 @@ def build_report(
         from censusvi.report.figures import write_pngs
 
         write_pngs(content, png_dir)
+    if umap_key:
+        adata.obsm[umap_key] = np.asarray(xy, dtype=np.float32)
+        if umap_out:
+            from censusvi.inference import write_h5ad_atomic
+
+            write_h5ad_atomic(adata, umap_out, overwrite)
     return content

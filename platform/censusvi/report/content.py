@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from censusvi.annotate.pipeline import label_transfer_metrics
+from censusvi.outputs import NLL_COLUMN, predicted_column, probability_column, uncertainty_column
 from censusvi.report.layout import ReferenceLayout
 
 
@@ -76,12 +77,14 @@ def report_content(
     truth_key: str | None = None,
     scib: list[dict] | None = None,
     title: str = "censusvi mapping report",
+    xy: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """``cells``: one row per query cell with ``predicted_KEY``, ``KEY_probability``,
-    ``KEY_uncertainty``, ``batch`` and optionally ``censusvi_nll_per_count`` and the truth."""
-    xy = layout.place(latent)
-    predicted = cells[f"predicted_{label_key}"].astype(str).to_numpy()
-    probability = cells[f"{label_key}_probability"].to_numpy(dtype=float)
+    ``KEY_uncertainty``, ``batch`` and optionally ``censusvi_nll_per_count`` and the truth.
+    ``xy``: the query's place on the layout, if already computed (else ``layout.place``)."""
+    xy = layout.place(latent) if xy is None else xy
+    predicted = cells[predicted_column(label_key)].astype(str).to_numpy()
+    probability = cells[probability_column(label_key)].to_numpy(dtype=float)
     counts = (
         pd.DataFrame({"label": predicted, "probability": probability})
         .groupby("label")["probability"]
@@ -89,8 +92,8 @@ def report_content(
         .sort_values("size", ascending=False)
     )
     qc = None
-    if "censusvi_nll_per_count" in cells:
-        nll = cells["censusvi_nll_per_count"].to_numpy(dtype=float)
+    if NLL_COLUMN in cells:
+        nll = cells[NLL_COLUMN].to_numpy(dtype=float)
         qc = {q: float(np.quantile(nll, float(q))) for q in ("0.05", "0.5", "0.95")}
     content: dict[str, Any] = {
         "title": title,
@@ -106,7 +109,7 @@ def report_content(
             "y": xy[:, 1].round(3).tolist(),
             "predicted": predicted.tolist(),
             "probability": probability.round(4).tolist(),
-            "uncertainty": cells[f"{label_key}_uncertainty"].to_numpy(float).round(4).tolist(),
+            "uncertainty": cells[uncertainty_column(label_key)].to_numpy(float).round(4).tolist(),
             "batch": cells["batch"].astype(str).tolist(),
         },
         "mapping": jsonable(mapping),

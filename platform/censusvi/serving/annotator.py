@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from censusvi.outputs import NLL_COLUMN, predicted_column, probability_column, uncertainty_column
 from censusvi.serving.grouping import error, groups, split_labels
 from censusvi.serving.settings import Settings, current_version
 from censusvi.serving.versions import VersionCache, VersionFetcher
@@ -80,11 +81,11 @@ class IndexHost:
         frame = item["labels"][key]
         cells = pd.DataFrame(
             {
-                f"predicted_{key}": frame["predicted"].to_numpy(),
-                f"{key}_probability": frame["probability"].to_numpy(),
-                f"{key}_uncertainty": frame["uncertainty"].to_numpy(),
+                predicted_column(key): frame["predicted"].to_numpy(),
+                probability_column(key): frame["probability"].to_numpy(),
+                uncertainty_column(key): frame["uncertainty"].to_numpy(),
                 "batch": item["batch"],
-                "censusvi_nll_per_count": item["nll_per_count"],
+                NLL_COLUMN: item["nll_per_count"],
             }
         )
         title = (

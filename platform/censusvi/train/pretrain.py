@@ -218,12 +218,15 @@ def plan_from(
     categories: tuple[str, ...] | None = None,
     extra_cats: tuple[tuple[str, ...], ...] | None = None,
     hvg_reducer=None,
+    source: CellSource | None = None,
 ) -> RunPlan:
-    """The run's plan; genes and categories are chosen here unless given (as in a worker)."""
+    """The run's plan; genes and categories are chosen here unless given (as in a worker).
+    ``source``: cells already open (an in-memory AnnData's ``H5adSource``) instead of
+    ``cfg.data.source``, which then only names them."""
     d, t = cfg.data, cfg.train
-    if not d.source:
+    if source is None and not d.source:
         raise ValueError("no data source: pass --source PATH (an .h5ad file or a SOMA experiment)")
-    source = open_source(
+    source = source or open_source(
         d.source,
         obs_filter=d.obs_filter,
         layer=d.layer,
@@ -287,14 +290,17 @@ def warn_if_undertrained(plan: RunPlan, history: History, workers: int = 1) -> d
 
 def pretrain(
     cfg: PretrainConfig,
-    out: str | os.PathLike,
+    out: str | os.PathLike | None,
     quiet: bool = False,
     resume: bool = True,
     overwrite: bool = False,
+    source: CellSource | None = None,
 ) -> tuple[TrainedModel, History]:
+    """Train and save to ``out`` (None: keep the model in memory only, without checkpoints);
+    ``source`` as in ``plan_from``."""
     from tqdm.auto import tqdm
 
-    plan = plan_from(cfg)
+    plan = plan_from(cfg, source=source)
     cfg, t = plan.cfg, plan.cfg.train
     log.info("training schedule %s", schedule.describe(plan.schedule_record()))
     genes, source = plan.genes, plan.source
@@ -329,7 +335,7 @@ def pretrain(
         "batches": list(plan.categories),
         "n_cells": len(source.obs),
     }
-    ckpt = CheckpointStore(Path(f"{out}.checkpoint"), fingerprint) if resume else None
+    ckpt = CheckpointStore(Path(f"{out}.checkpoint"), fingerprint) if resume and out else None
     bar = tqdm(total=t.max_epochs, desc="pretrain", unit="epoch", disable=True if quiet else None)
 
     def progress(s: EpochStats) -> None:
@@ -347,7 +353,8 @@ def pretrain(
     )
     bar.close()
     trained = plan.trained_model(vae, history, warn_if_undertrained(plan, history))
-    save_model(trained, out, overwrite)
+    if out is not None:
+        save_model(trained, out, overwrite)
     if ckpt is not None:
         ckpt.remove()
     return trained, history
