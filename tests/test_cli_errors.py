@@ -40,30 +40,30 @@ def test_mlflow_errors_and_their_subclasses_are_one_line(monkeypatch, capsys):
         {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "Registered Model\n  'x' not found"}
     )
     for error in (rest, MlflowException("bad URI:\n\tno scheme\n")):
-        monkeypatch.setattr(cli, "cmd_info", failing(error))
+        monkeypatch.setattr(cli.commands, "cmd_info", failing(error))
         rc, err = run(capsys, "info", "models:/x/1")
         assert rc == 2 and err.count("\n") == 1, err
     assert err == "censusvi: error: bad URI: no scheme\n"
-    monkeypatch.setattr(cli, "cmd_info", failing(rest))
+    monkeypatch.setattr(cli.commands, "cmd_info", failing(rest))
     assert run(capsys, "info", "models:/x/1")[1] == (
         "censusvi: error: RESOURCE_DOES_NOT_EXIST: Registered Model 'x' not found\n"
     )
 
 
 def test_a_multi_line_user_error_prints_as_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "cmd_info", failing(ValueError("first\nsecond\n\nthird")))
+    monkeypatch.setattr(cli.commands, "cmd_info", failing(ValueError("first\nsecond\n\nthird")))
     assert run(capsys, "info", "m") == (2, "censusvi: error: first second third\n")
-    monkeypatch.setattr(cli, "cmd_info", failing(KeyError("no key 'k'\n  in config.json")))
+    monkeypatch.setattr(cli.commands, "cmd_info", failing(KeyError("no key 'k'\n  in config.json")))
     assert run(capsys, "info", "m") == (2, "censusvi: error: no key 'k' in config.json\n")
 
 
 def test_other_errors_and_verbose_keep_the_traceback(monkeypatch):
     from mlflow.exceptions import RestException
 
-    monkeypatch.setattr(cli, "cmd_info", failing(RuntimeError("a bug")))
+    monkeypatch.setattr(cli.commands, "cmd_info", failing(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["info", "m"])
-    monkeypatch.setattr(cli, "cmd_info", failing(RestException({"message": "denied"})))
+    monkeypatch.setattr(cli.commands, "cmd_info", failing(RestException({"message": "denied"})))
     with pytest.raises(RestException):
         cli.main(["--verbose", "info", "m"])
 

@@ -117,21 +117,25 @@ def _put_rows(adata: ad.AnnData, positions: np.ndarray, obs: pd.DataFrame, obsm:
 
 @_entrance
 def pretrain(
-    adata_or_path: ad.AnnData | str | os.PathLike,
-    batch_key: str = defaults.BATCH_KEY,
+    adata_or_path: ad.AnnData | str | os.PathLike | None,
+    batch_key: str | None = defaults.BATCH_KEY,
     *,
     batch_keys: list[str] | tuple[str, ...] | None = None,
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     config: str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
     quiet: bool = True,
+    resume: bool = True,
     **settings: Any,
 ) -> TrainedModel:
-    """Train an scVI reference model on an AnnData (or an .h5ad / SOMA path); the batch is
-    ``batch_key`` (or the concatenation of ``batch_keys``). ``settings``: any field of the data,
-    model or train section of a pretrain config (``n_hvg=2000``, ``n_latent=10``,
-    ``max_epochs=50``, ...), over the packaged or YAML ``config``. ``out``: also write the model
-    directory there (with checkpoints, as ``censusvi pretrain --out``)."""
+    """Train an scVI reference model on an AnnData (or an .h5ad / SOMA path; None: the
+    ``config``'s source); the batch is ``batch_key`` (or the concatenation of ``batch_keys``;
+    None: the config's). ``settings``: any field of the data, model or train section of a
+    pretrain config (``n_hvg=2000``, ``n_latent=10``, ``max_epochs=50``, ``schedule="census"``,
+    ...), over the packaged or YAML ``config`` and its ``overrides`` (``"train.lr=0.001"``).
+    ``out``: also write the model directory there (with checkpoints, resumed from when
+    ``resume``, as ``censusvi pretrain --out``)."""
     import anndata as ad
 
     from censusvi.data.h5ad import H5adSource
@@ -143,8 +147,10 @@ def pretrain(
     )
     from censusvi.train.pretrain import pretrain as train
 
-    keys = tuple(batch_keys) if batch_keys is not None else (batch_key,)
-    sections: dict[str, dict[str, Any]] = {"data": {"batch_keys": keys}, "model": {}, "train": {}}
+    keys = tuple(batch_keys) if batch_keys is not None else (batch_key,) if batch_key else None
+    sections: dict[str, dict[str, Any]] = {"data": {}, "model": {}, "train": {}}
+    if keys is not None:
+        sections["data"]["batch_keys"] = keys
     for name, cls in (("data", DataConfig), ("model", ModelSettings), ("train", TrainConfig)):
         for f in fields(cls):
             if f.name in settings:
@@ -155,14 +161,20 @@ def pretrain(
             "ModelSettings or TrainConfig (censusvi.train.pretrain, censusvi.train.loop)"
         )
     in_memory = isinstance(adata_or_path, ad.AnnData)
-    sections["data"]["source"] = IN_MEMORY if in_memory else str(adata_or_path)
-    cfg = load_pretrain_config(config, sections)
+    if adata_or_path is not None:
+        sections["data"]["source"] = IN_MEMORY if in_memory else str(adata_or_path)
+    cfg = load_pretrain_config(config, sections, list(overrides))
+    if out is not None:  # never over the data or the config it was read from
+        from censusvi.atomic import check_output
+        from censusvi.config_files import locate
+
+        check_output(out, "model", overwrite, (cfg.data.source, locate(config) if config else None))
     source = None
     if in_memory:  # the config's filter and layer apply as to a file
         d = cfg.data
         source = H5adSource(IN_MEMORY, d.obs_filter, d.layer, adata=adata_or_path)
     model, _ = train(
-        cfg, out, quiet=quiet, resume=out is not None, overwrite=overwrite, source=source
+        cfg, out, quiet=quiet, resume=resume and out is not None, overwrite=overwrite, source=source
     )
     return model
 
@@ -176,15 +188,17 @@ def embed(
     layer: str | None = None,
     batch_size: int = defaults.EMBED_BATCH_SIZE,
     min_gene_overlap: float | None = None,
+    name: str = IN_MEMORY,
 ) -> None:
     """Latent means of cells whose batches the model knows, into ``adata.obsm[key_added]``
-    (``censusvi embed``); for new batches use ``map_query``."""
+    (``censusvi embed``); for new batches use ``map_query``. ``name``: what errors call the
+    data (the CLI passes the file's path)."""
     from censusvi.data.h5ad import H5adSource
     from censusvi.data.vocabulary import DEFAULT_MIN_OVERLAP
     from censusvi.inference import latent_representation
 
     m = _model(model)
-    source = H5adSource(IN_MEMORY, layer=layer, adata=adata)
+    source = H5adSource(name, layer=layer, adata=adata)
     overlap = DEFAULT_MIN_OVERLAP if min_gene_overlap is None else min_gene_overlap
     pos, z, report = latent_representation(m, source, batch_size, min_overlap=overlap)
     _put_rows(adata, pos, pd.DataFrame(index=pos), {key_added: z})

@@ -12,6 +12,7 @@ stack), becomes ``MissingExtra``, which the CLI prints on one line and exits 2::
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 from collections.abc import Iterator
 
@@ -89,10 +90,18 @@ def missing_extra(error: ModuleNotFoundError, what: str) -> MissingExtra | None:
     return MissingExtra(what, extra, error.name)
 
 
+_ENTRANCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("entrance", default=None)
+
+
 @contextlib.contextmanager
 def needs_extras(what: str) -> Iterator[None]:
     """Turn a ``ModuleNotFoundError`` of an extra's module inside the block into ``MissingExtra``
-    naming ``what`` (e.g. "censusvi models list")."""
+    naming ``what`` (e.g. "censusvi models list"). Nested blocks leave it to the outermost, the
+    entrance the user called (``censusvi report`` calls ``censusvi.report()``)."""
+    if _ENTRANCE.get() is not None:
+        yield
+        return
+    token = _ENTRANCE.set(what)
     try:
         yield
     except ModuleNotFoundError as e:
@@ -100,6 +109,8 @@ def needs_extras(what: str) -> Iterator[None]:
         if missing is None:
             raise
         raise missing from e
+    finally:
+        _ENTRANCE.reset(token)
 
 
 def require(extra: str, what: str) -> None:

@@ -16,12 +16,11 @@ import torch
 
 from censusvi.atomic import write_atomic
 from censusvi.data.cells import Cells
-from censusvi.data.h5ad import H5adSource, read_h5ad
+from censusvi.data.h5ad import H5adSource
 from censusvi.data.vocabulary import DEFAULT_MIN_OVERLAP
 from censusvi.defaults import EMBED_BATCH_SIZE
-from censusvi.model.io import TrainedModel, load_model
+from censusvi.model.io import TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
-from censusvi.outputs import LATENT_KEY, UNS_KEY
 from censusvi.progress import bar
 
 log = logging.getLogger(__name__)
@@ -137,32 +136,3 @@ def get_normalized_expression(
 
 def write_h5ad_atomic(adata: ad.AnnData, out: str | os.PathLike, overwrite: bool = False) -> Path:
     return write_atomic(out, adata.write_h5ad, suffix=".h5ad", overwrite=overwrite)
-
-
-def embed(
-    model_dir: str | os.PathLike,
-    data: str | os.PathLike,
-    out: str | os.PathLike,
-    layer: str | None = None,
-    batch_size: int = EMBED_BATCH_SIZE,
-    min_overlap: float = DEFAULT_MIN_OVERLAP,
-    overwrite: bool = False,
-    latent_key: str = LATENT_KEY,
-) -> ad.AnnData:
-    """``censusvi embed``: write ``obsm[latent_key]`` (latent means) for the file's cells."""
-    model = load_model(model_dir)
-    adata = read_h5ad(data)
-    source = H5adSource(data, adata=adata, layer=layer)
-    pos, z, report = latent_representation(model, source, batch_size, min_overlap=min_overlap)
-    if len(pos) < adata.n_obs:
-        log.warning(
-            "%s: %d of %d cells had no counts over the model's genes and are left out",
-            data,
-            adata.n_obs - len(pos),
-            adata.n_obs,
-        )
-        adata = adata[np.sort(pos)].copy()
-    adata.obsm[latent_key] = z[np.argsort(pos)].astype(np.float32)
-    adata.uns[UNS_KEY] = {"model": str(model_dir), "genes": report, "latent_key": latent_key}
-    write_h5ad_atomic(adata, out, overwrite)
-    return adata

@@ -27,6 +27,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from censusvi import defaults
 from censusvi.atomic import DE_GENE, DE_GENE_ID
 from censusvi.data.source import batch_labels
 from censusvi.data.vocabulary import table_names
@@ -43,15 +44,15 @@ MODES = ("change", "vanilla")
 
 @dataclass(frozen=True)
 class DEConfig:
-    mode: str = "change"
-    delta: float = 0.25
-    fdr: float = 0.05
-    n_samples: int = 5000  # posterior draws per group (scvi-tools' n_samples_overall)
+    mode: str = defaults.DE_MODE
+    delta: float = defaults.DE_DELTA
+    fdr: float = defaults.DE_FDR
+    n_samples: int = defaults.DE_N_SAMPLES  # posterior draws per group
     batch_correction: bool = True  # decode under the reference batches and marginalise
     decode_batches: tuple[str, ...] | None = None  # None: every reference batch
     pseudocounts: float | None = None  # None: estimated as scvi-tools does
     threshold_counts: float = 0.01  # mean count below which a gene counts as unexpressed
-    seed: int = 0
+    seed: int = defaults.DE_SEED
     batch_size: int = 2048  # draws decoded at once (bounds memory with the gene count)
 
     def __post_init__(self) -> None:

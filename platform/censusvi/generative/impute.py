@@ -13,6 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from censusvi import defaults
 from censusvi.data.h5ad import gene_keys
 from censusvi.data.vocabulary import looks_like_ensembl, table_names
 from censusvi.mapping.query import prepare_query
@@ -56,7 +57,7 @@ def impute(
     genes: list[str],
     batch_key: str,
     decode_batch: str | None = None,
-    library_size: float = 1e4,
+    library_size: float = defaults.IMPUTE_LIBRARY_SIZE,
     layer: str | None = None,
     surgery: SurgeryConfig | None = None,
     batch_size: int = 2048,

@@ -11,15 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from censusvi.registry.mlflow_store import RegistryUnreachable
+from censusvi.registry.mlflow_store import DEFAULT_ALIAS, DEFAULT_MODEL_NAME, RegistryUnreachable
 from censusvi.registry.versions import PromotionRefused, promote, rollback
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--name", default="censusvi-scvi")
+    p.add_argument("--name", default=DEFAULT_MODEL_NAME)
     p.add_argument("--version", help="the version to promote (not with --rollback)")
-    p.add_argument("--alias", default="production")
+    p.add_argument("--alias", default=DEFAULT_ALIAS)
     p.add_argument("--force", action="store_true")
     p.add_argument("--rollback", action="store_true")
     a = p.parse_args(argv)

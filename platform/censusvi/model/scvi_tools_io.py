@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 # torch names a refused type in one of two ways: a global to look up, or a type to build.
-_REFUSED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)|but got <class '([\w.]+)'>")
+_REFUSED = re.compile(  # torch's words for a global it will not load without an allowlist
+    r"Unsupported global: GLOBAL ([\w.]+)|but got <class '([\w.]+)'>"
+    r"|unsupported GLOBAL ([\w.]+) whose module [\w.]+ is blocked"
+)
 
 
 class _Inert:
@@ -114,7 +117,7 @@ def read_model_pt(path: str | os.PathLike) -> dict[str, Any]:
             m = _REFUSED.search(str(e))
             if m is None:
                 raise ValueError(f"cannot read {f}: {e}") from e
-            name = m.group(1) or m.group(2)
+            name = next(g for g in m.groups() if g)
             if any(a == name or (isinstance(a, tuple) and a[1] == name) for a in allowed):
                 raise ValueError(f"cannot read {f}: {name} is allowlisted but still refused") from e
             real = _real_global(name)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL_NAME = "censusvi-scvi"
+DEFAULT_ALIAS = "production"  # the alias promote moves and serving follows
 DEFAULT_EXPERIMENT = "censusvi-pretrain"
 DEFAULT_STORE_DIR = "mlruns"  # under the current directory; holds mlflow.db and artifacts/
 TRACKING_HELP = (

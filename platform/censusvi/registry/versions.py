@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from censusvi.registry.mlflow_store import (
+    DEFAULT_ALIAS,
     DEFAULT_MODEL_NAME,
     _experiment_id,
     git_commit,
@@ -157,7 +158,7 @@ def _append_history(client, name: str, alias: str, version: str) -> None:
 def promote(
     name: str,
     version: str,
-    alias: str = "production",
+    alias: str = DEFAULT_ALIAS,
     force: bool = False,
     tolerance: float = 0.0,
     uri: str | None = None,
@@ -189,7 +190,7 @@ def promote(
 
 
 @reaches_registry
-def rollback(name: str, alias: str = "production", uri: str | None = None) -> str:
+def rollback(name: str, alias: str = DEFAULT_ALIAS, uri: str | None = None) -> str:
     """Move ``alias`` back to the version it pointed at before the last promotion."""
     client = _client(uri)
     key = f"alias_history.{alias}"

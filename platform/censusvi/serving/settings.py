@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from censusvi import defaults
 from censusvi.serving.auth import token_digest
 
 # Accepted by ``build_app`` beside the fields: per-deployment options and the token's sources
@@ -26,7 +27,7 @@ class Settings:
     token_sha256: str | None = (
         None  # of the bearer token (args: token_file or token); None: no auth
     )
-    max_cells: int = 50_000  # per request (413 above)
+    max_cells: int = defaults.SERVE_MAX_CELLS  # per request (413 above)
     max_request_mb: float = 512.0  # per request body (413 above)
     registry_poll_s: float = 10.0  # how often an alias is re-resolved
     allow_surgery: bool = (

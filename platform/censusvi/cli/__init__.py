@@ -1,0 +1,70 @@
+"""The ``censusvi`` command line: ``parser`` reads the arguments, ``commands`` calls the Python
+API (``censusvi.api``) with them, and ``main`` is the one loop around both.
+
+Errors the user can fix (bad input, bad settings, an unreachable registry, a missing extra) print
+one ``censusvi: error: ...`` line and exit 2; anything else keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from censusvi.atomic import check_output
+from censusvi.cli import commands
+from censusvi.cli.parser import build_parser
+from censusvi.extras import MissingExtra, needs_extras
+from censusvi.registry.mlflow_store import RegistryUnreachable
+from censusvi.registry.versions import PromotionRefused
+
+__all__ = ["USER_ERRORS", "build_parser", "commands", "main"]
+
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    KeyError,
+    FloatingPointError,
+    TimeoutError,
+    PromotionRefused,
+    RegistryUnreachable,
+    MissingExtra,  # an extra the command needs is not installed: which one, and the pip line
+)
+
+
+def _check_outputs(args) -> None:
+    """Before any work: what --out (and the command's other outputs) may replace."""
+    inputs = [getattr(args, k) for k in args.out_inputs]
+    check_output(args.out, args.out_kind, args.overwrite, inputs)
+    for flag, kind in getattr(args, "extra_outs", ()):
+        if getattr(args, flag):
+            check_output(getattr(args, flag), kind, args.overwrite, [*inputs, args.out])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        from censusvi import progress
+
+        progress.QUIET = True
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:  # faiss logs each loader it tries (AVX512, AVX2, ...) at INFO
+        logging.getLogger("faiss").setLevel(logging.WARNING)
+    try:
+        if getattr(args, "out_kind", None):
+            _check_outputs(args)
+        command = " ".join(filter(None, (args.command, getattr(args, "models_command", None))))
+        with needs_extras(f"censusvi {command}"):
+            return args.fn(args)
+    except Exception as e:
+        # The registry's own errors (no such version, bad URI; RestException from a server) are
+        # the user's to fix too: matched by name, so that mlflow is imported only when used.
+        mlflow_error = any(c.__name__ == "MlflowException" for c in type(e).__mro__)
+        if args.verbose or not (isinstance(e, USER_ERRORS) or mlflow_error):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"censusvi: error: {' '.join(str(msg).split())}", file=sys.stderr)  # one line
+        return 2

@@ -1,0 +1,5 @@
+import sys
+
+from censusvi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,342 @@
+"""Each subcommand: read its inputs, call the function of ``censusvi.api`` (or of the registry)
+of the same name, write its output atomically and print a one-line summary (JSON where a script
+reads it). No command decides anything the library does not decide for a notebook user too."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from censusvi.outputs import UNS_KEY, label_keys_of, predicted_column
+from censusvi.train.schedule import describe as describe_schedule
+
+log = logging.getLogger("censusvi.cli")
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+
+def keys(s: str | None) -> tuple[str, ...]:
+    """``A,B`` -> ("A", "B")."""
+    return tuple(k.strip() for k in (s or "").split(",") if k.strip())
+
+
+def _mapped(adata, latent_key: str, src) -> ad.AnnData:
+    """The cells the model could map, which a command writes (the API leaves NaN in the rows of
+    cells without counts over the model's genes)."""
+    kept = np.isfinite(adata.obsm[latent_key]).all(axis=1)
+    if kept.all():
+        return adata
+    n, k = adata.n_obs, int((~kept).sum())
+    log.warning(
+        "%s: %d of %d cells had no counts over the model's genes and are left out", src, k, n
+    )
+    return adata[kept].copy()
+
+
+def _write(adata, a: argparse.Namespace) -> None:
+    from censusvi.inference import write_h5ad_atomic
+
+    write_h5ad_atomic(adata, a.out, a.overwrite)
+
+
+def _surgery(a: argparse.Namespace) -> dict[str, Any]:
+    return {"train": a.train, "max_epochs": a.max_epochs}
+
+
+def _read(path):
+    from censusvi.data.h5ad import read_h5ad
+
+    return read_h5ad(path)
+
+
+def cmd_ingest(a: argparse.Namespace) -> int:
+    from censusvi.data.soma import ingest
+
+    print(f"wrote SOMA experiment {ingest(a.files, a.out)}")
+    return 0
+
+
+PRETRAIN_FLAGS = {  # flag -> config field (data, model and train sections)
+    "hvg_keys": "hvg_keys",
+    "covariate_keys": "categorical_covariate_keys",
+    **dict.fromkeys(("n_hvg", "obs_filter", "layer")),
+    **dict.fromkeys(("max_epochs", "batch_size", "lr", "n_epochs_kl_warmup", "seed", "device")),
+    **dict.fromkeys(("schedule", "n_hidden", "n_latent", "n_layers", "likelihood")),
+    "prior_components": None,
+}
+
+
+def cmd_pretrain(a: argparse.Namespace) -> int:
+    from censusvi import api
+
+    settings: dict[str, Any] = {}
+    for flag, field in PRETRAIN_FLAGS.items():
+        value = getattr(a, flag)
+        if value is not None:
+            settings[field or flag] = keys(value) if flag.endswith("_keys") else value
+    if a.early_stopping:
+        settings["early_stopping"] = True
+    model = api.pretrain(
+        a.source, None, batch_keys=keys(a.batch_keys) or None, out=a.out, config=a.config,
+        overrides=a.set, overwrite=a.overwrite, quiet=a.quiet, resume=not a.no_resume, **settings,
+    )  # fmt: skip
+    p = model.provenance
+    val = p["final_val_elbo"]
+    summary = {"model": str(a.out), "epochs": p["epochs"]}
+    summary |= {"final_train_loss": round(p["final_train_loss"], 3)}
+    summary |= {"final_val_elbo": None if val is None else round(val, 3)}
+    summary |= {"n_genes": len(model.genes), "n_batches": len(model.batch_categories)}
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_embed(a: argparse.Namespace) -> int:
+    from censusvi import api
+
+    adata = _read(a.data)
+    api.embed(
+        adata, a.model, a.latent_key, layer=a.layer, batch_size=a.batch_size,
+        min_gene_overlap=a.min_gene_overlap, name=str(a.data),
+    )  # fmt: skip
+    adata.uns[UNS_KEY]["model"] = str(a.model)
+    adata = _mapped(adata, a.latent_key, a.data)
+    _write(adata, a)
+    print(f"wrote {a.out}: obsm[{a.latent_key!r}] {adata.obsm[a.latent_key].shape}")
+    return 0
+
+
+def cmd_import_scvi_tools(a: argparse.Namespace) -> int:
+    from censusvi.model.scvi_tools_io import import_scvi_tools
+
+    m = import_scvi_tools(a.dir, keys(a.batch_keys) or None)
+    m.save(a.out, a.overwrite)
+    print(
+        f"wrote {a.out}: {len(m.genes)} genes, {len(m.batch_categories)} batches "
+        f"(batch = {'+'.join(m.batch_keys)}), likelihood {m.config.likelihood}"
+    )
+    return 0
+
+
+def cmd_export_scvi_tools(a: argparse.Namespace) -> int:
+    from censusvi.model.io import load_model
+    from censusvi.model.scvi_tools_io import export_scvi_tools
+
+    export_scvi_tools(load_model(a.model), a.out, a.overwrite)
+    print(f"wrote {a.out}/model.pt (open with scvi.model.SCVI.load({str(a.out)!r}, adata))")
+    return 0
+
+
+def cmd_map(a: argparse.Namespace) -> int:
+    from censusvi import api
+
+    adata = _read(a.query)
+    mapped_model = api.map_query(
+        adata, a.model, a.batch_key, key_added=a.latent_key, layer=a.layer,
+        min_gene_overlap=a.min_gene_overlap, **_surgery(a),
+    )  # fmt: skip
+    _write(_mapped(adata, a.latent_key, a.query), a)
+    if a.save_model:
+        mapped_model.save(a.save_model, a.overwrite)
+    report = {k: v for k, v in adata.uns[UNS_KEY].items() if k not in ("surgery_query_loss",)}
+    report.pop("latent_key", None)
+    print(json.dumps({"out": str(a.out), **report}))
+    return 0
+
+
+def cmd_index(a: argparse.Namespace) -> int:
+    from censusvi import api
+
+    ix = api.build_index(
+        a.data, a.model, list(keys(a.label_keys)), obs_filter=a.obs_filter,
+        faiss_device=a.faiss_device,
+    )  # fmt: skip
+    ix.save(a.out, a.overwrite)
+    print(
+        f"wrote {a.out}: {ix.meta['n_cells']} cells, {ix.meta['kind']} index (built on the "
+        f"{ix.device}), labels {ix.meta['label_keys']}"
+    )
+    return 0
+
+
+def cmd_annotate(a: argparse.Namespace) -> int:
+    from censusvi import api
+
+    adata = _read(a.query)
+    api.annotate(
+        adata, model=a.model, index=a.index, batch_key=a.batch_key, k=a.k,
+        unknown_threshold=a.unknown_threshold, class_balance=a.class_balance,
+        majority_voting=a.majority_voting, key_added=a.latent_key, layer=a.layer,
+        faiss_device=a.faiss_device, **_surgery(a),
+    )  # fmt: skip
+    out = _mapped(adata, a.latent_key, a.query)
+    _write(out, a)
+    labels = label_keys_of(out.obs.columns)
+    summary = {k: out.obs[predicted_column(k)].value_counts().head(10).to_dict() for k in labels}
+    evaluation = out.uns[UNS_KEY]["evaluation"]
+    print(
+        json.dumps(
+            {"out": str(a.out), "cells": out.n_obs, "predicted": summary, "evaluation": evaluation}
+        )
+    )
+    return 0
+
+
+def cmd_de(a: argparse.Namespace) -> int:
+    from censusvi import api
+    from censusvi.atomic import write_atomic
+    from censusvi.generative.de import top_genes
+
+    res = api.de(
+        _read(a.data), a.model, a.groupby, list(keys(a.group1)), a.group2, a.batch_key,
+        layer=a.layer, mode=a.mode, delta=a.delta, fdr=a.fdr, n_samples=a.n_samples,
+        batch_correction=not a.no_batch_correction, seed=a.seed, quiet=a.quiet, **_surgery(a),
+    )  # fmt: skip
+    write_atomic(a.out, res.to_csv, suffix=".csv", overwrite=a.overwrite)
+    summary = {}
+    for comparison, frame in res.groupby("comparison", sort=False):
+        summary[comparison] = {"top_genes": top_genes(frame, 10).index.tolist()}
+        if a.mode == "change":
+            summary[comparison]["n_de_fdr"] = int(frame[f"is_de_fdr_{a.fdr}"].sum())
+    print(
+        json.dumps({"out": str(a.out), "genes": int(res.index.nunique()), "comparisons": summary})
+    )
+    return 0
+
+
+def cmd_impute(a: argparse.Namespace) -> int:
+    from censusvi import api
+    from censusvi.generative.impute import LAYER
+
+    out = api.impute(
+        _read(a.query), a.model, list(keys(a.genes)), a.batch_key, decode_batch=a.decode_batch,
+        library_size=a.library_size, layer=a.layer, quiet=a.quiet, **_surgery(a),
+    )  # fmt: skip
+    _write(out, a)
+    info = out.uns["censusvi_imputation"]
+    print(json.dumps({"out": str(a.out), "layer": LAYER, "cells": out.n_obs, **info}))
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from censusvi import api
+
+    content = api.report(
+        a.mapped, a.reference, a.out, umap_key=a.umap_key if a.umap_out else None,
+        overwrite=a.overwrite, label_key=a.label_key, truth_key=a.truth_key,
+        batch_key=a.batch_key, png_dir=a.png_dir, per_type=a.per_type, scib=a.scib,
+        latent_key=a.latent_key, umap_out=a.umap_out,
+    )  # fmt: skip
+    e = content["evaluation"] or {}
+    summary = {"out": str(a.out), "query_cells": content["n_query_cells"]}
+    summary["reference_cells_drawn"] = len(content["reference"]["x"])
+    summary |= {k: e[k] for k in ("accuracy", "macro_f1", "ece") if k in e}
+    summary |= {"png_dir": str(a.png_dir)} if a.png_dir else {}
+    summary |= {"umap_out": str(a.umap_out), "umap_key": a.umap_key} if a.umap_out else {}
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_models_register(a: argparse.Namespace) -> int:
+    from censusvi.registry.versions import register_version
+
+    print(register_version(a.model_dir, a.index, a.name))  # the new version, alone on stdout
+    return 0
+
+
+def cmd_models_list(a: argparse.Namespace) -> int:
+    from censusvi.registry.versions import list_versions
+
+    rows = list_versions(a.name)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        aliases = ",".join(r["aliases"]) or "-"
+        metrics = " ".join(
+            f"{k.removeprefix('eval.')}={v:.3f}" for k, v in sorted(r["metrics"].items())
+        )
+        print(f"{r['name']}\t{r['version']}\t{aliases}\tindex={r['has_index']}\t{metrics}")
+    return 0
+
+
+def cmd_models_promote(a: argparse.Namespace) -> int:
+    from censusvi.registry.versions import promote
+
+    previous = promote(a.name, a.version, a.alias, force=a.force, tolerance=a.tolerance)
+    print(f"{a.name}@{a.alias}: version {previous or '-'} -> {a.version}")
+    return 0
+
+
+def cmd_models_rollback(a: argparse.Namespace) -> int:
+    from censusvi.registry.versions import alias_holder, rollback
+
+    current = alias_holder(a.name, a.alias)
+    print(f"{a.name}@{a.alias}: version {current} -> {rollback(a.name, a.alias)}")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from censusvi.server import run_foreground
+
+    settings: dict[str, Any] = {"model": a.model, "max_cells": a.max_cells}
+    if a.token_file:
+        settings["token_file"] = a.token_file
+    elif a.token:
+        logging.getLogger("censusvi").warning(
+            "--token is visible to every user of this machine (ps): prefer --token-file"
+        )
+        settings["token"] = a.token
+    if a.index:
+        settings["index"] = a.index
+    if a.allow_surgery:
+        settings["allow_surgery"] = True
+    return run_foreground(settings, a.host, a.port, a.quiet)
+
+
+def model_info(model_dir: str) -> dict[str, Any]:
+    from censusvi.model.io import load_model
+    from censusvi.model.vae import n_parameters, n_parameters_scvi_tools
+
+    m = load_model(model_dir)
+    return {
+        "architecture": m.config.to_dict(),
+        "n_parameters": n_parameters(m.vae),
+        "n_parameters_scvi_tools": n_parameters_scvi_tools(m.config),
+        "n_genes": len(m.genes),
+        "n_batches": len(m.batch_categories),
+        "batch_keys": list(m.batch_keys),
+        "provenance": {k: v for k, v in m.provenance.items() if k != "config"},
+    }
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    info = model_info(a.model)
+    if a.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    arch, prov = info["architecture"], info["provenance"]
+    prior = f"VampPrior ({k} pseudo-cells)" if (k := arch.get("prior_components")) else "N(0, I)"
+    library = "latent" if arch["latent_library"] else "observed"
+    print(f"censusvi scVI model {a.model}")
+    print(
+        f"  genes {info['n_genes']}, batches {info['n_batches']} (keys {','.join(info['batch_keys'])})"
+    )
+    print(
+        f"  encoder {arch['n_layers']} x {arch['n_hidden']} -> latent {arch['n_latent']}; "
+        f"likelihood {arch['likelihood']}, dispersion {arch['dispersion']}, "
+        f"library {library}, prior {prior}"
+    )
+    print(
+        f"  parameters {info['n_parameters']:,} ({info['n_parameters_scvi_tools']:,} as scvi-tools "
+        "builds it, with heads this likelihood never uses)"
+    )
+    print(f"  schedule: {describe_schedule(prov.get('schedule'))}")
+    for k, v in prov.items():
+        if k != "schedule":
+            print(f"  {k}: {v}")
+    return 0
