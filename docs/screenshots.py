@@ -1,4 +1,4 @@
-"""Regenerate the README's two screenshots: the report and the Serve app's explorer page.
+"""Regenerate the screenshots of docs/cli.md and docs/serving.md: the report and the explorer.
 
 CellBench: a model of the CEL-seq2 batches, indexed on the cell lines; the Drop-seq cells are the
 query. The report is opened from disk; the explorer from a live `censusvi serve` on 127.0.0.1.

@@ -7,7 +7,7 @@
 #   cpu   censusvi[all]: torch's CPU build, faiss-cpu.
 #   gpu   censusvi[all] without faiss-cpu, plus the `gpu` extra (faiss-gpu-cu12) and torch's CUDA
 #         build. Both FAISS wheels ship the `faiss` module and with both installed Python imports
-#         the CPU one (README, FAISS), so faiss-cpu is never installed here, not even for a moment.
+#         the CPU one (docs/cli.md, "FAISS on a GPU"), so faiss-cpu is never installed here, not even for a moment.
 #   WHEEL a censusvi-*.whl, a folder holding exactly one, or a checkout (built into a wheel first).
 #   PIP_ARGS go to every `pip install`. With --dry-run (e.g. `--dry-run --report r.json`) nothing
 #         is installed: the report is what the dependency install would install.

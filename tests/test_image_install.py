@@ -132,7 +132,7 @@ def is_cuda_build(entry: dict) -> bool:
 
 def test_gpu_image_gets_faiss_gpu_and_cuda_torch_and_never_faiss_cpu(direct):
     gpu = direct["gpu"]
-    assert "faiss-cpu" not in gpu, "faiss-cpu would shadow faiss-gpu (README, FAISS)"
+    assert "faiss-cpu" not in gpu, "faiss-cpu would shadow faiss-gpu (docs/cli.md, FAISS on a GPU)"
     assert any(n.startswith("faiss-gpu") for n in gpu), sorted(gpu)
     torch = gpu["torch"]
     assert torch["metadata"]["version"] == pinned("torch"), torch["metadata"]["version"]
