@@ -28,6 +28,7 @@ from censusvi.outputs import (
     OVER_CLUSTERING_COLUMN,
     UNS_KEY,
     majority_voting_column,
+    ontology_columns,
     predicted_column,
     probability_column,
     uncertainty_column,
@@ -214,13 +215,16 @@ def build_index(
     obs_filter: str | None = None,
     layer: str | None = None,
     faiss_device: str | None = None,
+    ontology: bool = True,
 ) -> LabelIndex:
     """Embed a labelled reference (batches the model knows) and index it with its labels
-    (``censusvi index``); ``index.save(dir)`` writes what ``censusvi index --out`` writes."""
+    (``censusvi index``); ``index.save(dir)`` writes what ``censusvi index --out`` writes.
+    ``ontology``: keep the Cell Ontology terms of the labels that have one (a
+    ``KEY_ontology_term_id`` column, else the label is a CL name) for ontology-aware answers."""
     from censusvi.annotate.pipeline import index_reference
 
     keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
-    return index_reference(_model(model), adata, keys, obs_filter, faiss_device, layer)
+    return index_reference(_model(model), adata, keys, obs_filter, faiss_device, layer, ontology)
 
 
 @_entrance
@@ -234,6 +238,7 @@ def annotate(
     unknown_threshold: float = defaults.UNKNOWN_THRESHOLD,
     class_balance: float = defaults.CLASS_BALANCE,
     majority_voting: bool = False,
+    ontology_threshold: float = defaults.ONTOLOGY_THRESHOLD,
     key_added: str = LATENT_KEY,
     layer: str | None = None,
     train: bool | None = None,
@@ -242,17 +247,20 @@ def annotate(
 ) -> None:
     """Map the query (new batches by scArches surgery) and transfer every label of the index,
     in place: the obs columns and uns entry ``censusvi annotate`` writes, the latent in
-    ``obsm[key_added]``; ``majority_voting`` adds ``KEY_majority_voting`` per label key."""
+    ``obsm[key_added]``; ``majority_voting`` adds ``KEY_majority_voting`` per label key; where
+    the index maps a key's labels to the Cell Ontology, the most specific term whose probability
+    is at least ``ontology_threshold`` is added too (``censusvi.outputs.ontology_columns``)."""
     from censusvi.annotate import pipeline
 
     m, ix = _model_and_index(model, index, faiss_device)
     out, mapped = pipeline.annotate(
         m, ix, adata, batch_key, k, unknown_threshold, _surgery(train, max_epochs), layer,
-        class_balance, key_added, majority_voting,
+        class_balance, key_added, majority_voting, ontology_threshold,
     )  # fmt: skip
     columns = [NLL_COLUMN]
     for key in ix.labels.columns:
         columns += [predicted_column(key), probability_column(key), uncertainty_column(key)]
+        columns += [c for c in ontology_columns(key) if c in out.obs.columns]
         columns += [majority_voting_column(key)] if majority_voting else []
     columns += [OVER_CLUSTERING_COLUMN] if majority_voting else []
     _put_rows(adata, mapped.positions, out.obs[columns], {key_added: mapped.latent})

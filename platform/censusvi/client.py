@@ -20,14 +20,7 @@ from urllib3.util.retry import Retry
 
 from censusvi.data.counts import to_csr32
 from censusvi.data.h5ad import counts_matrix, gene_ids_and_symbols
-from censusvi.outputs import (
-    LATENT_KEY,
-    NLL_COLUMN,
-    UNS_KEY,
-    predicted_column,
-    probability_column,
-    uncertainty_column,
-)
+from censusvi.outputs import LATENT_KEY, NLL_COLUMN, UNS_KEY, write_answers
 from censusvi.wire import ARROW, decode_result, encode_arrow_request
 
 RETRY_STATUS = (502, 503, 504)
@@ -164,9 +157,7 @@ def _annotated_copy(adata: ad.AnnData, answers: list[dict]) -> ad.AnnData:
     out.obs[NLL_COLUMN] = np.concatenate([a["nll_per_count"] for a in answers])
     for key in answers[0]["labels"]:
         frame = pd.concat([a["labels"][key] for a in answers], ignore_index=True)
-        out.obs[predicted_column(key)] = pd.Categorical(frame["predicted"].astype(str).to_numpy())
-        out.obs[probability_column(key)] = frame["probability"].to_numpy(np.float64)
-        out.obs[uncertainty_column(key)] = frame["uncertainty"].to_numpy(np.float64)
+        write_answers(out.obs, key, frame)
     versions = sorted({str(a["model"]["version"]) for a in answers})
     out.uns[UNS_KEY] = {
         "model": answers[0]["model"]["name"],

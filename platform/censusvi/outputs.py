@@ -40,7 +40,53 @@ def majority_voting_column(key: str) -> str:
     return f"{key}_majority_voting"
 
 
+def ontology_columns(key: str) -> tuple[str, str, str]:
+    """The ontology-aware answer's columns for one label key: the Cell Ontology term id ('' for
+    a label without a term), its name, and its probability (the summed probability of the
+    reference labels at or below it); the fine label it may have backed off from is
+    ``predicted_column(key)``."""
+    predicted = predicted_column(key)
+    return (
+        f"{predicted}_ontology_term_id",
+        f"{predicted}_ontology_label",
+        f"{key}_ontology_probability",
+    )
+
+
+TEXT_ANSWERS = ("predicted", "ontology_term_id", "ontology_label")  # the others are numbers
+
+
+def answer_columns(key: str) -> dict[str, str]:
+    """A label key's transfer result (``annotate.pipeline.transfer_all``'s columns, which the
+    Serve app sends) -> the obs columns they are written to; the ontology ones only where the
+    index maps the key's labels to the Cell Ontology."""
+    term, label, probability = ontology_columns(key)
+    return {
+        "predicted": predicted_column(key),
+        "probability": probability_column(key),
+        "uncertainty": uncertainty_column(key),
+        "ontology_term_id": term,
+        "ontology_label": label,
+        "ontology_probability": probability,
+    }
+
+
+def write_answers(obs, key: str, frame) -> None:
+    """Write one label key's transfer result (a DataFrame, rows in ``obs``'s order) into
+    ``obs``: labels as categories, probabilities as float64."""
+    import pandas as pd
+
+    for col, name in answer_columns(key).items():
+        if col in frame:
+            values = frame[col].to_numpy()
+            if col in TEXT_ANSWERS:
+                obs[name] = pd.Categorical(values.astype(str))
+            else:
+                obs[name] = values.astype("float64")
+
+
 def label_keys_of(columns) -> list[str]:
     """The label keys whose predictions ``columns`` (obs column names) hold."""
-    prefix = predicted_column("")
-    return [c.removeprefix(prefix) for c in columns if c.startswith(prefix)]
+    prefix, present = predicted_column(""), set(columns)
+    keys = [c.removeprefix(prefix) for c in columns if c.startswith(prefix)]
+    return [k for k in keys if probability_column(k) in present]

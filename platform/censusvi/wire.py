@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from censusvi.data.counts import CountsError, check_counts, checked_csr, to_csr32
 from censusvi.data.vocabulary import SYMBOL_COLUMNS, check_unique_gene_ids
-from censusvi.outputs import predicted_column, probability_column, uncertainty_column
+from censusvi.outputs import TEXT_ANSWERS, answer_columns
 from censusvi.untrusted import (
     DecodeLimits,
     PayloadError,
@@ -303,9 +303,11 @@ def encode_result(result: dict[str, Any], arrow: bool) -> tuple[bytes, str]:
         "nll_per_count": pa.array(np.asarray(result["nll_per_count"], dtype=np.float64)),
     }
     for key, frame in result.get("labels", {}).items():
-        cols[predicted_column(key)] = pa.array(frame["predicted"].astype(str).to_numpy())
-        cols[probability_column(key)] = pa.array(frame["probability"].to_numpy(np.float64))
-        cols[uncertainty_column(key)] = pa.array(frame["uncertainty"].to_numpy(np.float64))
+        for col, name in answer_columns(key).items():
+            if col in frame:
+                text = col in TEXT_ANSWERS
+                values = frame[col].astype(str) if text else frame[col].astype(np.float64)
+                cols[name] = pa.array(values.to_numpy())
     meta = {k: result[k] for k in ANSWER_FIELDS if k in result}
     meta["label_keys"] = list(result.get("labels", {}))
     table = pa.table(cols).replace_schema_metadata({META_KEY: json.dumps(meta)})
@@ -334,11 +336,9 @@ def decode_result(body: bytes, content_type: str) -> dict[str, Any]:
             "labels": {
                 key: pd.DataFrame(
                     {
-                        "predicted": table.column(predicted_column(key)).to_numpy(
-                            zero_copy_only=False
-                        ),
-                        "probability": table.column(probability_column(key)).to_numpy(),
-                        "uncertainty": table.column(uncertainty_column(key)).to_numpy(),
+                        col: table.column(name).to_numpy(zero_copy_only=False)
+                        for col, name in answer_columns(key).items()
+                        if name in table.column_names
                     }
                 )
                 for key in meta.get("label_keys", [])

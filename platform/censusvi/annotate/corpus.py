@@ -129,10 +129,13 @@ def read_embeddings(
 def index_corpus(
     embeddings: str | os.PathLike, label_keys: list[str], out: str | os.PathLike, meta: dict
 ) -> LabelIndex:
+    from censusvi.annotate.ontology import label_ontologies
     from censusvi.annotate.pipeline import holdout_evaluation
 
     z, labels = read_embeddings(embeddings, label_keys)
-    ix = build_index(z, labels, {**meta, "evaluation": holdout_evaluation(z, labels)})
+    meta = {**meta, "evaluation": holdout_evaluation(z, labels)}
+    meta["ontology"] = label_ontologies(labels, label_keys)  # Census labels are CL names
+    ix = build_index(z, labels, meta)
     save_index(ix, out)
     return ix
 

@@ -118,6 +118,13 @@ class LabelIndex:
         """The index as it is written to disk."""
         return self.index if self.gpu_resources is None else faiss.index_gpu_to_cpu(self.index)
 
+    def ontology(self, key: str):
+        """The ``LabelOntology`` of label key ``key``, or None (no label maps to a term)."""
+        from censusvi.annotate.ontology import LabelOntology
+
+        d = self.meta.get("ontology", {}).get(key)
+        return None if d is None else LabelOntology.from_dict(d)
+
     def label_frequency(self, key: str) -> pd.Series:
         """Each label's share of the reference (computed once: an index can hold 74 M labels)."""
         if key not in self._frequency:

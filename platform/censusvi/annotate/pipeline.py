@@ -11,7 +11,8 @@ import pandas as pd
 from censusvi import defaults
 from censusvi.annotate.index import LabelIndex, build_index
 from censusvi.annotate.majority import majority_vote, n_clusters, over_cluster
-from censusvi.annotate.transfer import transfer_labels
+from censusvi.annotate.ontology import backoff, label_ontologies
+from censusvi.annotate.transfer import label_probabilities, summarise
 from censusvi.data.h5ad import H5adSource
 from censusvi.data.soma import open_source
 from censusvi.inference import latent_representation
@@ -25,7 +26,7 @@ from censusvi.outputs import (
     majority_voting_column,
     predicted_column,
     probability_column,
-    uncertainty_column,
+    write_answers,
 )
 
 IN_MEMORY = "<AnnData>"  # what an in-memory reference is called in the index's metadata
@@ -38,9 +39,11 @@ def index_reference(
     obs_filter: str | None = None,
     faiss_device: str | None = None,
     layer: str | None = None,
+    ontology: bool = True,
 ) -> LabelIndex:
     """Embed the reference (an .h5ad, a SOMA experiment or an in-memory AnnData, of batches the
-    model knows) and index it."""
+    model knows) and index it; ``ontology``: also keep the Cell Ontology terms of its labels
+    (``censusvi.annotate.ontology``) for ontology-aware answers."""
     if isinstance(data, ad.AnnData):
         source = H5adSource(IN_MEMORY, obs_filter=obs_filter, layer=layer, adata=data)
         data = IN_MEMORY
@@ -55,6 +58,8 @@ def index_reference(
     labels = source.obs.iloc[pos][label_keys].astype(str)
     meta = {"reference": str(data), "obs_filter": obs_filter}
     meta["evaluation"] = holdout_evaluation(z, labels)
+    if ontology:
+        meta["ontology"] = label_ontologies(source.obs.iloc[pos], label_keys)
     return build_index(z, labels, meta, device=faiss_device)
 
 
@@ -88,20 +93,28 @@ def transfer_all(
     k: int = defaults.K,
     unknown_threshold: float = defaults.UNKNOWN_THRESHOLD,
     class_balance: float = defaults.CLASS_BALANCE,
+    ontology_threshold: float = defaults.ONTOLOGY_THRESHOLD,
 ) -> dict[str, pd.DataFrame]:
-    """Weighted-kNN transfer of every label key of the index to each row of ``latent``."""
+    """Weighted-kNN transfer of every label key of the index to each row of ``latent``: columns
+    predicted, probability, uncertainty, and where the index maps the key's labels to the Cell
+    Ontology, ontology_term_id, ontology_label, ontology_probability (``ontology.backoff``)."""
     dist, idx = index.search(latent, k)
-    return {
-        key: transfer_labels(
+    out = {}
+    for key in index.labels.columns:
+        cats, prob = label_probabilities(
             dist,
             index.labels[key].to_numpy()[idx],
-            unknown_threshold,
             index.meta.get("neighbour_distance"),
             index.label_frequency(key),
             class_balance,
         )
-        for key in index.labels.columns
-    }
+        res = summarise(cats, prob, unknown_threshold)
+        onto = index.ontology(key)
+        if onto is not None:
+            answer = backoff(prob, cats, onto, ontology_threshold)
+            res = res.join(answer.add_prefix("ontology_"))
+        out[key] = res
+    return out
 
 
 def annotate(
@@ -116,6 +129,7 @@ def annotate(
     class_balance: float = defaults.CLASS_BALANCE,
     latent_key: str = LATENT_KEY,
     majority_voting: bool = False,
+    ontology_threshold: float = defaults.ONTOLOGY_THRESHOLD,
 ) -> tuple[ad.AnnData, MappedQuery]:
     """Map the query, then transfer every label key of the index; returns the annotated cells
     (``censusvi.outputs`` names what is written). ``majority_voting`` adds, per label key, each
@@ -127,10 +141,11 @@ def annotate(
         )
     mapped = map_query(model, adata, batch_key, layer=layer, surgery=surgery)
     out = mapped.annotated_copy(adata, latent_key)
-    for key, res in transfer_all(index, mapped.latent, k, unknown_threshold, class_balance).items():
-        out.obs[predicted_column(key)] = pd.Categorical(res["predicted"].to_numpy())
-        out.obs[probability_column(key)] = res["probability"].to_numpy()
-        out.obs[uncertainty_column(key)] = res["uncertainty"].to_numpy()
+    answers = transfer_all(
+        index, mapped.latent, k, unknown_threshold, class_balance, ontology_threshold
+    )
+    for key, res in answers.items():
+        write_answers(out.obs, key, res)
     voting = {}
     if majority_voting:
         clusters = over_cluster(mapped.latent)
@@ -155,10 +170,20 @@ def annotate(
         "k": k,
         "unknown_threshold": unknown_threshold,
         "class_balance": class_balance,
-        "index": {kk: v for kk, v in index.meta.items() if kk != "label_keys"},
+        "ontology_threshold": ontology_threshold,
+        "index": index_summary(index.meta),
         "evaluation": evaluation,
     }
     return out, mapped
+
+
+def index_summary(meta: dict) -> dict:
+    """The index's metadata as the annotated query records it: the ontology by its release and
+    flat labels only (its terms and ancestors stay in the index)."""
+    out = {k: v for k, v in meta.items() if k not in ("label_keys", "ontology")}
+    ontology = meta.get("ontology") or {}
+    out["ontology"] = {k: {"version": o["version"], "flat": o["flat"]} for k, o in ontology.items()}
+    return out
 
 
 def label_transfer_metrics(truth, predicted, probability, reference_labels: set[str]) -> dict:

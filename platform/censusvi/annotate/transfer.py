@@ -56,15 +56,14 @@ def balance_weights(
     return balanced / balanced.sum(axis=1, keepdims=True)
 
 
-def transfer_labels(
+def label_probabilities(
     distances: np.ndarray,
     neighbour_labels: np.ndarray,
-    unknown_threshold: float = 1.0,
     reference_distance: dict[str, float] | None = None,
     label_frequency: pd.Series | None = None,
     class_balance: float = 0.0,
-) -> pd.DataFrame:
-    """Columns ``predicted``, ``probability``, ``uncertainty`` for each query cell.
+) -> tuple[np.ndarray, np.ndarray]:
+    """The labels among the neighbours and p(label | cell): (labels, cells x labels).
 
     With ``reference_distance`` (from the index) probabilities are scaled by ``typicality``: the
     missing mass is the chance that the cell is of a type the reference does not hold.
@@ -81,11 +80,33 @@ def transfer_labels(
     codes = codes.reshape(neighbour_labels.shape)
     prob = np.zeros((len(w), len(cats)))
     np.add.at(prob, (np.repeat(np.arange(len(w)), w.shape[1]), codes.ravel()), w.ravel())
+    return cats, prob
+
+
+def summarise(cats: np.ndarray, prob: np.ndarray, unknown_threshold: float = 1.0) -> pd.DataFrame:
+    """Columns ``predicted``, ``probability``, ``uncertainty``: the most probable label of each
+    row of ``prob`` (``Unknown`` where the uncertainty is above ``unknown_threshold``)."""
     top = prob.argmax(1)
-    p_top = np.clip(prob[np.arange(len(w)), top], 0.0, 1.0)  # sums of weights can exceed 1 by ~1e-8
+    p_top = np.clip(prob[np.arange(len(prob)), top], 0.0, 1.0)  # sums can exceed 1 by ~1e-8
     uncertainty = 1.0 - p_top
     predicted = np.where(uncertainty > unknown_threshold, UNKNOWN, cats[top])
     return pd.DataFrame({"predicted": predicted, "probability": p_top, "uncertainty": uncertainty})
+
+
+def transfer_labels(
+    distances: np.ndarray,
+    neighbour_labels: np.ndarray,
+    unknown_threshold: float = 1.0,
+    reference_distance: dict[str, float] | None = None,
+    label_frequency: pd.Series | None = None,
+    class_balance: float = 0.0,
+) -> pd.DataFrame:
+    """Columns ``predicted``, ``probability``, ``uncertainty`` for each query cell
+    (``label_probabilities``, then ``summarise``)."""
+    cats, prob = label_probabilities(
+        distances, neighbour_labels, reference_distance, label_frequency, class_balance
+    )
+    return summarise(cats, prob, unknown_threshold)
 
 
 def expected_calibration_error(prob: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> float:

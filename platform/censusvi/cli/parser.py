@@ -260,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="reference .h5ad or SOMA experiment")
     s.add_argument("--label-keys", required=True, help="obs columns to transfer, e.g. cell_type")
     s.add_argument("--obs-filter")
+    s.add_argument(
+        "--ontology",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the Cell Ontology terms of the labels (a KEY_ontology_term_id column, else "
+        "labels that are CL names) for ontology-aware answers (default: on)",
+    )
     out_args(s, "index", ("model", "data"))
     faiss_device_arg(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -284,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="divide each neighbour's vote by its label's reference frequency to this power "
         f"(0: plain weighted kNN as scArches; 1: uniform label prior; default "
         f"{defaults.CLASS_BALANCE})",
+    )
+    s.add_argument(
+        "--ontology-threshold",
+        type=float,
+        default=defaults.ONTOLOGY_THRESHOLD,
+        help="the ontology-aware answer is the most specific Cell Ontology term whose summed "
+        f"probability is at least this (default {defaults.ONTOLOGY_THRESHOLD})",
     )
     s.add_argument(
         "--majority-voting",

@@ -25,7 +25,7 @@ import pandas as pd
 
 from censusvi import defaults
 from censusvi.annotate.pipeline import annotate
-from censusvi.outputs import label_columns
+from censusvi.outputs import TEXT_ANSWERS, answer_columns
 
 BATCH_COLUMN = "batch"  # the input frame's optional batch column (a contract of predict)
 DEFAULT_BATCH = "query"  # every cell's batch when the input has no batch column (a new batch)
@@ -43,22 +43,26 @@ def _params_schema():
     )
 
 
-def signature(label_keys: list[str] | None):
-    """No input schema (see the module's note); the label columns out, once an index gives the
-    keys; ``annotate``'s options as parameters."""
+def label_columns_of(index) -> list[tuple[str, str]]:
+    """(name, MLflow type) of each column ``censusvi annotate`` writes with ``index``: per label
+    key, the predicted label, probability and uncertainty, and the ontology-aware answer where the
+    index maps the key's labels to the Cell Ontology."""
+    out = []
+    for key in index.labels.columns:
+        ontology = index.ontology(key) is not None
+        for col, name in answer_columns(key).items():
+            if ontology or not col.startswith("ontology_"):
+                out.append((name, "string" if col in TEXT_ANSWERS else "double"))
+    return out
+
+
+def signature(columns: list[tuple[str, str]] | None):
+    """No input schema (see the module's note); the label columns out, once an index gives
+    them (``label_columns_of``); ``annotate``'s options as parameters."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    outputs = None
-    if label_keys:
-        types = ("string", "double", "double")
-        outputs = Schema(
-            [
-                ColSpec(t, name)
-                for key in label_keys
-                for t, name in zip(types, label_columns(key), strict=True)
-            ]
-        )
+    outputs = Schema([ColSpec(t, name) for name, t in columns]) if columns else None
     return ModelSignature(inputs=None, outputs=outputs, params=_params_schema())
 
 
@@ -76,11 +80,11 @@ def log_mlmodel(client, run_id: str, index_dir: str | os.PathLike | None) -> Non
     artifacts; the output schema names the label columns of ``index_dir``'s keys."""
     import mlflow.pyfunc
 
-    label_keys = None
+    columns = None
     if index_dir is not None:
         from censusvi.annotate.index import load_index
 
-        label_keys = list(load_index(index_dir).labels.columns)
+        columns = label_columns_of(load_index(index_dir))
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # An input example would be a row of every gene, checked by a predict that needs an index.
         warnings.filterwarnings("ignore", message=".*An input example was not provided")
@@ -88,7 +92,7 @@ def log_mlmodel(client, run_id: str, index_dir: str | os.PathLike | None) -> Non
         mlflow.pyfunc.save_model(
             path,
             loader_module=__name__,
-            signature=signature(label_keys),
+            signature=signature(columns),
             pip_requirements=pip_requirements(),
         )
         client.log_artifacts(run_id, str(path))
@@ -143,11 +147,11 @@ def predict_labels(model, index, frame, params: dict | None = None) -> pd.DataFr
         unknown_threshold=float(options["unknown_threshold"]),
         class_balance=float(options["class_balance"]),
     )
-    columns = [c for key in index.labels.columns for c in label_columns(key)]
-    labels = out.obs[columns].reindex(adata.obs_names)
-    for key in index.labels.columns:  # categories do not travel as JSON; strings do
-        predicted = label_columns(key)[0]
-        labels[predicted] = labels[predicted].astype(object).where(labels[predicted].notna(), None)
+    columns = label_columns_of(index)
+    labels = out.obs[[name for name, _ in columns]].reindex(adata.obs_names)
+    for name, t in columns:  # categories do not travel as JSON; strings do
+        if t == "string":
+            labels[name] = labels[name].astype(object).where(labels[name].notna(), None)
     labels.index = frame.index
     return labels
 

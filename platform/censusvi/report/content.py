@@ -14,7 +14,13 @@ import numpy as np
 import pandas as pd
 
 from censusvi.annotate.pipeline import label_transfer_metrics
-from censusvi.outputs import NLL_COLUMN, predicted_column, probability_column, uncertainty_column
+from censusvi.outputs import (
+    NLL_COLUMN,
+    ontology_columns,
+    predicted_column,
+    probability_column,
+    uncertainty_column,
+)
 from censusvi.report.layout import ReferenceLayout
 
 
@@ -121,6 +127,21 @@ def report_content(
         "evaluation": None,
         "scib": jsonable(scib),
     }
+    term, name, term_probability = ontology_columns(label_key)
+    if term in cells:  # the index maps the labels to the Cell Ontology: its answers, by term
+        answers = pd.DataFrame(
+            {"term_id": cells[term].astype(str), "label": cells[name].astype(str)}
+        ).assign(p=cells[term_probability].to_numpy(float))
+        grouped = answers.groupby(["term_id", "label"])["p"].agg(["size", "mean"])
+        content["ontology_counts"] = [
+            {
+                "term_id": t,
+                "label": x,
+                "cells": int(r["size"]),
+                "mean_probability": float(r["mean"]),
+            }
+            for (t, x), r in grouped.sort_values("size", ascending=False).iterrows()
+        ]
     if truth_key and truth_key in cells:
         truth = cells[truth_key].astype(str).to_numpy()
         content["query"]["truth"] = truth.tolist()

@@ -160,6 +160,17 @@ def render_page(content: dict[str, Any]) -> str:
         [f"predicted {content['label_key']}", "cells", "mean probability"],
         [[r["label"], r["cells"], r["mean_probability"]] for r in content["predicted_counts"]],
     )
+    if content.get("ontology_counts"):
+        counts += (
+            "<h3>Cell Ontology answers (the most specific term that clears the threshold)</h3>"
+        )
+        counts += _table(
+            ["term", "name", "cells", "mean probability"],
+            [
+                [r["term_id"] or "(no term)", r["label"], r["cells"], r["mean_probability"]]
+                for r in content["ontology_counts"]
+            ],
+        )
     scib = ""
     if content.get("scib"):
         header = list(content["scib"][0])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from censusvi.outputs import NLL_COLUMN, predicted_column, probability_column, uncertainty_column
+from censusvi.outputs import NLL_COLUMN, write_answers
 from censusvi.serving.grouping import error, groups, split_labels
 from censusvi.serving.settings import Settings, current_version
 from censusvi.serving.versions import VersionCache, VersionFetcher
@@ -79,15 +79,8 @@ class IndexHost:
         layout = self.layouts.get(version)
         key = next(iter(item["labels"]))
         frame = item["labels"][key]
-        cells = pd.DataFrame(
-            {
-                predicted_column(key): frame["predicted"].to_numpy(),
-                probability_column(key): frame["probability"].to_numpy(),
-                uncertainty_column(key): frame["uncertainty"].to_numpy(),
-                "batch": item["batch"],
-                NLL_COLUMN: item["nll_per_count"],
-            }
-        )
+        cells = pd.DataFrame({"batch": item["batch"], NLL_COLUMN: item["nll_per_count"]})
+        write_answers(cells, key, frame.reset_index(drop=True))
         title = (
             f"censusvi explorer: {item['model']['name']} version {version}, "
             f"result {item['result_id']}"
