@@ -216,15 +216,19 @@ def build_index(
     layer: str | None = None,
     faiss_device: str | None = None,
     ontology: bool = True,
+    head: bool = True,
 ) -> LabelIndex:
     """Embed a labelled reference (batches the model knows) and index it with its labels
     (``censusvi index``); ``index.save(dir)`` writes what ``censusvi index --out`` writes.
     ``ontology``: keep the Cell Ontology terms of the labels that have one (a
-    ``KEY_ontology_term_id`` column, else the label is a CL name) for ontology-aware answers."""
+    ``KEY_ontology_term_id`` column, else the label is a CL name) for ontology-aware answers;
+    ``head``: train a calibrated label head per key for ``annotate(method="head"|"ensemble")``."""
     from censusvi.annotate.pipeline import index_reference
 
     keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
-    return index_reference(_model(model), adata, keys, obs_filter, faiss_device, layer, ontology)
+    return index_reference(
+        _model(model), adata, keys, obs_filter, faiss_device, layer, ontology, head
+    )
 
 
 @_entrance
@@ -239,6 +243,7 @@ def annotate(
     class_balance: float = defaults.CLASS_BALANCE,
     majority_voting: bool = False,
     ontology_threshold: float = defaults.ONTOLOGY_THRESHOLD,
+    method: str = defaults.METHOD,
     key_added: str = LATENT_KEY,
     layer: str | None = None,
     train: bool | None = None,
@@ -249,13 +254,14 @@ def annotate(
     in place: the obs columns and uns entry ``censusvi annotate`` writes, the latent in
     ``obsm[key_added]``; ``majority_voting`` adds ``KEY_majority_voting`` per label key; where
     the index maps a key's labels to the Cell Ontology, the most specific term whose probability
-    is at least ``ontology_threshold`` is added too (``censusvi.outputs.ontology_columns``)."""
+    is at least ``ontology_threshold`` is added too (``censusvi.outputs.ontology_columns``).
+    ``method``: ``knn`` (weighted kNN), ``head`` (the index's label head) or ``ensemble``."""
     from censusvi.annotate import pipeline
 
     m, ix = _model_and_index(model, index, faiss_device)
     out, mapped = pipeline.annotate(
         m, ix, adata, batch_key, k, unknown_threshold, _surgery(train, max_epochs), layer,
-        class_balance, key_added, majority_voting, ontology_threshold,
+        class_balance, key_added, majority_voting, ontology_threshold, method,
     )  # fmt: skip
     columns = [NLL_COLUMN]
     for key in ix.labels.columns:

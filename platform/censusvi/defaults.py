@@ -7,6 +7,7 @@ BATCH_KEY = "batch"  # the API's default obs column of batches (the shared data'
 K = 15  # neighbours per query cell in label transfer (scArches' default)
 CLASS_BALANCE = 0.5  # votes divided by reference label frequency to this power (transfer.py)
 UNKNOWN_THRESHOLD = 1.0  # uncertainty above which a cell is "Unknown" (1.0: never)
+METHOD = "knn"  # label transfer: knn, head (annotate/head.py) or ensemble (their mean)
 ONTOLOGY_THRESHOLD = 0.5  # an ontology answer's least probability (above 0.5: one of 2 siblings)
 SURGERY_MAX_EPOCHS = 50  # cap on scArches surgery epochs for a query's new batches
 EMBED_BATCH_SIZE = 4096  # cells per minibatch when embedding

@@ -97,6 +97,9 @@ def place_index(index: faiss.Index, device: str | None = None) -> tuple[faiss.In
     return faiss.index_cpu_to_gpu(resources, 0, index), resources
 
 
+HEADS_FILE = "heads.safetensors"  # the label heads' weights (annotate/head.py), no pickle
+
+
 @dataclass
 class LabelIndex:
     index: faiss.Index  # on a GPU when placed there (see ``gpu_resources``)
@@ -105,6 +108,9 @@ class LabelIndex:
     _frequency: dict[str, pd.Series] = field(default_factory=dict, repr=False, compare=False)
     gpu_resources: object = field(default=None, repr=False, compare=False)
     """FAISS's GPU memory and streams for a GPU index (None on the CPU); freed with the index."""
+    heads: dict = field(default_factory=dict, repr=False, compare=False)
+    """label key -> ``LabelHead`` (annotate/head.py), where one was trained; meta["heads"] has
+    each head's classes and held-out calibration."""
 
     @property
     def device(self) -> str:
@@ -232,6 +238,11 @@ def save_index(ix: LabelIndex, out: str | os.PathLike, overwrite: bool = False) 
         faiss.write_index(ix.cpu_index(), str(tmp / "index.faiss"))
         ix.labels.to_parquet(tmp / "labels.parquet")
         (tmp / "index.json").write_text(json.dumps(ix.meta, indent=1))
+        if ix.heads:
+            from safetensors.torch import save_file
+
+            tensors = {k: v for key, h in ix.heads.items() for k, v in h.tensors(key).items()}
+            save_file(tensors, str(tmp / HEADS_FILE))
     return Path(out)
 
 
@@ -247,4 +258,13 @@ def load_index(path: str | os.PathLike, device: str | None = None) -> LabelIndex
     if meta.get("kind", "").startswith("ivf"):
         index.nprobe = int(meta.get("nprobe", NPROBE))
     labels = pd.read_parquet(path / "labels.parquet")
-    return LabelIndex(index, labels, meta, gpu_resources=gpu_resources)
+    heads = {}
+    if (path / HEADS_FILE).is_file():
+        from safetensors.torch import load_file
+
+        from censusvi.annotate.head import LabelHead
+
+        tensors = load_file(str(path / HEADS_FILE))
+        for key, info in meta.get("heads", {}).items():
+            heads[key] = LabelHead.from_tensors(tensors, key, info["classes"])
+    return LabelIndex(index, labels, meta, gpu_resources=gpu_resources, heads=heads)

@@ -12,7 +12,7 @@ from censusvi import defaults
 from censusvi.annotate.index import LabelIndex, build_index
 from censusvi.annotate.majority import majority_vote, n_clusters, over_cluster
 from censusvi.annotate.ontology import backoff, label_ontologies
-from censusvi.annotate.transfer import label_probabilities, summarise
+from censusvi.annotate.transfer import label_probabilities, summarise, typicality
 from censusvi.data.h5ad import H5adSource
 from censusvi.data.soma import open_source
 from censusvi.inference import latent_representation
@@ -40,10 +40,12 @@ def index_reference(
     faiss_device: str | None = None,
     layer: str | None = None,
     ontology: bool = True,
+    head: bool = True,
 ) -> LabelIndex:
     """Embed the reference (an .h5ad, a SOMA experiment or an in-memory AnnData, of batches the
     model knows) and index it; ``ontology``: also keep the Cell Ontology terms of its labels
-    (``censusvi.annotate.ontology``) for ontology-aware answers."""
+    (``censusvi.annotate.ontology``) for ontology-aware answers; ``head``: also train a label
+    head per key (``censusvi.annotate.head``) for ``method="head"`` / ``"ensemble"``."""
     if isinstance(data, ad.AnnData):
         source = H5adSource(IN_MEMORY, obs_filter=obs_filter, layer=layer, adata=data)
         data = IN_MEMORY
@@ -60,7 +62,19 @@ def index_reference(
     meta["evaluation"] = holdout_evaluation(z, labels)
     if ontology:
         meta["ontology"] = label_ontologies(source.obs.iloc[pos], label_keys)
-    return build_index(z, labels, meta, device=faiss_device)
+    ix = build_index(z, labels, meta, device=faiss_device)
+    if head:
+        fit_heads(ix, z)
+    return ix
+
+
+def fit_heads(ix: LabelIndex, z: np.ndarray, seed: int = 0) -> None:
+    """Train a label head on the index's latents ``z`` for each label key (in place)."""
+    from censusvi.annotate.head import fit_head
+
+    for key in ix.labels.columns:
+        ix.heads[key], info = fit_head(z, ix.labels[key].to_numpy(), seed)
+        ix.meta.setdefault("heads", {})[key] = {"classes": ix.heads[key].classes.tolist(), **info}
 
 
 def holdout_evaluation(
@@ -94,27 +108,58 @@ def transfer_all(
     unknown_threshold: float = defaults.UNKNOWN_THRESHOLD,
     class_balance: float = defaults.CLASS_BALANCE,
     ontology_threshold: float = defaults.ONTOLOGY_THRESHOLD,
+    method: str = defaults.METHOD,
 ) -> dict[str, pd.DataFrame]:
-    """Weighted-kNN transfer of every label key of the index to each row of ``latent``: columns
-    predicted, probability, uncertainty, and where the index maps the key's labels to the Cell
-    Ontology, ontology_term_id, ontology_label, ontology_probability (``ontology.backoff``)."""
+    """Label transfer of every label key of the index to each row of ``latent`` by ``method``
+    (``label_probabilities_by``): columns predicted, probability, uncertainty, and where the
+    index maps the key's labels to the Cell Ontology, ontology_term_id, ontology_label,
+    ontology_probability (``ontology.backoff``)."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}: choose one of {', '.join(METHODS)}")
     dist, idx = index.search(latent, k)
     out = {}
     for key in index.labels.columns:
-        cats, prob = label_probabilities(
-            dist,
-            index.labels[key].to_numpy()[idx],
-            index.meta.get("neighbour_distance"),
-            index.label_frequency(key),
-            class_balance,
-        )
+        cats, prob = label_probabilities_by(method, index, key, latent, dist, idx, class_balance)
         res = summarise(cats, prob, unknown_threshold)
         onto = index.ontology(key)
         if onto is not None:
-            answer = backoff(prob, cats, onto, ontology_threshold)
-            res = res.join(answer.add_prefix("ontology_"))
+            res = res.join(backoff(prob, cats, onto, ontology_threshold).add_prefix("ontology_"))
         out[key] = res
     return out
+
+
+METHODS = ("knn", "head", "ensemble")
+
+
+def label_probabilities_by(
+    method: str, index: LabelIndex, key: str, latent, dist, idx, class_balance: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """p(label | cell) by weighted kNN (``transfer.label_probabilities``), the label head, or
+    their mean (``ensemble``). The head's probabilities get kNN's two corrections too: scaled by
+    how typical the cell's neighbour distances are, divided by label frequency ** class_balance."""
+    reference_distance = index.meta.get("neighbour_distance")
+    frequency = index.label_frequency(key)
+    cats, prob = label_probabilities(
+        dist, index.labels[key].to_numpy()[idx], reference_distance, frequency, class_balance
+    )
+    if method == "knn":
+        return cats, prob
+    head = index.heads.get(key)
+    if head is None:
+        raise ValueError(
+            f"the index has no label head for {key!r} (built without one, or by an older "
+            "censusvi): rebuild it with `censusvi index`, or use --method knn"
+        )
+    p_head = head.probabilities(latent)
+    if class_balance:
+        p_head = p_head * frequency.reindex(head.classes).fillna(1.0).to_numpy() ** -class_balance
+        p_head /= p_head.sum(1, keepdims=True)
+    p_head *= typicality(dist, reference_distance)[:, None]
+    if method == "head":
+        return head.classes, p_head
+    aligned = np.zeros_like(p_head)
+    aligned[:, np.searchsorted(head.classes, cats)] = prob  # kNN's labels are reference labels
+    return head.classes, (aligned + p_head) / 2
 
 
 def annotate(
@@ -130,6 +175,7 @@ def annotate(
     latent_key: str = LATENT_KEY,
     majority_voting: bool = False,
     ontology_threshold: float = defaults.ONTOLOGY_THRESHOLD,
+    method: str = defaults.METHOD,
 ) -> tuple[ad.AnnData, MappedQuery]:
     """Map the query, then transfer every label key of the index; returns the annotated cells
     (``censusvi.outputs`` names what is written). ``majority_voting`` adds, per label key, each
@@ -142,7 +188,7 @@ def annotate(
     mapped = map_query(model, adata, batch_key, layer=layer, surgery=surgery)
     out = mapped.annotated_copy(adata, latent_key)
     answers = transfer_all(
-        index, mapped.latent, k, unknown_threshold, class_balance, ontology_threshold
+        index, mapped.latent, k, unknown_threshold, class_balance, ontology_threshold, method
     )
     for key, res in answers.items():
         write_answers(out.obs, key, res)
@@ -171,6 +217,7 @@ def annotate(
         "unknown_threshold": unknown_threshold,
         "class_balance": class_balance,
         "ontology_threshold": ontology_threshold,
+        "method": method,
         "index": index_summary(index.meta),
         "evaluation": evaluation,
     }

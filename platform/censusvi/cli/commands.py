@@ -153,7 +153,7 @@ def cmd_index(a: argparse.Namespace) -> int:
 
     ix = api.build_index(
         a.data, a.model, list(keys(a.label_keys)), obs_filter=a.obs_filter,
-        faiss_device=a.faiss_device, ontology=a.ontology,
+        faiss_device=a.faiss_device, ontology=a.ontology, head=a.head,
     )  # fmt: skip
     ix.save(a.out, a.overwrite)
     print(
@@ -170,7 +170,7 @@ def cmd_annotate(a: argparse.Namespace) -> int:
     api.annotate(
         adata, model=a.model, index=a.index, batch_key=a.batch_key, k=a.k,
         unknown_threshold=a.unknown_threshold, class_balance=a.class_balance,
-        majority_voting=a.majority_voting, ontology_threshold=a.ontology_threshold,
+        majority_voting=a.majority_voting, ontology_threshold=a.ontology_threshold, method=a.method,
         key_added=a.latent_key, layer=a.layer,
         faiss_device=a.faiss_device, **_surgery(a),
     )  # fmt: skip

@@ -267,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the Cell Ontology terms of the labels (a KEY_ontology_term_id column, else "
         "labels that are CL names) for ontology-aware answers (default: on)",
     )
+    s.add_argument(
+        "--head",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train a calibrated label head per key for annotate --method head|ensemble "
+        "(default: on)",
+    )
     out_args(s, "index", ("model", "data"))
     faiss_device_arg(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -291,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="divide each neighbour's vote by its label's reference frequency to this power "
         f"(0: plain weighted kNN as scArches; 1: uniform label prior; default "
         f"{defaults.CLASS_BALANCE})",
+    )
+    s.add_argument(
+        "--method",
+        choices=["knn", "head", "ensemble"],
+        default=defaults.METHOD,
+        help="label transfer: weighted kNN, the index's label head, or their mean "
+        f"(default {defaults.METHOD})",
     )
     s.add_argument(
         "--ontology-threshold",

@@ -1,0 +1,88 @@
+"""The label head: calibrated on reference cells it never saw, saved without pickle, and
+selectable per annotation (``--method knn|head|ensemble``)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+
+import censusvi
+from censusvi.annotate.head import fit_head
+from censusvi.annotate.index import HEADS_FILE, load_index
+from censusvi.annotate.transfer import expected_calibration_error
+from censusvi.cli import main
+from censusvi.outputs import UNS_KEY, predicted_column, probability_column
+
+
+@pytest.fixture(scope="module")
+def pbmc_latent(pbmc_scvi):
+    """The three-chemistry PBMC cells (9 types) in a trained scVI latent."""
+    model_dir, cells, _ = pbmc_scvi
+    adata = ad.read_h5ad(cells)
+    censusvi.embed(adata, str(model_dir))
+    return adata.obsm["X_scvi"], adata.obs["cell_type"].astype(str).to_numpy()
+
+
+def test_head_is_calibrated_on_reference_cells_it_never_saw(pbmc_latent):
+    z, labels = pbmc_latent
+    rng = np.random.default_rng(0)
+    seen = rng.random(len(z)) < 0.5
+    head, info = fit_head(z[seen], labels[seen])
+    assert info["ece_after"] <= info["ece_before"] + 1e-9  # on its own calibration cells
+    p = head.probabilities(z[~seen])
+    assert np.allclose(p.sum(1), 1.0)
+    correct = head.classes[p.argmax(1)] == labels[~seen]
+    ece = expected_calibration_error(p.max(1), correct)
+    assert correct.mean() > 0.85, correct.mean()
+    assert ece <= 0.05, (ece, info)
+
+
+def test_methods_from_the_cli_and_the_heads_file(pbmc_scvi, tmp_path, capsys):
+    model_dir, cells, _ = pbmc_scvi
+    a = ad.read_h5ad(cells)
+    ref, query = (
+        a[a.obs["batch"] != a.obs["batch"].iloc[0]],
+        a[a.obs["batch"] == a.obs["batch"].iloc[0]],
+    )
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    query.write_h5ad(tmp_path / "q.h5ad")
+    common = ["--model", str(model_dir)]
+    for flag, name in (("--head", "ix"), ("--no-head", "nohead")):
+        args = ["index", *common, "--data", str(tmp_path / "ref.h5ad"), "--label-keys", "cell_type"]
+        assert main([*args, flag, "--out", str(tmp_path / name)]) == 0
+    assert (tmp_path / "ix" / HEADS_FILE).is_file() and not (
+        tmp_path / "nohead" / HEADS_FILE
+    ).exists()
+    ix = load_index(tmp_path / "ix")
+    assert ix.heads["cell_type"].classes.tolist() == sorted(set(ref.obs["cell_type"]))
+    q = [*common, "--query", str(tmp_path / "q.h5ad"), "--batch-key", "batch"]
+    acc = {}
+    for method in ("knn", "head", "ensemble"):
+        out = tmp_path / f"{method}.h5ad"
+        assert (
+            main(
+                [
+                    "annotate",
+                    *q,
+                    "--index",
+                    str(tmp_path / "ix"),
+                    "--method",
+                    method,
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+        obs = ad.read_h5ad(out)
+        assert obs.uns[UNS_KEY]["method"] == method
+        assert obs.obs[probability_column("cell_type")].between(0, 1).all()
+        predicted = obs.obs[predicted_column("cell_type")].astype(str)
+        acc[method] = (predicted == obs.obs["cell_type"].astype(str)).mean()
+    assert min(acc.values()) > 0.8, acc  # another chemistry, every method
+    capsys.readouterr()
+    args = ["annotate", *q, "--index", str(tmp_path / "nohead"), "--method", "head"]
+    assert main([*args, "--out", str(tmp_path / "x.h5ad")]) == 2
+    assert "no label head for 'cell_type'" in capsys.readouterr().err
+    assert not (tmp_path / "x.h5ad").exists()
