@@ -99,9 +99,9 @@ def query(n: int = 200, seed: int = 2):
     return POOL[np.sort(rows)].copy()
 
 
-def in_process(registry, version: str, adata):
+def in_process(registry, version: str, adata, method: str = "knn"):
     model_dir, index_dir = registry[1][version]
-    out, _ = annotate(load_model(model_dir), load_index(index_dir), adata, "batch")
+    out, _ = annotate(load_model(model_dir), load_index(index_dir), adata, "batch", method=method)
     return out
 
 
@@ -124,6 +124,8 @@ def test_client_annotate_equals_in_process_annotate(served, registry):
     assert out.uns["censusvi"]["versions"] == ["1"] and out.n_obs == q.n_obs
     assert_same_annotation(out, in_process(registry, "1", q))
     assert out.obs["predicted_cell_type"].astype(str).eq(q.obs["cell_type"]).mean() > 0.9
+    ensemble = Client(served).annotate(q, batch_key="batch", method="ensemble")
+    assert_same_annotation(ensemble, in_process(registry, "1", q, method="ensemble"))
 
 
 def test_json_and_h5ad_bodies_answer_like_arrow(served, registry, tmp_path):
@@ -210,6 +212,8 @@ def test_every_error_answers_its_status_and_reason(served):
     assert status == 422 and "'genes'" in msg
     status, msg = error_of(post_json(served, body, params={"k": "0"}))
     assert status == 422 and "k=0" in msg
+    status, msg = error_of(post_json(served, body, params={"method": "x" * 500}))
+    assert status == 422 and "choose one of knn, head, ensemble" in msg and len(msg) < 120
     r = requests.post(f"{served}/v1/annotate", data=b"x", headers={"Content-Type": "text/csv"})
     assert r.status_code == 422 and "unsupported content type" in r.json()["error"]
     with pytest.raises(ServiceError) as e:

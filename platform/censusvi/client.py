@@ -110,12 +110,13 @@ class Client:
         layer: str | None = None,
         k: int | None = None,
         unknown_threshold: float | None = None,
+        method: str | None = None,
     ) -> ad.AnnData:
         """A copy of the mapped cells with ``obsm["X_scvi"]`` and, per label key of the served
-        index, ``obs["predicted_KEY"]``, ``obs["KEY_probability"]``, ``obs["KEY_uncertainty"]``."""
-        params = {
-            k_: v for k_, v in (("k", k), ("unknown_threshold", unknown_threshold)) if v is not None
-        }
+        index, the columns ``censusvi annotate`` writes (``censusvi.outputs.answer_columns``);
+        ``method``: knn, head or ensemble (default: the server's)."""
+        options = (("k", k), ("unknown_threshold", unknown_threshold), ("method", method))
+        params = {name: v for name, v in options if v is not None}
         return self._run("/v1/annotate", adata, batch_key, layer, params)
 
     def _run(

@@ -114,8 +114,8 @@ def transfer_all(
     (``label_probabilities_by``): columns predicted, probability, uncertainty, and where the
     index maps the key's labels to the Cell Ontology, ontology_term_id, ontology_label,
     ontology_probability (``ontology.backoff``)."""
-    if method not in METHODS:
-        raise ValueError(f"method {method!r}: choose one of {', '.join(METHODS)}")
+    if method not in defaults.METHODS:
+        raise ValueError(f"method {method!r}: choose one of {', '.join(defaults.METHODS)}")
     dist, idx = index.search(latent, k)
     out = {}
     for key in index.labels.columns:
@@ -126,9 +126,6 @@ def transfer_all(
             res = res.join(backoff(prob, cats, onto, ontology_threshold).add_prefix("ontology_"))
         out[key] = res
     return out
-
-
-METHODS = ("knn", "head", "ensemble")
 
 
 def label_probabilities_by(

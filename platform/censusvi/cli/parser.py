@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--method",
-        choices=["knn", "head", "ensemble"],
+        choices=defaults.METHODS,
         default=defaults.METHOD,
         help="label transfer: weighted kNN, the index's label head, or their mean "
         f"(default {defaults.METHOD})",

@@ -39,6 +39,7 @@ def _params_schema():
             ParamSpec("k", "long", defaults.K),
             ParamSpec("unknown_threshold", "double", defaults.UNKNOWN_THRESHOLD),
             ParamSpec("class_balance", "double", defaults.CLASS_BALANCE),
+            ParamSpec("method", "string", defaults.METHOD),
         ]
     )
 
@@ -136,7 +137,8 @@ def predict_labels(model, index, frame, params: dict | None = None) -> pd.DataFr
             "`censusvi models register MODEL --index DIR`"
         )
     options = {"k": defaults.K, "unknown_threshold": defaults.UNKNOWN_THRESHOLD}
-    options |= {"class_balance": defaults.CLASS_BALANCE, **(params or {})}
+    options |= {"class_balance": defaults.CLASS_BALANCE, "method": defaults.METHOD}
+    options |= params or {}
     adata = counts_anndata(model, frame)
     out, _ = annotate(
         model,
@@ -146,6 +148,7 @@ def predict_labels(model, index, frame, params: dict | None = None) -> pd.DataFr
         k=int(options["k"]),
         unknown_threshold=float(options["unknown_threshold"]),
         class_balance=float(options["class_balance"]),
+        method=str(options["method"]),
     )
     columns = label_columns_of(index)
     labels = out.obs[[name for name, _ in columns]].reindex(adata.obs_names)

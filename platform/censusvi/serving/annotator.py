@@ -12,6 +12,14 @@ from censusvi.serving.settings import Settings, current_version
 from censusvi.serving.versions import VersionCache, VersionFetcher
 
 
+def no_head(version: str) -> dict:
+    return error(
+        422,
+        f"model version {version}'s index has no label head (built with --no-head or by an "
+        "older censusvi): ask for ?method=knn, or register an index built by `censusvi index`",
+    )
+
+
 def no_index(version: str) -> dict:
     return error(
         409,
@@ -49,20 +57,21 @@ class IndexHost:
         keys = ("n_cells", "kind", "label_keys", "evaluation")
         return {"index": {k: ix.meta.get(k) for k in keys}}
 
-    def annotate_all(self, requests: list[tuple[np.ndarray, str, int, float]]) -> list[dict]:
-        """One ``{"labels": {key: frame}}`` (or error) per ``(latent_nk, version, k, threshold)``."""
+    def annotate_all(self, requests: list[tuple[np.ndarray, str, int, float, str]]) -> list[dict]:
+        """One ``{"labels": {key: frame}}`` (or error) per
+        ``(latent_nk, version, k, threshold, method)``."""
         from censusvi.annotate.pipeline import transfer_all
 
         results: list[dict | None] = [None] * len(requests)
-        keyed = ((i, (version, k, thr)) for i, (_, version, k, thr) in enumerate(requests))
-        for (version, k, thr), members in groups(keyed).items():
+        keyed = ((i, tuple(r[1:])) for i, r in enumerate(requests))
+        for (version, k, thr, method), members in groups(keyed).items():
             ix = self.indexes.get(version)
-            if ix is None:
+            if ix is None or (method != "knn" and not ix.heads):
                 for i in members:
-                    results[i] = no_index(version)
+                    results[i] = no_index(version) if ix is None else no_head(version)
                 continue
             latent_nk = np.concatenate([requests[i][0] for i in members])
-            labels = transfer_all(ix, latent_nk, k, thr) if len(latent_nk) else {}
+            labels = transfer_all(ix, latent_nk, k, thr, method=method) if len(latent_nk) else {}
             sizes = [len(requests[i][0]) for i in members]
             for i, answer in zip(members, split_labels(labels, sizes)):
                 results[i] = answer

@@ -78,8 +78,8 @@ class Annotator:
         return self.host.explore(item)
 
     @serve.batch(**BATCH)
-    async def annotate(self, requests: list[tuple[Any, str, int, float]]) -> list[dict]:
-        """Each call passes one (latent, version, k, threshold) tuple."""
+    async def annotate(self, requests: list[tuple[Any, str, int, float, str]]) -> list[dict]:
+        """Each call passes one (latent, version, k, threshold, method) tuple."""
         return await asyncio.to_thread(self.host.annotate_all, requests)
 
 
@@ -208,14 +208,14 @@ class Ingress:
             ctype = request.headers.get("content-type", "")
             if ctype.startswith("multipart/form-data"):
                 body, ctype = await upload_file(request, body), "application/x-hdf5"
-            k, thr = transfer_options(q, self.s)
+            options = transfer_options(q, self.s)
             args = (body, ctype, q.get("batch_key"), q.get("layer"), self.s.limits)
             cells = await asyncio.to_thread(decode_request, *args)
         except Exception as e:
             return _json_error(*refusal(e, self.s)), 0
-        return await self._answer_cells(request, endpoint, cells, k, thr)
+        return await self._answer_cells(request, endpoint, cells, options)
 
-    async def _answer_cells(self, request: Request, endpoint: str, cells, k: int, thr: float):
+    async def _answer_cells(self, request: Request, endpoint: str, cells, options: tuple):
         from censusvi.wire import ARROW, encode_result
 
         version = self.versions.version  # one version answers the whole request
@@ -225,7 +225,7 @@ class Ingress:
         model = {"name": self.name, "version": version}
         result = {"model": model, "n_cells": cells.n_cells, **mapped}
         if endpoint == "annotate":
-            labelled = await self.annotator.annotate.remote((mapped["latent"], version, k, thr))
+            labelled = await self.annotator.annotate.remote((mapped["latent"], version, *options))
             if "error" in labelled:
                 return _json_error(labelled["status"], labelled["error"]), 0
             result["labels"] = labelled["labels"]

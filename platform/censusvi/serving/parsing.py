@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+from censusvi.defaults import METHODS
 from censusvi.serving.body import BadUpload, BodyTooLarge, too_large_message
 from censusvi.serving.settings import Settings
 from censusvi.untrusted import PayloadTooLarge
@@ -25,13 +26,17 @@ def bounded(value: str | None, default, kind: type, name: str, low, high):
     return v
 
 
-def transfer_options(params: Mapping[str, str], s: Settings) -> tuple[int, float]:
-    """``?k=`` (neighbours) and ``?unknown_threshold=`` of label transfer."""
+def transfer_options(params: Mapping[str, str], s: Settings) -> tuple[int, float, str]:
+    """``?k=`` (neighbours), ``?unknown_threshold=`` and ``?method=`` of label transfer."""
     k = bounded(params.get("k"), s.k, int, "k", 1, 1000)
     thr = bounded(
         params.get("unknown_threshold"), s.unknown_threshold, float, "unknown_threshold", 0.0, 1.0
     )
-    return k, thr
+    method = params.get("method", s.method)
+    if method not in METHODS:
+        shown = method if len(method) <= 40 else method[:40] + "..."
+        raise ValueError(f"method {shown!r}: choose one of {', '.join(METHODS)}")
+    return k, thr, method
 
 
 def refusal(e: Exception, s: Settings) -> tuple[int, str]:

@@ -33,8 +33,9 @@ class Settings:
     allow_surgery: bool = (
         False  # train new batch columns per request (models that encode the batch)
     )
-    k: int = 15
-    unknown_threshold: float = 1.0
+    k: int = defaults.K
+    unknown_threshold: float = defaults.UNKNOWN_THRESHOLD
+    method: str = defaults.METHOD  # label transfer when a request names none (?method=)
     results_kept: int = 100  # annotations kept for GET /explorer/{id}: at most this many,
     results_max_cells: int = 500_000  # this many cells in all,
     results_ttl_s: float = 3600.0  # and this long
