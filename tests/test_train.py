@@ -93,6 +93,19 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert not (tmp_path / "resumed.checkpoint").exists()
 
 
+def test_nan_guard_names_the_epoch_and_the_learning_rate(tmp_path):
+    """A diverged run stops at the epoch's end with the guard's message, not inside torch."""
+    src = tmp_path / "x.h5ad"
+    simulated_adata(n_cells=120).write_h5ad(src)
+    cfg = PretrainConfig(
+        data=DataConfig(source=str(src), batch_keys=("batch",), n_hvg=0),
+        train=TrainConfig(schedule="census", max_epochs=3, batch_size=64, lr=1e6),
+    )
+    message = r"training loss became nan at epoch 0; lower the learning rate \(lr=1000000.0\)"
+    with pytest.raises(FloatingPointError, match=message):
+        pretrain(cfg, tmp_path / "m", quiet=True)
+
+
 def test_checkpoint_of_another_run_is_refused(tmp_path, monkeypatch):
     src = tmp_path / "x.h5ad"
     simulated_adata(n_cells=120).write_h5ad(src)
