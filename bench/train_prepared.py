@@ -54,7 +54,7 @@ def train_seed(
     t0 = time.perf_counter()
     history = fit(
         vae,
-        lambda epoch: train.minibatches(cfg.batch_size, True, seed * 1_000_003 + epoch, **kw),
+        lambda shuffle_seed: train.minibatches(cfg.batch_size, True, shuffle_seed, **kw),
         (lambda: val.minibatches(cfg.batch_size, False, 0, **kw)) if val is not None else None,
         cfg,
     )

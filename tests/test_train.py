@@ -15,7 +15,7 @@ from censusvi.data.h5ad import H5adSource
 from censusvi.inference import latent_representation
 from censusvi.model.io import load_model
 from censusvi.train import checkpoint as ckpt_mod
-from censusvi.train.loop import TrainConfig, kl_weight
+from censusvi.train.loop import EpochStats, TrainConfig, epoch_seeds, kl_weight
 from censusvi.train.pretrain import DataConfig, PretrainConfig, load_pretrain_config, pretrain
 from conftest import simulated_adata
 
@@ -63,7 +63,7 @@ def test_kl_warmup_schedule():
     assert kl_weight(0, 0) == 1.0
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     src = tmp_path / "x.h5ad"
     simulated_adata(n_cells=200).write_h5ad(src)
     cfg = PretrainConfig(
@@ -72,25 +72,59 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     )
     straight, _ = pretrain(cfg, tmp_path / "straight", quiet=True)
 
-    saves = []
-    real_save = ckpt_mod.CheckpointStore.save
-
-    def crash_after_second_epoch(self, *args, **kwargs):
-        real_save(self, *args, **kwargs)
-        saves.append(1)
-        if len(saves) == 2:
+    def kill_after_second_epoch(stats: EpochStats) -> None:
+        if stats.epoch == 1:
             raise KeyboardInterrupt("simulated kill")
 
-    monkeypatch.setattr(ckpt_mod.CheckpointStore, "save", crash_after_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        pretrain(cfg, tmp_path / "resumed", quiet=True)
+        pretrain(cfg, tmp_path / "resumed", quiet=True, on_epoch_end=(kill_after_second_epoch,))
     assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.checkpoint").exists()
-    monkeypatch.setattr(ckpt_mod.CheckpointStore, "save", real_save)
-    resumed, history = pretrain(cfg, tmp_path / "resumed", quiet=True)
-    assert len(history.epochs) == 4
+    seen = []
+    resumed, history = pretrain(
+        cfg, tmp_path / "resumed", quiet=True, on_epoch_end=(lambda s: seen.append(s.epoch),)
+    )
+    assert len(history.epochs) == 4 and seen == [2, 3]  # epochs 0 and 1 came from the checkpoint
     for k, v in straight.vae.state_dict().items():
         assert torch.equal(v, resumed.vae.state_dict()[k]), k
     assert not (tmp_path / "resumed.checkpoint").exists()
+
+
+def test_on_epoch_end_runs_after_the_epochs_checkpoint(tmp_path):
+    src = tmp_path / "x.h5ad"
+    simulated_adata(n_cells=120).write_h5ad(src)
+    cfg = PretrainConfig(
+        data=DataConfig(source=str(src), batch_keys=("batch",), n_hvg=0),
+        train=TrainConfig(schedule="census", max_epochs=3, batch_size=64),
+    )
+    seen = []
+
+    def note(stats: EpochStats) -> None:
+        state = json.loads((tmp_path / "m.checkpoint" / "state.json").read_text())
+        seen.append((stats.epoch, len(state["history"]["epochs"]), stats.val_elbo))
+
+    _, history = pretrain(cfg, tmp_path / "m", quiet=True, on_epoch_end=(note,))
+    assert seen == [(e.epoch, e.epoch + 1, e.val_elbo) for e in history.epochs]
+    assert [epoch for epoch, _, _ in seen] == [0, 1, 2]
+
+
+def test_nan_guard_names_the_epoch_and_the_learning_rate(tmp_path):
+    """A diverged run stops at the epoch's end with the guard's message, not inside torch."""
+    src = tmp_path / "x.h5ad"
+    simulated_adata(n_cells=120).write_h5ad(src)
+    cfg = PretrainConfig(
+        data=DataConfig(source=str(src), batch_keys=("batch",), n_hvg=0),
+        train=TrainConfig(schedule="census", max_epochs=3, batch_size=64, lr=1e6),
+    )
+    message = r"training loss became nan at epoch 0; lower the learning rate \(lr=1000000.0\)"
+    with pytest.raises(FloatingPointError, match=message):
+        pretrain(cfg, tmp_path / "m", quiet=True)
+
+
+def test_epoch_seeds_of_rank_zero_are_one_process_and_ranks_differ():
+    assert epoch_seeds(0, 0) == (0, 0) and epoch_seeds(2, 3, rank=0) == (200_009, 2_000_009)
+    assert epoch_seeds(2, 3, rank=1) == (201_018, 2_007_928)
+    seeds = [epoch_seeds(7, epoch, rank) for epoch in range(400) for rank in range(16)]
+    assert len({s.torch for s in seeds}) == len({s.shuffle for s in seeds}) == 400 * 16
 
 
 def test_checkpoint_of_another_run_is_refused(tmp_path, monkeypatch):

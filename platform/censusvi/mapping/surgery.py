@@ -120,7 +120,7 @@ def train_new_columns(
 
     ``batches(epoch)`` yields the query's minibatches for that epoch.
     """
-    from censusvi.train.loop import train_epoch
+    from censusvi.train.loop import epoch_seeds, train_epoch
 
     vae = mapped.vae
     restore, params = _freeze(vae, trainable)
@@ -131,7 +131,7 @@ def train_new_columns(
         opt = torch.optim.Adam(params, lr=cfg.lr, eps=0.01, weight_decay=cfg.weight_decay)
         best, bad = float("inf"), 0
         for epoch in range(cfg.max_epochs):
-            torch.manual_seed(cfg.seed * 100_003 + epoch)
+            torch.manual_seed(epoch_seeds(cfg.seed, epoch).torch)
             loss, _ = train_epoch(
                 vae, opt, batches(epoch), 1.0, after_step=restore, freeze_batchnorm=True
             )

@@ -41,6 +41,13 @@ from censusvi.model.minibatch import Minibatch
 VAR_EPS = 1e-4  # scvi-tools' floor on the posterior variance; keeps q(z|x) from collapsing
 
 
+def _normal(loc: torch.Tensor | float, scale: torch.Tensor | float) -> Normal:
+    """N(loc, scale) without torch's argument check: a diverged run's NaN then reaches the loss,
+    where the training loop's guard names the epoch and the fix (torch's check would raise first,
+    naming only a tensor), and the check's host sync on a GPU is skipped."""
+    return Normal(loc, scale, validate_args=False)
+
+
 @dataclass(frozen=True)
 class Inference:
     qz_mean_nk: torch.Tensor
@@ -193,12 +200,12 @@ class VAE(nn.Module):
     ) -> torch.Tensor:
         """KL(q(z|x) || p(z)) per cell: closed form for N(0, I); for a VampPrior (no closed
         form) the one-sample estimate log q(z|x) - log p(z) at the z the decoder saw."""
-        qz = Normal(inf.qz_mean_nk, inf.qz_var_nk.sqrt())
+        qz = _normal(inf.qz_mean_nk, inf.qz_var_nk.sqrt())
         if prior is None:
-            return kl_divergence(qz, Normal(0.0, 1.0)).sum(-1)
+            return kl_divergence(qz, _normal(0.0, 1.0)).sum(-1)
         prior_m, prior_v = prior
         z = inf.z_nk
-        log_p_nk = Normal(prior_m, prior_v.sqrt()).log_prob(z[:, None]).sum(-1)
+        log_p_nk = _normal(prior_m, prior_v.sqrt()).log_prob(z[:, None]).sum(-1)
         log_p = torch.logsumexp(log_p_nk, 1) - math.log(prior_m.shape[0])
         return qz.log_prob(z).sum(-1) - log_p
 
@@ -258,8 +265,8 @@ class VAE(nn.Module):
         kl_l_n = torch.zeros_like(kl_z_n)
         if inf.ql_mean_n1 is not None:
             batch_n = mb.covariates_nc[:, 0]
-            prior = Normal(self.library_log_means[batch_n], self.library_log_vars[batch_n].sqrt())
-            ql = Normal(inf.ql_mean_n1[:, 0], inf.ql_var_n1[:, 0].sqrt())
+            prior = _normal(self.library_log_means[batch_n], self.library_log_vars[batch_n].sqrt())
+            ql = _normal(inf.ql_mean_n1[:, 0], inf.ql_var_n1[:, 0].sqrt())
             kl_l_n = kl_divergence(ql, prior)
         # scvi-tools warms up only the z term; the library KL always has weight 1.
         loss = torch.mean(rec_n + kl_weight * kl_z_n + kl_l_n)

@@ -4,7 +4,8 @@ A checkpoint carries a fingerprint of the run (data, genes, batches, configurati
 a different one is refused, since silently continuing another run's weights is worse than starting
 over. The data are identified by ``source_identity``: a rewritten source file is another run's
 data even when its cells and genes look the same. Each save is written under a temporary name and
-renamed.
+renamed. ``censusvi pretrain`` and every Ray worker save and resume through this one store
+(``censusvi.train.loop.save_to`` and ``resume_from``).
 """
 
 from __future__ import annotations
@@ -57,9 +58,15 @@ def _shown(key: str, value: Any) -> str:
 
 
 class CheckpointStore:
-    def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any]) -> None:
+    """One run's checkpoint at ``path``; ``start_over``: how to start afresh, for the refusal
+    (None: delete ``path``, or ``--no-resume``, as ``censusvi pretrain``)."""
+
+    def __init__(
+        self, path: str | os.PathLike, fingerprint: dict[str, Any], start_over: str | None = None
+    ) -> None:
         self.path = Path(path)
         self.fingerprint = json.loads(json.dumps(fingerprint))  # normalise tuples to lists
+        self.start_over = start_over
 
     def exists(self) -> bool:
         return (self.path / "state.json").is_file()
@@ -71,20 +78,25 @@ class CheckpointStore:
             torch.save(opt.state_dict(), tmp / "optimizer.pt")  # tensors and numbers only
             (tmp / "state.json").write_text(json.dumps({"fingerprint": self.fingerprint, **state}))
 
-    def load(self, vae: VAE, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    def load(self, vae: VAE, opt: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """The JSON state, with the weights loaded into ``vae`` and the optimiser state into
+        ``opt`` (None: weights only); ValueError when the checkpoint is another run's."""
         state = json.loads((self.path / "state.json").read_text())
         if state.get("fingerprint") != self.fingerprint:
             raise ValueError(self.refusal(state.get("fingerprint", {})))
         device = next(vae.parameters()).device
         vae.load_state_dict(load_file(str(self.path / "weights.safetensors"), device=str(device)))
-        opt.load_state_dict(
-            torch.load(self.path / "optimizer.pt", weights_only=True, map_location=device)
-        )
+        if opt is not None:
+            opt.load_state_dict(
+                torch.load(self.path / "optimizer.pt", weights_only=True, map_location=device)
+            )
         return state
 
     def refusal(self, theirs: dict[str, Any]) -> str:
         """Why the checkpoint's fingerprint ``theirs`` is not this run's, and what to do."""
-        fresh = f"delete {self.path} to start over (or pass --no-resume: no checkpoints)"
+        fresh = self.start_over or (
+            f"delete {self.path} to start over (or pass --no-resume: no checkpoints)"
+        )
         ours = self.fingerprint
         then, now = theirs.get("data"), ours.get("data")
         if isinstance(then, dict) and isinstance(now, dict) and then != now:

@@ -1,9 +1,10 @@
-"""The single-process training loop: Adam as scvi-tools sets it up, KL warm-up, validation ELBO,
-early stopping, per-epoch checkpoints that a rerun resumes from.
+"""The training loop: Adam as scvi-tools sets it up, KL warm-up, validation ELBO, early stopping,
+a NaN guard, per-epoch checkpoints that a rerun resumes from.
 
-``train_epoch`` and ``validation_elbo`` are the pieces the distributed trainer reuses; ``fit``
-only sequences them. Randomness is derived from (seed, epoch), so a resumed run continues exactly
-as the uninterrupted one would have.
+``run_epochs`` is the one epoch runner: ``fit`` calls it in this process, and every Ray worker
+(``censusvi.train.ray_trainer``) calls it on its shard with a DDP-wrapped model and a sum over
+ranks. Randomness is derived from (seed, epoch, rank) by ``epoch_seeds`` alone, so a resumed run
+continues exactly as the uninterrupted one would have, and rank 0 draws what one process draws.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -100,6 +101,18 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
     if precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda"):
         return torch.bfloat16
     return None
+
+
+class EpochSeeds(NamedTuple):
+    torch: int  # torch's global generator at the epoch's start (dropout, latent samples)
+    shuffle: int  # the order of the epoch's minibatches (``train_batches``' argument)
+
+
+def epoch_seeds(seed: int, epoch: int, rank: int = 0) -> EpochSeeds:
+    """The seeds of ``epoch`` on ``rank``, the one place they are derived; rank 0's are the
+    single-process run's. The large primes keep nearby seeds' runs apart, and the rank offsets
+    keep ranks apart for runs of fewer than 1,009 epochs (the schedules plan at most 400)."""
+    return EpochSeeds(seed * 100_003 + epoch + rank * 1009, seed * 1_000_003 + epoch + rank * 7919)
 
 
 def kl_weight(epoch: int, n_epochs_kl_warmup: int) -> float:
@@ -219,6 +232,22 @@ class History:
             "stopped_early": self.stopped_early,
         }
 
+    def record(self, stats: EpochStats, cfg: TrainConfig) -> None:
+        """Append an epoch; early stopping watches the validation ELBO (else the training loss)."""
+        self.epochs.append(stats)
+        monitored = stats.val_elbo if stats.val_elbo is not None else stats.train_loss
+        if monitored < self.best_val - cfg.min_delta:
+            self.best_val, self.bad_epochs = monitored, 0
+        else:
+            self.bad_epochs += 1
+        if cfg.early_stopping and self.bad_epochs >= cfg.patience:
+            self.stopped_early = True
+            log.info(
+                "early stopping at epoch %d: no improvement for %d epochs",
+                stats.epoch,
+                cfg.patience,
+            )
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> History:
         return cls(
@@ -229,63 +258,110 @@ class History:
         )
 
 
+def resume_from(
+    store: CheckpointStore | None, vae: VAE, opt: torch.optim.Optimizer | None
+) -> History:
+    """The history of the run ``store`` holds, its weights and optimiser state loaded into
+    ``vae`` and ``opt`` (a checkpoint of another run is refused); a new History without one."""
+    if store is None or not store.exists():
+        return History()
+    history = History.from_dict(store.load(vae, opt)["history"])
+    log.info("resuming from %s at epoch %d", store.path, len(history.epochs))
+    return history
+
+
+def save_to(store: CheckpointStore, vae: VAE, opt: torch.optim.Optimizer, history: History) -> None:
+    """The checkpoint ``resume_from`` reads."""
+    store.save(vae, opt, {"history": history.to_dict()})
+
+
+def _local(sums: list[float]) -> list[float]:
+    return sums
+
+
+def run_epoch(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    train_batches: Callable[[int], Iterable[Minibatch]],
+    val_batches: Callable[[], Iterable[Minibatch]] | None,
+    cfg: TrainConfig,
+    epoch: int,
+    rank: int = 0,
+    sum_over_ranks: Callable[[list[float]], list[float]] = _local,
+) -> EpochStats:
+    """One epoch: seeded, trained, validated; the statistics summed over ranks."""
+    seeds = epoch_seeds(cfg.seed, epoch, rank)
+    torch.manual_seed(seeds.torch)
+    kl_w = kl_weight(epoch, cfg.n_epochs_kl_warmup)
+    autocast = autocast_dtype(cfg.precision, next(model.parameters()).device)
+    t0 = time.perf_counter()
+    loss, n = train_epoch(model, opt, train_batches(seeds.shuffle), kl_w, autocast=autocast)
+    rate = n / (time.perf_counter() - t0)
+    terms = validation_terms(model, val_batches()) if val_batches is not None else None
+    v_n = terms.n_cells if terms is not None else 0
+    rec_kl = [terms.reconstruction * v_n, terms.kl * v_n] if v_n else [0.0, 0.0]
+    loss_sum, n_sum, rate_sum, rec_sum, kl_sum, v_sum = sum_over_ranks(
+        [loss * n, n, rate, *rec_kl, v_n]
+    )
+    rec, kl = (rec_sum / v_sum, kl_sum / v_sum) if v_sum else (None, None)
+    val = rec + kl if rec is not None and kl is not None else None
+    return EpochStats(epoch, loss_sum / n_sum, val, rate_sum, kl_w, rec, kl)
+
+
+def run_epochs(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    train_batches: Callable[[int], Iterable[Minibatch]],
+    val_batches: Callable[[], Iterable[Minibatch]] | None,
+    cfg: TrainConfig,
+    history: History,
+    *,
+    rank: int = 0,
+    sum_over_ranks: Callable[[list[float]], list[float]] = _local,
+    save: Callable[[History], None] | None = None,
+    on_epoch_end: Sequence[Callable[[EpochStats], None]] = (),
+) -> History:
+    """Train from epoch ``len(history.epochs)`` to ``cfg.max_epochs`` or until early stopping.
+
+    ``model``: the VAE, or its DDP wrapper on a Ray worker; ``opt`` steps its parameters.
+    ``train_batches(shuffle_seed)``: an epoch's shuffled minibatches (the seed from
+    ``epoch_seeds``); ``val_batches()``: the held-out ones. ``sum_over_ranks``: sums each rank's
+    list of numbers (an all-reduce), so every rank sees the same statistics and stops, or fails
+    the NaN guard, at the same epoch. After each epoch ``save(history)`` writes the checkpoint,
+    then each ``on_epoch_end(stats)`` runs (logging, progress; a test injects failures here).
+    """
+    cfg.check_resolved()
+    for epoch in range(len(history.epochs), cfg.max_epochs):
+        if history.stopped_early:
+            break
+        stats = run_epoch(model, opt, train_batches, val_batches, cfg, epoch, rank, sum_over_ranks)
+        history.record(stats, cfg)
+        if not math.isfinite(stats.train_loss):
+            raise FloatingPointError(
+                f"training loss became {stats.train_loss} at epoch {epoch}; "
+                f"lower the learning rate (lr={cfg.lr})"
+            )
+        if save is not None:
+            save(history)
+        for hook in on_epoch_end:
+            hook(stats)
+    return history
+
+
 def fit(
     vae: VAE,
     train_batches: Callable[[int], Iterable[Minibatch]],
     val_batches: Callable[[], Iterable[Minibatch]] | None,
     cfg: TrainConfig,
     checkpoint: CheckpointStore | None = None,
-    progress: Callable[[EpochStats], None] | None = None,
+    on_epoch_end: Sequence[Callable[[EpochStats], None]] = (),
 ) -> History:
-    """Train ``vae``; ``train_batches(epoch)`` gives that epoch's shuffled minibatches."""
+    """Train ``vae`` in this process (``run_epochs``), resuming from and saving to
+    ``checkpoint`` when given."""
     cfg.check_resolved()
     opt = make_optimizer(vae, cfg)
-    device = next(vae.parameters()).device
-    history = History()
-    start = 0
-    if checkpoint is not None and checkpoint.exists():
-        state = checkpoint.load(vae, opt)
-        history = History.from_dict(state["history"])
-        start = len(history.epochs)
-        log.info("resuming from %s at epoch %d", checkpoint.path, start)
-    for epoch in range(start, cfg.max_epochs):
-        if history.stopped_early:
-            break
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
-        kl_w = kl_weight(epoch, cfg.n_epochs_kl_warmup)
-        t0 = time.perf_counter()
-        loss, n = train_epoch(
-            vae, opt, train_batches(epoch), kl_w, autocast=autocast_dtype(cfg.precision, device)
-        )
-        rate = n / (time.perf_counter() - t0)
-        terms = validation_terms(vae, val_batches()) if val_batches is not None else None
-        stats = EpochStats(
-            epoch,
-            loss,
-            terms and terms.elbo,
-            rate,
-            kl_w,
-            terms and terms.reconstruction,
-            terms and terms.kl,
-        )
-        val = stats.val_elbo
-        history.epochs.append(stats)
-        monitored = val if val is not None else loss
-        if monitored < history.best_val - cfg.min_delta:
-            history.best_val, history.bad_epochs = monitored, 0
-        else:
-            history.bad_epochs += 1
-        if cfg.early_stopping and history.bad_epochs >= cfg.patience:
-            history.stopped_early = True
-            log.info(
-                "early stopping at epoch %d: no improvement for %d epochs", epoch, cfg.patience
-            )
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss became {loss} at epoch {epoch}; lower the learning rate (lr={cfg.lr})"
-            )
-        if checkpoint is not None:
-            checkpoint.save(vae, opt, {"history": history.to_dict()})
-        if progress is not None:
-            progress(stats)
-    return history
+    history = resume_from(checkpoint, vae, opt)
+    save = (lambda h: save_to(checkpoint, vae, opt, h)) if checkpoint is not None else None
+    return run_epochs(
+        vae, opt, train_batches, val_batches, cfg, history, save=save, on_epoch_end=on_epoch_end
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import platform as py_platform
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from censusvi.data.source import CellSource, batch_categories, codes_in
 from censusvi.data.vocabulary import GeneVocabulary
 from censusvi.model.config import ModelConfig
 from censusvi.model.io import TrainedModel, save_model
-from censusvi.model.minibatch import DeviceCSR, minibatch_from_csr
+from censusvi.model.minibatch import DeviceCSR, Minibatch, minibatch_from_csr
 from censusvi.model.vae import VAE, new_vae
 from censusvi.train import schedule
 from censusvi.train.checkpoint import CheckpointStore, source_identity
@@ -37,6 +38,16 @@ CENSUS_HVG_KEYS = ("suspension_type", "assay")
 # Keys of a config file that only the Ray job (censusvi.jobs.pretrain) reads; ``censusvi pretrain``
 # trains in this process and leaves them (and the stream, out, mlflow sections) aside.
 JOB_ONLY = {"data": ("ingest",), "train": ("num_workers", "use_gpu", "max_failures")}
+# Train settings a checkpoint does not pin: the stopping rules (a rerun may extend a run) and where
+# the arithmetic runs.
+NOT_FINGERPRINTED = (
+    "max_epochs",
+    "early_stopping",
+    "patience",
+    "min_delta",
+    "device",
+    "device_cache",
+)
 
 
 @dataclass(frozen=True)
@@ -168,6 +179,20 @@ class RunPlan:
             workers,
         )
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What makes a checkpoint this run's (``CheckpointStore``): the settings but
+        ``NOT_FINGERPRINTED``, the data's identity, the genes, the batch categories."""
+        settings = self.cfg.to_dict()
+        for key in NOT_FINGERPRINTED:
+            settings["train"].pop(key)
+        return {
+            "config": settings,
+            "data": source_identity(self.source),
+            "genes": list(self.genes.ids),
+            "batches": list(self.categories),
+            "n_cells": len(self.source.obs),
+        }
+
     def cells(self, rows: np.ndarray) -> Cells:
         alignment = self.genes.align({"var ids": self.source.var_ids}, min_overlap=1.0)
         return Cells(self.source, rows, alignment, self.cov[rows])
@@ -288,6 +313,30 @@ def warn_if_undertrained(plan: RunPlan, history: History, workers: int = 1) -> d
     return {"training_warnings": found} if found else {}
 
 
+class RunBatches:
+    """A run's minibatches of ``Cells`` on ``t.device``. In-memory cells with ``t.device_cache``
+    (None: on for a GPU) are held on the device once and cut there; others are read per
+    minibatch. ``pretrain`` and each Ray worker's in-memory shard draw from it."""
+
+    def __init__(self, t: TrainConfig, with_counts: bool) -> None:
+        self.batch_size, self.device, self.with_counts = t.batch_size, t.device, with_counts
+        self.cache = (
+            t.device_cache if t.device_cache is not None else torch.device(t.device).type != "cpu"
+        )
+        self._held: dict[int, DeviceCSR] = {}
+
+    def __call__(self, cells: Cells, shuffle: bool, seed: int) -> Iterator[Minibatch]:
+        if self.cache and cells.preload:
+            if id(cells) not in self._held:
+                self._held[id(cells)] = DeviceCSR(*cells.non_empty_matrix(), self.device)
+            yield from self._held[id(cells)].minibatches(
+                self.batch_size, shuffle, seed, with_counts=self.with_counts
+            )
+            return
+        for _, x, c in cells.minibatches(self.batch_size, shuffle=shuffle, seed=seed):
+            yield minibatch_from_csr(x, c, self.device, with_counts=self.with_counts)
+
+
 def pretrain(
     cfg: PretrainConfig,
     out: str | os.PathLike | None,
@@ -295,47 +344,23 @@ def pretrain(
     resume: bool = True,
     overwrite: bool = False,
     source: CellSource | None = None,
+    on_epoch_end: Sequence[Callable[[EpochStats], None]] = (),
 ) -> tuple[TrainedModel, History]:
     """Train and save to ``out`` (None: keep the model in memory only, without checkpoints);
-    ``source`` as in ``plan_from``."""
+    ``source`` as in ``plan_from``; ``on_epoch_end(stats)`` after each epoch's checkpoint."""
     from tqdm.auto import tqdm
 
     plan = plan_from(cfg, source=source)
-    cfg, t = plan.cfg, plan.cfg.train
+    t = plan.cfg.train
     log.info("training schedule %s", schedule.describe(plan.schedule_record()))
-    genes, source = plan.genes, plan.source
     train_cells = plan.cells(plan.train_rows)
     val_cells = plan.cells(plan.val_rows) if len(plan.val_rows) else None
     vae = plan.new_vae(train_cells).to(t.device)
 
-    on_device: dict[int, DeviceCSR] = {}
-
-    def batches(cells: Cells, shuffle: bool, seed: int):
-        cache = (
-            t.device_cache if t.device_cache is not None else torch.device(t.device).type != "cpu"
-        )
-        if cache and cells.preload:
-            # Data in memory and a GPU: keep the counts there and cut minibatches on the device.
-            if id(cells) not in on_device:
-                on_device[id(cells)] = DeviceCSR(*cells.non_empty_matrix(), t.device)
-            kw = {"with_counts": vae.needs_dense_counts}
-            yield from on_device[id(cells)].minibatches(t.batch_size, shuffle, seed, **kw)
-            return
-        for _, x, c in cells.minibatches(t.batch_size, shuffle=shuffle, seed=seed):
-            yield minibatch_from_csr(x, c, t.device, with_counts=vae.needs_dense_counts)
-
-    # What makes a checkpoint this run's: everything but the stopping rules (a rerun may extend).
-    run_settings = cfg.to_dict()
-    for key in ("max_epochs", "early_stopping", "patience", "min_delta", "device", "device_cache"):
-        run_settings["train"].pop(key)
-    fingerprint = {
-        "config": run_settings,
-        "data": source_identity(source),
-        "genes": list(genes.ids),
-        "batches": list(plan.categories),
-        "n_cells": len(source.obs),
-    }
-    ckpt = CheckpointStore(Path(f"{out}.checkpoint"), fingerprint) if resume and out else None
+    batches = RunBatches(t, vae.needs_dense_counts)
+    ckpt = (
+        CheckpointStore(Path(f"{out}.checkpoint"), plan.fingerprint()) if resume and out else None
+    )
     bar = tqdm(total=t.max_epochs, desc="pretrain", unit="epoch", disable=True if quiet else None)
 
     def progress(s: EpochStats) -> None:
@@ -345,11 +370,11 @@ def pretrain(
 
     history = fit(
         vae,
-        lambda epoch: batches(train_cells, True, t.seed * 1_000_003 + epoch),
+        lambda seed: batches(train_cells, True, seed),
         (lambda: batches(val_cells, False, 0)) if val_cells is not None else None,
         t,
         ckpt,
-        progress,
+        on_epoch_end=(progress, *on_epoch_end),
     )
     bar.close()
     trained = plan.trained_model(vae, history, warn_if_undertrained(plan, history))

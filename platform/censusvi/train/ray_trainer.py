@@ -1,10 +1,13 @@
-"""Distributed pretraining with Ray Train: DDP over N workers running the core loop's pieces.
+"""Distributed pretraining with Ray Train: DDP over N workers, each running the one epoch runner.
 
-The driver decides the run once (``plan_from``: genes, batch categories, split) and ships that
-decision; each worker rebuilds the same plan from the data source, takes an equal shard of the
-training cells (DDP needs the same step count on every rank), and runs ``train_epoch`` on the
-DDP-wrapped model, so the model and loss are the single-process ones. Rank 0 writes a checkpoint
-every epoch; every rank reports; a restarted worker group resumes from the last checkpoint.
+The driver decides the run once (``plan_from``: genes, batch categories, split, schedule) and
+ships that decision; each worker rebuilds the same plan from the data source, takes an equal shard
+of the training cells (DDP needs the same step count on every rank) and calls
+``censusvi.train.loop.run_epochs`` as ``censusvi pretrain`` does: the same seeds, KL warm-up,
+validation ELBO, early stopping and NaN guard, the same checkpoint save and resume. A worker
+differs only in its shard, the DDP wrapper, the sum of the statistics over ranks, and that rank 0
+hands its checkpoint to ``ray.train.report`` (every rank reports); a restarted worker group resumes
+from the last one.
 """
 
 from __future__ import annotations
@@ -12,29 +15,32 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from censusvi.data.cells import Cells
 from censusvi.data.ray_stream import CellStream, stream_minibatches
 from censusvi.data.vocabulary import GeneVocabulary
-from censusvi.model.minibatch import minibatch_from_csr
+from censusvi.model.minibatch import Minibatch
 from censusvi.model.vae import VAE
 from censusvi.train import schedule
+from censusvi.train.checkpoint import CheckpointStore
 from censusvi.train.loop import (
     EpochStats,
     History,
-    autocast_dtype,
-    kl_weight,
+    TrainConfig,
     make_optimizer,
-    train_epoch,
-    validation_terms,
+    resume_from,
+    run_epochs,
+    save_to,
 )
 from censusvi.train.pretrain import (
     PretrainConfig,
+    RunBatches,
     RunPlan,
     load_pretrain_config,
     plan_from,
@@ -55,6 +61,7 @@ STREAM_DEFAULTS = {
     "read_cpus": 0.0,
     "read_tasks": 2,  # read tasks in flight per worker, each a process holding one IO group
 }
+CHECKPOINT_DIR = "run"  # the CheckpointStore inside each reported Ray checkpoint
 
 
 def _config_dict(cfg: PretrainConfig) -> dict[str, Any]:
@@ -80,123 +87,163 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-    from safetensors.torch import load_file, save_file
-
-    plan = _plan_in_worker(config)
-    t = plan.cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    per_rank = len(plan.train_rows) // world
-    train_cells = plan.cells(plan.train_rows[rank::world][:per_rank])
-    val_cells = plan.cells(plan.val_rows[rank::world]) if len(plan.val_rows) >= world else None
-    vae = plan.new_vae(train_cells)
-    device = ray.train.torch.get_device()
-    vae.to(device)
-    opt = make_optimizer(vae, t)
-    history = History()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            vae.load_state_dict(load_file(str(Path(d) / "weights.safetensors"), device=str(device)))
-            opt.load_state_dict(
-                torch.load(Path(d) / "optimizer.pt", weights_only=True, map_location=device)
-            )
-            history = History.from_dict(json.loads((Path(d) / "history.json").read_text()))
-    model = ray.train.torch.prepare_model(vae, move_to_device=False)
-    data, opts = plan.cfg.data, {**STREAM_DEFAULTS, **(config.get("stream") or {})}
-    # a shard that fits is read once and kept (auto); reading it again each epoch is waste
-    in_memory = opts["mode"] == "memory" or (opts["mode"] == "auto" and train_cells.preload)
-    stream = None
-    if not in_memory:
-        stream = CellStream(
-            replace(
-                train_cells,
-                shuffle_chunk=opts["shuffle_chunk"],
-                io_batch_cells=opts["io_batch_cells"],
-            ),
-            (data.source, data.obs_filter, data.layer),
-            opts["read_cpus"],
-            opts["read_tasks"],
+def workers_device(device: str, use_gpu: bool) -> str:
+    """The device kind Ray workers train on: ``use_gpu`` gives each its own GPU (Ray picks the
+    index), so a CUDA ``train.device`` needs it; without it they train on the CPU."""
+    if torch.device(device).type not in ("cpu", "cuda"):
+        raise ValueError(f"train.device={device!r}: Ray workers train on cpu or cuda")
+    if torch.device(device).type == "cuda" and not use_gpu:
+        raise ValueError(
+            f"train.device={device!r} but use_gpu is false: Ray gives the workers no GPU; set "
+            "train.use_gpu: true (each worker then trains on its own GPU), or train.device: cpu"
         )
+    return "cuda" if use_gpu else "cpu"
 
-    def batches(cells, shuffle: bool, seed: int):
-        for _, x, c in cells.minibatches(t.batch_size, shuffle=shuffle, seed=seed):
-            yield minibatch_from_csr(x, c, device, with_counts=vae.needs_dense_counts)
 
-    def train_batches(seed: int):
-        if stream is None:
-            return batches(train_cells, True, seed)
+def _worker_batches(
+    plan: RunPlan,
+    t: TrainConfig,
+    train_cells: Cells,
+    val_cells: Cells | None,
+    stream_opts: dict[str, Any],
+    with_counts: bool,
+) -> tuple[Callable[[int], Iterable[Minibatch]], Callable[[], Iterable[Minibatch]] | None]:
+    """This worker's ``train_batches(seed)`` and ``val_batches()``: a shard that fits is read once
+    and kept (``RunBatches``, as in one process); a larger one streams through Ray Data."""
+    batches = RunBatches(t, with_counts)
+    val = (lambda: batches(val_cells, False, 0)) if val_cells is not None else None
+    mode = stream_opts["mode"]
+    if mode == "memory" or (mode == "auto" and train_cells.preload):
+        return (lambda seed: batches(train_cells, True, seed)), val
+    data = plan.cfg.data
+    stream = CellStream(
+        replace(
+            train_cells,
+            shuffle_chunk=stream_opts["shuffle_chunk"],
+            io_batch_cells=stream_opts["io_batch_cells"],
+        ),
+        (data.source, data.obs_filter, data.layer),
+        stream_opts["read_cpus"],
+        stream_opts["read_tasks"],
+    )
+
+    def streamed(seed: int) -> Iterable[Minibatch]:
         return stream_minibatches(
             stream.epoch(seed),
             t.batch_size,
             len(plan.genes),
-            device,
+            t.device,
             seed,
-            opts["shuffle_buffer_cells"],
-            with_counts=vae.needs_dense_counts,
+            stream_opts["shuffle_buffer_cells"],
+            with_counts=with_counts,
         )
 
-    failure = config.get("inject_failure")  # fault-injection hook for tests: {"epoch", "marker"}
-    for epoch in range(len(history.epochs), t.max_epochs):
-        if (
-            failure
-            and epoch == failure["epoch"]
-            and rank == 0
-            and not Path(failure["marker"]).exists()
-        ):
-            Path(failure["marker"]).write_text(f"worker failed at epoch {epoch}")
-            raise RuntimeError(f"injected worker failure at epoch {epoch}")
-        torch.manual_seed(t.seed * 100_003 + epoch + rank * 1009)  # rank 0: as `fit`
-        kl_w = kl_weight(epoch, t.n_epochs_kl_warmup)
-        t0 = time.perf_counter()
-        loss, n = train_epoch(
-            model,
-            opt,
-            train_batches(t.seed * 1_000_003 + epoch + rank * 7919),  # rank 0: as `pretrain`
-            kl_w,
-            autocast=autocast_dtype(t.precision, device),
-        )
-        seconds = time.perf_counter() - t0
-        terms = (
-            validation_terms(model, batches(val_cells, False, 0)) if val_cells is not None else None
-        )
-        has_val = terms is not None and terms.n_cells > 0
-        v_n = terms.n_cells if has_val else 0
-        v_rec, v_kl = (terms.reconstruction * v_n, terms.kl * v_n) if has_val else (0.0, 0.0)
-        loss_sum, n_sum, rec_sum, kl_sum, v_n_sum, rate_sum = _all_reduce_sum(
-            [loss * n, n, v_rec, v_kl, v_n, n / seconds]
-        )
-        rec, kl = (rec_sum / v_n_sum, kl_sum / v_n_sum) if v_n_sum else (None, None)
-        stats = EpochStats(
-            epoch, loss_sum / n_sum, rec + kl if v_n_sum else None, rate_sum, kl_w, rec, kl
-        )
-        history.epochs.append(stats)
-        monitored = stats.val_elbo if stats.val_elbo is not None else stats.train_loss
-        history.best_val = min(history.best_val, monitored)
+    return streamed, val
+
+
+def _reporter(
+    vae: VAE, opt: torch.optim.Optimizer, fingerprint: dict[str, Any], rank: int, world: int
+) -> Callable[[History], None]:
+    """Every rank reports the epoch's metrics; rank 0 adds the checkpoint (``save_to``)."""
+    import ray.train
+
+    def report(history: History) -> None:
+        s = history.epochs[-1]
         metrics = {
-            "epoch": epoch,
-            "train_loss": stats.train_loss,
-            "cells_per_s": rate_sum,
-            "cells_per_s_per_worker": rate_sum / world,
-            "kl_weight": kl_w,
-            "val_elbo": stats.val_elbo if stats.val_elbo is not None else stats.train_loss,
-            "val_reconstruction": rec if rec is not None else float("nan"),
-            "val_kl": kl if kl is not None else float("nan"),
+            "epoch": s.epoch,
+            "train_loss": s.train_loss,
+            "cells_per_s": s.cells_per_s,
+            "cells_per_s_per_worker": s.cells_per_s / world,
+            "kl_weight": s.kl_weight,
+            "val_elbo": s.val_elbo if s.val_elbo is not None else s.train_loss,
+            "val_reconstruction": s.val_reconstruction
+            if s.val_reconstruction is not None
+            else float("nan"),
+            "val_kl": s.val_kl if s.val_kl is not None else float("nan"),
         }
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_file(
-                    {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()},
-                    str(Path(tmp) / "weights.safetensors"),
-                )
-                torch.save(opt.state_dict(), Path(tmp) / "optimizer.pt")
-                (Path(tmp) / "history.json").write_text(json.dumps(history.to_dict()))
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                save_to(CheckpointStore(Path(tmp) / CHECKPOINT_DIR, fingerprint), vae, opt, history)
+                ckpt = ray.train.Checkpoint.from_directory(Path(tmp) / CHECKPOINT_DIR)
             ray.train.report(metrics, checkpoint=ckpt)
+
+    return report
+
+
+def _resumed(config: dict[str, Any], vae: VAE, opt: torch.optim.Optimizer) -> History:
+    """The history of Ray's last checkpoint of this run, its state loaded (``resume_from``)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return History()
+    with checkpoint.as_directory() as d:
+        store = CheckpointStore(d, config["fingerprint"], config["start_over"])
+        return resume_from(store, vae, opt)
+
+
+# What a worker returns instead of raising, for errors every rank raises alike and a restart would
+# raise again: the driver raises them (``pretrain_distributed``), and Ray restarts nothing.
+FINAL_ERRORS = {"ValueError": ValueError, "FloatingPointError": FloatingPointError}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
+    """One Ray worker's run; returns ``{error name: message}`` when it stopped on one of the
+    ``FINAL_ERRORS`` (another run's checkpoint; the NaN guard), else None."""
+    import ray.train
+    import ray.train.torch
+
+    plan = _plan_in_worker(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    t = replace(plan.cfg.train, device=str(ray.train.torch.get_device()))
+    per_rank = len(plan.train_rows) // world
+    train_cells = plan.cells(plan.train_rows[rank::world][:per_rank])
+    val_cells = plan.cells(plan.val_rows[rank::world]) if len(plan.val_rows) >= world else None
+    vae = plan.new_vae(train_cells).to(t.device)
+    opt = make_optimizer(vae, t)
+    try:
+        history = _resumed(config, vae, opt)
+    except ValueError as e:  # another run's checkpoint: refused before any collective
+        return {"ValueError": str(e)}
+    model = ray.train.torch.prepare_model(vae, move_to_device=False)
+    stream_opts = {**STREAM_DEFAULTS, **(config.get("stream") or {})}
+    train_batches, val_batches = _worker_batches(
+        plan, t, train_cells, val_cells, stream_opts, vae.needs_dense_counts
+    )
+    try:
+        run_epochs(
+            model,
+            opt,
+            train_batches,
+            val_batches,
+            t,
+            history,
+            rank=rank,
+            sum_over_ranks=_all_reduce_sum,
+            save=_reporter(vae, opt, config["fingerprint"], rank, world),
+            on_epoch_end=config.get("on_epoch_end") or (),
+        )
+    except FloatingPointError as e:  # the guard reads the sum over ranks: all stop here
+        return {"FloatingPointError": str(e)}
+    return None
+
+
+def _check_stream(stream: dict[str, Any]) -> None:
+    unknown = sorted(set(stream) - set(STREAM_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown stream setting(s) {unknown}; known: {sorted(STREAM_DEFAULTS)}")
+    mode = stream.get("mode", STREAM_DEFAULTS["mode"])
+    if mode not in ("auto", "ray_data", "memory"):
+        raise ValueError(f"stream.mode={mode!r}: choose auto, ray_data or memory")
+
+
+def _start_over(storage_path: str | None, run_name: str | None) -> str:
+    """How to start afresh when a checkpoint is refused: Ray resumes a run of the same name
+    and storage from its last checkpoint."""
+    run_dir = Path(storage_path).resolve() / run_name if storage_path and run_name else None
+    return "pass another run_name to start over" + (f" (or delete {run_dir})" if run_dir else "")
 
 
 def pretrain_distributed(
@@ -208,41 +255,41 @@ def pretrain_distributed(
     run_name: str | None = None,
     max_failures: int = 2,
     keep_checkpoints: int = 2,
-    inject_failure: dict[str, Any] | None = None,
     stream: dict[str, Any] | None = None,
+    on_epoch_end: Sequence[Callable[[EpochStats], None]] = (),
 ):
     """Train with Ray Train and write the model directory ``out``; returns (model, history).
-    ``stream``: Ray Data ingest settings (``STREAM_DEFAULTS``' keys)."""
-    unknown = sorted(set(stream or {}) - set(STREAM_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown stream setting(s) {unknown}; known: {sorted(STREAM_DEFAULTS)}")
-    mode = (stream or {}).get("mode", STREAM_DEFAULTS["mode"])
-    if mode not in ("auto", "ray_data", "memory"):
-        raise ValueError(f"stream.mode={mode!r}: choose auto, ray_data or memory")
+    ``stream``: Ray Data ingest settings (``STREAM_DEFAULTS``' keys). ``on_epoch_end``: called
+    in every worker with each epoch's statistics (summed over ranks) after its checkpoint; they
+    travel to the workers, so they must pickle (cloudpickle: a function or a class instance)."""
+    _check_stream(stream or {})
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from safetensors.torch import load_file
 
+    from censusvi.data.ray_hvg import ray_reducer
     from censusvi.model.io import save_model
 
+    t = replace(cfg.train, device=workers_device(cfg.train.device, use_gpu))
+    cfg = replace(cfg, train=t)
     source = cfg.data.source
     if "://" not in source and Path(source).exists():  # workers run in another directory
         cfg = replace(cfg, data=replace(cfg.data, source=str(Path(source).resolve())))
-    from censusvi.data.ray_hvg import ray_reducer
-
     # the HVG statistics run on the cluster too: Ray Data tasks over row blocks, summed here
     plan = plan_from(
         cfg, hvg_reducer=ray_reducer(cfg.data.source, cfg.data.obs_filter, cfg.data.layer)
     )
     # The schedule is resolved once, here (plan_from); the workers get its values.
     log.info("training schedule %s", schedule.describe(plan.schedule_record(num_workers)))
+    fingerprint = plan.fingerprint()
     config = {
         "cfg": _config_dict(plan.cfg),
         "genes": plan.genes.to_dict(),
         "categories": list(plan.categories),
         "extra_cats": [list(c) for c in plan.extra_cats],
-        "inject_failure": inject_failure,
+        "fingerprint": fingerprint,
+        "start_over": _start_over(storage_path, run_name),
         "stream": dict(stream or {}),
+        "on_epoch_end": list(on_epoch_end),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -262,10 +309,11 @@ def pretrain_distributed(
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    for name, message in (getattr(result, "return_value", None) or {}).items():
+        raise FINAL_ERRORS[name](message)
+    vae = VAE(plan.model_cfg)  # a shell for the trained weights
     with result.checkpoint.as_directory() as d:
-        vae = VAE(plan.model_cfg)  # a shell for the trained weights
-        vae.load_state_dict(load_file(str(Path(d) / "weights.safetensors")))
-        history = History.from_dict(json.loads((Path(d) / "history.json").read_text()))
+        history = resume_from(CheckpointStore(d, fingerprint), vae, None)
     extra = {
         "num_workers": num_workers,
         "ray_result_path": str(result.path),
