@@ -4,12 +4,17 @@ into one search), and draw the explorer page of a kept result."""
 
 from __future__ import annotations
 
+import logging
+import threading
+
 import numpy as np
 
 from censusvi.outputs import NLL_COLUMN, write_answers
 from censusvi.serving.grouping import error, groups, split_labels
 from censusvi.serving.settings import Settings, current_version
 from censusvi.serving.versions import VersionCache, VersionFetcher
+
+log = logging.getLogger(__name__)
 
 
 def no_head(version: str) -> dict:
@@ -43,12 +48,21 @@ class IndexHost:
             return load_index(files.index_dir) if files.index_dir else None
 
         self.indexes = VersionCache(load)
-        self.indexes.get(current_version(s))
         self.layouts = VersionCache(lambda v: fit_reference_layout(self.indexes.get(v)))
+        self.load(current_version(s))
 
     def load(self, version: str) -> str:
-        self.indexes.get(version)
+        """Load ``version``'s index now and fit its explorer map in the background, so that the
+        first explorer page does not wait for a UMAP (a later request for it waits for this one)."""
+        if self.indexes.get(version) is not None:
+            threading.Thread(target=self._fit_layout, args=(version,), daemon=True).start()
         return version
+
+    def _fit_layout(self, version: str) -> None:
+        try:
+            self.layouts.get(version)
+        except Exception as e:  # the page itself reports it (e.g. the report extra missing)
+            log.warning("explorer map of version %s not fitted ahead: %s", version, e)
 
     def info(self, version: str) -> dict:
         ix = self.indexes.get(version)
