@@ -224,10 +224,12 @@ def test_subpackages_named_like_api_functions_call_them(tmp_path):
 def test_pretrain_from_a_path_with_batch_keys_writes_the_cli_directory(shared_data, tmp_path):
     a = ad.read_h5ad(shared_data / PBMC)[::6].copy()
     a.write_h5ad(tmp_path / "small.h5ad")
+    seen = []
     model = censusvi.pretrain(
         tmp_path / "small.h5ad", batch_keys=["batch", "assay"], out=tmp_path / "m",
-        max_epochs=1, n_latent=4, n_hidden=16, n_hvg=0,
+        max_epochs=2, n_latent=4, n_hidden=16, n_hvg=0, on_epoch_end=[seen.append],
     )  # fmt: skip
+    assert [s.epoch for s in seen] == [0, 1] and all(s.val_elbo is not None for s in seen)
     assert model.batch_keys == ("batch", "assay")
     loaded = load_model(tmp_path / "m")
     assert loaded.batch_categories == model.batch_categories and len(loaded.genes) == a.n_vars

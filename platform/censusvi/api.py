@@ -128,6 +128,7 @@ def pretrain(
     overrides: list[str] | tuple[str, ...] = (),
     quiet: bool = True,
     resume: bool = True,
+    on_epoch_end=(),
     **settings: Any,
 ) -> TrainedModel:
     """Train an scVI reference model on an AnnData (or an .h5ad / SOMA path; None: the
@@ -136,7 +137,8 @@ def pretrain(
     pretrain config (``n_hvg=2000``, ``n_latent=10``, ``max_epochs=50``, ``schedule="census"``,
     ...), over the packaged or YAML ``config`` and its ``overrides`` (``"train.lr=0.001"``).
     ``out``: also write the model directory there (with checkpoints, resumed from when
-    ``resume``, as ``censusvi pretrain --out``)."""
+    ``resume``, as ``censusvi pretrain --out``). ``on_epoch_end``: callables given each epoch's
+    statistics (``censusvi.train.loop.EpochStats``) after it ends, e.g. to plot the ELBO live."""
     import anndata as ad
 
     from censusvi.data.h5ad import H5adSource
@@ -175,7 +177,13 @@ def pretrain(
         d = cfg.data
         source = H5adSource(IN_MEMORY, d.obs_filter, d.layer, adata=adata_or_path)
     model, _ = train(
-        cfg, out, quiet=quiet, resume=resume and out is not None, overwrite=overwrite, source=source
+        cfg,
+        out,
+        quiet=quiet,
+        resume=resume and out is not None,
+        overwrite=overwrite,
+        source=source,
+        on_epoch_end=tuple(on_epoch_end),
     )
     return model
 
