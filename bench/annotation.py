@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-cells", type=int, help="subsample each reference and query to this")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    for name in ("lightning", "lightning.pytorch", "scvi"):  # their per-fit INFO lines
+        logging.getLogger(name).setLevel(logging.WARNING)
     started = time.perf_counter()
     seeds = ints(a.seeds or ("0" if a.quick else "0,1,2"))
     scvi_seeds = set(seeds if a.scvi_seeds is None else ints(a.scvi_seeds))
