@@ -122,7 +122,7 @@ def test_register_promote_gate_rollback_and_load(tmp_path, monkeypatch, capsys):
     assert not list((tmp_path / "dl-model").rglob("index.json"))
     ix_only = fetch_version("censusvi-scvi", "1", tmp_path / "dl-index", model=False)
     assert ix_only.model_dir is None and (ix_only.index_dir / "index.json").is_file()
-    assert not list((tmp_path / "dl-index").rglob("*.safetensors"))
+    assert not list((tmp_path / "dl-index").rglob("weights.safetensors"))  # no model weights
     z_good = latent_representation(load_model(good_model), ref)[1]
     z_rolled = latent_representation(load_model("models:/censusvi-scvi@production"), ref)[1]
     np.testing.assert_array_equal(z_rolled, z_good)

@@ -51,6 +51,9 @@ DIR_KINDS: dict[str, tuple[frozenset[str], str, Callable[[dict], bool]]] = {
         lambda d: d.get("kind") == "scvi-tools",
     ),
 }
+OPTIONAL_ENTRIES: dict[str, frozenset[str]] = {  # entries a kind may hold beside those above
+    "index": frozenset({"heads.safetensors"}),  # the label heads (index --head, the default)
+}
 # Directories whose entries vary from run to run: MARKER ({"kind": kind}) says censusvi wrote
 # one, and every other entry must be one it writes (a killed step's temporaries included).
 _DEMO_ENTRY = (
@@ -108,7 +111,7 @@ def artifact_kind(path: Path) -> str | None:
     if path.is_dir():
         names = {p.name for p in path.iterdir()}
         for kind, (files, named_in, test) in DIR_KINDS.items():
-            if names == files:
+            if files <= names <= files | OPTIONAL_ENTRIES.get(kind, frozenset()):
                 try:
                     if test(json.loads((path / named_in).read_text())):
                         return kind
