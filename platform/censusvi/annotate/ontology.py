@@ -48,12 +48,17 @@ class LabelOntology:
         )
 
 
-def ontology_of(labels: Iterable[str], term_ids: dict[str, str] | None = None):
-    """The ``LabelOntology`` of ``labels`` (``term_ids``: label -> CL id where the reference
-    gives one), or None when no label maps to a term."""
+def _parser():
     from cellxgene_ontology_guide.ontology_parser import OntologyParser
 
-    parser = OntologyParser()
+    return OntologyParser()
+
+
+def ontology_of(labels: Iterable[str], term_ids: dict[str, str] | None = None, parser=None):
+    """The ``LabelOntology`` of ``labels`` (``term_ids``: label -> CL id where the reference
+    gives one), or None when no label maps to a term; ``parser``: an ``OntologyParser`` already
+    loaded (reading the CL takes about a second)."""
+    parser = parser or _parser()
     label_terms, flat = {}, []
     for label in sorted(set(map(str, labels))):
         term = (term_ids or {}).get(label) or parser.get_term_id_by_label(label, ONTOLOGY)
@@ -92,9 +97,9 @@ def reference_terms(obs: pd.DataFrame, key: str) -> dict[str, str] | None:
 def label_ontologies(obs: pd.DataFrame, keys: Iterable[str]) -> dict[str, dict]:
     """``{key: LabelOntology.to_dict()}`` for each label key of the reference ``obs`` whose
     labels (some of them) map to Cell Ontology terms: what the index stores."""
-    found = {}
+    found, parser = {}, _parser()
     for key in keys:
-        onto = ontology_of(obs[key].astype(str).unique(), reference_terms(obs, key))
+        onto = ontology_of(obs[key].astype(str).unique(), reference_terms(obs, key), parser)
         if onto is None:
             log.info("label key %r: no label is a Cell Ontology term; answers stay flat", key)
         else:

@@ -136,11 +136,13 @@ def label_probabilities_by(
     how typical the cell's neighbour distances are, divided by label frequency ** class_balance."""
     reference_distance = index.meta.get("neighbour_distance")
     frequency = index.label_frequency(key)
-    cats, prob = label_probabilities(
-        dist, index.labels[key].to_numpy()[idx], reference_distance, frequency, class_balance
-    )
+
+    def knn() -> tuple[np.ndarray, np.ndarray]:
+        neighbours = index.labels[key].to_numpy()[idx]
+        return label_probabilities(dist, neighbours, reference_distance, frequency, class_balance)
+
     if method == "knn":
-        return cats, prob
+        return knn()
     head = index.heads.get(key)
     if head is None:
         raise ValueError(
@@ -152,8 +154,9 @@ def label_probabilities_by(
         p_head = p_head * frequency.reindex(head.classes).fillna(1.0).to_numpy() ** -class_balance
         p_head /= p_head.sum(1, keepdims=True)
     p_head *= typicality(dist, reference_distance)[:, None]
-    if method == "head":
+    if method == "head":  # no kNN vote to count
         return head.classes, p_head
+    cats, prob = knn()
     aligned = np.zeros_like(p_head)
     aligned[:, np.searchsorted(head.classes, cats)] = prob  # kNN's labels are reference labels
     return head.classes, (aligned + p_head) / 2
