@@ -26,6 +26,7 @@ from torch.distributions import Normal, kl_divergence
 from torch.nn import functional as F
 
 from censusvi.model.config import ModelConfig
+from censusvi.model.fused_nb import nb_nll_from_logits
 from censusvi.model.layers import FCLayers
 from censusvi.model.likelihoods import (
     full_precision,
@@ -33,7 +34,6 @@ from censusvi.model.likelihoods import (
     log_poisson,
     log_zinb_positive,
     nb_log_prob_sum_sparse,
-    nb_nll_from_logits,
     poisson_log_prob_sum_sparse,
 )
 from censusvi.model.minibatch import Minibatch
