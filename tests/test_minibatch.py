@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 
+from censusvi.model.config import ModelConfig
+from censusvi.model.layers import SparseRows
 from censusvi.model.minibatch import DeviceCSR, minibatch_from_csr
+from censusvi.model.vae import VAE
 
 
 def counts(n: int = 50, g: int = 30) -> sp.csr_matrix:
@@ -39,3 +45,40 @@ def test_device_csr_gathers_the_same_rows():
         assert torch.equal(getattr(a.nz, field), getattr(b.nz, field))
     sizes = [m.n_cells for m in d.minibatches(16, shuffle=True, seed=0)]
     assert sizes == [16, 16, 16]  # the 2-cell remainder is skipped: batch norm needs more
+
+
+@pytest.mark.parametrize("prior_components", [0, 3])
+def test_sparse_encoder_input_is_the_same_model(prior_components):
+    """At Census density the CPU minibatch holds log1p counts sparse (CSR and its transpose); the
+    loss and every gradient equal those of the dense input (VampPrior models included)."""
+    x = sp.random(64, 300, density=0.05, format="csr", random_state=2, dtype=np.float32)
+    x.data = np.ceil(x.data * 9)
+    x = x[np.diff(x.indptr) > 0]
+    cov = np.arange(x.shape[0]) % 3
+    mb = minibatch_from_csr(x, cov)
+    assert isinstance(mb.h_ng, SparseRows) and mb.n_cells == x.shape[0]
+    np.testing.assert_allclose(mb.h_ng.to_dense().numpy(), np.log1p(x.toarray()), rtol=1e-6)
+    dense = replace(mb, h_ng=mb.h_ng.to_dense())
+    cfg = ModelConfig(
+        n_genes=300,
+        n_batches=3,
+        n_hidden=16,
+        n_latent=4,
+        dropout_rate=0.0,
+        latent_library=True,
+        prior_components=prior_components,
+    )
+    torch.manual_seed(0)
+    vae = VAE(cfg)
+    grads = []
+    for m in (mb, dense):
+        vae.zero_grad()
+        torch.manual_seed(1)
+        loss = vae.loss(m, kl_weight=0.5).loss
+        loss.backward()
+        grads.append((loss.item(), {k: p.grad.clone() for k, p in vae.named_parameters()}))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    for name, g in grads[1][1].items():
+        torch.testing.assert_close(grads[0][1][name], g, rtol=1e-4, atol=1e-5, msg=name)
+    dense_mb = minibatch_from_csr(counts(), np.zeros(50, dtype=int))  # 20 % non-zero: dense
+    assert isinstance(dense_mb.h_ng, torch.Tensor)

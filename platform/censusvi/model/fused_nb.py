@@ -28,17 +28,21 @@ ROW_BLOCK_BYTES = 1 << 20  # CPU: (rows x genes) float32 blocks of ~1 MiB stay i
 
 
 def row_block(n_cells: int, n_genes: int, device: torch.device) -> int:
-    """Rows per block of the dense terms: ~1 MiB on a CPU; one block on a GPU, where each block
-    costs kernel launches and the step is bound by host work, not memory."""
+    """Rows per block of the dense terms: ~1 MiB per CPU thread (each op splits its block across
+    torch's threads); one block on a GPU, where each block costs kernel launches and the step is
+    bound by host work, not memory."""
     if device.type != "cpu":
         return n_cells
-    return max(1, min(n_cells, ROW_BLOCK_BYTES // (4 * max(n_genes, 1))))
+    per_block = ROW_BLOCK_BYTES * torch.get_num_threads()
+    return max(1, min(n_cells, per_block // (4 * max(n_genes, 1))))
 
 
-def _dense_forward(logits_ng, log_lib_n1, theta):
+def _dense_forward(logits_ng, log_lib_n1, theta, flat, starts):
     """Per cell: sum_g theta log(theta + mu + eps) (theta's own term added by the caller), the
-    log-sum-exp of the logits, and per gene the column sums of log(theta + mu + eps)."""
+    log-sum-exp of the logits, per gene the column sums of log(theta + mu + eps), and the logits
+    at the non-zeros (gathered while their block is in cache)."""
     n, g = logits_ng.shape
+    logit_e = logits_ng.new_empty(flat.shape)
     per_gene = theta.dim() == 1
     lse_n1 = torch.empty_like(log_lib_n1)
     dense_n = torch.empty(n, dtype=logits_ng.dtype, device=logits_ng.device)
@@ -48,6 +52,8 @@ def _dense_forward(logits_ng, log_lib_n1, theta):
     for a in range(0, n, step):
         b = min(a + step, n)
         t, th = buf[: b - a], theta if per_gene else theta[a:b]
+        lo, hi = int(starts[a]), int(starts[b])
+        torch.index_select(logits_ng[a:b].reshape(-1), 0, flat[lo:hi] - a * g, out=logit_e[lo:hi])
         m_b1 = logits_ng[a:b].amax(-1, keepdim=True)
         torch.sub(logits_ng[a:b], m_b1, out=t).exp_()
         log_s_b1 = torch.log(t.sum(-1, keepdim=True))
@@ -59,7 +65,7 @@ def _dense_forward(logits_ng, log_lib_n1, theta):
             col_log_tpm_g += t.sum(0)
         else:
             dense_n[a:b] = (th * t).sum(-1)
-    return dense_n, lse_n1, col_log_tpm_g
+    return dense_n, lse_n1, col_log_tpm_g, logit_e
 
 
 def _dense_backward(logits_ng, log_lib_n1, lse_n1, theta, grad_n, u_e, flat, starts, want):
@@ -104,11 +110,14 @@ def _dense_backward(logits_ng, log_lib_n1, lse_n1, theta, grad_n, u_e, flat, sta
 class _NBNllFromLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_ng, log_lib_n1, theta, row, col, x):  # noqa: D102
-        g = logits_ng.shape[1]
+        n, g = logits_ng.shape
         per_gene = theta.dim() == 1
-        dense_n, lse_n1, col_log_tpm_g = _dense_forward(logits_ng, log_lib_n1, theta)
-        log_theta_eps = torch.log(theta + EPS)
         flat = row * g + col  # non-zeros' positions in the flattened (n, g) tensors
+        starts = torch.searchsorted(row, torch.arange(n + 1, device=row.device))  # CSR indptr
+        dense_n, lse_n1, col_log_tpm_g, logit_e = _dense_forward(
+            logits_ng, log_lib_n1, theta, flat, starts
+        )
+        log_theta_eps = torch.log(theta + EPS)
         if per_gene:  # index_select: several times faster than advanced indexing on a CPU
             dense_n -= (theta * log_theta_eps).sum()
             th_e = theta.index_select(0, col)
@@ -117,7 +126,6 @@ class _NBNllFromLogits(torch.autograd.Function):
             dense_n -= (theta * log_theta_eps).sum(-1)
             th_e = theta.reshape(-1).index_select(0, flat)
             lg_theta_e = torch.lgamma(th_e)
-        logit_e = logits_ng.reshape(-1).index_select(0, flat)
         mu_e = torch.exp(logit_e - (lse_n1 - log_lib_n1)[:, 0].index_select(0, row))
         tpm_e = mu_e + (th_e + EPS)
         sparse_e = (
@@ -127,17 +135,16 @@ class _NBNllFromLogits(torch.autograd.Function):
             - torch.lgamma(x + 1)
         )
         ctx.save_for_backward(
-            logits_ng, log_lib_n1, lse_n1, theta, row, col, flat, x, mu_e, tpm_e, th_e
+            logits_ng, log_lib_n1, lse_n1, theta, row, col, flat, starts, x, mu_e, tpm_e, th_e
         )
         ctx.col_log_tpm_g = col_log_tpm_g
         return dense_n.index_add_(0, row, sparse_e, alpha=-1)
 
     @staticmethod
     def backward(ctx, grad_n):  # noqa: D102
-        logits_ng, log_lib_n1, lse_n1, theta, row, col, flat, x, mu_e, tpm_e, th_e = (
+        logits_ng, log_lib_n1, lse_n1, theta, row, col, flat, starts, x, mu_e, tpm_e, th_e = (
             ctx.saved_tensors
         )
-        n = logits_ng.shape[0]
         per_gene = theta.dim() == 1
         want_theta = ctx.needs_input_grad[2]
         # a mean loss gives every cell the same grad: sum_n grad log tpm = grad * column sums
@@ -145,7 +152,6 @@ class _NBNllFromLogits(torch.autograd.Function):
         want = {"logits": ctx.needs_input_grad[0], "theta": want_theta, "log_tpm": not uniform}
         g_e = grad_n.index_select(0, row)
         u_e = g_e * (x / tpm_e - x / (mu_e + EPS)) * mu_e
-        starts = torch.searchsorted(row, torch.arange(n + 1, device=row.device))
         d_logits, d_lib, d_theta = _dense_backward(
             logits_ng, log_lib_n1, lse_n1, theta, grad_n, u_e, flat, starts, want
         )

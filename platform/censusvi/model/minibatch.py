@@ -1,8 +1,9 @@
 """A minibatch as the model consumes it, built from a CSR block of counts.
 
 Counts stay CSR (scipy) through reading, gene selection and shuffling; only here do they become
-dense tensors: ``h_ng = log1p(x)`` for the encoder (dense matmul beats torch's sparse kernels on CPU
-at 10 % density), the log library size, and the non-zero list the sparse likelihood needs. Dense
+tensors: ``h_ng = log1p(x)`` for the encoder (on a CPU sparse ``SparseRows`` below
+``SPARSE_INPUT_DENSITY`` non-zeros, where its product is cheaper than a dense one; dense above it
+and on a GPU), the log library size, and the non-zero list the sparse likelihood needs. Dense
 raw counts are built only for likelihoods evaluated densely (ZINB, the reference path). On a GPU
 the CSR arrays are moved and densified on the device: ~10x fewer bytes than a dense host tensor.
 """
@@ -17,7 +18,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from censusvi.model.layers import SparseRows
 from censusvi.model.likelihoods import NonZeros
+
+SPARSE_INPUT_DENSITY = 0.1  # CPU: sparse encoder input below this share of non-zeros
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class Minibatch:
     ``covariates_nc[:, 0]`` is the batch code; further columns are extra categorical covariates.
     """
 
-    h_ng: torch.Tensor  # log1p(counts), dense
+    h_ng: torch.Tensor | SparseRows  # log1p(counts)
     log_library_n1: torch.Tensor  # log of total counts per cell (observed library size)
     covariates_nc: torch.Tensor
     nz: NonZeros | None = None
@@ -54,6 +58,22 @@ def _dense(indptr, col, val, shape, device: torch.device) -> torch.Tensor:
         return csr.to_dense()
 
 
+def _csr_tensor(x: sp.csr_matrix) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(x.indptr.astype(np.int64)),
+            torch.from_numpy(x.indices.astype(np.int64)),
+            torch.from_numpy(x.data),
+            size=x.shape,
+            check_invariants=False,
+        )
+
+
+def _to_dense(x: sp.csr_matrix) -> torch.Tensor:
+    return torch.from_numpy(x.toarray())
+
+
 def minibatch_from_csr(
     x: sp.csr_matrix,
     covariates_nc: np.ndarray,
@@ -71,10 +91,9 @@ def minibatch_from_csr(
     cov = torch.from_numpy(np.asarray(covariates_nc, dtype=np.int64).reshape(n, -1)).to(device)
     val = torch.from_numpy(x.data.astype(np.float32, copy=False)).to(device, non_blocking=True)
     if device.type == "cpu":
-        values = val.numpy()
-        h_ng = torch.from_numpy(
-            sp.csr_matrix((np.log1p(values), x.indices, x.indptr), shape=x.shape).toarray()
-        )
+        h = sp.csr_matrix((np.log1p(val.numpy()), x.indices, x.indptr), shape=x.shape)
+        sparse = x.nnz < SPARSE_INPUT_DENSITY * n * x.shape[1]
+        h_ng = SparseRows(_csr_tensor(h), _csr_tensor(h.T.tocsr())) if sparse else _to_dense(h)
         x_ng = torch.from_numpy(x.toarray()) if with_counts else None
         col = torch.from_numpy(x.indices.astype(np.int64))
         row = torch.from_numpy(np.repeat(np.arange(n, dtype=np.int64), np.diff(x.indptr)))

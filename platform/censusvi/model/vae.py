@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from censusvi.model.config import ModelConfig
 from censusvi.model.fused_nb import nb_nll_from_logits
-from censusvi.model.layers import FCLayers
+from censusvi.model.layers import FCLayers, SparseRows
 from censusvi.model.likelihoods import (
     full_precision,
     log_nb_positive,
@@ -179,8 +179,9 @@ class VAE(nn.Module):
         h_ng, covariates_nc = mb.h_ng, mb.covariates_nc
         n, prior = h_ng.shape[0], None
         if with_prior and self.cfg.prior_components:
+            dense = h_ng.to_dense() if isinstance(h_ng, SparseRows) else h_ng
             m, v = self.z_encoder(
-                torch.cat([h_ng, self.pseudo_inputs_kg]),
+                torch.cat([dense, self.pseudo_inputs_kg]),
                 torch.cat([covariates_nc, self.pseudo_covariates_kc]),
             )
             (qz_m, prior_m), (qz_v, prior_v) = m.split([n, len(m) - n]), v.split([n, len(v) - n])
