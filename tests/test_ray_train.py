@@ -119,8 +119,50 @@ def test_worker_failure_resumes_from_checkpoint(local_ray, tmp_path):
     assert finished == [0, 0, 1, 1, 2, 2, 3, 3]  # each epoch once per worker: 0-1 not redone
     assert [e.epoch for e in history.epochs] == [0, 1, 2, 3]
     assert history.epochs[-1].val_elbo < history.epochs[0].val_elbo
-    assert load_model(tmp_path / "m").provenance["epochs"] == 4
+    provenance = load_model(tmp_path / "m").provenance
+    assert provenance["epochs"] == 4 and provenance["restarts_from_checkpoint"] == 1
+    assert provenance["resubmissions"] == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.tmp")]
+
+
+def test_file_uri_storage_resumes_a_resubmitted_run(local_ray, tmp_path):
+    """Storage given as a file:// URI reaches Ray Train as a URI; the run's name comes from its
+    fingerprint, so submitting the same run again (with more epochs: the stopping rules are no
+    part of a run's identity) resumes it from storage instead of starting at epoch 0."""
+    from censusvi.train.ray_trainer import pretrain_distributed
+
+    class LogEpochs:
+        def __init__(self, log: Path) -> None:
+            self.log = log
+
+        def __call__(self, stats: EpochStats) -> None:
+            with self.log.open("a") as f:
+                f.write(f"{stats.epoch}\n")
+
+    src, log = tmp_path / "x.h5ad", tmp_path / "epochs.txt"
+    simulated_adata(n_cells=150).write_h5ad(src)
+    storage = f"file://{tmp_path}/store"
+
+    def submit(epochs: int):
+        cfg = small_cfg(str(src), epochs=epochs)
+        return pretrain_distributed(
+            cfg,
+            str(tmp_path / "m"),
+            num_workers=1,
+            storage_path=storage,
+            on_epoch_end=(LogEpochs(log),),
+        )
+
+    first, h1 = submit(2)
+    second, h2 = submit(3)
+    assert [int(e) for e in log.read_text().split()] == [0, 1, 2]  # epochs 0-1 not redone
+    assert [e.epoch for e in h2.epochs] == [0, 1, 2] and h2.epochs[:2] == h1.epochs
+    name = first.provenance["ray_run_name"]
+    assert second.provenance["ray_run_name"] == name and name.startswith("censusvi-x.h5ad-")
+    assert second.provenance["resubmissions"] == 1
+    assert second.provenance["restarts_from_checkpoint"] == 0
+    assert second.provenance["ray_result_path"] == f"{storage}/{name}"
+    assert (tmp_path / "store" / name).is_dir()
 
 
 def test_early_stopping_stops_every_worker(local_ray, tmp_path):

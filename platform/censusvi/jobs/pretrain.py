@@ -34,7 +34,9 @@ class PretrainJob:
     """What a run needs, decided from the config before any work."""
 
     cfg: PretrainConfig
-    out: str  # the model directory; its folder also holds ray_results/
+    out: str  # the model directory
+    # the Ray run's checkpoints: a URI or a shared path (None: ray_results beside out)
+    storage: str | None = None
     ingest: tuple[str, ...] = ()  # .h5ad glob patterns data.source is built from when missing
     num_workers: int = 1
     use_gpu: bool = False
@@ -73,9 +75,13 @@ def job_from(doc: dict[str, Any]) -> PretrainJob:
         unknown = sorted(set(given) - set(known))
         if unknown:
             raise ConfigError(f"unknown {name} setting(s) {unknown}; known: {sorted(known)}")
+    storage = doc.get("storage")
+    if storage is not None and not isinstance(storage, str):
+        raise ConfigError(f"storage: expected a URI or a path, got {storage!r}")
     return PretrainJob(
         cfg,
         doc["out"],
+        storage,
         tuple((doc.get("data") or {}).get("ingest") or ()),
         _setting(doc, "train.num_workers", int, 1),
         _setting(doc, "train.use_gpu", bool, False),
@@ -112,7 +118,7 @@ def run(job: PretrainJob) -> dict[str, Any]:
         job.out,
         num_workers=job.num_workers,
         use_gpu=job.use_gpu,
-        storage_path=str(Path(job.out).parent / "ray_results"),
+        storage_path=job.storage or str(Path(job.out).parent / "ray_results"),
         max_failures=job.max_failures,
         stream=job.stream,
     )
