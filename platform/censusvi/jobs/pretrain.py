@@ -7,7 +7,9 @@ Ray Train (the cluster of ``ray job submit``, else a local Ray), writes the mode
 ``out``, logs the run to MLflow (``mlflow.tracking_uri``, else the store every ``censusvi``
 command uses: ``MLFLOW_TRACKING_URI``, else ``sqlite:///./mlruns/mlflow.db``) and registers a
 version of ``mlflow.model_name``. Prints one JSON line. A config that cannot be read or used, or
-data that cannot be: one ``error:`` line, exit 2.
+data that cannot be: one ``error:`` line, exit 2. An MLflow store unreachable at registration:
+one ``error:`` line, exit 3; the model and the run's checkpoints (``storage``) stay, and
+resubmitting the same job registers it without training again.
 """
 
 from __future__ import annotations
@@ -106,26 +108,40 @@ def ingest_if_missing(job: PretrainJob) -> None:
     ingest(files, source)
 
 
+class RegistrationFailed(RuntimeError):
+    """Training finished and the model is saved, but it could not be registered (exit 3)."""
+
+
 def run(job: PretrainJob) -> dict[str, Any]:
     from censusvi.ray_session import init_ray
-    from censusvi.registry.mlflow_store import log_and_register, tracking_uri
+    from censusvi.registry.mlflow_store import RegistryUnreachable, log_and_register, tracking_uri
+    from censusvi.registry.tracker import MlflowTracker
     from censusvi.train.ray_trainer import pretrain_distributed
 
     ingest_if_missing(job)
+    # The store every censusvi command uses (MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db), so
+    # that `censusvi models list` run from here shows this run.
+    uri = job.tracking_uri or tracking_uri()
+    storage = job.storage or str(Path(job.out).parent / "ray_results")
     init_ray()
     model, history = pretrain_distributed(
         job.cfg,
         job.out,
         num_workers=job.num_workers,
         use_gpu=job.use_gpu,
-        storage_path=job.storage or str(Path(job.out).parent / "ray_results"),
+        storage_path=storage,
         max_failures=job.max_failures,
         stream=job.stream,
+        tracker=MlflowTracker(uri),  # rank 0 logs each epoch to the run its checkpoint names
     )
-    # The store every censusvi command uses (MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db), so
-    # that `censusvi models list` run from here shows this run.
-    uri = job.tracking_uri or tracking_uri()
-    run_id, version = log_and_register(model, history, job.out, uri, job.model_name)
+    try:  # a step of its own: the model and the run's checkpoints stay whatever happens here
+        run_id, version = log_and_register(model, history, job.out, uri, job.model_name)
+    except RegistryUnreachable as e:
+        raise RegistrationFailed(
+            f"training finished and the model is saved in {job.out} (checkpoints in {storage}), "
+            f"but registering it failed: {e}. Resubmit the same job to retry (it resumes at its "
+            "last epoch, trains nothing and registers)"
+        ) from e
     return {
         "model": str(job.out),
         "epochs": len(history.epochs),
@@ -157,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, MissingExtra) as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except RegistrationFailed as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 3
     print(json.dumps(result))
     return 0
 
