@@ -18,6 +18,7 @@ import argparse
 import glob
 import json
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 from censusvi.config_files import ConfigError, is_uri, packaged_names, read_config
 from censusvi.extras import MissingExtra, needs_extras
 from censusvi.registry.mlflow_store import DEFAULT_MODEL_NAME
+from censusvi.train.loop import EpochStats
 from censusvi.train.pretrain import PretrainConfig, pretrain_config_from
 
 PROG = "python -m censusvi.jobs.pretrain"
@@ -112,7 +114,9 @@ class RegistrationFailed(RuntimeError):
     """Training finished and the model is saved, but it could not be registered (exit 3)."""
 
 
-def run(job: PretrainJob) -> dict[str, Any]:
+def run(job: PretrainJob, on_epoch_end: Sequence[Callable[[EpochStats], None]] = ()) -> dict:
+    """Ingest, train, save, register; ``on_epoch_end``: called in every Ray worker after each
+    epoch's checkpoint (``pretrain_distributed``; the tests inject faults there)."""
     from censusvi.ray_session import init_ray
     from censusvi.registry.mlflow_store import RegistryUnreachable, log_and_register, tracking_uri
     from censusvi.registry.tracker import MlflowTracker
@@ -132,6 +136,7 @@ def run(job: PretrainJob) -> dict[str, Any]:
         storage_path=storage,
         max_failures=job.max_failures,
         stream=job.stream,
+        on_epoch_end=on_epoch_end,
         tracker=MlflowTracker(uri),  # rank 0 logs each epoch to the run its checkpoint names
     )
     try:  # a step of its own: the model and the run's checkpoints stay whatever happens here
