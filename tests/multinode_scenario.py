@@ -105,6 +105,7 @@ def scenario(work: Path) -> dict:
         summary["driver_node"] = (work / "driver_node.txt").read_text()
         wait_for(work / "driver_kill.json", driver)
         time.sleep(SETTLE_S)
+        summary["killed_at_ms"] = int(time.time() * 1000)
         driver.kill()
         summary["first_submission_exit"] = driver.wait()
         job = subprocess.run(

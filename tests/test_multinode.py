@@ -92,5 +92,7 @@ def test_node_loss_and_driver_kill_resume_from_shared_storage_in_one_mlflow_run(
     assert run.data.tags["resubmissions"] == "1"
     restarts = client.get_metric_history(run.info.run_id, "restarts_from_checkpoint")
     assert (2, 1.0) in {(m.step, m.value) for m in restarts}  # resumed at epoch 2
-    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_elbo"))
-    assert steps == list(range(EPOCHS)), steps  # every epoch once: none lost, none redone
+    val = client.get_metric_history(run.info.run_id, "val_elbo")
+    assert sorted(m.step for m in val) == list(range(EPOCHS))  # each epoch once: none redone
+    live = sorted(m.step for m in val if m.timestamp < summary["killed_at_ms"])
+    assert live == [0, 1, 2, 3]  # logged by rank 0 as it trained: that driver never registered

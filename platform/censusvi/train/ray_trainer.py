@@ -271,6 +271,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     train_batches, val_batches = _worker_batches(
         plan, t, train_cells, val_cells, stream_opts, vae.needs_dense_counts
     )
+    save = _reporter(vae, opt, config["fingerprint"], rank, world, record)
+    if history.epochs and (history.stopped_early or len(history.epochs) >= t.max_epochs):
+        save(history)  # nothing left to train: the checkpoint again, with this run's record
     try:
         run_epochs(
             model,
@@ -281,7 +284,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             history,
             rank=rank,
             sum_over_ranks=_all_reduce_sum,
-            save=_reporter(vae, opt, config["fingerprint"], rank, world, record),
+            save=save,
             on_epoch_end=[*hooks, *(config.get("on_epoch_end") or ())],
         )
     except FloatingPointError as e:  # the guard reads the sum over ranks: all stop here
