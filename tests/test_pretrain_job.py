@@ -74,3 +74,10 @@ def test_registration_is_a_step_an_unreachable_store_cannot_lose_the_model_and_a
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_elbo")]
     assert sorted(steps) == [0, 1, 2]  # no epoch logged twice
+
+    from censusvi.registry.versions import register_version  # the manual retry path
+
+    manual = client.get_model_version(
+        "censusvi-job", register_version(tmp_path / "m", None, "censusvi-job", uri)
+    )
+    assert client.get_run(manual.run_id).data.tags["training_run_id"] == run.info.run_id

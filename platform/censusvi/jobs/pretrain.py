@@ -145,7 +145,8 @@ def run(job: PretrainJob, on_epoch_end: Sequence[Callable[[EpochStats], None]] =
         raise RegistrationFailed(
             f"training finished and the model is saved in {job.out} (checkpoints in {storage}), "
             f"but registering it failed: {e}. Resubmit the same job to retry (it resumes at its "
-            "last epoch, trains nothing and registers)"
+            "last epoch, trains nothing and registers in the training's MLflow run), or run "
+            f"`censusvi models register {job.out}`"
         ) from e
     return {
         "model": str(job.out),

@@ -307,6 +307,38 @@ def _start_over(target: StorageTarget, run_name: str) -> str:
     return f"pass another run_name to start over (or delete {target.run_uri(run_name)})"
 
 
+def _run_config(target: StorageTarget, name: str, max_failures: int, keep_checkpoints: int):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    return RunConfig(
+        name=name,
+        storage_path=target.path,
+        storage_filesystem=target.filesystem,
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=keep_checkpoints,  # the best k by validation ELBO (and the latest)
+            checkpoint_score_attribute="val_elbo",
+            checkpoint_score_order="min",
+        ),
+    )
+
+
+def _outcome(result, vae: VAE, fingerprint: dict[str, Any], submission: str):
+    """(history, RunRecord) of a finished ``trainer.fit()``, the last checkpoint's weights in
+    ``vae``; a worker's final error raised here."""
+    if result.error is not None:
+        raise result.error
+    returned = getattr(result, "return_value", None) or {}
+    if "error" in returned:
+        error, message = returned["error"]
+        raise FINAL_ERRORS[error](message)
+    with result.checkpoint.as_directory() as d:
+        store = CheckpointStore(d, fingerprint)
+        history = resume_from(store, vae, None)
+        written = returned.get("run") or store.read_state().get("run")
+    return history, RunRecord.from_dict(written or {"submission": submission})
+
+
 def pretrain_distributed(
     cfg: PretrainConfig,
     out: str,
@@ -329,7 +361,7 @@ def pretrain_distributed(
     pickle (cloudpickle: a function or a class instance). ``tracker``: rank 0 logs the run to it
     (``censusvi.registry.mlflow_store.MlflowTracker``)."""
     _check_stream(stream or {})
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from censusvi.data.ray_hvg import ray_reducer
@@ -369,31 +401,10 @@ def pretrain_distributed(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        run_config=RunConfig(
-            name=name,
-            storage_path=target.path,
-            storage_filesystem=target.filesystem,
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=keep_checkpoints,  # the best k by validation ELBO (and the latest)
-                checkpoint_score_attribute="val_elbo",
-                checkpoint_score_order="min",
-            ),
-        ),
+        run_config=_run_config(target, name, max_failures, keep_checkpoints),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    returned = getattr(result, "return_value", None) or {}
-    if "error" in returned:
-        error, message = returned["error"]
-        raise FINAL_ERRORS[error](message)
     vae = VAE(plan.model_cfg)  # a shell for the trained weights
-    with result.checkpoint.as_directory() as d:
-        store = CheckpointStore(d, fingerprint)
-        history = resume_from(store, vae, None)
-        written = returned.get("run") or store.read_state().get("run")
-        record = RunRecord.from_dict(written or {"submission": config["submission"]})
+    history, record = _outcome(trainer.fit(), vae, fingerprint, config["submission"])
     extra = {
         "num_workers": num_workers,
         "global_batch_size": plan.cfg.train.batch_size,
