@@ -6,9 +6,9 @@ with no ``/`` and no ``.yaml``/``.yml`` suffix; anything else is a path. ``--set
 sets any key, top-level (``out=/data/model``) or in a section (``train.max_epochs=2``); VALUE is
 read as YAML (``2`` an int, ``null`` None, ``[a, b]`` a list).
 
-Paths (``data.source``, ``data.ingest``, ``out``): a relative path written in a config file is
-relative to that file's folder; absolute paths and URIs (``census://``, ``s3://``, ``models:/``)
-are kept as written. A relative path given with ``--set`` is relative to the current directory,
+Paths (``data.source``, ``data.ingest``, ``out``, ``storage``): a relative path written in a
+config file is relative to that file's folder; absolute paths and URIs (``census://``,
+``s3://``, ``models:/``) are kept as written. A relative path given with ``--set`` is relative to the current directory,
 as on any command line; in a ``ray job submit --working-dir`` job that is Ray's unpacked copy of
 the folder, so give absolute paths there. Packaged configs are recipes (architecture, schedule,
 Ray settings): they hold no relative path (a test checks), so the data and the run's output are
@@ -25,10 +25,10 @@ import yaml
 
 PACKAGED = Path(__file__).resolve().with_name("configs")
 # The keys a config document may hold at the top level.
-TOP_LEVEL = ("data", "model", "train", "stream", "out", "mlflow")
+TOP_LEVEL = ("data", "model", "train", "stream", "out", "storage", "mlflow")
 SECTIONS = ("data", "model", "train", "stream", "mlflow")
 # (section, key) of every path; a section of None is a top-level key.
-PATH_KEYS = (("data", "source"), ("data", "ingest"), (None, "out"))
+PATH_KEYS = (("data", "source"), ("data", "ingest"), (None, "out"), (None, "storage"))
 
 
 class ConfigError(ValueError):

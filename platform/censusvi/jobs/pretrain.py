@@ -7,7 +7,9 @@ Ray Train (the cluster of ``ray job submit``, else a local Ray), writes the mode
 ``out``, logs the run to MLflow (``mlflow.tracking_uri``, else the store every ``censusvi``
 command uses: ``MLFLOW_TRACKING_URI``, else ``sqlite:///./mlruns/mlflow.db``) and registers a
 version of ``mlflow.model_name``. Prints one JSON line. A config that cannot be read or used, or
-data that cannot be: one ``error:`` line, exit 2.
+data that cannot be: one ``error:`` line, exit 2. An MLflow store unreachable at registration:
+one ``error:`` line, exit 3; the model and the run's checkpoints (``storage``) stay, and
+resubmitting the same job registers it without training again.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import glob
 import json
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from typing import Any
 from censusvi.config_files import ConfigError, is_uri, packaged_names, read_config
 from censusvi.extras import MissingExtra, needs_extras
 from censusvi.registry.mlflow_store import DEFAULT_MODEL_NAME
+from censusvi.train.loop import EpochStats
 from censusvi.train.pretrain import PretrainConfig, pretrain_config_from
 
 PROG = "python -m censusvi.jobs.pretrain"
@@ -34,7 +38,9 @@ class PretrainJob:
     """What a run needs, decided from the config before any work."""
 
     cfg: PretrainConfig
-    out: str  # the model directory; its folder also holds ray_results/
+    out: str  # the model directory
+    # the Ray run's checkpoints: a URI or a shared path (None: ray_results beside out)
+    storage: str | None = None
     ingest: tuple[str, ...] = ()  # .h5ad glob patterns data.source is built from when missing
     num_workers: int = 1
     use_gpu: bool = False
@@ -73,9 +79,13 @@ def job_from(doc: dict[str, Any]) -> PretrainJob:
         unknown = sorted(set(given) - set(known))
         if unknown:
             raise ConfigError(f"unknown {name} setting(s) {unknown}; known: {sorted(known)}")
+    storage = doc.get("storage")
+    if storage is not None and not isinstance(storage, str):
+        raise ConfigError(f"storage: expected a URI or a path, got {storage!r}")
     return PretrainJob(
         cfg,
         doc["out"],
+        storage,
         tuple((doc.get("data") or {}).get("ingest") or ()),
         _setting(doc, "train.num_workers", int, 1),
         _setting(doc, "train.use_gpu", bool, False),
@@ -100,26 +110,44 @@ def ingest_if_missing(job: PretrainJob) -> None:
     ingest(files, source)
 
 
-def run(job: PretrainJob) -> dict[str, Any]:
+class RegistrationFailed(RuntimeError):
+    """Training finished and the model is saved, but it could not be registered (exit 3)."""
+
+
+def run(job: PretrainJob, on_epoch_end: Sequence[Callable[[EpochStats], None]] = ()) -> dict:
+    """Ingest, train, save, register; ``on_epoch_end``: called in every Ray worker after each
+    epoch's checkpoint (``pretrain_distributed``; the tests inject faults there)."""
     from censusvi.ray_session import init_ray
-    from censusvi.registry.mlflow_store import log_and_register, tracking_uri
+    from censusvi.registry.mlflow_store import RegistryUnreachable, log_and_register, tracking_uri
+    from censusvi.registry.tracker import MlflowTracker
     from censusvi.train.ray_trainer import pretrain_distributed
 
     ingest_if_missing(job)
+    # The store every censusvi command uses (MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db), so
+    # that `censusvi models list` run from here shows this run.
+    uri = job.tracking_uri or tracking_uri()
+    storage = job.storage or str(Path(job.out).parent / "ray_results")
     init_ray()
     model, history = pretrain_distributed(
         job.cfg,
         job.out,
         num_workers=job.num_workers,
         use_gpu=job.use_gpu,
-        storage_path=str(Path(job.out).parent / "ray_results"),
+        storage_path=storage,
         max_failures=job.max_failures,
         stream=job.stream,
+        on_epoch_end=on_epoch_end,
+        tracker=MlflowTracker(uri),  # rank 0 logs each epoch to the run its checkpoint names
     )
-    # The store every censusvi command uses (MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db), so
-    # that `censusvi models list` run from here shows this run.
-    uri = job.tracking_uri or tracking_uri()
-    run_id, version = log_and_register(model, history, job.out, uri, job.model_name)
+    try:  # a step of its own: the model and the run's checkpoints stay whatever happens here
+        run_id, version = log_and_register(model, history, job.out, uri, job.model_name)
+    except RegistryUnreachable as e:
+        raise RegistrationFailed(
+            f"training finished and the model is saved in {job.out} (checkpoints in {storage}), "
+            f"but registering it failed: {e}. Resubmit the same job to retry (it resumes at its "
+            "last epoch, trains nothing and registers in the training's MLflow run), or run "
+            f"`censusvi models register {job.out}`"
+        ) from e
     return {
         "model": str(job.out),
         "epochs": len(history.epochs),
@@ -151,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, MissingExtra) as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except RegistrationFailed as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 3
     print(json.dumps(result))
     return 0
 

@@ -18,9 +18,11 @@ import os
 import re
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "censusvi-scvi"
 DEFAULT_ALIAS = "production"  # the alias promote moves and serving follows
 DEFAULT_EXPERIMENT = "censusvi-pretrain"
@@ -204,6 +206,77 @@ def _experiment_id(uri: str) -> str:
     return mlflow.create_experiment(DEFAULT_EXPERIMENT, artifact_location=location)
 
 
+MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
+MAX_METRICS_PER_BATCH = 1000
+# On a run whose model is registered: "NAME/VERSION/EPOCHS", so a retried registration of the
+# same model returns that version instead of registering it twice.
+REGISTERED_TAG = "censusvi.registered"
+
+
+def epoch_metrics(e) -> dict[str, float]:
+    """One epoch's MLflow metrics (``train.loop.EpochStats``), as the tracker and the
+    registration log them."""
+    metrics = {"train_loss": e.train_loss, "cells_per_s": e.cells_per_s, "kl_weight": e.kl_weight}
+    for metric in ("val_elbo", "val_reconstruction", "val_kl"):
+        if getattr(e, metric) is not None:
+            metrics[metric] = getattr(e, metric)
+    return metrics
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(use_tracking(uri))
+
+
+@reaches_registry
+def open_run(uri: str, run_id: str | None, run_name: str | None = None):
+    """The MLflow run ``run_id`` (None, or not in this store: a new run of the pretraining
+    experiment), RUNNING again if it had ended; returns (client, run)."""
+    client = _client(uri)
+    run = None
+    if run_id is not None:
+        try:
+            run = client.get_run(run_id)
+        except Exception as e:
+            if not is_not_found(e):
+                raise
+            log.warning("MLflow run %s is not in %s: starting a new run", run_id, uri)
+    if run is None:
+        run = client.create_run(_experiment_id(uri), run_name=run_name)
+    elif run.info.status != "RUNNING":
+        client.update_run(run.info.run_id, status="RUNNING")
+    return client, run
+
+
+def log_missing_params(client, run, params: dict[str, Any]) -> None:
+    """Log the flattened ``params`` the run does not hold yet (MLflow refuses a changed value,
+    e.g. a resubmission's larger ``train.max_epochs``: the first value stays)."""
+    from mlflow.entities import Param
+
+    new = [Param(k, str(v)) for k, v in _flatten(params).items() if k not in run.data.params]
+    for i in range(0, len(new), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run.info.run_id, params=new[i : i + MAX_PARAMS_PER_BATCH])
+
+
+def _log_missing_epochs(client, run_id: str, history) -> None:
+    from mlflow.entities import Metric
+
+    logged = {m.step for m in client.get_metric_history(run_id, "train_loss")}
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(k, float(v), now, e.epoch)
+        for e in history.epochs
+        if e.epoch not in logged
+        for k, v in epoch_metrics(e).items()
+    ]
+    for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
+
+
+RUN_TAGS = ("num_workers", "restarts_from_checkpoint", "resubmissions", "storage", "ray_run_name")
+
+
 @reaches_registry
 def log_and_register(
     trained,
@@ -214,38 +287,37 @@ def log_and_register(
     run_name: str | None = None,
     extra_tags: dict[str, str] | None = None,
 ) -> tuple[str, str]:
-    """Log a finished run and register its model; returns (run_id, model version)."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    """Log a finished run and register its model; returns (run_id, model version).
 
-    use_tracking(uri)
+    The run the training opened (``provenance["mlflow_run_id"]``: the Ray job's live tracking)
+    is continued: the epochs it lacks are logged, then the model. A retry after a failure is
+    safe: a run whose model is registered already for as many epochs returns that version."""
+    import mlflow
+
     prov = trained.provenance
-    with mlflow.start_run(experiment_id=_experiment_id(uri), run_name=run_name) as run:
-        mlflow.log_params(_flatten(prov.get("config", {})))
-        for e in history.epochs:
-            metrics = {
-                "train_loss": e.train_loss,
-                "cells_per_s": e.cells_per_s,
-                "kl_weight": e.kl_weight,
-            }
-            for metric in ("val_elbo", "val_reconstruction", "val_kl"):
-                if getattr(e, metric) is not None:
-                    metrics[metric] = getattr(e, metric)
-            mlflow.log_metrics(metrics, step=e.epoch)
+    client, run = open_run(uri, prov.get("mlflow_run_id"), run_name)
+    done = run.data.tags.get(REGISTERED_TAG)
+    if done:
+        registered_as, version, epochs = done.rsplit("/", 2)
+        if registered_as == name and int(epochs) == len(history.epochs):
+            client.set_terminated(run.info.run_id)
+            return run.info.run_id, version
+        client, run = open_run(uri, None, run_name)  # the registered version keeps its files
+    run_id = run.info.run_id
+    log_missing_params(client, run, prov.get("config", {}))
+    _log_missing_epochs(client, run_id, history)
+    with mlflow.start_run(run_id=run_id):
         mlflow.log_dict(prov.get("config", {}), "pretrain_config.json")
         mlflow.log_dict(trained.genes.to_dict(), "genes.json")
         run_tags = {"git_commit": git_commit(), **(extra_tags or {})}
-        for key in ("num_workers", "restarts_from_checkpoint"):  # a resumed run says so
-            if key in prov:
-                run_tags[key] = str(prov[key])
+        run_tags.update({key: str(prov[key]) for key in RUN_TAGS if key in prov})
         if isinstance(prov.get("schedule"), dict):  # the training schedule train/ chose
             run_tags["schedule"] = str(prov["schedule"].get("name"))
         mlflow.set_tags(run_tags)
         mlflow.log_artifacts(str(model_dir), artifact_path="model")
     from censusvi.registry.pyfunc import log_mlmodel
 
-    client = MlflowClient()
-    log_mlmodel(client, run.info.run_id, None)  # an MLflow model; an index is attached later
+    log_mlmodel(client, run_id, None)  # an MLflow model; an index is attached later
     tags = {
         "source": str(prov.get("source")),
         "census_version": str(prov.get("source", "")).removeprefix("census://")
@@ -256,7 +328,9 @@ def log_and_register(
         "n_genes": str(len(trained.genes)),
         "n_batches": str(len(trained.batch_categories)),
     }
-    return run.info.run_id, new_version(client, name, run, tags)
+    version = new_version(client, name, run, tags)
+    client.set_tag(run_id, REGISTERED_TAG, f"{name}/{version}/{len(history.epochs)}")
+    return run_id, version
 
 
 def new_version(client, name: str, run, tags: dict[str, str]) -> str:

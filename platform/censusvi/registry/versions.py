@@ -95,7 +95,11 @@ def register_version(
             mlflow.log_artifacts(str(index_dir), artifact_path="index")
         if metrics:
             mlflow.log_metrics(metrics)
-        mlflow.set_tags({"git_commit": git_commit(), "model_dir": str(Path(model_dir).resolve())})
+        run_tags = {"git_commit": git_commit(), "model_dir": str(Path(model_dir).resolve())}
+        training_run = cfg.get("provenance", {}).get("mlflow_run_id")
+        if training_run:  # the Ray job's run that trained it (its epochs' metrics)
+            run_tags["training_run_id"] = str(training_run)
+        mlflow.set_tags(run_tags)
     log_mlmodel(client, run.info.run_id, index_dir)
     prov = cfg.get("provenance", {})
     tags = {

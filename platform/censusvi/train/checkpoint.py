@@ -78,10 +78,14 @@ class CheckpointStore:
             torch.save(opt.state_dict(), tmp / "optimizer.pt")  # tensors and numbers only
             (tmp / "state.json").write_text(json.dumps({"fingerprint": self.fingerprint, **state}))
 
+    def read_state(self) -> dict[str, Any]:
+        """The checkpoint's JSON state as written (no weights loaded, no fingerprint check)."""
+        return json.loads((self.path / "state.json").read_text())
+
     def load(self, vae: VAE, opt: torch.optim.Optimizer | None) -> dict[str, Any]:
         """The JSON state, with the weights loaded into ``vae`` and the optimiser state into
         ``opt`` (None: weights only); ValueError when the checkpoint is another run's."""
-        state = json.loads((self.path / "state.json").read_text())
+        state = self.read_state()
         if state.get("fingerprint") != self.fingerprint:
             raise ValueError(self.refusal(state.get("fingerprint", {})))
         device = next(vae.parameters()).device

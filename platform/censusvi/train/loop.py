@@ -274,9 +274,16 @@ def resume_from(
     return history
 
 
-def save_to(store: CheckpointStore, vae: VAE, opt: torch.optim.Optimizer, history: History) -> None:
-    """The checkpoint ``resume_from`` reads."""
-    store.save(vae, opt, {"history": history.to_dict()})
+def save_to(
+    store: CheckpointStore,
+    vae: VAE,
+    opt: torch.optim.Optimizer,
+    history: History,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """The checkpoint ``resume_from`` reads; ``extra``: more JSON state beside the history (the
+    Ray run's ``RunRecord``), read back with ``store.read_state()``."""
+    store.save(vae, opt, {**(extra or {}), "history": history.to_dict()})
 
 
 def _local(sums: list[float]) -> list[float]:

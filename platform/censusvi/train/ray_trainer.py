@@ -8,13 +8,24 @@ validation ELBO, early stopping and NaN guard, the same checkpoint save and resu
 differs only in its shard, the DDP wrapper, the sum of the statistics over ranks, and that rank 0
 hands its checkpoint to ``ray.train.report`` (every rank reports); a restarted worker group resumes
 from the last one.
+
+Storage is a URI or a shared path handed to Ray Train as given (``censusvi.train.storage``), and
+the run's name comes from its fingerprint, so a resubmitted job resumes its own run from storage.
+Each checkpoint carries the ``RunRecord`` (the MLflow run, restarts, resubmissions); rank 0 opens
+or continues the MLflow run through the job's ``RunTracker`` and logs every epoch to it.
+
+The global-batch rule: ``train.batch_size`` is the global minibatch. Each of N workers steps on
+``batch_size // N`` cells with the schedule's learning rate; DDP averages the workers' gradients,
+so a step sees the cells one process's step sees and N workers take one process's steps.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -46,6 +57,8 @@ from censusvi.train.pretrain import (
     plan_from,
     warn_if_undertrained,
 )
+from censusvi.train.run_record import RunRecord, RunTracker
+from censusvi.train.storage import StorageTarget, run_name_for, storage_target
 
 log = logging.getLogger(__name__)
 # Ray Data ingest; read tasks reserve no CPU (the workers hold them all).
@@ -62,6 +75,7 @@ STREAM_DEFAULTS = {
     "read_tasks": 2,  # read tasks in flight per worker, each a process holding one IO group
 }
 CHECKPOINT_DIR = "run"  # the CheckpointStore inside each reported Ray checkpoint
+DEFAULT_STORAGE = "~/ray_results"  # Ray's own default: one machine only
 
 
 def _config_dict(cfg: PretrainConfig) -> dict[str, Any]:
@@ -141,10 +155,27 @@ def _worker_batches(
     return streamed, val
 
 
+def per_worker_batch(batch_size: int, world: int) -> int:
+    """The global-batch rule: each of ``world`` workers steps on ``batch_size // world`` cells."""
+    per = batch_size // world
+    if per < 3:
+        raise ValueError(
+            f"train.batch_size={batch_size} is the global minibatch: over {world} workers it "
+            f"leaves {per} cells per worker (need >= 3); raise train.batch_size or lower train.num_workers"
+        )
+    return per
+
+
 def _reporter(
-    vae: VAE, opt: torch.optim.Optimizer, fingerprint: dict[str, Any], rank: int, world: int
+    vae: VAE,
+    opt: torch.optim.Optimizer,
+    fingerprint: dict[str, Any],
+    rank: int,
+    world: int,
+    record: RunRecord,
 ) -> Callable[[History], None]:
-    """Every rank reports the epoch's metrics; rank 0 adds the checkpoint (``save_to``)."""
+    """Every rank reports the epoch's metrics; rank 0 adds the checkpoint (``save_to``), with the
+    run's ``record``."""
     import ray.train
 
     def report(history: History) -> None:
@@ -164,23 +195,42 @@ def _reporter(
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_to(CheckpointStore(Path(tmp) / CHECKPOINT_DIR, fingerprint), vae, opt, history)
+                store = CheckpointStore(Path(tmp) / CHECKPOINT_DIR, fingerprint)
+                save_to(store, vae, opt, history, {"run": record.to_dict()})
                 ckpt = ray.train.Checkpoint.from_directory(Path(tmp) / CHECKPOINT_DIR)
             ray.train.report(metrics, checkpoint=ckpt)
 
     return report
 
 
-def _resumed(config: dict[str, Any], vae: VAE, opt: torch.optim.Optimizer) -> History:
-    """The history of Ray's last checkpoint of this run, its state loaded (``resume_from``)."""
+def _resumed(
+    config: dict[str, Any], vae: VAE, opt: torch.optim.Optimizer
+) -> tuple[History, dict[str, Any] | None]:
+    """The history of Ray's last checkpoint of this run, its state loaded (``resume_from``), and
+    the checkpoint's run record (None: no checkpoint, or one written before records)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return History()
+        return History(), None
     with checkpoint.as_directory() as d:
         store = CheckpointStore(d, config["fingerprint"], config["start_over"])
-        return resume_from(store, vae, opt)
+        history = resume_from(store, vae, opt)
+        return history, store.read_state().get("run")
+
+
+def _tracked(
+    config: dict[str, Any], record: RunRecord, epoch: int
+) -> tuple[RunRecord, list[Callable[[EpochStats], None]]]:
+    """Rank 0's record after opening (or continuing) its MLflow run, and the epoch hook that logs
+    to it (none without a tracker or a reachable store)."""
+    tracker: RunTracker | None = config.get("tracker")
+    if tracker is None:
+        return record, []
+    run_id = tracker.open(record.mlflow_run_id, config["params"], record, epoch)
+    if run_id is None:
+        return record, []
+    return replace(record, mlflow_run_id=run_id), [functools.partial(tracker.log_epoch, run_id)]
 
 
 # What a worker returns instead of raising, for errors every rank raises alike and a restart would
@@ -188,30 +238,42 @@ def _resumed(config: dict[str, Any], vae: VAE, opt: torch.optim.Optimizer) -> Hi
 FINAL_ERRORS = {"ValueError": ValueError, "FloatingPointError": FloatingPointError}
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
-    """One Ray worker's run; returns ``{error name: message}`` when it stopped on one of the
-    ``FINAL_ERRORS`` (another run's checkpoint; the NaN guard), else None."""
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """One Ray worker's run; returns ``{"run": RunRecord dict}``, or ``{"error": [name,
+    message]}`` when it stopped on one of the ``FINAL_ERRORS`` (another run's checkpoint; the NaN
+    guard). Ray hands the driver rank 0's."""
     import ray.train
     import ray.train.torch
 
     plan = _plan_in_worker(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    t = replace(plan.cfg.train, device=str(ray.train.torch.get_device()))
+    t = replace(
+        plan.cfg.train,
+        device=str(ray.train.torch.get_device()),
+        batch_size=per_worker_batch(plan.cfg.train.batch_size, world),
+    )
     per_rank = len(plan.train_rows) // world
     train_cells = plan.cells(plan.train_rows[rank::world][:per_rank])
     val_cells = plan.cells(plan.val_rows[rank::world]) if len(plan.val_rows) >= world else None
     vae = plan.new_vae(train_cells).to(t.device)
     opt = make_optimizer(vae, t)
     try:
-        history = _resumed(config, vae, opt)
+        history, prior = _resumed(config, vae, opt)
     except ValueError as e:  # another run's checkpoint: refused before any collective
-        return {"ValueError": str(e)}
+        return {"error": ["ValueError", str(e)]}
+    record = RunRecord.at_start(prior, config["submission"])
+    hooks: list[Callable[[EpochStats], None]] = []
+    if rank == 0:
+        record, hooks = _tracked(config, record, len(history.epochs))
     model = ray.train.torch.prepare_model(vae, move_to_device=False)
     stream_opts = {**STREAM_DEFAULTS, **(config.get("stream") or {})}
     train_batches, val_batches = _worker_batches(
         plan, t, train_cells, val_cells, stream_opts, vae.needs_dense_counts
     )
+    save = _reporter(vae, opt, config["fingerprint"], rank, world, record)
+    if history.epochs and (history.stopped_early or len(history.epochs) >= t.max_epochs):
+        save(history)  # nothing left to train: the checkpoint again, with this run's record
     try:
         run_epochs(
             model,
@@ -222,12 +284,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
             history,
             rank=rank,
             sum_over_ranks=_all_reduce_sum,
-            save=_reporter(vae, opt, config["fingerprint"], rank, world),
-            on_epoch_end=config.get("on_epoch_end") or (),
+            save=save,
+            on_epoch_end=[*hooks, *(config.get("on_epoch_end") or ())],
         )
     except FloatingPointError as e:  # the guard reads the sum over ranks: all stop here
-        return {"FloatingPointError": str(e)}
-    return None
+        return {"error": ["FloatingPointError", str(e)]}
+    return {"run": record.to_dict()}
 
 
 def _check_stream(stream: dict[str, Any]) -> None:
@@ -239,11 +301,42 @@ def _check_stream(stream: dict[str, Any]) -> None:
         raise ValueError(f"stream.mode={mode!r}: choose auto, ray_data or memory")
 
 
-def _start_over(storage_path: str | None, run_name: str | None) -> str:
+def _start_over(target: StorageTarget, run_name: str) -> str:
     """How to start afresh when a checkpoint is refused: Ray resumes a run of the same name
     and storage from its last checkpoint."""
-    run_dir = Path(storage_path).resolve() / run_name if storage_path and run_name else None
-    return "pass another run_name to start over" + (f" (or delete {run_dir})" if run_dir else "")
+    return f"pass another run_name to start over (or delete {target.run_uri(run_name)})"
+
+
+def _run_config(target: StorageTarget, name: str, max_failures: int, keep_checkpoints: int):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    return RunConfig(
+        name=name,
+        storage_path=target.path,
+        storage_filesystem=target.filesystem,
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=keep_checkpoints,  # the best k by validation ELBO (and the latest)
+            checkpoint_score_attribute="val_elbo",
+            checkpoint_score_order="min",
+        ),
+    )
+
+
+def _outcome(result, vae: VAE, fingerprint: dict[str, Any], submission: str):
+    """(history, RunRecord) of a finished ``trainer.fit()``, the last checkpoint's weights in
+    ``vae``; a worker's final error raised here."""
+    if result.error is not None:
+        raise result.error
+    returned = getattr(result, "return_value", None) or {}
+    if "error" in returned:
+        error, message = returned["error"]
+        raise FINAL_ERRORS[error](message)
+    with result.checkpoint.as_directory() as d:
+        store = CheckpointStore(d, fingerprint)
+        history = resume_from(store, vae, None)
+        written = returned.get("run") or store.read_state().get("run")
+    return history, RunRecord.from_dict(written or {"submission": submission})
 
 
 def pretrain_distributed(
@@ -257,18 +350,24 @@ def pretrain_distributed(
     keep_checkpoints: int = 2,
     stream: dict[str, Any] | None = None,
     on_epoch_end: Sequence[Callable[[EpochStats], None]] = (),
+    tracker: RunTracker | None = None,
 ):
     """Train with Ray Train and write the model directory ``out``; returns (model, history).
-    ``stream``: Ray Data ingest settings (``STREAM_DEFAULTS``' keys). ``on_epoch_end``: called
-    in every worker with each epoch's statistics (summed over ranks) after its checkpoint; they
-    travel to the workers, so they must pickle (cloudpickle: a function or a class instance)."""
+    ``storage_path``: where the run's checkpoints live, a URI (``s3://``, ``gs://``, ``file://``)
+    or a path every node sees (default ``~/ray_results``); ``run_name``: the run there (default:
+    from the run's fingerprint, so the same job resumes). ``stream``: Ray Data ingest settings
+    (``STREAM_DEFAULTS``' keys). ``on_epoch_end``: called in every worker with each epoch's
+    statistics (summed over ranks) after its checkpoint; they travel to the workers, so they must
+    pickle (cloudpickle: a function or a class instance). ``tracker``: rank 0 logs the run to it
+    (``censusvi.registry.mlflow_store.MlflowTracker``)."""
     _check_stream(stream or {})
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from censusvi.data.ray_hvg import ray_reducer
     from censusvi.model.io import save_model
 
+    target = storage_target(storage_path or DEFAULT_STORAGE)
     t = replace(cfg.train, device=workers_device(cfg.train.device, use_gpu))
     cfg = replace(cfg, train=t)
     source = cfg.data.source
@@ -278,56 +377,46 @@ def pretrain_distributed(
     plan = plan_from(
         cfg, hvg_reducer=ray_reducer(cfg.data.source, cfg.data.obs_filter, cfg.data.layer)
     )
-    # The schedule is resolved once, here (plan_from); the workers get its values.
-    log.info("training schedule %s", schedule.describe(plan.schedule_record(num_workers)))
+    per_worker_batch(plan.cfg.train.batch_size, num_workers)  # refused here, not in the workers
+    # The schedule is resolved once, here (plan_from); the workers get its values. Under the
+    # global-batch rule N workers take one process's optimiser steps (schedule_record(1)).
+    log.info("training schedule %s", schedule.describe(plan.schedule_record()))
     fingerprint = plan.fingerprint()
+    name = run_name or run_name_for(fingerprint, plan.cfg.data.source)
+    log.info("Ray Train run %s", target.run_uri(name))
     config = {
         "cfg": _config_dict(plan.cfg),
         "genes": plan.genes.to_dict(),
         "categories": list(plan.categories),
         "extra_cats": [list(c) for c in plan.extra_cats],
         "fingerprint": fingerprint,
-        "start_over": _start_over(storage_path, run_name),
+        "start_over": _start_over(target, name),
         "stream": dict(stream or {}),
         "on_epoch_end": list(on_epoch_end),
+        "submission": uuid.uuid4().hex,
+        "tracker": tracker,
+        "params": {**_config_dict(plan.cfg), "num_workers": num_workers},
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=str(Path(storage_path).resolve()) if storage_path else None,
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=keep_checkpoints,  # the best k by validation ELBO (and the latest)
-                checkpoint_score_attribute="val_elbo",
-                checkpoint_score_order="min",
-            ),
-        ),
+        run_config=_run_config(target, name, max_failures, keep_checkpoints),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    for name, message in (getattr(result, "return_value", None) or {}).items():
-        raise FINAL_ERRORS[name](message)
     vae = VAE(plan.model_cfg)  # a shell for the trained weights
-    with result.checkpoint.as_directory() as d:
-        history = resume_from(CheckpointStore(d, fingerprint), vae, None)
+    history, record = _outcome(trainer.fit(), vae, fingerprint, config["submission"])
     extra = {
         "num_workers": num_workers,
-        "ray_result_path": str(result.path),
-        "restarts_from_checkpoint": _restarts(result),
+        "global_batch_size": plan.cfg.train.batch_size,
+        "per_worker_batch_size": per_worker_batch(plan.cfg.train.batch_size, num_workers),
+        "storage": target.uri,
+        "ray_run_name": name,
+        "ray_result_path": target.run_uri(name),
+        **record.counts(),
     }
-    extra.update(warn_if_undertrained(plan, history, num_workers))
-    trained = plan.trained_model(vae.eval(), history, extra, num_workers)
+    if record.mlflow_run_id:
+        extra["mlflow_run_id"] = record.mlflow_run_id
+    extra.update(warn_if_undertrained(plan, history))
+    trained = plan.trained_model(vae.eval(), history, extra)
     save_model(trained, out)
     return trained, history
-
-
-def _restarts(result) -> int:
-    """How many times the worker group resumed from a checkpoint (epochs reported twice)."""
-    df = getattr(result, "metrics_dataframe", None)
-    if df is None or "epoch" not in getattr(df, "columns", ()):
-        return 0
-    return int(len(df) - df["epoch"].nunique())
