@@ -8,7 +8,6 @@ from censusvi.serving.app import (  # noqa: F401
     Annotator,
     Ingress,
     Mapper,
-    Metrics,
     Results,
     Settings,
     app,
