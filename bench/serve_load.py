@@ -8,8 +8,8 @@ resampled to each request size, sent as Arrow to ``POST /v1/annotate``. Reports 
 (cells/s), latency p50/p95/p99, errors, and the Mapper/Annotator/Ingress replica counts over time.
 
 The same work in-process (decode the Arrow body, map, transfer labels, encode the answer; the
-same model and index files, the same N threads, before Ray starts, so on the same cores) is the
-baseline: the last line (a contract) is ``serve efficiency vs in-process: E``, the lower over the
+same model and index files, the same N threads, run between the Serve phases while the app is
+idle, so on the same cores under the same outside load) is the baseline: the last line (a contract) is ``serve efficiency vs in-process: E``, the lower over the
 request sizes of Serve's cells/s divided by in-process cells/s.
 """
 
@@ -180,6 +180,7 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--sizes", default="100,2000")
+    p.add_argument("--warmup", type=float, default=10.0, help="seconds of untimed load first")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--logical-cpus", type=int, default=8, help="Ray CPUs (room to autoscale)")
     p.add_argument("--port", type=int, default=8765, help="the app's HTTP port on 127.0.0.1")
@@ -196,10 +197,6 @@ def main() -> int:
     version = register_model(tmp, a.epochs)
     sizes = [int(s) for s in a.sizes.split(",")]
     bodies = {n: request_bodies(n) for n in sizes}
-    local = {}
-    for n in sizes:  # before Ray starts: the same cores, nothing else of ours running
-        local[n] = load_phase(in_process(tmp), bodies[n], n, a.clients, a.seconds)
-        show(f"{n:>5}-cell requests, in-process, {a.clients} threads", local[n])
     ray.init(
         num_cpus=a.logical_cpus,
         include_dashboard=False,
@@ -214,9 +211,13 @@ def main() -> int:
     serve.run(build_app(args), name="censusvi", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, 300)
-    phases = []
-    for n in sizes:
-        phases.append(load_phase(over_http(url), bodies[n], n, a.clients, a.seconds))
+    local_send, http_send = in_process(tmp), over_http(url)
+    phases, local = [], {}
+    for n in sizes:  # in-process, then through Serve (idle meanwhile): the same cores, in turn
+        load_phase(http_send, bodies[n], n, a.clients, a.warmup)  # autoscaling settles
+        local[n] = load_phase(local_send, bodies[n], n, a.clients, a.seconds)
+        show(f"{n:>5}-cell requests, in-process, {a.clients} threads", local[n])
+        phases.append(load_phase(http_send, bodies[n], n, a.clients, a.seconds))
         show(f"{n:>5}-cell requests, Serve, {a.clients} clients", phases[-1])
     serve.shutdown()
     ray.shutdown()
