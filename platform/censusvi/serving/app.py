@@ -69,7 +69,10 @@ class Versions:
     def _running(self) -> dict[str, int]:
         app = serve.status().applications.get(self.app_name)
         deployments = app.deployments if app else {}
-        return {d: int(deployments[d].replica_states.get("RUNNING", 0)) for d in HELD if d in deployments}  # fmt: skip
+        running = {
+            d: deployments[d].replica_states.get("RUNNING", 0) for d in HELD if d in deployments
+        }
+        return {d: int(n) for d, n in running.items()}
 
     def _tick(self) -> None:
         while True:
@@ -105,14 +108,18 @@ class Holder:
 
     def _report_args(self, held: list[str] | None = None) -> tuple:
         store = self.host.store
-        return self.deployment, self.replica, store.held() if held is None else held, store.cold_loads  # fmt: skip
+        held = store.held() if held is None else held
+        return self.deployment, self.replica, held, store.cold_loads
+
+    def _report(self, held: list[str]) -> dict:  # on the follower's thread
+        return self.board.report.remote(*self._report_args(held)).result()
 
     def _follow(self) -> None:
         keep = getattr(self.host, "keep", None)
         while True:
             time.sleep(self.s.tick_s)
             try:
-                sync(self.host.store, lambda h: self.board.report.remote(*self._report_args(h)).result(), keep)  # fmt: skip
+                sync(self.host.store, self._report, keep)
             except Exception as e:  # a failed load is tried again next tick; the old one serves
                 log.warning("%s %s: %s", self.deployment, self.replica, e)
 
@@ -147,9 +154,12 @@ class Annotator(Holder):
     async def annotate(self, mapped: list[dict], versions: list[str], options: list[tuple]):
         """Each call passes the Mapper's answer, its version and (k, threshold, method); a
         request the Mapper refused is answered with nothing (the ingress sends its error)."""
-        requests = [(m["latent"], v, *o) for m, v, o in zip(mapped, versions, options) if "error" not in m]  # fmt: skip
-        answers = iter(await asyncio.to_thread(self.host.annotate_all, requests))
-        return [{"labels": {}, "replica": self.replica} if "error" in m else {**next(answers), "replica": self.replica} for m in mapped]  # fmt: skip
+        asked = [
+            (m["latent"], v, *o) for m, v, o in zip(mapped, versions, options) if "error" not in m
+        ]
+        answers = iter(await asyncio.to_thread(self.host.annotate_all, asked))
+        out = [{"labels": {}} if "error" in m else next(answers) for m in mapped]
+        return [{**a, "replica": self.replica} for a in out]
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})

@@ -1,5 +1,6 @@
-"""How a version switch reaches every replica and what each deployment reserves, without Ray:
-the version board, a replica's store, and the deployment options (code merged with config)."""
+"""The Serve app's parts without Ray: how a version switch reaches every replica (the version
+board, a replica's store), what each deployment reserves (code options merged with config), and
+how GET /metrics sums Ray's exports."""
 
 from __future__ import annotations
 
@@ -165,3 +166,42 @@ def test_reserved_memory_follows_the_files_a_replica_loads(tmp_path):
     (tmp_path / "m" / "w.safetensors").write_bytes(b"\0" * 4096)
     (tmp_path / "m" / "config.json").write_text("{}")
     assert files_bytes(tmp_path / "m") == 4098 and files_bytes(None) == 0
+
+
+def test_metrics_sum_replicas_of_this_application_only():
+    """GET /metrics adds up every ingress replica's series from Ray's node exports, keeps only
+    this application, drops Ray's tags, and keeps the newest model version."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from censusvi.serving.metrics import combine
+
+    def node(app: str, replica: str, requests: int, version: int) -> str:
+        tags = f'application="{app}",deployment="Ingress",replica="{replica}",WorkerId="w"'
+        return "\n".join([
+            "# TYPE ray_censusvi_requests_total counter",
+            f'ray_censusvi_requests_total{{{tags},endpoint="annotate",status="200"}} {requests}',
+            "# TYPE ray_censusvi_request_seconds histogram",
+            f'ray_censusvi_request_seconds_bucket{{{tags},endpoint="annotate",le="0.5"}} 1',
+            f'ray_censusvi_request_seconds_bucket{{{tags},endpoint="annotate",le="+Inf"}} 2',
+            f'ray_censusvi_request_seconds_sum{{{tags},endpoint="annotate"}} 0.75',
+            f'ray_censusvi_request_seconds_count{{{tags},endpoint="annotate"}} 2',
+            "# TYPE ray_censusvi_model_version gauge",
+            f'ray_censusvi_model_version{{{tags},name="m"}} {version}',
+            "# TYPE ray_serve_num_http_requests_total counter",
+            f'ray_serve_num_http_requests_total{{{tags}}} 99',
+            "",
+        ])  # fmt: skip
+
+    text = combine([node("a", "r1", 3, 4), node("a", "r2", 5, 5), node("b", "r3", 100, 9)], "a")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text.decode())
+        for s in f.samples
+    }
+    ok = (("endpoint", "annotate"), ("status", "200"))
+    assert samples[("censusvi_requests_total", ok)] == 8
+    inf = (("endpoint", "annotate"), ("le", "+Inf"))
+    assert samples[("censusvi_request_seconds_bucket", inf)] == 4
+    assert samples[("censusvi_request_seconds_count", (("endpoint", "annotate"),))] == 4
+    assert samples[("censusvi_model_version", (("name", "m"),))] == 5
+    assert not any("serve" in name for name, _ in samples)
