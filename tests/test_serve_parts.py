@@ -90,6 +90,16 @@ def test_a_silent_replica_stops_counting_and_a_new_one_must_hold_the_target():
     assert board.state()["replicas"] == {}
 
 
+def test_only_an_alias_is_followed():
+    calls, clock = [], Clock()
+    s = Settings(model="models:/m/3", registry_poll_s=1)
+    board = VersionBoard(s, dict, resolve=lambda _: calls.append(1) or "3", clock=clock)
+    for t in range(5):
+        clock.now = float(t + 1)
+        assert board.tick()["keep"] == ["3"]
+    assert len(calls) == 1  # resolved once, at start: a fixed version never moves
+
+
 def test_a_store_loads_outside_the_request_lock_and_counts_cold_loads():
     started, release = threading.Event(), threading.Event()
 

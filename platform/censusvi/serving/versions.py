@@ -135,7 +135,7 @@ class VersionBoard:
         if self.previous and now - self.switched_at > self.s.retire_after_s:
             with self.lock:
                 self.previous = None
-        if self.target == self.served and self.previous is None:
+        if self.s.follows_alias and self.target == self.served and self.previous is None:
             if now - self.last_resolved >= self.s.registry_poll_s:
                 self.last_resolved = now
                 alias = self.resolve(self.s)
