@@ -130,7 +130,9 @@ def in_process(tmp: Path):
     return send
 
 
-def load_phase(send, bodies: list[bytes], n_cells: int, clients: int, seconds: float) -> dict:
+def load_phase(send, bodies, n_cells: int, clients: int, seconds: float, rounds=None) -> dict:
+    """``clients`` threads sending back to back for ``seconds``; with ``rounds`` (earlier
+    phases of the same work), the figures are over all of them together."""
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -159,6 +161,11 @@ def load_phase(send, bodies: list[bytes], n_cells: int, clients: int, seconds: f
     for t in threads:
         t.join()
     wall = time.monotonic() - t_start
+    for earlier in rounds or []:
+        wall += earlier["seconds"]
+        latencies += earlier["latencies_s"]
+        errors += earlier["error_examples"][: earlier["errors"]]
+        timeline = earlier["replicas_over_time"] + timeline
     lat = np.array(latencies) * 1000
     return {
         "cells_per_request": n_cells,
@@ -166,7 +173,8 @@ def load_phase(send, bodies: list[bytes], n_cells: int, clients: int, seconds: f
         "seconds": round(wall, 1),
         "requests": len(latencies),
         "errors": len(errors),
-        "error_examples": errors[:3],
+        "error_examples": errors,
+        "latencies_s": latencies,
         "cells_per_s": round(len(latencies) * n_cells / wall, 1),
         "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
         "p95_ms": round(float(np.percentile(lat, 95)), 1) if len(lat) else None,
@@ -180,7 +188,8 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--sizes", default="100,2000")
-    p.add_argument("--warmup", type=float, default=10.0, help="seconds of untimed load first")
+    p.add_argument("--warmup", type=float, default=15.0, help="seconds of untimed load first")
+    p.add_argument("--rounds", type=int, default=2, help="in-process and Serve phases in turn")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--logical-cpus", type=int, default=8, help="Ray CPUs (room to autoscale)")
     p.add_argument("--port", type=int, default=8765, help="the app's HTTP port on 127.0.0.1")
@@ -215,15 +224,22 @@ def main() -> int:
     phases, local = [], {}
     for n in sizes:  # in-process, then through Serve (idle meanwhile): the same cores, in turn
         load_phase(http_send, bodies[n], n, a.clients, a.warmup)  # autoscaling settles
-        local[n] = load_phase(local_send, bodies[n], n, a.clients, a.seconds)
+        here, there, part = None, None, a.seconds / a.rounds
+        for _ in range(a.rounds):  # alternated: outside load drifts over minutes
+            here = load_phase(local_send, bodies[n], n, a.clients, part, here and [here])
+            there = load_phase(http_send, bodies[n], n, a.clients, part, there and [there])
+        local[n] = here
+        phases.append(there)
         show(f"{n:>5}-cell requests, in-process, {a.clients} threads", local[n])
-        phases.append(load_phase(http_send, bodies[n], n, a.clients, a.seconds))
         show(f"{n:>5}-cell requests, Serve, {a.clients} clients", phases[-1])
     serve.shutdown()
     ray.shutdown()
     ratios = {
         n: ph["cells_per_s"] / max(local[n]["cells_per_s"], 1e-9) for n, ph in zip(sizes, phases)
     }
+    for ph in phases + list(local.values()):
+        del ph["latencies_s"]
+        ph["error_examples"] = ph["error_examples"][:3]
     result = {"model_version": version, "cpu_count": os.cpu_count(), "phases": phases,
               "in_process": list(local.values()), "efficiency": ratios}  # fmt: skip
     a.out.parent.mkdir(exist_ok=True)

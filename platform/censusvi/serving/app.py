@@ -88,6 +88,9 @@ class Versions:
     def state(self) -> dict:
         return self.board.state()
 
+    def served(self) -> str:
+        return self.board.served
+
 
 class Holder:
     """A Mapper or Annotator replica's side of the board: before it takes requests it loads the
@@ -197,7 +200,7 @@ class Ingress:
         config = getattr(serve.get_replica_context(), "_deployment_config", None)
         ingress_ongoing(self.s, getattr(config, "max_ongoing_requests", None))
         self.name = self.s.model_name
-        self.version = (await board.state.remote())["served"]
+        self.version = await board.served.remote()
         self.metrics.serving(self.name, self.version)
         threading.Thread(target=self._follow, daemon=True).start()
 
@@ -206,7 +209,7 @@ class Ingress:
         while True:
             time.sleep(self.s.tick_s)
             try:
-                served = self.board.state.remote().result()["served"]
+                served = self.board.served.remote().result()
             except Exception as e:
                 log.warning("version board unreachable (still serving %s): %s", self.version, e)
                 continue
