@@ -253,10 +253,11 @@ def test_models_health_and_metrics(served):
         time.sleep(1.5)
     Client(served).annotate(query(40, seed=6), batch_key="batch")
     post_json(served, csr_body(query(20), batch=["b0"]))  # 422
-    deadline = time.monotonic() + 60  # Ray exports each replica's metrics every second here
-    while True:
+    deadline = time.monotonic() + 60  # Ray exports each replica's metrics every second here,
+    while True:  # each metric on its own: wait for all three
         after = scrape()
-        if counter(after, err) > counter(before, err) or time.monotonic() > deadline:
+        grown = [counter(after, m) > counter(before, m) for m in (ok, cells, err)]
+        if all(grown) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert counter(after, ok) == counter(before, ok) + 1
