@@ -17,6 +17,8 @@ from censusvi.serving.deploy import (
     configured_options,
     deployment_options,
     files_bytes,
+    memory_check,
+    reserved_memory,
 )
 from censusvi.serving.settings import Settings
 from censusvi.serving.versions import VersionBoard, VersionStore, sync
@@ -136,8 +138,9 @@ def test_the_codes_actor_options_survive_a_config_that_sets_others():
     assert (
         mapper["num_gpus"] == 1 and mapper["num_cpus"] == 2 and mapper["resources"] == {"fast": 1}
     )
-    assert mapper["memory"] == REPLICA_BASE_MB * MiB + 2 * 1.25 * 100 * MiB  # two versions held
-    assert opts["Annotator"]["ray_actor_options"]["memory"] == REPLICA_BASE_MB * MiB + 2500 * MiB
+    # two versions held: the served one and a next one up to 1.25 x its size, 1.25 B per file B
+    assert mapper["memory"] == REPLICA_BASE_MB * MiB + 1.25 * 2.25 * 100 * MiB
+    assert opts["Annotator"]["ray_actor_options"]["memory"] == REPLICA_BASE_MB * MiB + 2812.5 * MiB
     assert opts["Mapper"]["max_ongoing_requests"] == 4
     assert opts["Mapper"]["autoscaling_config"] == {
         "downscale_delay_s": GPU_DOWNSCALE_DELAY_S,
@@ -169,6 +172,34 @@ def test_the_ingress_memory_budget_bounds_request_size_times_ongoing_requests():
     assert deployment_options(small, {}, {}, gpus=False)["Ingress"]["max_ongoing_requests"] == 8
     with pytest.raises(ValueError, match="unknown deployments \\['Mappr'\\]"):
         deployment_options(s, {"Mappr": {}}, {}, gpus=False)
+
+
+def test_a_version_that_would_not_fit_the_reservation_is_not_loaded_nor_served():
+    """A replica never holds two versions beyond its memory reservation: it keeps serving the
+    one it holds, says why, and the board never switches to a version not everywhere."""
+    sizes = {"1": 400 * MiB, "2": 480 * MiB, "3": 600 * MiB}
+    reserved = reserved_memory(sizes["1"])
+    check = memory_check("Annotator", reserved, sizes.__getitem__)
+    assert check("2", ["1"]) is None  # up to 1.25 x the served size fits
+    assert check("3", ["1"]).startswith(
+        "version 3's index (600 MB of files) does not fit beside version(s) 1 in this Annotator "
+        "replica's memory reservation of 1,637 MB (needs 1,762 MB): still serving 1"
+    )
+    alias, clock = ["1"], Clock()
+    board = board_with(alias, {"Mapper": 0, "Annotator": 1}, clock)
+    store = VersionStore(lambda v: f"index {v}", fits=check)
+
+    def report(held):
+        return board.report("Annotator", "a1", held)
+
+    sync(store, report)
+    alias[0], clock.now = "3", 1.0
+    board.tick()
+    for t in range(2, 5):
+        sync(store, report)
+        clock.now = float(t)
+        assert board.tick()["served"] == "1"
+    assert store.held() == ["1"] and "does not fit" in store.refused["3"]
 
 
 def test_reserved_memory_follows_the_files_a_replica_loads(tmp_path):

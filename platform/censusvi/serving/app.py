@@ -34,6 +34,7 @@ from censusvi.serving.deploy import (
     deployment_options,
     held_bytes,
     ingress_ongoing,
+    replica_memory_check,
 )
 from censusvi.serving.mapper import ModelHost
 from censusvi.serving.metrics import ReplicaMetrics, combine, node_exports
@@ -96,17 +97,19 @@ class Holder:
     """A Mapper or Annotator replica's side of the board: before it takes requests it loads the
     versions wanted; then, each tick, it reports and loads (in the background) what is wanted."""
 
-    async def join(self, board, host) -> None:
+    async def join(self, board, host, reserved: int | None) -> None:
         ctx = serve.get_replica_context()
         self.board, self.host, self.s = board, host, host.s
         self.deployment, self.replica = ctx.replica_id.deployment_id.name, ctx.replica_id.unique_id
+        host.store.fits = replica_memory_check(self.s, self.deployment, reserved)
         for _ in range(3):  # the board may have moved on while this replica loaded
             wanted = await self.board.report.remote(*self._report_args())
             missing = [v for v in wanted["keep"] if v not in host.store.held()]
             if not missing:
                 break
             for v in missing:
-                await asyncio.to_thread(host.store.prepare, v)
+                if host.store.admits(v):
+                    await asyncio.to_thread(host.store.prepare, v)
         threading.Thread(target=self._follow, daemon=True).start()
 
     def _report_args(self, held: list[str] | None = None) -> tuple:
@@ -132,11 +135,11 @@ class Holder:
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 class Mapper(Holder):
-    async def __init__(self, settings: dict, board) -> None:
+    async def __init__(self, settings: dict, board, reserved: int | None = None) -> None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU replica uses its GPU
-        await self.join(board, ModelHost(Settings(**settings), device))
+        await self.join(board, ModelHost(Settings(**settings), device), reserved)
 
     @serve.batch(**BATCH)
     async def map(self, requests: list[tuple[Any, str]]) -> list[dict]:
@@ -147,8 +150,8 @@ class Mapper(Holder):
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class Annotator(Holder):
-    async def __init__(self, settings: dict, board) -> None:
-        await self.join(board, IndexHost(Settings(**settings)))
+    async def __init__(self, settings: dict, board, reserved: int | None = None) -> None:
+        await self.join(board, IndexHost(Settings(**settings)), reserved)
 
     def explore(self, item: dict) -> str:
         return self.host.explore(item)
@@ -355,10 +358,11 @@ def build_app(args: dict[str, Any]):
     configured = configured_options(args)
     options = deployment_options(s, configured, held_bytes(s, version), gpus)
     settings = s.to_dict()
+    memory = {d: options[d]["ray_actor_options"].get("memory") for d in HELD}  # bytes reserved
     board = Versions.options(**options["Versions"]).bind(settings)
     return Ingress.options(**options["Ingress"]).bind(
-        Mapper.options(**options["Mapper"]).bind(settings, board),
-        Annotator.options(**options["Annotator"]).bind(settings, board),
+        Mapper.options(**options["Mapper"]).bind(settings, board, memory["Mapper"]),
+        Annotator.options(**options["Annotator"]).bind(settings, board, memory["Annotator"]),
         Results.options(**options["Results"]).bind(settings),
         board,
         settings,

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from censusvi.serving.settings import Settings
-from censusvi.serving.versions import HOLD_AT_MOST
 
 MiB = 2**20
 REPLICA_BASE_MB = 512  # a replica's own process (Python, torch or FAISS, Serve) beside its data
 LOADED_PER_FILE_BYTE = 1.25  # what a loaded model or index takes per byte of its files
+NEXT_VERSION_MAX = 1.25  # a next version up to this x the served one's size fits beside it
 CPU_DOWNSCALE_DELAY_S = 60.0  # a CPU replica holding a version: cheap to start again
 GPU_DOWNSCALE_DELAY_S = 600.0  # a GPU replica is scarce and slow to get back: keep it longer
 CODE_ACTOR_OPTIONS = {  # each deployment's options in the code (the decorators')
@@ -74,9 +74,44 @@ def held_bytes(s: Settings, version: str) -> dict[str, int]:
 
 
 def reserved_memory(held: int) -> int:
-    """Bytes to reserve for a replica that holds up to ``HOLD_AT_MOST`` versions of ``held``
-    file bytes each (the served one and the one coming in)."""
-    return int(REPLICA_BASE_MB * MiB + HOLD_AT_MOST * LOADED_PER_FILE_BYTE * held)
+    """Bytes to reserve for a replica that holds ``HOLD_AT_MOST`` (two) versions: the served one
+    of ``held`` file bytes and the one coming in, up to ``NEXT_VERSION_MAX`` times as large."""
+    return int(REPLICA_BASE_MB * MiB + LOADED_PER_FILE_BYTE * held * (1 + NEXT_VERSION_MAX))
+
+
+def memory_check(deployment: str, reserved: int | None, size) -> object:
+    """``VersionStore.fits`` for a replica of ``deployment`` with ``reserved`` bytes of memory:
+    a version whose files (``size(version)`` bytes) would not fit beside those held is refused,
+    with the reason (the app keeps serving what it holds)."""
+
+    def fits(version: str, held: list[str]) -> str | None:
+        if not reserved:
+            return None
+        files = sum(size(v) for v in held) + size(version)
+        need = REPLICA_BASE_MB * MiB + LOADED_PER_FILE_BYTE * files
+        if need <= reserved:
+            return None
+        return (
+            f"version {version}'s {HOLDS[deployment]} ({size(version) / MiB:,.0f} MB of files) "
+            f"does not fit beside version(s) {', '.join(held)} in this {deployment} replica's "
+            f"memory reservation of {reserved / MiB:,.0f} MB (needs {need / MiB:,.0f} MB): still "
+            f"serving {held[0]}; redeploy the app (it reserves for two versions of the served "
+            f"one's size) or set args.actor_options.{deployment}.memory"
+        )
+
+    return fits
+
+
+def replica_memory_check(s: Settings, deployment: str, reserved: int | None) -> object:
+    """``memory_check`` with each version's size read from the registry (or the directory)."""
+    sizes: dict[str, int] = {}
+
+    def size(version: str) -> int:
+        if version not in sizes:
+            sizes[version] = held_bytes(s, version)[deployment]
+        return sizes[version]
+
+    return memory_check(deployment, reserved, size)
 
 
 def ingress_ongoing(s: Settings, configured: int | None) -> int:

@@ -38,8 +38,14 @@ class VersionStore:
     loads it there and then (a cold load, counted in ``cold_loads``: the board's protocol means
     it should not happen)."""
 
-    def __init__(self, load: Callable[[str], Any]) -> None:
+    def __init__(
+        self,
+        load: Callable[[str], Any],
+        fits: Callable[[str, list[str]], str | None] | None = None,
+    ) -> None:
         self.load = load
+        self.fits = fits  # (version, versions held) -> why it cannot be held beside them, or None
+        self.refused: dict[str, str] = {}
         self.items: dict[str, Any] = {}
         self.lock = threading.Lock()  # guards items: held for a lookup, never for a load
         self.loading = threading.Lock()  # one load at a time
@@ -66,6 +72,17 @@ class VersionStore:
     def held(self) -> list[str]:
         with self.lock:
             return list(self.items)
+
+    def admits(self, version: str) -> bool:
+        """Whether ``version`` may be loaded beside what is held (the first always may); a
+        refusal is logged once and kept in ``refused``."""
+        held = self.held()
+        reason = self.fits(version, held) if self.fits and held else None
+        if reason and version not in self.refused:
+            log.warning(reason)
+        if reason:
+            self.refused[version] = reason
+        return reason is None
 
     def get(self, version: str) -> Any:
         with self.lock:
@@ -185,5 +202,6 @@ def sync(
     (keep or store.keep)(wanted["keep"])
     missing = [v for v in wanted["keep"] if v not in store.held()]
     for v in missing:
-        store.prepare(v)
+        if store.admits(v):  # else this replica never reports it, so the board never serves it
+            store.prepare(v)
     return report(store.held()) if missing else wanted
