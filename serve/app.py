@@ -10,6 +10,7 @@ from censusvi.serving.app import (  # noqa: F401
     Mapper,
     Results,
     Settings,
+    Versions,
     app,
     build_app,
 )
