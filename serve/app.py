@@ -8,9 +8,9 @@ from censusvi.serving.app import (  # noqa: F401
     Annotator,
     Ingress,
     Mapper,
-    Metrics,
     Results,
     Settings,
+    Versions,
     app,
     build_app,
 )

@@ -294,7 +294,7 @@ def test_the_rayservice_serves_the_packaged_app_with_settings_it_knows():
     from ray.serve.schema import ServeDeploySchema
 
     from censusvi.serving import app as serving_app
-    from censusvi.serving.settings import Settings
+    from censusvi.serving.settings import EXTRA_ARGS, Settings
 
     (service,) = of_kind("RayService")
     cfg = yaml.safe_load(service["spec"]["serveConfigV2"])
@@ -304,7 +304,7 @@ def test_the_rayservice_serves_the_packaged_app_with_settings_it_knows():
     (packaged,) = shipped["applications"]
     assert application["import_path"] == packaged["import_path"] == "censusvi.serving.app:build_app"
     assert "runtime_env" not in application
-    fields = {f.name for f in dataclasses.fields(Settings)}
+    fields = {f.name for f in dataclasses.fields(Settings)} | set(EXTRA_ARGS)
     assert set(application["args"]) <= fields, set(application["args"]) - fields
     names = {d["name"] for d in application["deployments"]}
     assert names <= {d["name"] for d in packaged["deployments"]}, names

@@ -17,12 +17,13 @@ import yaml
 
 from censusvi.client import Client
 from censusvi.server import deployment_options, wait_healthy
-from censusvi.serving.settings import Settings
+from censusvi.serving.deploy import REPLICA_BASE_MB, MiB, files_bytes, reserved_memory
+from censusvi.serving.settings import EXTRA_ARGS, Settings
 from conftest import simulated_adata
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = files("censusvi.serving") / "serve_config.yaml"
-APP = ("Ingress", "Mapper", "Annotator", "Results")
+APP = ("Ingress", "Mapper", "Annotator", "Results", "Versions")
 
 
 def free_port() -> int:
@@ -46,18 +47,21 @@ def test_shipped_config_passes_serves_schema_and_names_the_packaged_app():
     (application,) = cfg["applications"]
     assert application["import_path"] == "censusvi.serving.app:build_app"
     assert "runtime_env" not in application  # the code is the installed package
-    fields = {f.name for f in dataclasses.fields(Settings)}
+    fields = {f.name for f in dataclasses.fields(Settings)} | set(EXTRA_ARGS)
     assert set(application["args"]) <= fields, set(application["args"]) - fields
     assert {d["name"] for d in application["deployments"]} == set(APP)
     for name in APP:
         assert getattr(serving_app, name).name == name
     assert set(deployment_options()) == set(APP)
+    # Serve would replace the code's actor options with a section's: resources go in args
+    assert not any("ray_actor_options" in d for d in application["deployments"])
+    assert deployment_options()["Mapper"]["ray_actor_options"] == {"num_cpus": 1}
 
 
 def test_serve_run_args_as_strings_are_typed():
     """`serve run censusvi.serving.app:build_app max_cells=500 ...` passes strings."""
     s = Settings.from_args({"model": "m", "max_cells": "500", "allow_surgery": "true", "k": "7"})
-    assert (s.max_cells, s.allow_surgery, s.k, s.max_request_mb) == (500, True, 7, 512.0)
+    assert (s.max_cells, s.allow_surgery, s.k, s.max_request_mb) == (500, True, 7, 64.0)
     with pytest.raises(ValueError, match="max_cells='many' is not int"):
         Settings.from_args({"max_cells": "many"})
     with pytest.raises(ValueError, match="unknown serve settings \\['max_cell'\\]"):
@@ -85,7 +89,8 @@ def model_and_index(tmp_path_factory):
 
 def test_serve_run_of_the_shipped_config_serves_a_request(local_ray, model_and_index, tmp_path):
     """Serve's CLI against this session's Ray, with the shipped file's args pointed at a model
-    directory, its port free, and no CPUs reserved (the session's Ray has 2)."""
+    directory, its port free, and no CPUs reserved (the session's Ray has 2): the replicas run
+    with the config's CPUs *and* the code's memory reservation (merged, not replaced)."""
     import ray
     from ray import serve
 
@@ -99,10 +104,10 @@ def test_serve_run_of_the_shipped_config_serves_a_request(local_ray, model_and_i
     cfg["http_options"]["port"] = port
     (application,) = cfg["applications"]
     application["args"].update(model=str(d / "m"), index=str(d / "ix"))
-    for dep in application["deployments"]:
-        dep.setdefault("ray_actor_options", {})["num_cpus"] = 0
+    application["args"]["actor_options"] = {name: {"num_cpus": 0} for name in APP}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
 
+    cpus_memory = {r: ray.available_resources().get(r, 0) for r in ("CPU", "memory")}
     serve_cli = Path(sys.executable).parent / "serve"
     address = ray.get_runtime_context().gcs_address
     run = subprocess.run(
@@ -123,5 +128,14 @@ def test_serve_run_of_the_shipped_config_serves_a_request(local_ray, model_and_i
         assert out.uns["censusvi"]["versions"] == ["local"]
         np.testing.assert_allclose(out.obsm["X_scvi"], local.obsm["X_scvi"], atol=1e-5)
         assert list(out.obs["predicted_cell_type"]) == list(local.obs["predicted_cell_type"])
+        # what Ray holds for the app: the code's memory reservations (two model versions in the
+        # Mapper, two indexes in the Annotator, the ingress's budget) beside the config's 0 CPUs
+        held = {r: cpus_memory[r] - ray.available_resources().get(r, 0) for r in cpus_memory}
+        s = Settings(max_request_mb=application["args"]["max_request_mb"])
+        ingress = next(x for x in application["deployments"] if x["name"] == "Ingress")
+        budget = (ingress["max_ongoing_requests"] * s.request_memory_mb + REPLICA_BASE_MB) * MiB
+        models = reserved_memory(files_bytes(d / "m")) + reserved_memory(files_bytes(d / "ix"))
+        assert held["CPU"] == 0
+        assert held["memory"] == pytest.approx(models + budget, rel=1e-3)
     finally:
         serve.shutdown()

@@ -24,10 +24,16 @@ CONFIG = files("censusvi.serving") / "serve_config.yaml"
 
 
 def deployment_options(config: Path | Any = CONFIG) -> dict[str, dict[str, Any]]:
-    """The Serve config's per-deployment options, keyed by deployment name."""
+    """The Serve config's per-deployment options, keyed by deployment name, with the actor
+    options of its ``args.actor_options`` as their ``ray_actor_options`` (``build_app`` merges
+    them over the code's)."""
+    from censusvi.serving.deploy import configured_options
+
     d = yaml.safe_load(config.read_text())
     (application,) = d["applications"]
-    return {dep.pop("name"): dep for dep in application.get("deployments", [])}
+    deployments = {dep.pop("name"): dep for dep in application.get("deployments", [])}
+    actor = (application.get("args") or {}).get("actor_options")
+    return configured_options({"deployments": deployments, "actor_options": actor})
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:

@@ -11,8 +11,8 @@ import numpy as np
 
 from censusvi.outputs import NLL_COLUMN, write_answers
 from censusvi.serving.grouping import error, groups, split_labels
-from censusvi.serving.settings import Settings, current_version
-from censusvi.serving.versions import VersionCache, VersionFetcher
+from censusvi.serving.settings import Settings
+from censusvi.serving.versions import VersionFetcher, VersionStore
 
 log = logging.getLogger(__name__)
 
@@ -33,34 +33,49 @@ def no_index(version: str) -> dict:
     )
 
 
+def warm_up(ix) -> None:
+    """Transfer labels to two made-up cells once (every method the index has), so that a
+    replica's first request finds every import done."""
+    from censusvi.annotate.pipeline import transfer_all
+
+    latent = np.zeros((2, ix.index.d), dtype=np.float32)
+    for method in ("knn", "ensemble") if ix.heads else ("knn",):
+        transfer_all(ix, latent, method=method)
+
+
 class IndexHost:
-    """The last two versions' indexes (None for a version without one), and their reference maps
-    for the explorer, fitted on first use (a UMAP takes seconds)."""
+    """The versions' indexes the version board wants this replica to hold (``store``; None for
+    a version without one), and their reference maps for the explorer, fitted in the background
+    once an index is loaded (a UMAP takes seconds; a page asked for sooner waits for it)."""
 
     def __init__(self, s: Settings) -> None:
         from censusvi.annotate.index import load_index
         from censusvi.report.layout import fit_reference_layout
 
+        self.s = s
         fetch = VersionFetcher(s, "index")
 
         def load(version: str):
             files = fetch(version)
-            return load_index(files.index_dir) if files.index_dir else None
+            ix = load_index(files.index_dir) if files.index_dir else None
+            if ix is not None:
+                try:
+                    warm_up(ix)
+                except Exception as e:  # best effort: the first request then pays for the imports
+                    log.warning("version %s not warmed up: %s", version, e)
+                threading.Thread(target=self._fit_layout, args=(version,), daemon=True).start()
+            return ix
 
-        self.indexes = VersionCache(load)
-        self.layouts = VersionCache(lambda v: fit_reference_layout(self.indexes.get(v)))
-        self.load(current_version(s))
+        self.store = self.indexes = VersionStore(load)
+        self.layouts = VersionStore(lambda v: fit_reference_layout(self.indexes.prepare(v)))
 
-    def load(self, version: str) -> str:
-        """Load ``version``'s index now and fit its explorer map in the background, so that the
-        first explorer page does not wait for a UMAP (a later request for it waits for this one)."""
-        if self.indexes.get(version) is not None:
-            threading.Thread(target=self._fit_layout, args=(version,), daemon=True).start()
-        return version
+    def keep(self, versions: list[str]) -> None:
+        self.indexes.keep(versions)
+        self.layouts.keep(versions)
 
     def _fit_layout(self, version: str) -> None:
         try:
-            self.layouts.get(version)
+            self.layouts.prepare(version)
         except Exception as e:  # the page itself reports it (e.g. the report extra missing)
             log.warning("explorer map of version %s not fitted ahead: %s", version, e)
 
@@ -99,7 +114,7 @@ class IndexHost:
         from censusvi.report.page import render_page
 
         version = item["model"]["version"]
-        layout = self.layouts.get(version)
+        layout = self.layouts.prepare(version)
         key = next(iter(item["labels"]))
         frame = item["labels"][key]
         cells = pd.DataFrame({"batch": item["batch"], NLL_COLUMN: item["nll_per_count"]})

@@ -2,18 +2,21 @@
 
 Each deployment is a thin layer over a plain class of ``censusvi.serving`` (load in
 ``__init__``, parse in ``__call__``): ``Mapper`` over ``ModelHost``, ``Annotator`` over
-``IndexHost``, ``Results`` over ``ResultStore``, and the ``Ingress`` (FastAPI: auth, size limits,
-decoding) over ``AliasFollower`` and the request parsing; each ingress replica records its metrics
-through ``ray.serve.metrics`` (``ReplicaMetrics``) and ``GET /metrics`` sums Ray's exports.
-Small requests that arrive together are joined by ``@serve.batch`` (``grouping``). The ingress pins
-one version per request; when an alias moves it warms the new version in the mappers and
-annotators first, then switches, and replicas keep the previous version, so none is dropped.
+``IndexHost``, ``Results`` over ``ResultStore``, ``Versions`` over ``VersionBoard``, and the
+``Ingress`` (FastAPI: auth, size limits, decoding) over the request parsing; each ingress replica
+records its metrics through ``ray.serve.metrics`` (``ReplicaMetrics``) and ``GET /metrics`` sums
+Ray's exports. Small requests that arrive together are joined by ``@serve.batch`` (``grouping``).
+The ingress pins one version per request: the one the board serves. When an alias moves, every
+Mapper and Annotator replica loads the new version in the background and the board serves it only
+once all hold it (``versions``), so no request waits on a cold load and none is dropped.
 
 ``build_app(args)`` is the builder of ``import_path: censusvi.serving.app:build_app`` (the
 shipped ``serve_config.yaml``, ``serve run``) and of ``censusvi serve``.
 """
 
 import asyncio
+import logging
+import threading
 import time
 from typing import Any
 
@@ -26,12 +29,21 @@ from ray import serve
 from censusvi.serving.annotator import IndexHost
 from censusvi.serving.auth import authorised, presented_digest
 from censusvi.serving.body import read_body, upload_file
+from censusvi.serving.deploy import (
+    configured_options,
+    deployment_options,
+    held_bytes,
+    ingress_ongoing,
+    replica_memory_check,
+)
 from censusvi.serving.mapper import ModelHost
 from censusvi.serving.metrics import ReplicaMetrics, combine, node_exports
 from censusvi.serving.parsing import refusal, transfer_options
-from censusvi.serving.results import ResultStore
+from censusvi.serving.results import ResultStore, new_result_id
 from censusvi.serving.settings import Settings, current_version
-from censusvi.serving.versions import AliasFollower
+from censusvi.serving.versions import HELD, VersionBoard, sync
+
+log = logging.getLogger("censusvi.serve")
 
 app = FastAPI(
     title="censusvi",
@@ -41,46 +53,119 @@ app = FastAPI(
     openapi_url=None,
 )
 BATCH = {"max_batch_size": 16, "batch_wait_timeout_s": 0.005}  # join what arrives within 5 ms
+SERVED_BY = "censusvi-served-by"  # answer header: the Mapper and Annotator replicas that answered
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
-class Mapper:
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class Versions:
+    """The version board (one replica): follows the alias and serves a new version once every
+    Mapper and Annotator replica reports holding it."""
+
     def __init__(self, settings: dict) -> None:
-        import torch
+        self.s = Settings(**settings)
+        self.app_name = serve.get_replica_context().app_name
+        self.board = VersionBoard(self.s, self._running)
+        threading.Thread(target=self._tick, daemon=True).start()
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU replica uses its GPU
-        self.host = ModelHost(Settings(**settings), device)
+    def _running(self) -> dict[str, int]:
+        app = serve.status().applications.get(self.app_name)
+        deployments = app.deployments if app else {}
+        running = {
+            d: deployments[d].replica_states.get("RUNNING", 0) for d in HELD if d in deployments
+        }
+        return {d: int(n) for d, n in running.items()}
 
-    def load(self, version: str) -> str:
-        return self.host.load(version)
+    def _tick(self) -> None:
+        while True:
+            time.sleep(self.s.tick_s)
+            try:
+                self.board.tick()
+            except Exception as e:  # the registry briefly unreachable must not stop serving
+                log.warning("version board: %s (still serving %s)", e, self.board.served)
+
+    def report(self, deployment: str, replica: str, versions: list[str], cold: int) -> dict:
+        return self.board.report(deployment, replica, versions, cold)
+
+    def state(self) -> dict:
+        return self.board.state()
+
+    def served(self) -> str:
+        return self.board.served
+
+
+class Holder:
+    """A Mapper or Annotator replica's side of the board: before it takes requests it loads the
+    versions wanted; then, each tick, it reports and loads (in the background) what is wanted."""
+
+    async def join(self, board, host, reserved: int | None) -> None:
+        ctx = serve.get_replica_context()
+        self.board, self.host, self.s = board, host, host.s
+        self.deployment, self.replica = ctx.replica_id.deployment_id.name, ctx.replica_id.unique_id
+        host.store.fits = replica_memory_check(self.s, self.deployment, reserved)
+        for _ in range(3):  # the board may have moved on while this replica loaded
+            wanted = await self.board.report.remote(*self._report_args())
+            missing = [v for v in wanted["keep"] if v not in host.store.held()]
+            if not missing:
+                break
+            for v in missing:
+                if host.store.admits(v):
+                    await asyncio.to_thread(host.store.prepare, v)
+        threading.Thread(target=self._follow, daemon=True).start()
+
+    def _report_args(self, held: list[str] | None = None) -> tuple:
+        store = self.host.store
+        held = store.held() if held is None else held
+        return self.deployment, self.replica, held, store.cold_loads
+
+    def _report(self, held: list[str]) -> dict:  # on the follower's thread
+        return self.board.report.remote(*self._report_args(held)).result()
+
+    def _follow(self) -> None:
+        keep = getattr(self.host, "keep", None)
+        while True:
+            time.sleep(self.s.tick_s)
+            try:
+                sync(self.host.store, self._report, keep)
+            except Exception as e:  # a failed load is tried again next tick; the old one serves
+                log.warning("%s %s: %s", self.deployment, self.replica, e)
 
     def info(self, version: str) -> dict:
         return self.host.info(version)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class Mapper(Holder):
+    async def __init__(self, settings: dict, board, reserved: int | None = None) -> None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU replica uses its GPU
+        await self.join(board, ModelHost(Settings(**settings), device), reserved)
 
     @serve.batch(**BATCH)
     async def map(self, requests: list[tuple[Any, str]]) -> list[dict]:
         """Each call passes one (cells, version) tuple; Serve hands a list of them here."""
-        return await asyncio.to_thread(self.host.map_all, requests)
+        answers = await asyncio.to_thread(self.host.map_all, requests)
+        return [{**a, "replica": self.replica} for a in answers]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
-class Annotator:
-    def __init__(self, settings: dict) -> None:
-        self.host = IndexHost(Settings(**settings))
-
-    def load(self, version: str) -> str:
-        return self.host.load(version)
-
-    def info(self, version: str) -> dict:
-        return self.host.info(version)
+class Annotator(Holder):
+    async def __init__(self, settings: dict, board, reserved: int | None = None) -> None:
+        await self.join(board, IndexHost(Settings(**settings)), reserved)
 
     def explore(self, item: dict) -> str:
         return self.host.explore(item)
 
     @serve.batch(**BATCH)
-    async def annotate(self, requests: list[tuple[Any, str, int, float, str]]) -> list[dict]:
-        """Each call passes one (latent, version, k, threshold, method) tuple."""
-        return await asyncio.to_thread(self.host.annotate_all, requests)
+    async def annotate(self, mapped: list[dict], versions: list[str], options: list[tuple]):
+        """Each call passes the Mapper's answer, its version and (k, threshold, method); a
+        request the Mapper refused is answered with nothing (the ingress sends its error)."""
+        asked = [
+            (m["latent"], v, *o) for m, v, o in zip(mapped, versions, options) if "error" not in m
+        ]
+        answers = iter(await asyncio.to_thread(self.host.annotate_all, asked))
+        out = [{"labels": {}} if "error" in m else next(answers) for m in mapped]
+        return [{**a, "replica": self.replica} for a in out]
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
@@ -92,7 +177,7 @@ class Results:
         self.store = ResultStore(s.results_kept, s.results_max_cells, s.results_ttl_s)
 
     def put(self, item: dict, owner: str | None) -> str:
-        return self.store.put(item, owner)
+        return self.store.put(item, owner, item["result_id"])
 
     def get(self, rid: str, owner: str | None) -> dict | None:
         return self.store.get(rid, owner)
@@ -108,21 +193,33 @@ UNAUTHORISED = "missing or wrong bearer token: send 'Authorization: Bearer <toke
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, mapper, annotator, results, settings: dict) -> None:
-        self.mapper, self.annotator, self.results = mapper, annotator, results
+    async def __init__(self, mapper, annotator, results, board, settings: dict) -> None:
+        self.mapper, self.annotator, self.results, self.board = mapper, annotator, results, board
         self.metrics = ReplicaMetrics()
         self.app_name = serve.get_replica_context().app_name
         self.s = Settings(**settings)
+        # a config's max_ongoing_requests must fit the memory budget (Serve applies it after
+        # build_app, so it is checked here too): a clear error instead of an unbounded ingress
+        config = getattr(serve.get_replica_context(), "_deployment_config", None)
+        ingress_ongoing(self.s, getattr(config, "max_ongoing_requests", None))
         self.name = self.s.model_name
-        self.versions = AliasFollower(self.s, self._warm, self._switched)
-        self._switched(self.versions.version)
+        self.version = await board.served.remote()
+        self.metrics.serving(self.name, self.version)
+        threading.Thread(target=self._follow, daemon=True).start()
 
-    def _warm(self, version: str) -> None:  # on the follower's thread: block until loaded
-        self.mapper.load.remote(version).result()
-        self.annotator.load.remote(version).result()
-
-    def _switched(self, version: str) -> None:
-        self.metrics.serving(self.name, version)
+    def _follow(self) -> None:
+        """Pin new requests to the version the board serves (checked every tick)."""
+        while True:
+            time.sleep(self.s.tick_s)
+            try:
+                served = self.board.served.remote().result()
+            except Exception as e:
+                log.warning("version board unreachable (still serving %s): %s", self.version, e)
+                continue
+            if served != self.version:
+                log.info("serving version %s", served)
+                self.version = served
+                self.metrics.serving(self.name, served)
 
     def _denied(self, request: Request) -> Response | None:
         """401 unless the request carries the token (always None without one configured)."""
@@ -148,13 +245,13 @@ class Ingress:
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model": self.name, "version": self.versions.version}
+        return {"status": "ok", "model": self.name, "version": self.version}
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> Response:
         if denied := self._denied(request):
             return denied
-        version = self.versions.version
+        version = self.version
         info = await self.mapper.info.remote(version)
         info.update(await self.annotator.info.remote(version))
         limits = {"max_cells": self.s.max_cells, "max_request_mb": self.s.max_request_mb}
@@ -216,44 +313,57 @@ class Ingress:
         return await self._answer_cells(request, endpoint, cells, options)
 
     async def _answer_cells(self, request: Request, endpoint: str, cells, options: tuple):
+        """Map, then annotate: the Mapper's answer goes to the Annotator as an object reference
+        (not through this replica), and the explorer's copy is stored while the answer encodes."""
         from censusvi.wire import ARROW, encode_result
 
-        version = self.versions.version  # one version answers the whole request
-        mapped = await self.mapper.map.remote((cells, version))
+        version = self.version  # one version answers the whole request
+        mapping = self.mapper.map.remote((cells, version))
+        if endpoint == "annotate":
+            labelling = self.annotator.annotate.remote(mapping, version, options)
+        mapped = await mapping
         if "error" in mapped:
             return _json_error(mapped["status"], mapped["error"]), 0
         model = {"name": self.name, "version": version}
         result = {"model": model, "n_cells": cells.n_cells, **mapped}
+        served_by = [f"Mapper#{mapped['replica']}"]
+        stored = None
         if endpoint == "annotate":
-            labelled = await self.annotator.annotate.remote((mapped["latent"], version, *options))
+            labelled = await labelling
             if "error" in labelled:
                 return _json_error(labelled["status"], labelled["error"]), 0
+            served_by.append(f"Annotator#{labelled['replica']}")
             result["labels"] = labelled["labels"]
-            kept = {**result, "batch": cells.batch[mapped["positions"]]}
-            result["result_id"] = await self.results.put.remote(kept, self._owner(request))
+            result["result_id"] = new_result_id()
             result["explorer"] = f"/explorer/{result['result_id']}"
+            kept = {**result, "batch": cells.batch[mapped["positions"]]}
+            stored = self.results.put.remote(kept, self._owner(request))
         arrow = ARROW in request.headers.get("accept", "")
         payload, media = await asyncio.to_thread(encode_result, result, arrow)
-        return Response(payload, media_type=media), len(mapped["positions"])
+        if stored is not None:
+            await stored  # before the answer names it: the explorer link works at once
+        headers = {SERVED_BY: " ".join(served_by)}
+        return Response(payload, media_type=media, headers=headers), len(mapped["positions"])
 
 
 def build_app(args: dict[str, Any]):
     """The application: ``args`` are ``Settings`` fields (strings from ``serve run`` are typed),
-    ``token``/``token_file``, and ``deployments`` (name -> options overriding the decorators')."""
+    ``token``/``token_file``, and ``deployments`` (name -> options merged over the code's:
+    ``deploy.deployment_options``)."""
     import ray
 
     s = Settings.from_args(args)
-    current_version(s)  # an unset alias or a missing model fails here, with its reason
-    options = {name: dict(o) for name, o in (args.get("deployments") or {}).items()}
-    mapper = options.setdefault("Mapper", {})
-    actor = dict(mapper.get("ray_actor_options", {}))
-    if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
-        actor.setdefault("num_gpus", 1)  # a GPU per model replica when the cluster has GPUs
-        mapper["ray_actor_options"] = actor
+    version = current_version(s)  # an unset alias or a missing model fails here, with its reason
+    gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    configured = configured_options(args)
+    options = deployment_options(s, configured, held_bytes(s, version), gpus)
     settings = s.to_dict()
-    return Ingress.options(**options.get("Ingress", {})).bind(
-        Mapper.options(**mapper).bind(settings),
-        Annotator.options(**options.get("Annotator", {})).bind(settings),
-        Results.options(**options.get("Results", {})).bind(settings),
+    memory = {d: options[d]["ray_actor_options"].get("memory") for d in HELD}  # bytes reserved
+    board = Versions.options(**options["Versions"]).bind(settings)
+    return Ingress.options(**options["Ingress"]).bind(
+        Mapper.options(**options["Mapper"]).bind(settings, board, memory["Mapper"]),
+        Annotator.options(**options["Annotator"]).bind(settings, board, memory["Annotator"]),
+        Results.options(**options["Results"]).bind(settings),
+        board,
         settings,
     )

@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 
 from censusvi.serving.grouping import error, groups, join_cells, map_key, split_mapped
-from censusvi.serving.settings import Settings, current_version
-from censusvi.serving.versions import VersionCache, VersionFetcher
+from censusvi.serving.settings import Settings
+from censusvi.serving.versions import VersionFetcher, VersionStore
 
 log = logging.getLogger("censusvi.serve")
 
@@ -21,9 +21,26 @@ def surgery_refused(new: list[str]) -> dict:
     )
 
 
+def warm_up(model) -> None:
+    """Map a few made-up cells of a reference batch once, so that a replica's first request
+    finds every import done and the model's code paths run before."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from censusvi.mapping.query import map_query
+    from censusvi.wire import QueryCells
+
+    n = min(len(model.genes), 50)
+    x = sp.csr_matrix(np.ones((2, n), dtype=np.float32))
+    batch = np.array([model.batch_categories[0]] * 2)
+    map_query(
+        model, QueryCells(x, list(model.genes.ids[:n]), batch).to_anndata(), "batch", min_overlap=0
+    )
+
+
 class ModelHost:
-    """The last two model versions asked for (the served one loaded at start: a missing model
-    fails the replica, not the first request)."""
+    """The model versions the version board wants this replica to hold (``store``: loaded
+    before requests name them; a missing model fails the replica as it starts)."""
 
     def __init__(self, s: Settings, device: str = "cpu") -> None:
         from censusvi.model.io import load_model
@@ -33,14 +50,14 @@ class ModelHost:
 
         def load(version: str):
             files = fetch(version)
-            return files, load_model(files.model_dir, device)
+            model = load_model(files.model_dir, device)
+            try:
+                warm_up(model)
+            except Exception as e:  # best effort: the first request then pays for the imports
+                log.warning("version %s not warmed up: %s", version, e)
+            return files, model
 
-        self.models = VersionCache(load)
-        self.models.get(current_version(s))
-
-    def load(self, version: str) -> str:
-        self.models.get(version)
-        return version
+        self.store = self.models = VersionStore(load)
 
     def info(self, version: str) -> dict:
         files, m = self.models.get(version)

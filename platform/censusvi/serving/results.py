@@ -10,6 +10,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 
+def new_result_id() -> str:
+    return secrets.token_urlsafe(24)  # 192 random bits: unguessable
+
+
 class ResultStore:
     """At most ``kept`` results, ``max_cells`` cells (rows of their ``latent``) in all, none older
     than ``ttl_s``; the oldest go first."""
@@ -24,9 +28,10 @@ class ResultStore:
         self.kept, self.max_cells, self.ttl_s, self.clock = kept, max_cells, ttl_s, clock
         self.items: OrderedDict[str, dict] = OrderedDict()
 
-    def put(self, item: dict, owner: str | None) -> str:
-        """Keep ``item`` for the token digest ``owner`` (None: a server without a token)."""
-        rid = secrets.token_urlsafe(24)  # 192 random bits: unguessable
+    def put(self, item: dict, owner: str | None, rid: str | None = None) -> str:
+        """Keep ``item`` for the token digest ``owner`` (None: a server without a token), under
+        ``rid`` (a ``new_result_id()``; a new one when None)."""
+        rid = rid or new_result_id()
         self.items[rid] = {**item, "result_id": rid, "owner": owner, "kept_at": self.clock()}
         self._evict()
         return rid

@@ -12,9 +12,9 @@ from typing import Any
 from censusvi import defaults
 from censusvi.serving.auth import token_digest
 
-# Accepted by ``build_app`` beside the fields: per-deployment options and the token's sources
-# (only its SHA-256 reaches the replicas).
-EXTRA_ARGS = ("deployments", "token", "token_file")
+# Accepted by ``build_app`` beside the fields: per-deployment options, per-deployment Ray actor
+# options (merged over the code's) and the token's sources (only its SHA-256 reaches the replicas).
+EXTRA_ARGS = ("deployments", "actor_options", "token", "token_file")
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,11 @@ class Settings:
         None  # of the bearer token (args: token_file or token); None: no auth
     )
     max_cells: int = defaults.SERVE_MAX_CELLS  # per request (413 above)
-    max_request_mb: float = 512.0  # per request body (413 above)
+    max_request_mb: float = 64.0  # per request body (413 above)
+    ingress_memory_mb: float = 6144.0  # an ingress replica's budget: max ongoing x request memory
     registry_poll_s: float = 10.0  # how often an alias is re-resolved
+    tick_s: float = 1.0  # how often replicas and ingresses sync with the version board
+    retire_after_s: float = 30.0  # the previous version is kept this long after a switch
     allow_surgery: bool = (
         False  # train new batch columns per request (models that encode the batch)
     )
@@ -64,6 +67,14 @@ class Settings:
         from censusvi.untrusted import DecodeLimits
 
         return DecodeLimits.for_body_limit(self.max_cells, int(self.max_request_mb * 2**20))
+
+    @property
+    def request_memory_mb(self) -> float:
+        """What one request can take in an ingress: its body and what the body decodes to."""
+        from censusvi.untrusted import DecodeLimits
+
+        expansion = DecodeLimits.for_body_limit(1, 1).max_decoded_bytes  # x the body limit
+        return self.max_request_mb * (1 + expansion)
 
     @property
     def registered(self) -> bool:

@@ -1,5 +1,17 @@
-"""Model versions in a replica: local copies, a small cache of what was built from them, and the
-ingress's loop that follows an alias (warm the new version everywhere, then switch)."""
+"""Model versions across the app's replicas, without Ray: what a replica holds, loaded off the
+request path (``VersionStore``), and the one board that decides which version is served
+(``VersionBoard``).
+
+How an alias move reaches every replica: the board follows the alias; a new version becomes its
+*target*. Every Mapper and Annotator replica reports what it holds each tick and gets back what to
+hold (``wanted``: the served version and the target, and the version served before for a grace
+period so that requests already pinned to it finish); it loads a missing version in the
+background while it keeps answering with what it has. Only when every running replica of both
+deployments reports the target does the board serve it, and the ingresses pin new requests to it.
+A replica that starts (autoscaling) loads what is wanted before it takes requests. So no request
+waits on a cold load, and a replica never holds more than two versions (the board starts the next
+move only once the previous version is retired).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +19,6 @@ import logging
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -15,25 +26,152 @@ from censusvi.serving.settings import Settings, current_version
 
 log = logging.getLogger("censusvi.serve")
 
+HELD = ("Mapper", "Annotator")  # the deployments that hold a version (model, index)
+HOLD_AT_MOST = (
+    2  # versions a replica holds at once: served + incoming (memory is reserved for both)
+)
 
-class VersionCache:
-    """Whatever ``load(version)`` builds, for the last ``capacity`` versions, built once each
-    (threads asking together wait for one). Two: the version served and the one before it,
-    which requests still under way finish on."""
 
-    def __init__(self, load: Callable[[str], Any], capacity: int = 2) -> None:
-        self.load, self.capacity = load, capacity
-        self.items: OrderedDict[str, Any] = OrderedDict()
-        self.lock = threading.Lock()
+class VersionStore:
+    """Whatever ``load(version)`` builds, per version. ``prepare`` loads outside the lock that
+    requests take, so requests go on while a version loads; ``get`` of a version not prepared
+    loads it there and then (a cold load, counted in ``cold_loads``: the board's protocol means
+    it should not happen)."""
+
+    def __init__(
+        self,
+        load: Callable[[str], Any],
+        fits: Callable[[str, list[str]], str | None] | None = None,
+    ) -> None:
+        self.load = load
+        self.fits = fits  # (version, versions held) -> why it cannot be held beside them, or None
+        self.refused: dict[str, str] = {}
+        self.items: dict[str, Any] = {}
+        self.lock = threading.Lock()  # guards items: held for a lookup, never for a load
+        self.loading = threading.Lock()  # one load at a time
+        self.cold_loads = 0
+
+    def prepare(self, version: str) -> Any:
+        with self.loading:
+            with self.lock:
+                if version in self.items:
+                    return self.items[version]
+            item = self.load(version)
+            with self.lock:
+                self.items[version] = item
+            return item
+
+    def keep(self, versions: list[str]) -> list[str]:
+        """Drop every version but ``versions``; the ones dropped."""
+        with self.lock:
+            gone = [v for v in self.items if v not in versions]
+            for v in gone:
+                del self.items[v]
+        return gone
+
+    def held(self) -> list[str]:
+        with self.lock:
+            return list(self.items)
+
+    def admits(self, version: str) -> bool:
+        """Whether ``version`` may be loaded beside what is held (the first always may); a
+        refusal is logged once and kept in ``refused``."""
+        held = self.held()
+        reason = self.fits(version, held) if self.fits and held else None
+        if reason and version not in self.refused:
+            log.warning(reason)
+        if reason:
+            self.refused[version] = reason
+        return reason is None
 
     def get(self, version: str) -> Any:
         with self.lock:
-            if version not in self.items:
-                self.items[version] = self.load(version)
-                while len(self.items) > self.capacity:
-                    self.items.popitem(last=False)
-            self.items.move_to_end(version)
-            return self.items[version]
+            if version in self.items:
+                return self.items[version]
+            self.cold_loads += 1
+        log.warning("version %s asked for before it was loaded here: loading it now", version)
+        return self.prepare(version)
+
+
+class VersionBoard:
+    """Which version the app serves, moved to the alias's version once every Mapper and
+    Annotator replica holds it. ``running()`` counts running replicas per deployment name."""
+
+    def __init__(
+        self,
+        s: Settings,
+        running: Callable[[], dict[str, int]],
+        resolve: Callable[[Settings], str] = current_version,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.s, self.running, self.resolve, self.clock = s, running, resolve, clock
+        self.served = self.target = resolve(s)
+        self.previous: str | None = None
+        self.switched_at = -float("inf")
+        self.reports: dict[str, tuple[str, tuple[str, ...], float]] = {}
+        self.cold_loads: dict[str, int] = {}  # per replica: versions it had to load on request
+        self.lock = threading.Lock()
+        self.last_resolved = clock()
+
+    @property
+    def stale_s(self) -> float:
+        return 5 * self.s.tick_s + 10  # a replica silent this long is gone
+
+    def wanted(self) -> dict:
+        keep = [self.served] + [v for v in (self.target, self.previous) if v and v != self.served]
+        return {"served": self.served, "target": self.target, "keep": keep}
+
+    def report(self, deployment: str, replica: str, versions: list[str], cold: int = 0) -> dict:
+        """A replica's holdings (and its cold loads so far); the answer is what it should hold."""
+        with self.lock:
+            self.reports[replica] = (deployment, tuple(versions), self.clock())
+            self.cold_loads[replica] = cold
+            return self.wanted()
+
+    def state(self) -> dict:
+        """What the board knows: ``wanted`` and each replica's last report."""
+        with self.lock:
+            replicas = {
+                r: {"deployment": d, "versions": list(v), "cold_loads": self.cold_loads.get(r, 0)}
+                for r, (d, v, _) in self.reports.items()
+            }
+            return {**self.wanted(), "previous": self.previous, "replicas": replicas}
+
+    def holders(self, version: str) -> dict[str, int]:
+        now = self.clock()
+        out = dict.fromkeys(HELD, 0)
+        for deployment, versions, at in self.reports.values():
+            if deployment in out and version in versions and now - at < self.stale_s:
+                out[deployment] += 1
+        return out
+
+    def tick(self) -> dict:
+        """Retire the previous version after its grace, start a move when the alias moved (one
+        at a time), switch when every running replica holds the target. The new ``wanted``."""
+        now = self.clock()
+        if self.previous and now - self.switched_at > self.s.retire_after_s:
+            with self.lock:
+                self.previous = None
+        if self.s.follows_alias and self.target == self.served and self.previous is None:
+            if now - self.last_resolved >= self.s.registry_poll_s:
+                self.last_resolved = now
+                alias = self.resolve(self.s)
+                if alias != self.served:
+                    log.info(
+                        "alias %s moved to version %s: loading it everywhere", self.s.model, alias
+                    )
+                    with self.lock:
+                        self.target = alias
+        if self.target != self.served:
+            running, holding = self.running(), self.holders(self.target)
+            if all(holding[d] >= running.get(d, 0) for d in HELD):
+                log.info("every replica holds version %s: serving it", self.target)
+                with self.lock:
+                    self.previous, self.served = self.served, self.target
+                    self.switched_at = now
+        with self.lock:
+            self.reports = {r: v for r, v in self.reports.items() if now - v[2] < self.stale_s}
+            return self.wanted()
 
 
 class VersionFetcher:
@@ -53,35 +191,17 @@ class VersionFetcher:
         return fetch_version(name, version, dst, uri, model=part == "model", index=part == "index")
 
 
-class AliasFollower:
-    """The version an ingress serves. With ``models:/NAME@ALIAS`` a daemon thread re-resolves the
-    alias every ``registry_poll_s``; a new version is passed to ``warm`` (load it in every replica
-    that reads it) and only then served, then ``on_switch`` is told."""
-
-    def __init__(
-        self,
-        s: Settings,
-        warm: Callable[[str], None],
-        on_switch: Callable[[str], None],
-        resolve: Callable[[Settings], str] = current_version,
-    ) -> None:
-        self.s, self.warm, self.on_switch, self.resolve = s, warm, on_switch, resolve
-        self.version = resolve(s)
-        if s.follows_alias:
-            threading.Thread(target=self._follow, daemon=True).start()
-
-    def poll(self) -> None:
-        version = self.resolve(self.s)
-        if version != self.version:
-            self.warm(version)
-            log.info("alias %s moved: serving version %s", self.s.model, version)
-            self.version = version
-            self.on_switch(version)
-
-    def _follow(self) -> None:
-        while True:
-            time.sleep(self.s.registry_poll_s)
-            try:
-                self.poll()
-            except Exception as e:  # the registry being briefly unreachable must not stop serving
-                log.warning("registry poll failed (still serving %s): %s", self.version, e)
+def sync(
+    store: VersionStore,
+    report: Callable[[list[str]], dict],
+    keep: Callable[[list[str]], Any] | None = None,
+) -> dict:
+    """One round of a replica with the board: report, drop what is no longer wanted (``keep``,
+    by default the store's), load what is, report again. Returns the board's last answer."""
+    wanted = report(store.held())
+    (keep or store.keep)(wanted["keep"])
+    missing = [v for v in wanted["keep"] if v not in store.held()]
+    for v in missing:
+        if store.admits(v):  # else this replica never reports it, so the board never serves it
+            store.prepare(v)
+    return report(store.held()) if missing else wanted
