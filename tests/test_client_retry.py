@@ -10,6 +10,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 import requests
 
@@ -99,3 +100,15 @@ def test_no_server_is_a_connection_error_after_the_retries():
     with pytest.raises(requests.ConnectionError):
         Client(f"http://127.0.0.1:{port}", retries=2).health()
     assert 0.9 < time.monotonic() - start < 10  # the backoff waited (0 s, then 1 s)
+
+
+def test_chunks_bound_cells_and_body_size():
+    """Wide or deep cells are sent in smaller chunks, so a body stays under the server's
+    max_request_mb; a single cell above the bound goes alone (the server names the limit)."""
+    from censusvi.client import chunks
+
+    indptr = np.array([0, 10, 20, 100, 105, 106, 200])
+    assert chunks(indptr, 5000, 30) == [(0, 2), (2, 3), (3, 5), (5, 6)]
+    assert chunks(indptr, 2, 1000) == [(0, 2), (2, 4), (4, 6)]
+    covered = [r for a, b in chunks(indptr, 3, 50) for r in range(a, b)]
+    assert covered == list(range(6))

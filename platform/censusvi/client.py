@@ -64,6 +64,23 @@ class ServiceError(RuntimeError):
         self.status = status
 
 
+CHUNK_MB = 32.0  # request bodies stay well under the server's default max_request_mb (64)
+BYTES_PER_NONZERO = 8  # an Arrow body's int32 gene index + float32 count per non-zero
+
+
+def chunks(indptr: np.ndarray, max_cells: int, max_nnz: int) -> list[tuple[int, int]]:
+    """Consecutive (start, stop) row ranges of at most ``max_cells`` cells and ``max_nnz``
+    non-zeros each (a single cell above ``max_nnz`` goes alone: the server names the limit)."""
+    bounds, start, n = [], 0, len(indptr) - 1
+    while start < n:
+        stop = min(start + max_cells, n)
+        fit = int(np.searchsorted(indptr, indptr[start] + max_nnz, side="right")) - 1
+        stop = max(start + 1, min(stop, fit))
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
 class Client:
     def __init__(
         self,
@@ -72,9 +89,11 @@ class Client:
         chunk_size: int = 5_000,
         retries: int = 3,
         timeout_s: float = 300.0,
+        chunk_mb: float = CHUNK_MB,
     ) -> None:
         self.url = url.rstrip("/")
         self.chunk_size, self.retries, self.timeout_s = chunk_size, retries, timeout_s
+        self.chunk_nnz = max(1, int(chunk_mb * 2**20 / BYTES_PER_NONZERO))
         self.session = requests.Session()
         adapter = HTTPAdapter(max_retries=retry_policy(retries))
         self.session.mount("http://", adapter)
@@ -135,8 +154,7 @@ class Client:
         genes, symbols = gene_ids_and_symbols(adata.var)
         batch = adata.obs[batch_key].astype(str).to_numpy()
         answers = []
-        for start in range(0, adata.n_obs, self.chunk_size):
-            stop = min(start + self.chunk_size, adata.n_obs)
+        for start, stop in chunks(x.indptr, self.chunk_size, self.chunk_nnz):
             body = encode_arrow_request(x[start:stop], genes, batch[start:stop], symbols)
             r = self._call(
                 "POST",
