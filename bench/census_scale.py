@@ -118,7 +118,8 @@ def build(out: Path, n_cells: int, seed: int = 0) -> None:
 
 
 class ProcessPeaks:
-    """Peak RSS per kind of Ray process (by its title in /proc/PID/cmdline), sampled."""
+    """Peak RSS per kind of Ray process (by its title in /proc/PID/cmdline), sampled, among
+    this process's descendants only (other Ray clusters may run on the machine)."""
 
     KINDS = {"worker": "ray::RayTrainWorker", "hvg task": "ray::hvg_task"}
 
@@ -129,18 +130,35 @@ class ProcessPeaks:
         self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
         self._thread.start()
 
-    def _run(self, every: float) -> None:
-        while not self._stop.wait(every):
-            for d in Path("/proc").iterdir():
-                if not d.name.isdigit():
-                    continue
+    @staticmethod
+    def _descendants() -> set[int]:
+        parent: dict[int, int] = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
                 try:
-                    title = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                    parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    pass
+        tree, frontier = {os.getpid()}, {os.getpid()}
+        while frontier:
+            frontier = {p for p, pp in parent.items() if pp in frontier and p not in tree}
+            tree |= frontier
+        return tree
+
+    def _run(self, every: float) -> None:
+        mine, n = set(), 0
+        while not self._stop.wait(every):
+            if n % 10 == 0:  # new processes: look for them every second
+                mine = self._descendants()
+            n += 1
+            for pid in mine:
+                try:
+                    title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
                     kind = next((k for k, t in self.KINDS.items() if title.startswith(t)), None)
                     if kind:
-                        rss = int((d / "statm").read_text().split()[1]) * self._page
+                        rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * self._page
                         self.peak[kind] = max(self.peak[kind], rss)
-                except (OSError, ValueError, IndexError):
+                except (OSError, ValueError, IndexError, UnicodeDecodeError):
                     pass
 
     def stop(self) -> dict[str, int]:

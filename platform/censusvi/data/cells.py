@@ -16,7 +16,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from censusvi.data.counts import check_counts
-from censusvi.data.shards import gene_columns
 from censusvi.data.source import CellSource, select_genes
 from censusvi.data.vocabulary import GeneAlignment
 
@@ -70,17 +69,9 @@ class Cells:
 
     def _read_source(self, positions: np.ndarray) -> sp.csr_matrix:
         out = []
-        # a SOMA source returns only the model's genes (the rest of each row is not sent)
-        columns = (
-            gene_columns(self.alignment) if getattr(self.source, "reads_columns", False) else None
-        )
         for start in range(0, len(positions), self.io_batch_cells):
             rows = self.rows[positions[start : start + self.io_batch_cells]]
-            x = (
-                self.source.read_rows(rows)
-                if columns is None
-                else self.source.read_rows(rows, columns)
-            )
+            x = self.source.read_rows(rows)
             check_counts(x, f"{self.source.uri} (cells {rows[0]}..{rows[-1]})")
             out.append(select_genes(x, self.alignment))
         return sp.vstack(out, format="csr") if len(out) != 1 else out[0]

@@ -26,7 +26,7 @@ def _hvg_task(
 
     def part(i: int) -> np.ndarray:
         a, b = int(bounds[i]), int(bounds[i + 1])
-        x = read_ids(reader, spec.soma, ids[a:b], None)
+        x = read_ids(reader, spec.soma, ids[a:b])
         check_counts(x, f"{spec.uri} (cells {ids[a]}..{ids[b - 1]})")
         return fn(x, code[a:b])
 

@@ -3,7 +3,7 @@
 Each epoch, a rank's share of whole chunks (``shards.epoch_chunks``: a global permutation of
 chunks, a contiguous run of it per rank) is cut into IO groups of chunks from across the corpus,
 each read in storage order by one Ray Data read task, which opens the count matrix itself (for
-SOMA: X and var, never obs), reads only the model's genes and returns the group's cells as one
+SOMA: X and var, never obs), keeps only the model's genes and returns the group's cells as one
 Arrow block: list columns hold the CSR rows, so
 nothing is densified before the device. The worker mixes whole blocks in a pool of CSR rows
 (``pooled_batches``) and draws its minibatches from it. Memory stays bounded by Ray Data's
@@ -147,7 +147,7 @@ def _read_group(
     import ray
 
     from censusvi.data.counts import check_counts
-    from censusvi.data.shards import chunk_positions, gene_columns
+    from censusvi.data.shards import chunk_positions
     from censusvi.data.source import select_genes
 
     plan: CellPlan = ray.get(cells_ref)
@@ -156,7 +156,7 @@ def _read_group(
     positions = np.sort(chunk_positions(batch["chunks"][0], chunk, n_cells)[:take])
     rows = plan.train_rows[positions]
     src = plan.source
-    x = src.read_rows(rows, gene_columns(alignment)) if src.reads_columns else src.read_rows(rows)
+    x = src.read_rows(rows)
     check_counts(x, f"{src.uri} (cells {src.ids[rows[0]]}..{src.ids[rows[-1]]})")
     x = select_genes(x, alignment)
     return csr_to_arrow(x, plan.train_cov[positions], positions)

@@ -142,11 +142,6 @@ class PlannedSource:
     obs = None  # never read here: the driver's plan holds the cells
 
     @property
-    def reads_columns(self) -> bool:
-        """``read_rows`` can read a subset of genes (``columns``)."""
-        return self.soma
-
-    @property
     def var_keys(self) -> dict[str, list[str]]:
         from censusvi.data.vocabulary import var_column_key
 
@@ -163,9 +158,9 @@ class PlannedSource:
             self._reader = open_reader(self.uri, self.obs_filter, self.layer, self.soma)
         return self._reader
 
-    def read_rows(self, rows: np.ndarray, columns: np.ndarray | None = None) -> sp.csr_matrix:
-        """Counts of rows ``rows`` (sorted); ``columns``: read only these genes (SOMA)."""
-        return read_ids(self.reader(), self.soma, self.ids[rows], columns)
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Counts of rows ``rows`` (sorted), every gene of the source."""
+        return read_ids(self.reader(), self.soma, self.ids[rows])
 
 
 _READERS: dict[tuple, object] = {}  # one open count matrix per process and source
@@ -184,8 +179,9 @@ def open_reader(uri: str, obs_filter: str | None, layer: str | None, soma: bool)
     return _READERS[key]
 
 
-def read_ids(reader, soma: bool, ids: np.ndarray, columns: np.ndarray | None) -> sp.csr_matrix:
-    return reader.read(ids, columns) if soma else reader.read_rows(ids)
+def read_ids(reader, soma: bool, ids: np.ndarray) -> sp.csr_matrix:
+    """Counts of the cells ``ids`` (sorted) through ``open_reader``'s reader."""
+    return reader.read(ids) if soma else reader.read_rows(ids)
 
 
 def planned_source(source, obs_filter: str | None, layer: str | None) -> PlannedSource:
@@ -212,9 +208,3 @@ class CellPlan:
     train_cov: np.ndarray
     val_rows: np.ndarray
     val_cov: np.ndarray
-
-
-def gene_columns(alignment) -> np.ndarray:
-    """The source's columns of a model's genes (sorted): what a SOMA read needs to return."""
-    index = alignment.data_index
-    return np.sort(index[index >= 0])

@@ -171,18 +171,16 @@ class SomaX:
         x = ms.X[x_layer]
         self._x = type(x).open(x.uri, context=x.context.replace(tiledb_config=X_READ_CONFIG))
 
-    def read(self, jid: np.ndarray, columns: np.ndarray | None = None) -> sp.csr_matrix:
-        """CSR of the cells ``jid`` (sorted joinids) over every gene, in var joinid order;
-        ``columns`` (sorted gene positions): only those genes' entries are read, the others
-        are empty (TileDB then returns only the model's genes of each row).
+    def read(self, jid: np.ndarray) -> sp.csr_matrix:
+        """CSR of the cells ``jid`` (sorted joinids) over every gene, in var joinid order.
+
+        Every gene: var coordinates for a model's 8,000 genes made TileDB read 3.8x slower
+        (bench/RESULTS.md); the caller drops the other genes right after the read.
 
         Built in few passes over the entries (this runs on every training read): TileDB returns
         each cell's entries as one run, in joinid order, so the row pointers are where each
         joinid's run starts; all index arrays are int32 so scipy need not scan them."""
-        coords = (pa.array(jid),)
-        if columns is not None:
-            coords = (coords[0], pa.array(self._var_joinids[columns]))
-        tbl = self._x.read(coords=coords).tables().concat()
+        tbl = self._x.read(coords=(pa.array(jid),)).tables().concat()
         d0 = tbl["soma_dim_0"].to_numpy()
         d1 = tbl["soma_dim_1"].to_numpy()
         v = tbl["soma_data"].to_numpy().astype(np.float32, copy=False)
@@ -202,8 +200,6 @@ class SomaX:
 
 class SomaSource:
     """Cells of a SOMA experiment's ``RNA`` measurement passing ``obs_filter`` (a SOMA value filter)."""
-
-    reads_columns = True  # read_rows(rows, columns) reads only those genes
 
     def __init__(
         self,
@@ -251,8 +247,8 @@ class SomaSource:
     def joinids(self, rows: np.ndarray) -> np.ndarray:
         return self._joinids[rows]
 
-    def read_rows(self, rows: np.ndarray, columns: np.ndarray | None = None) -> sp.csr_matrix:
-        return self.x.read(self._joinids[rows], columns)
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        return self.x.read(self._joinids[rows])
 
 
 def open_source(
