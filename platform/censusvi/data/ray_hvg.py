@@ -12,7 +12,8 @@ import numpy as np
 from censusvi.data.hvg import BlockFn, Reducer, running_sum
 from censusvi.data.shards import PlannedSource, open_reader, read_ids
 
-TASKS_PER_CPU = 2  # tasks per cluster CPU in a pass: a few per CPU balance uneven blocks
+TASKS_PER_CPU = 2  # tasks per cluster CPU in a pass, at least: a few per CPU balance the load
+BLOCKS_PER_TASK = 16  # at most: a task's row ids and codes (and memory) stay independent of N
 
 
 def _hvg_task(
@@ -35,7 +36,8 @@ def _hvg_task(
 
 def ray_reducer(source: PlannedSource, tasks: int | None = None) -> Reducer:
     """A reducer whose passes run as Ray tasks over ``source``'s rows (``shards.planned_source``
-    of the driver's source): ``tasks`` per pass (default ``TASKS_PER_CPU`` per cluster CPU)."""
+    of the driver's source): ``tasks`` per pass (default ``TASKS_PER_CPU`` per cluster CPU, more
+    for a large corpus: at most ``BLOCKS_PER_TASK`` blocks each)."""
     spec = PlannedSource(
         source.uri, source.obs_filter, source.layer, source.soma, np.zeros(0, np.int64), [], []
     )
@@ -44,7 +46,8 @@ def ray_reducer(source: PlannedSource, tasks: int | None = None) -> Reducer:
         import ray
 
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        n_tasks = min(tasks or cpus * TASKS_PER_CPU, len(blocks))
+        wanted = tasks or max(cpus * TASKS_PER_CPU, -(-len(blocks) // BLOCKS_PER_TASK))
+        n_tasks = min(wanted, len(blocks))
         remote = ray.remote(_hvg_task).options(name="hvg_task", max_retries=2)
         spec_ref, fn_ref = ray.put(spec), ray.put(fn)
 

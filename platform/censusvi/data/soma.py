@@ -198,6 +198,28 @@ class SomaX:
         return sp.csr_matrix((v, cols, indptr), shape=shape)
 
 
+def read_obs(obs, obs_filter: str | None, columns: list[str] | None) -> pd.DataFrame:
+    """obs as pandas, string columns categorical, built one TileDB batch at a time: Census obs
+    columns hold a few thousand distinct values each; as one Arrow table of strings (or Python
+    strings) 20 M cells' four batch keys cost gigabytes, as categories a few bytes per cell."""
+    frames = [
+        t.to_pandas(strings_to_categorical=True)
+        for t in obs.read(value_filter=obs_filter, column_names=columns)
+    ]
+    if len(frames) <= 1:
+        return frames[0] if frames else pd.DataFrame({c: [] for c in columns or obs.schema.names})
+    out = {}
+    for c in frames[0].columns:
+        parts = [f[c] for f in frames]
+        if isinstance(parts[0].dtype, pd.CategoricalDtype):
+            out[c] = pd.api.types.union_categoricals(parts, ignore_order=True)
+        else:
+            out[c] = np.concatenate([p.to_numpy() for p in parts])
+        for f in frames:  # let each batch's column go as soon as it is merged
+            del f[c]
+    return pd.DataFrame(out)
+
+
 class SomaSource:
     """Cells of a SOMA experiment's ``RNA`` measurement passing ``obs_filter`` (a SOMA value filter)."""
 
@@ -227,15 +249,14 @@ class SomaSource:
             wanted = {"soma_joinid", *obs_columns, *(c for c in optional_obs_columns if c in names)}
             columns = [c for c in names if c in wanted]
         try:
-            obs = self.exp.obs.read(value_filter=obs_filter, column_names=columns)
-            # categorical strings: Census obs columns hold a few hundred distinct values each,
-            # as Python strings they would cost ~60 bytes per cell per column
-            obs = obs.concat().to_pandas(strings_to_categorical=True)
+            obs = read_obs(self.exp.obs, obs_filter, columns)
         except Exception as e:
             raise ValueError(
                 f"obs filter {obs_filter!r} failed on {uri}: {e}; obs has {names}"
             ) from e
-        self.obs = obs.sort_values("soma_joinid").reset_index(drop=True)
+        if not obs["soma_joinid"].is_monotonic_increasing:
+            obs = obs.sort_values("soma_joinid").reset_index(drop=True)
+        self.obs = obs
         self._joinids = self.obs["soma_joinid"].to_numpy()
         self.var_ids = self.x.var["feature_id"].astype(str).tolist()
         self.var_symbols = self.x.var["feature_name"].astype(str).tolist()
