@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from censusvi.data.soma import SomaSource, ingest
@@ -131,3 +132,23 @@ def test_stream_deals_each_rank_whole_chunks_every_cell_once_mixed(local_ray, so
     expected, expected_cov = train.read(np.sort(pos))
     order = np.argsort(np.argsort(pos))
     assert (x != expected[order]).nnz == 0 and np.array_equal(cov, expected_cov[order])
+
+
+def test_obs_read_batch_by_batch_equals_one_read(soma_exp):
+    """The driver's obs read merges TileDB's batches into categoricals: the same table as one
+    read (here many small batches: 4 KiB buffers)."""
+    import tiledbsoma
+
+    from censusvi.data.soma import read_obs
+
+    ctx = tiledbsoma.SOMATileDBContext(tiledb_config={"soma.init_buffer_bytes": 4096})
+    exp = tiledbsoma.Experiment.open(str(soma_exp[0]), context=ctx)
+    obs = exp.obs
+    cols = ["soma_joinid", "dataset_id", "donor_id", "nnz"]
+    assert len(list(obs.read(column_names=cols, value_filter="nnz >= 300"))) > 5
+    got = read_obs(obs, "nnz >= 300", cols)
+    whole = obs.read(column_names=cols, value_filter="nnz >= 300").concat().to_pandas()
+    assert isinstance(got["donor_id"].dtype, pd.CategoricalDtype)
+    for c in cols:
+        assert got[c].astype(str).tolist() == whole[c].astype(str).tolist(), c
+    assert read_obs(obs, "nnz < 0", cols).empty
