@@ -125,8 +125,8 @@ class ProcessPeaks:
 
     def __init__(self, every: float = 0.1) -> None:
         self.peak = dict.fromkeys(self.KINDS, 0)
+        self.private = dict.fromkeys(self.KINDS, 0)  # RssAnon: not counting shared pages
         self._stop = threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
         self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
         self._thread.start()
 
@@ -156,8 +156,14 @@ class ProcessPeaks:
                     title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
                     kind = next((k for k, t in self.KINDS.items() if title.startswith(t)), None)
                     if kind:
-                        rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * self._page
-                        self.peak[kind] = max(self.peak[kind], rss)
+                        status = Path(f"/proc/{pid}/status").read_text().split("\n")
+                        kib = {
+                            ln.split(":")[0]: int(ln.split()[1])
+                            for ln in status
+                            if "RSS" in ln or "Rss" in ln
+                        }
+                        self.peak[kind] = max(self.peak[kind], kib["VmRSS"] * 1024)
+                        self.private[kind] = max(self.private[kind], kib["RssAnon"] * 1024)
                 except (OSError, ValueError, IndexError, UnicodeDecodeError):
                     pass
 
@@ -259,6 +265,8 @@ def measure(exp: str, steps: int, object_store: int) -> dict:
             )
     proc = peaks.stop()
     ray.shutdown()
+    private = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in peaks.private.items())
+    print(f"private (anonymous) RSS peaks, shared object-store pages left out: {private}")
     return {
         "driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "worker": proc["worker"],

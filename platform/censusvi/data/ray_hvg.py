@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from censusvi.data.hvg import BlockFn, Reducer, running_sum
+from censusvi.data.ray_stream import READ_TASK_ENV  # two malloc arenas: TileDB reads, as there
 from censusvi.data.shards import PlannedSource, open_reader, read_ids
 
 TASKS_PER_CPU = 2  # tasks per cluster CPU in a pass, at least: a few per CPU balance the load
@@ -48,7 +49,9 @@ def ray_reducer(source: PlannedSource, tasks: int | None = None) -> Reducer:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         wanted = tasks or max(cpus * TASKS_PER_CPU, -(-len(blocks) // BLOCKS_PER_TASK))
         n_tasks = min(wanted, len(blocks))
-        remote = ray.remote(_hvg_task).options(name="hvg_task", max_retries=2)
+        remote = ray.remote(_hvg_task).options(
+            name="hvg_task", max_retries=2, runtime_env=READ_TASK_ENV
+        )
         spec_ref, fn_ref = ray.put(spec), ray.put(fn)
 
         def submitted():

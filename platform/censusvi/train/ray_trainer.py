@@ -92,7 +92,10 @@ def _rank_cells(
     opts = {**STREAM_DEFAULTS, **(config.get("stream") or {})}
     if _streams(plan, world, opts):
         train = plan.split_cells(plan.train_rows, plan.train_cov, preload=False)
-        return train, plan.rank_val(rank, world, preload=False)
+        val = plan.rank_val(rank, world, preload=False)
+        if val is not None:  # read in the stream's group size: bounded, like the stream
+            val.io_batch_cells = opts["io_batch_cells"]
+        return train, val
     return plan.rank_cells(rank, world, opts["shuffle_chunk"])
 
 
