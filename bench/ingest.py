@@ -32,7 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -253,8 +252,11 @@ def _loader(name: str, exp: str, obs_filter: str, stream: dict):
 
     opts = {**STREAM_DEFAULTS, **stream}
 
+    from censusvi.train.loop import TrainConfig
+
     cfg = PretrainConfig(
-        DataConfig(source=exp, obs_filter=obs_filter, batch_keys=("dataset_id",), n_hvg=0)
+        DataConfig(source=exp, obs_filter=obs_filter, batch_keys=("dataset_id",), n_hvg=0),
+        train=TrainConfig(train_fraction=1.0),  # every cell streams
     )
     plan = plan_from(cfg)
     cells = plan.cells(np.arange(len(plan.source.obs)))
@@ -272,11 +274,15 @@ def _loader(name: str, exp: str, obs_filter: str, stream: dict):
             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "platform")}},
         )
         ray.data.DataContext.get_current().enable_progress_bars = False
-        cells = replace(
-            cells, io_batch_cells=opts["io_batch_cells"], shuffle_chunk=opts["shuffle_chunk"]
-        )
+        _, shipped = plan.for_workers()
         ds = CellStream(
-            cells, (exp, obs_filter, None), opts["read_cpus"], opts["read_tasks"]
+            ray.put(shipped),
+            len(shipped.train_rows),
+            plan.alignment(),
+            chunk=opts["shuffle_chunk"],
+            io_batch_cells=opts["io_batch_cells"],
+            read_cpus=opts["read_cpus"],
+            concurrency=opts["read_tasks"],
         ).epoch(0)
         # the CSR minibatches a training step takes (stream_minibatches adds only the tensors)
         rows = stream_rows(ds, BATCH, len(plan.genes), 0, opts["shuffle_buffer_cells"])
@@ -284,6 +290,126 @@ def _loader(name: str, exp: str, obs_filter: str, stream: dict):
     shuffle = name == "censusvi-inprocess"  # Cells' own settings: 65,536-cell IO groups
     cells.shuffle_chunk = opts["shuffle_chunk"]
     return (dataset[pos] for pos, _, _ in cells.minibatches(BATCH, shuffle=shuffle, seed=0))
+
+
+def _layout(exp: str) -> tuple[np.ndarray, int]:
+    """(each cell's first entry's place in X's storage order, X's data-tile capacity): with one
+    column tile spanning every gene, X is stored row after row, ``capacity`` entries a tile
+    (fragment boundaries ignored), so these say which tiles a read of some rows decodes."""
+    import tiledbsoma
+
+    e = tiledbsoma.Experiment.open(exp)
+    nnz = e.obs.read(column_names=["soma_joinid", "nnz"]).concat().to_pandas()
+    nnz = nnz.sort_values("soma_joinid")["nnz"].to_numpy()
+    capacity = int(e.ms["RNA"].X["raw"].schema_config_options().capacity)
+    return np.concatenate([[0], np.cumsum(nnz)]), capacity
+
+
+def tiles_decoded(joinids: np.ndarray, prefix: np.ndarray, capacity: int) -> int:
+    """Distinct data tiles holding the entries of cells ``joinids`` (one read)."""
+    first = prefix[joinids] // capacity
+    last = np.maximum(prefix[joinids + 1] - 1, prefix[joinids]) // capacity
+    spans = [np.arange(a, b + 1) for a, b in zip(first, last)]
+    return len(np.unique(np.concatenate(spans))) if spans else 0
+
+
+def shard_groups(scheme: str, n: int, world: int, rank: int, chunk: int, io: int) -> list:
+    """Rank ``rank``'s first epoch as read groups of sorted positions: ``chunks`` (censusvi:
+    a contiguous run of a global permutation of whole chunks) or ``strided`` (the shards before:
+    ``rows[rank::world]``, then random ``chunk``-position runs of them)."""
+    from censusvi.data import shards
+
+    seed = 0
+    if scheme == "chunks":
+        c = shards.chunk_size(n, world, chunk)
+        chunks, cells = shards.epoch_chunks(n, c, world, rank, seed)
+        groups = shards.io_groups(chunks, cells, c, max(1, io // c), n)
+        return [np.sort(shards.chunk_positions(g["chunks"], c, n)[: g["take"]]) for g in groups]
+    rows = shards.strided_positions(n, world, rank)
+    starts = np.random.default_rng(seed).permutation(np.arange(0, len(rows), chunk))
+    runs = [rows[a : a + chunk] for a in starts]
+    per = max(1, io // chunk)
+    return [np.sort(np.concatenate(runs[i : i + per])) for i in range(0, len(runs), per)]
+
+
+def run_shards(scheme: str, world: int, exp: str, obs_filter: str, max_cells: int) -> dict:
+    """Rank 0 of ``world`` reading its shard in this process: cells/s (after one warm-up
+    group), data tiles decoded per cell, datasets per 1,024 cells."""
+    prefix, capacity = _layout(exp)
+    if scheme == "tiledbsoma-ml":
+        return _tiledbsoma_ml_rank(world, exp, obs_filter, max_cells, prefix, capacity)
+    from censusvi.data.soma import SomaSource
+
+    src = SomaSource(exp, obs_filter=obs_filter, obs_columns=("dataset_id",))
+    dataset = src.obs["dataset_id"].cat.codes.to_numpy()
+    groups = shard_groups(scheme, len(src.obs), world, 0, 256, 8192)
+    src.read_rows(groups[0])  # warm-up: opens the array, first tiles
+    cells, tiles, t0, mixed = 0, 0, time.perf_counter(), []
+    for g in groups[1:]:
+        src.read_rows(g)
+        cells += len(g)
+        tiles += tiles_decoded(src.joinids(g), prefix, capacity)
+        mixed.append(len(np.unique(dataset[np.random.default_rng(cells).choice(g, BATCH)])))
+        if cells >= max_cells:
+            break
+    seconds = time.perf_counter() - t0
+    return {"cells": cells, "cells_per_s": cells / seconds, "tiles_per_cell": tiles / cells,
+            "datasets_per_group_sample": float(np.mean(mixed))}  # fmt: skip
+
+
+def _tiledbsoma_ml_rank(world, exp, obs_filter, max_cells, prefix, capacity) -> dict:
+    """tiledbsoma-ml's own DDP partitioning (RANK / WORLD_SIZE), rank 0, 256-cell chunks, IO
+    batches of 65,536: the tiles its IO batches decode (each batch's cells, read sorted)."""
+    import tiledbsoma
+    from tiledbsoma_ml import ExperimentDataset, experiment_dataloader
+
+    os.environ.update(RANK="0", WORLD_SIZE=str(world))
+    e = tiledbsoma.Experiment.open(exp)
+    query = e.axis_query("RNA", obs_query=tiledbsoma.AxisQuery(value_filter=obs_filter))
+    io = 65536
+    ds = ExperimentDataset(
+        query, layer_name="raw", obs_column_names=["soma_joinid", "dataset_id"],
+        batch_size=BATCH, io_batch_size=io, shuffle_chunk_size=256, shuffle=True, seed=0,
+        return_sparse_X=True,
+    )  # fmt: skip
+    joinids, t0, cells, mixed = [], None, 0, []
+    for _, obs in experiment_dataloader(ds):
+        if t0 is None:  # the first minibatch (its IO batch read) is the warm-up
+            t0 = time.perf_counter()
+            continue
+        joinids.append(obs["soma_joinid"].to_numpy())
+        mixed.append(obs["dataset_id"].nunique())
+        cells += len(obs)
+        if cells >= max_cells:
+            break
+    seconds = time.perf_counter() - t0
+    ids = np.concatenate(joinids)
+    tiles = sum(tiles_decoded(np.sort(ids[a : a + io]), prefix, capacity)
+                for a in range(0, len(ids), io))  # fmt: skip
+    return {"cells": cells, "cells_per_s": cells / seconds, "tiles_per_cell": tiles / cells,
+            "datasets_per_group_sample": float(np.mean(mixed))}  # fmt: skip
+
+
+def compare_shards(exp: str, obs_filter: str, worlds: list[int], max_cells: int) -> None:
+    """Each sharding at each world size, each in its own process."""
+    for world in worlds:
+        for scheme in ("chunks", "strided", "tiledbsoma-ml"):
+            cmd = [sys.executable, __file__, "--measure-cells", str(max_cells)]
+            out = subprocess.run(
+                [*cmd, "--shard-child", scheme, str(world), exp, obs_filter],
+                capture_output=True, text=True, env=os.environ,
+            )  # fmt: skip
+            line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+            if out.returncode or not line.startswith("{"):
+                print(f"shards {scheme} x{world}: failed\n{out.stderr[-1500:]}", flush=True)
+                continue
+            r = json.loads(line)
+            print(
+                f"shards {scheme:14s} {world} ranks: rank 0 {r['cells_per_s']:9,.0f} cells/s, "
+                f"{r['tiles_per_cell']:.4f} tiles decoded/cell, "
+                f"{r['datasets_per_group_sample']:.1f} datasets per 1,024 cells",
+                flush=True,
+            )
 
 
 def main() -> int:
@@ -312,9 +438,19 @@ def main() -> int:
         default="",
         help="our loaders' settings, e.g. shuffle_chunk=128,io_batch_cells=32768 (ints)",
     )
+    p.add_argument(
+        "--ranks",
+        default="",
+        help="also compare shardings (chunks, strided, tiledbsoma-ml) at these world sizes, e.g. 2,4",
+    )
     p.add_argument("--child", nargs=3, metavar=("LOADER", "EXP", "FILTER"), help=argparse.SUPPRESS)
+    p.add_argument("--shard-child", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args()
     stream = {k: int(v) for k, v in (kv.split("=") for kv in a.stream.split(",") if kv)}
+    if a.shard_child:
+        scheme, world, exp, flt = a.shard_child
+        print(json.dumps(run_shards(scheme, int(world), exp, flt, a.measure_cells)))
+        return 0
     if a.child:
         print(json.dumps(run_loader(*a.child, a.measure_cells, stream, a.warmup_cells)))
         return 0
@@ -326,8 +462,10 @@ def main() -> int:
             print(f"synthesised {a.cells:,} cells in {time.perf_counter() - t0:.0f} s", flush=True)
         full = "is_primary_data == True"
         quarter = f"is_primary_data == True and soma_joinid < {a.cells // 4}"
+        if a.ranks:
+            compare_shards(exp, full, [int(w) for w in a.ranks.split(",")], a.measure_cells)
         results = {}
-        for name in a.loaders.split(","):
+        for name in [n for n in a.loaders.split(",") if n]:
             for label, flt in (("full", full), ("quarter", quarter)):
                 if label == "quarter" and name != "censusvi":
                     continue

@@ -61,26 +61,42 @@ def _loess_std(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     return np.sqrt(10**fitted)
 
 
-BlockFn = Callable[[CellSource, int, int], np.ndarray]
-"""Partial sums over the source's rows [start, stop)."""
-Reducer = Callable[[BlockFn, list[tuple[int, int]]], np.ndarray]
-"""Applies a BlockFn to every block and sums the results (serially, or on a Ray cluster)."""
+BlockFn = Callable[[sp.csr_matrix, np.ndarray], np.ndarray]
+"""Partial sums over one block of rows: (its counts, its cells' stratum codes) -> sums."""
+Reducer = Callable[[BlockFn, list[tuple[int, int]], np.ndarray], np.ndarray]
+"""``reduce(fn, blocks, code)``: the sum of ``fn`` over the source's row blocks [start, stop),
+each given its slice of ``code`` (serially here, or on a Ray cluster: ``ray_hvg``)."""
 
 
 def serial_reducer(source: CellSource) -> Reducer:
-    return lambda fn, blocks: np.sum([fn(source, a, b) for a, b in blocks], axis=0)
+    def reduce(fn: BlockFn, blocks: list[tuple[int, int]], code: np.ndarray) -> np.ndarray:
+        return running_sum(fn(read_block(source, a, b), code[a:b]) for a, b in blocks)
+
+    return reduce
 
 
-def _moment_sums(code: np.ndarray, n_strata: int, n_genes: int) -> BlockFn:
+def running_sum(parts) -> np.ndarray:
+    """The sum of the arrays ``parts``, one held at a time."""
+    total = None
+    for part in parts:
+        total = part if total is None else total + part
+    return total
+
+
+def read_block(source, start: int, stop: int) -> sp.csr_matrix:
+    """Counts of rows [start, stop) of ``source``, checked."""
+    x = source.read_rows(np.arange(start, stop))
+    check_counts(x, f"{source.uri} (cells {start}..{stop - 1})")
+    return x
+
+
+def _moment_sums(n_strata: int, n_genes: int) -> BlockFn:
     """Pass 1 over a block: per stratum and gene, sum x and sum x^2."""
 
-    def fn(source: CellSource, start: int, stop: int) -> np.ndarray:
-        block = np.arange(start, stop)
-        x = source.read_rows(block)
-        check_counts(x, f"{source.uri} (cells {start}..{stop - 1})")
+    def fn(x: sp.csr_matrix, code: np.ndarray) -> np.ndarray:
         out = np.zeros((2, n_strata, n_genes))
-        for s in np.unique(code[block]):
-            xs = x[code[block] == s]
+        for s in np.unique(code):
+            xs = x[code == s]
             out[0, s] = _column_sums(xs, 1, n_genes)
             out[1, s] = _column_sums(xs, 2, n_genes)
         return out
@@ -88,17 +104,15 @@ def _moment_sums(code: np.ndarray, n_strata: int, n_genes: int) -> BlockFn:
     return fn
 
 
-def _clipped_sums(code: np.ndarray, clip: np.ndarray, usable: np.ndarray) -> BlockFn:
+def _clipped_sums(clip: np.ndarray, usable: np.ndarray) -> BlockFn:
     """Pass 2 over a block: per stratum and gene, sums of the clipped values and their squares."""
 
-    def fn(source: CellSource, start: int, stop: int) -> np.ndarray:
-        block = np.arange(start, stop)
-        x = source.read_rows(block)
+    def fn(x: sp.csr_matrix, code: np.ndarray) -> np.ndarray:
         out = np.zeros((2, *clip.shape))
-        for s in np.unique(code[block]):
+        for s in np.unique(code):
             if not usable[s]:
                 continue
-            xs = x[code[block] == s]
+            xs = x[code == s]
             v = np.minimum(xs.data.astype(np.float64), clip[s][xs.indices])
             out[0, s] = np.bincount(xs.indices, weights=v, minlength=clip.shape[1])
             out[1, s] = np.bincount(xs.indices, weights=v**2, minlength=clip.shape[1])
@@ -115,7 +129,8 @@ def highly_variable_genes(
     reducer: Reducer | None = None,
 ) -> HvgResult:
     """Select ``n_top`` genes of ``source``; ``strata_keys`` are obs columns (none: one stratum).
-    ``reducer`` runs the two passes (default: serially here; ``ray_hvg.ray_reducer``: Ray Data)."""
+    ``reducer`` runs the two passes (default: serially here; ``ray_hvg.ray_reducer``: Ray tasks
+    that read the count matrix only)."""
     n_genes = len(source.var_ids)
     if n_top > n_genes:
         raise ValueError(f"--n-hvg {n_top} is more than the {n_genes} genes in {source.uri}")
@@ -127,7 +142,7 @@ def highly_variable_genes(
     n = len(source.obs)
     blocks = [(a, min(a + block_size, n)) for a in range(0, n, block_size)]
     reduce = reducer or serial_reducer(source)
-    s1, s2 = reduce(_moment_sums(code, len(strata), n_genes), blocks)
+    s1, s2 = reduce(_moment_sums(len(strata), n_genes), blocks, code)
 
     usable = n_s >= MIN_STRATUM_CELLS
     if not usable.any():
@@ -163,7 +178,7 @@ def highly_variable_genes(
         )
     clip = mean + std * np.sqrt(n_s)[:, None]
 
-    c1, c2 = reduce(_clipped_sums(code, clip, usable), blocks)
+    c1, c2 = reduce(_clipped_sums(clip, usable), blocks, code)
 
     idx = np.flatnonzero(usable)
     n, m, sd = n_s[idx, None], mean[idx], std[idx]

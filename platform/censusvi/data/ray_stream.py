@@ -1,9 +1,10 @@
 """Training minibatches streamed through Ray Data.
 
-Each epoch, a worker's cells are cut into IO groups (``Cells.io_groups``: random contiguous
-chunks from across the corpus, read in storage order) and every group becomes one Ray Data read
-task, which opens the count matrix itself (for SOMA: X and var, never obs), aligns the genes to
-the model and returns the group's cells as one Arrow block: list columns hold the CSR rows, so
+Each epoch, a rank's share of whole chunks (``shards.epoch_chunks``: a global permutation of
+chunks, a contiguous run of it per rank) is cut into IO groups of chunks from across the corpus,
+each read in storage order by one Ray Data read task, which opens the count matrix itself (for
+SOMA: X and var, never obs), keeps only the model's genes and returns the group's cells as one
+Arrow block: list columns hold the CSR rows, so
 nothing is densified before the device. The worker mixes whole blocks in a pool of CSR rows
 (``pooled_batches``) and draws its minibatches from it. Memory stays bounded by Ray Data's
 backpressure (blocks in flight) plus the pool, whatever the corpus size; reads run in other
@@ -13,14 +14,13 @@ processes while the worker trains.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from censusvi.data.cells import Cells
+from censusvi.data.shards import CellPlan, chunk_size, epoch_chunks, io_groups
 from censusvi.data.vocabulary import GeneAlignment
 
 if TYPE_CHECKING:  # the read tasks import this module: keep torch out of them
@@ -136,89 +136,78 @@ def _take(rows: Rows, idx: np.ndarray) -> Rows:
 # arenas held a reading process at 0.6 GiB instead of 0.9 (8,192-cell reads). Ray merges these
 # variables into the job's own.
 READ_TASK_ENV = {"env_vars": {"MALLOC_ARENA_MAX": "2"}}
-_SOMA_X: dict[tuple[str, str], object] = {}  # one open count matrix per read process
-
-
-@dataclass(frozen=True)
-class ReadPlan:
-    """What a read task needs, shipped once through the object store: no source object (tasks
-    reopen it) and, for SOMA, joinids instead of obs rows so that tasks never read obs."""
-
-    soma: bool
-    rows: np.ndarray  # per position: SOMA joinid, or the h5ad source's row
-    alignment: GeneAlignment
-    covariates_nc: np.ndarray
 
 
 def _read_group(
-    batch: dict[str, np.ndarray],
-    source_args: tuple[str, str | None, str | None],
-    plan_ref,
+    batch: dict[str, np.ndarray], cells_ref, alignment_ref, chunk: int, n_cells: int
 ) -> pa.Table:
-    """Ray Data task: the cells of one IO group, read in storage order (the worker's pool
-    shuffles them)."""
+    """Ray Data task: one IO group, whole chunks of the training cells read in storage order
+    (the worker's pool shuffles them). It gets the driver's ``CellPlan`` by reference (Ray's
+    object store, zero-copy) and opens only the count matrix: never obs."""
     import ray
 
     from censusvi.data.counts import check_counts
+    from censusvi.data.shards import chunk_positions
     from censusvi.data.source import select_genes
 
-    plan: ReadPlan = ray.get(plan_ref)
-    positions = np.sort(batch["positions"][0])
-    rows = plan.rows[positions]
-    uri, obs_filter, layer = source_args
-    if plan.soma:
-        from censusvi.data.soma import X_LAYER, SomaX
-
-        key = (uri, layer or X_LAYER)
-        if key not in _SOMA_X:
-            _SOMA_X[key] = SomaX(*key)
-        x = _SOMA_X[key].read(rows)
-    else:
-        from censusvi.data.ray_hvg import _source
-
-        x = _source(uri, obs_filter, layer).read_rows(rows)
-    check_counts(x, f"{uri} (cells {rows[0]}..{rows[-1]})")
-    x = select_genes(x, plan.alignment)
-    return csr_to_arrow(x, plan.covariates_nc[positions], positions)
+    plan: CellPlan = ray.get(cells_ref)
+    alignment: GeneAlignment = ray.get(alignment_ref)
+    take = int(batch["take"][0])
+    positions = np.sort(chunk_positions(batch["chunks"][0], chunk, n_cells)[:take])
+    rows = plan.train_rows[positions]
+    src = plan.source
+    x = src.read_rows(rows)
+    check_counts(x, f"{src.uri} (cells {src.ids[rows[0]]}..{src.ids[rows[-1]]})")
+    x = select_genes(x, alignment)
+    return csr_to_arrow(x, plan.train_cov[positions], positions)
 
 
 class CellStream:
-    """One worker's cells as a fresh Ray Dataset each epoch (``epoch(seed)``).
+    """One rank's training cells as a fresh Ray Dataset each epoch (``epoch(seed)``).
 
-    ``read_cpus`` is what each read task reserves: 0 by default, because the training workers
-    usually hold every CPU and the reads mostly wait on storage.
+    ``cells_ref``: the driver's ``CellPlan`` in the object store. Each epoch the training cells'
+    chunks (``chunk`` cells) are permuted by ``seed`` (the same on every rank) and the rank takes
+    its contiguous run of them (``shards.epoch_chunks``); ``io_batch_cells`` of them make one read
+    task. This process holds only chunk numbers, never a per-cell array. ``read_cpus`` is what
+    each read task reserves: 0 by default, because the training workers usually hold every CPU
+    and the reads mostly wait on storage; ``concurrency``: read tasks in flight.
     """
 
     def __init__(
         self,
-        cells: Cells,
-        source_args: tuple[str, str | None, str | None],
+        cells_ref,
+        n_cells: int,
+        alignment: GeneAlignment,
+        rank: int = 0,
+        world: int = 1,
+        chunk: int = 256,
+        io_batch_cells: int = 8192,
         read_cpus: float = 0.0,
         concurrency: int = 2,
     ) -> None:
         import ray
 
-        self.cells = replace(cells, preload=False)
-        self.source_args = source_args
+        self.cells_ref, self.n_cells, self.rank, self.world = cells_ref, n_cells, rank, world
+        self.chunk = chunk_size(n_cells, world, chunk)
+        self.per_group = max(1, io_batch_cells // self.chunk)
         self.read_cpus, self.concurrency = read_cpus, concurrency
-        from censusvi.data.soma import SomaSource
+        self._alignment = ray.put(alignment)
 
-        src = cells.source
-        soma = isinstance(src, SomaSource)
-        rows = src.joinids(cells.rows) if soma else cells.rows
-        self._plan = ray.put(ReadPlan(soma, rows, cells.alignment, cells.covariates_nc))
+    def groups(self, seed: int) -> list[dict]:
+        """The epoch's read tasks: chunk numbers and how many of their cells to keep."""
+        chunks, cells = epoch_chunks(self.n_cells, self.chunk, self.world, self.rank, seed)
+        return io_groups(chunks, cells, self.chunk, self.per_group, self.n_cells)
 
     def epoch(self, seed: int):
         import ray
 
-        groups = self.cells.io_groups(True, np.random.default_rng(seed))
-        items = [{"group": i, "positions": g} for i, g in enumerate(groups)]
+        items = self.groups(seed)
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         return ds.map_batches(
             _read_group,
             batch_size=1,
             batch_format="numpy",
-            fn_args=(self.source_args, self._plan),
+            fn_args=(self.cells_ref, self._alignment, self.chunk, self.n_cells),
             num_cpus=self.read_cpus,
             concurrency=self.concurrency,
             runtime_env=READ_TASK_ENV,

@@ -34,6 +34,9 @@ X_LAYER = "raw"
 # 15.4-16.3k cells/s) and peaked 0.2 GiB lower per reading process. Smaller initial result
 # buffers (soma.init_buffer_bytes) as well left freed memory fragmented: RSS stayed high.
 X_READ_CONFIG = {"sm.mem.total_budget": str(64 << 20)}
+# obs reads: TileDB's default budget let a 20 M-cell obs read (five columns and a filter) peak
+# at 3.5-3.7 GiB whatever the batch size; 256 MiB held it at 2.0 GiB and read twice as fast.
+OBS_READ_CONFIG = {"sm.mem.total_budget": str(256 << 20), "soma.init_buffer_bytes": 64 << 20}
 CENSUS_FILTER = "is_primary_data == True and nnz >= 300"  # the Census scVI model's cells
 CENSUS_URI_PREFIX = "census://"
 # Census column <- columns of an arbitrary h5ad that carry the same meaning, in order of preference.
@@ -174,6 +177,9 @@ class SomaX:
     def read(self, jid: np.ndarray) -> sp.csr_matrix:
         """CSR of the cells ``jid`` (sorted joinids) over every gene, in var joinid order.
 
+        Every gene: var coordinates for a model's 8,000 genes made TileDB read 3.8x slower
+        (bench/RESULTS.md); the caller drops the other genes right after the read.
+
         Built in few passes over the entries (this runs on every training read): TileDB returns
         each cell's entries as one run, in joinid order, so the row pointers are where each
         joinid's run starts; all index arrays are int32 so scipy need not scan them."""
@@ -193,6 +199,28 @@ class SomaX:
         # write out of bounds when a minibatch is densified.
         check_csr(v, cols, indptr, shape, f"{self.uri} (X)")
         return sp.csr_matrix((v, cols, indptr), shape=shape)
+
+
+def read_obs(obs, obs_filter: str | None, columns: list[str] | None) -> pd.DataFrame:
+    """obs as pandas, string columns categorical, built one TileDB batch at a time: Census obs
+    columns hold a few thousand distinct values each; as one Arrow table of strings (or Python
+    strings) 20 M cells' four batch keys cost gigabytes, as categories a few bytes per cell."""
+    frames = [
+        t.to_pandas(strings_to_categorical=True)
+        for t in obs.read(value_filter=obs_filter, column_names=columns)
+    ]
+    if len(frames) <= 1:
+        return frames[0] if frames else pd.DataFrame({c: [] for c in columns or obs.schema.names})
+    out = {}
+    for c in frames[0].columns:
+        parts = [f[c] for f in frames]
+        if isinstance(parts[0].dtype, pd.CategoricalDtype):
+            out[c] = pd.api.types.union_categoricals(parts, ignore_order=True)
+        else:
+            out[c] = np.concatenate([p.to_numpy() for p in parts])
+        for f in frames:  # let each batch's column go as soon as it is merged
+            del f[c]
+    return pd.DataFrame(out)
 
 
 class SomaSource:
@@ -224,15 +252,16 @@ class SomaSource:
             wanted = {"soma_joinid", *obs_columns, *(c for c in optional_obs_columns if c in names)}
             columns = [c for c in names if c in wanted]
         try:
-            obs = self.exp.obs.read(value_filter=obs_filter, column_names=columns)
-            # categorical strings: Census obs columns hold a few hundred distinct values each,
-            # as Python strings they would cost ~60 bytes per cell per column
-            obs = obs.concat().to_pandas(strings_to_categorical=True)
+            df = self.exp.obs
+            df = type(df).open(df.uri, context=df.context.replace(tiledb_config=OBS_READ_CONFIG))
+            obs = read_obs(df, obs_filter, columns)
         except Exception as e:
             raise ValueError(
                 f"obs filter {obs_filter!r} failed on {uri}: {e}; obs has {names}"
             ) from e
-        self.obs = obs.sort_values("soma_joinid").reset_index(drop=True)
+        if not obs["soma_joinid"].is_monotonic_increasing:
+            obs = obs.sort_values("soma_joinid").reset_index(drop=True)
+        self.obs = obs
         self._joinids = self.obs["soma_joinid"].to_numpy()
         self.var_ids = self.x.var["feature_id"].astype(str).tolist()
         self.var_symbols = self.x.var["feature_name"].astype(str).tolist()

@@ -19,8 +19,9 @@ import torch
 
 from censusvi import __version__
 from censusvi.config_files import read_config
+from censusvi.data import shards
 from censusvi.data.cells import Cells
-from censusvi.data.hvg import highly_variable_genes
+from censusvi.data.hvg import Reducer, highly_variable_genes
 from censusvi.data.soma import open_source
 from censusvi.data.source import CellSource, batch_categories, codes_in
 from censusvi.data.vocabulary import GeneVocabulary
@@ -143,17 +144,18 @@ def choose_genes(source: CellSource, cfg: DataConfig, reducer=None) -> GeneVocab
 
 
 def split_rows(n: int, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    perm = np.random.default_rng(seed).permutation(n)
-    n_train = n if train_fraction >= 1 else max(1, int(round(n * train_fraction)))
-    return np.sort(perm[:n_train]), np.sort(perm[n_train:])
+    """(train rows, validation rows): validation is whole chunks of consecutive rows
+    (``shards.split_by_chunks``), read in contiguous runs like the training cells."""
+    return shards.split_by_chunks(n, train_fraction, seed)
 
 
 @dataclass
 class RunPlan:
     """Everything decided before training: cells, genes, batch codes, split, architecture.
 
-    Built once on the driver (``plan_run``); the distributed trainer rebuilds the same plan in
-    each worker from the data source and the decided genes and categories (``plan_from``).
+    Built once on the driver (``plan_from``), the only process that reads obs; the distributed
+    trainer ships it to its workers through Ray's object store (``for_workers``: the source
+    becomes a ``shards.PlannedSource``, which reads counts by joinid and has no obs).
     """
 
     cfg: PretrainConfig
@@ -166,13 +168,20 @@ class RunPlan:
     val_rows: np.ndarray
     model_cfg: ModelConfig
     requested: TrainConfig  # the train settings as given; cfg.train is them resolved
+    train_cov: np.ndarray | None = None  # cov[train_rows], in workers (``with_cells``)
+    val_cov: np.ndarray | None = None
+    cells_ref: Any = None  # in workers: the ObjectRef of their ``CellPlan``
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.train_rows) + len(self.val_rows)
 
     def schedule_record(self, workers: int = 1) -> dict[str, Any]:
         """The schedule this run trains with (``censusvi.train.schedule.record``)."""
         t = self.cfg.train
         return schedule.record(
             t.schedule,
-            len(self.source.obs),
+            self.n_cells,
             len(self.train_rows),
             {k: getattr(t, k) for k in schedule.SCHEDULED},
             self.requested.explicit(),
@@ -190,12 +199,67 @@ class RunPlan:
             "data": source_identity(self.source),
             "genes": list(self.genes.ids),
             "batches": list(self.categories),
-            "n_cells": len(self.source.obs),
+            "n_cells": self.n_cells,
         }
 
     def cells(self, rows: np.ndarray) -> Cells:
-        alignment = self.genes.align({"var ids": self.source.var_ids}, min_overlap=1.0)
-        return Cells(self.source, rows, alignment, self.cov[rows])
+        return Cells(self.source, rows, self.alignment(), self.cov[rows])
+
+    def alignment(self):
+        return self.genes.align({"var ids": self.source.var_ids}, min_overlap=1.0)
+
+    def for_workers(self) -> tuple[RunPlan, shards.CellPlan]:
+        """(this plan's decisions without its cells: small, sent in the workers' config; the
+        cells: a ``CellPlan`` for Ray's object store, read by a ``PlannedSource`` that has no
+        obs). Positions are int32 and codes int32 below 2**31 cells; ``with_cells`` rejoins."""
+        d = self.cfg.data
+        small = np.int32 if self.n_cells < 2**31 else np.int64  # positions
+        cells = shards.CellPlan(
+            shards.planned_source(self.source, d.obs_filter, d.layer),
+            self.train_rows.astype(small),
+            self.cov[self.train_rows].astype(np.int32),
+            self.val_rows.astype(small),
+            self.cov[self.val_rows].astype(np.int32),
+        )
+        empty = np.zeros(0, dtype=small)
+        decided = replace(self, source=None, cov=self.cov[:0], train_rows=empty, val_rows=empty)
+        return decided, cells
+
+    def with_cells(self, cells: shards.CellPlan, ref=None) -> RunPlan:
+        """A worker's whole plan: ``for_workers``' decisions and its cells (``ref``: their
+        object in Ray's store, which read tasks fetch themselves)."""
+        return replace(
+            self,
+            source=cells.source,
+            train_rows=cells.train_rows,
+            val_rows=cells.val_rows,
+            train_cov=cells.train_cov,
+            val_cov=cells.val_cov,
+            cells_ref=ref,
+        )
+
+    def split_cells(self, rows: np.ndarray, cov: np.ndarray | None, preload=None) -> Cells:
+        """Cells of ``rows`` with their codes ``cov`` (views of a shipped plan: no copy)."""
+        cov = self.cov[rows] if cov is None else cov
+        return Cells(self.source, rows, self.alignment(), cov, preload=preload)
+
+    def rank_cells(self, rank: int, world: int, chunk: int) -> tuple[Cells, Cells | None]:
+        """Rank ``rank``'s cells for a shard read once and kept: a contiguous run of the
+        chunks in the run seed's order (``shards.epoch_chunks``; one rank: every training
+        cell, as in one process) and a contiguous run of the validation cells."""
+        n = len(self.train_rows)
+        c = shards.chunk_size(n, world, chunk)
+        pos = np.sort(shards.epoch_positions(n, c, world, rank, self.cfg.train.seed))
+        cov = self.train_cov if self.train_cov is not None else self.cov[self.train_rows]
+        train = self.split_cells(self.train_rows[pos], cov[pos])
+        return train, self.rank_val(rank, world)
+
+    def rank_val(self, rank: int, world: int, preload=None) -> Cells | None:
+        part = shards.val_slice(len(self.val_rows), world, rank)
+        if part.stop == part.start:
+            return None
+        cov = self.val_cov if self.val_cov is not None else self.cov[self.val_rows]
+        return self.split_cells(self.val_rows[part], cov[part], preload)
 
     def new_vae(self, train_cells: Cells) -> VAE:
         return new_vae(
@@ -214,7 +278,7 @@ class RunPlan:
             "schedule": self.schedule_record(workers),
             "source": d.source,
             "obs_filter": d.obs_filter,
-            "n_cells": len(self.source.obs),
+            "n_cells": self.n_cells,
             "n_train_cells": len(self.train_rows),
             "n_val_cells": len(self.val_rows),
             "epochs": len(history.epochs),
@@ -242,10 +306,11 @@ def plan_from(
     genes: GeneVocabulary | None = None,
     categories: tuple[str, ...] | None = None,
     extra_cats: tuple[tuple[str, ...], ...] | None = None,
-    hvg_reducer=None,
+    hvg_reducer: Callable[[CellSource], Reducer] | None = None,
     source: CellSource | None = None,
 ) -> RunPlan:
-    """The run's plan; genes and categories are chosen here unless given (as in a worker).
+    """The run's plan; genes and categories are chosen here unless given.
+    ``hvg_reducer(source)``: how the HVG passes run over the opened source (default: here).
     ``source``: cells already open (an in-memory AnnData's ``H5adSource``) instead of
     ``cfg.data.source``, which then only names them."""
     d, t = cfg.data, cfg.train
@@ -277,7 +342,8 @@ def plan_from(
         codes_of([k], extra_cats[i] if extra_cats else None)
         for i, k in enumerate(d.categorical_covariate_keys)
     ]
-    genes = genes if genes is not None else choose_genes(source, d, hvg_reducer)
+    if genes is None:
+        genes = choose_genes(source, d, hvg_reducer(source) if hvg_reducer else None)
     train_rows, val_rows = split_rows(len(source.obs), t.train_fraction, t.seed)
     cfg = replace(cfg, train=t.resolved(len(source.obs)))
     model_cfg = ModelConfig(

@@ -33,9 +33,8 @@ from typing import Any
 
 import torch
 
-from censusvi.data.cells import Cells
+from censusvi.data.cells import PRELOAD_MAX_CELLS, Cells
 from censusvi.data.ray_stream import CellStream, stream_minibatches
-from censusvi.data.vocabulary import GeneVocabulary
 from censusvi.model.minibatch import Minibatch
 from censusvi.model.vae import VAE
 from censusvi.train import schedule
@@ -44,6 +43,7 @@ from censusvi.train.loop import (
     EpochStats,
     History,
     TrainConfig,
+    epoch_seeds,
     make_optimizer,
     resume_from,
     run_epochs,
@@ -53,7 +53,6 @@ from censusvi.train.pretrain import (
     PretrainConfig,
     RunBatches,
     RunPlan,
-    load_pretrain_config,
     plan_from,
     warn_if_undertrained,
 )
@@ -83,11 +82,35 @@ def _config_dict(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 def _plan_in_worker(config: dict[str, Any]) -> RunPlan:
-    cfg = load_pretrain_config(None, config["cfg"])
-    extra = tuple(tuple(c) for c in config["extra_cats"])
-    return plan_from(
-        cfg, GeneVocabulary.from_dict(config["genes"]), tuple(config["categories"]), extra
+    """The driver's plan: its decisions (``config["plan"]``) and its cells (``config["cells"]``,
+    a ``CellPlan`` in the object store, zero-copy here). Workers never open obs."""
+    import ray
+
+    return config["plan"].with_cells(ray.get(config["cells"]), config["cells"])
+
+
+def _streams(plan: RunPlan, world: int, stream_opts: dict[str, Any]) -> bool:
+    """Whether the training cells stream through Ray Data (else each rank reads its shard once)."""
+    mode = stream_opts["mode"]
+    return mode == "ray_data" or (
+        mode == "auto" and len(plan.train_rows) // world > PRELOAD_MAX_CELLS
     )
+
+
+def _rank_cells(
+    plan: RunPlan, rank: int, world: int, config: dict[str, Any]
+) -> tuple[Cells, Cells | None]:
+    """This rank's (training, validation) cells. Streamed: every training cell (views of the
+    shipped plan; each epoch's stream takes the rank's chunks) and the rank's run of the
+    validation cells, read per minibatch; else the rank's fixed shard of chunks, kept."""
+    opts = {**STREAM_DEFAULTS, **(config.get("stream") or {})}
+    if _streams(plan, world, opts):
+        train = plan.split_cells(plan.train_rows, plan.train_cov, preload=False)
+        val = plan.rank_val(rank, world, preload=False)
+        if val is not None:  # read in the stream's group size: bounded, like the stream
+            val.io_batch_cells = opts["io_batch_cells"]
+        return train, val
+    return plan.rank_cells(rank, world, opts["shuffle_chunk"])
 
 
 def _all_reduce_sum(values: list[float]) -> list[float]:
@@ -123,27 +146,34 @@ def _worker_batches(
     with_counts: bool,
 ) -> tuple[Callable[[int], Iterable[Minibatch]], Callable[[], Iterable[Minibatch]] | None]:
     """This worker's ``train_batches(seed)`` and ``val_batches()``: a shard that fits is read once
-    and kept (``RunBatches``, as in one process); a larger one streams through Ray Data."""
+    and kept (``RunBatches``, as in one process); else each epoch streams the rank's run of a
+    global permutation of chunks through Ray Data (``CellStream``; the permutation's seed is
+    rank 0's shuffle seed of the epoch, the pool's this rank's)."""
+    import ray.train
+
     batches = RunBatches(t, with_counts)
     val = (lambda: batches(val_cells, False, 0)) if val_cells is not None else None
-    mode = stream_opts["mode"]
-    if mode == "memory" or (mode == "auto" and train_cells.preload):
+    if stream_opts["mode"] == "memory" or train_cells.preload:
         return (lambda seed: batches(train_cells, True, seed)), val
-    data = plan.cfg.data
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     stream = CellStream(
-        replace(
-            train_cells,
-            shuffle_chunk=stream_opts["shuffle_chunk"],
-            io_batch_cells=stream_opts["io_batch_cells"],
-        ),
-        (data.source, data.obs_filter, data.layer),
+        plan.cells_ref,
+        len(plan.train_rows),
+        train_cells.alignment,
+        rank,
+        world,
+        stream_opts["shuffle_chunk"],
+        stream_opts["io_batch_cells"],
         stream_opts["read_cpus"],
         stream_opts["read_tasks"],
     )
 
     def streamed(seed: int) -> Iterable[Minibatch]:
+        epoch = seed - epoch_seeds(t.seed, 0, rank).shuffle  # the seeds are linear in the epoch
+        assert epoch_seeds(t.seed, epoch, rank).shuffle == seed, "epoch_seeds changed form"
         return stream_minibatches(
-            stream.epoch(seed),
+            stream.epoch(epoch_seeds(t.seed, epoch, 0).shuffle),
             t.batch_size,
             len(plan.genes),
             t.device,
@@ -253,9 +283,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         device=str(ray.train.torch.get_device()),
         batch_size=per_worker_batch(plan.cfg.train.batch_size, world),
     )
-    per_rank = len(plan.train_rows) // world
-    train_cells = plan.cells(plan.train_rows[rank::world][:per_rank])
-    val_cells = plan.cells(plan.val_rows[rank::world]) if len(plan.val_rows) >= world else None
+    train_cells, val_cells = _rank_cells(plan, rank, world, config)
     vae = plan.new_vae(train_cells).to(t.device)
     opt = make_optimizer(vae, t)
     try:
@@ -361,10 +389,12 @@ def pretrain_distributed(
     pickle (cloudpickle: a function or a class instance). ``tracker``: rank 0 logs the run to it
     (``censusvi.registry.mlflow_store.MlflowTracker``)."""
     _check_stream(stream or {})
+    import ray
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from censusvi.data.ray_hvg import ray_reducer
+    from censusvi.data.shards import planned_source
     from censusvi.model.io import save_model
 
     target = storage_target(storage_path or DEFAULT_STORAGE)
@@ -373,9 +403,13 @@ def pretrain_distributed(
     source = cfg.data.source
     if "://" not in source and Path(source).exists():  # workers run in another directory
         cfg = replace(cfg, data=replace(cfg.data, source=str(Path(source).resolve())))
-    # the HVG statistics run on the cluster too: Ray Data tasks over row blocks, summed here
+    # obs is read here once; the HVG statistics run on the cluster, as tasks that get only
+    # their blocks' joinids and strata codes and return their sums
     plan = plan_from(
-        cfg, hvg_reducer=ray_reducer(cfg.data.source, cfg.data.obs_filter, cfg.data.layer)
+        cfg,
+        hvg_reducer=lambda src: ray_reducer(
+            planned_source(src, cfg.data.obs_filter, cfg.data.layer)
+        ),
     )
     per_worker_batch(plan.cfg.train.batch_size, num_workers)  # refused here, not in the workers
     # The schedule is resolved once, here (plan_from); the workers get its values. Under the
@@ -384,11 +418,10 @@ def pretrain_distributed(
     fingerprint = plan.fingerprint()
     name = run_name or run_name_for(fingerprint, plan.cfg.data.source)
     log.info("Ray Train run %s", target.run_uri(name))
+    decided, cells = plan.for_workers()  # the cells go once into the object store
     config = {
-        "cfg": _config_dict(plan.cfg),
-        "genes": plan.genes.to_dict(),
-        "categories": list(plan.categories),
-        "extra_cats": [list(c) for c in plan.extra_cats],
+        "plan": decided,
+        "cells": ray.put(cells),
         "fingerprint": fingerprint,
         "start_over": _start_over(target, name),
         "stream": dict(stream or {}),
