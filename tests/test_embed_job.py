@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from censusvi.annotate.index import load_index
 from censusvi.annotate.pipeline import index_reference
@@ -36,13 +37,16 @@ def test_embed_job_matches_censusvi_index_and_makes_the_version_servable(
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     argv = ["--model", "models:/censusvi-embed/1", "--data", exp, "--label-keys", "cell_type",
-            "--out", str(tmp_path / "out"), "--shard-cells", "1000", "--actors", "2"]  # fmt: skip
+            "--out", (tmp_path / "out").as_uri(), "--shard-cells", "1000", "--actors", "2"]  # fmt: skip
     assert job.main(argv) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
     expected = index_reference(load_model(tmp_path / "m"), exp, ["cell_type"])
     assert printed["n_cells"] == expected.meta["n_cells"] > 3000  # four Ray Data shards
-    assert len(list((tmp_path / "out" / "embeddings").glob("*.parquet"))) >= 1
+    shards = sorted((tmp_path / "out" / "embeddings").glob("*.parquet"))  # written via file://
+    assert len(shards) >= 1 and printed["index"] == (tmp_path / "out").as_uri() + "/index"
+    columns = pq.read_schema(shards[0]).names
+    assert {"soma_joinid", "latent", "cell_type"} <= set(columns) and "obs_id" not in columns
     ours = load_index(tmp_path / "out" / "index")
     z_job = ours.index.reconstruct_n(0, ours.index.ntotal)
     z_ref = expected.index.reconstruct_n(0, expected.index.ntotal)
