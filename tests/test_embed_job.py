@@ -59,3 +59,13 @@ def test_embed_job_matches_censusvi_index_and_makes_the_version_servable(
         and load_index(files.index_dir).meta["n_cells"] == printed["n_cells"]
     )
     assert "eval.cell_type.accuracy" in version_metrics("censusvi-embed", "1")
+
+
+def test_index_task_refuses_a_reservation_no_node_can_hold(local_ray):
+    import pytest
+
+    from censusvi.annotate.corpus import index_corpus, index_memory
+
+    assert index_memory(44_000_000, 50, 2) > 35 * 2**30  # Census: ~4 copies of 8.8 GB of latents
+    with pytest.raises(ValueError, match=r"needs ~\d+\.\d GiB on one node, but the largest Ray"):
+        index_corpus("file:///nowhere", ["cell_type"], "file:///out", {}, 10**10, 50)
