@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from censusvi.annotate.index import load_index
 from censusvi.annotate.pipeline import index_reference
@@ -36,13 +37,16 @@ def test_embed_job_matches_censusvi_index_and_makes_the_version_servable(
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     argv = ["--model", "models:/censusvi-embed/1", "--data", exp, "--label-keys", "cell_type",
-            "--out", str(tmp_path / "out"), "--shard-cells", "1000", "--actors", "2"]  # fmt: skip
+            "--out", (tmp_path / "out").as_uri(), "--shard-cells", "1000", "--actors", "2"]  # fmt: skip
     assert job.main(argv) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
     expected = index_reference(load_model(tmp_path / "m"), exp, ["cell_type"])
     assert printed["n_cells"] == expected.meta["n_cells"] > 3000  # four Ray Data shards
-    assert len(list((tmp_path / "out" / "embeddings").glob("*.parquet"))) >= 1
+    shards = sorted((tmp_path / "out" / "embeddings").glob("*.parquet"))  # written via file://
+    assert len(shards) >= 1 and printed["index"] == (tmp_path / "out").as_uri() + "/index"
+    columns = pq.read_schema(shards[0]).names
+    assert {"soma_joinid", "latent", "cell_type"} <= set(columns) and "obs_id" not in columns
     ours = load_index(tmp_path / "out" / "index")
     z_job = ours.index.reconstruct_n(0, ours.index.ntotal)
     z_ref = expected.index.reconstruct_n(0, expected.index.ntotal)
@@ -55,3 +59,13 @@ def test_embed_job_matches_censusvi_index_and_makes_the_version_servable(
         and load_index(files.index_dir).meta["n_cells"] == printed["n_cells"]
     )
     assert "eval.cell_type.accuracy" in version_metrics("censusvi-embed", "1")
+
+
+def test_index_task_refuses_a_reservation_no_node_can_hold(local_ray):
+    import pytest
+
+    from censusvi.annotate.corpus import index_corpus, index_memory
+
+    assert index_memory(44_000_000, 50, 2) > 35 * 2**30  # Census: ~4 copies of 8.8 GB of latents
+    with pytest.raises(ValueError, match=r"needs ~\d+\.\d GiB on one node, but the largest Ray"):
+        index_corpus("file:///nowhere", ["cell_type"], "file:///out", {}, 10**10, 50)

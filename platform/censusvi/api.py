@@ -225,17 +225,21 @@ def build_index(
     faiss_device: str | None = None,
     ontology: bool = True,
     head: bool = True,
+    kind: str = defaults.INDEX_KIND,
+    metric: str = defaults.METRIC,
 ) -> LabelIndex:
     """Embed a labelled reference (batches the model knows) and index it with its labels
     (``censusvi index``); ``index.save(dir)`` writes what ``censusvi index --out`` writes.
     ``ontology``: keep the Cell Ontology terms of the labels that have one (a
     ``KEY_ontology_term_id`` column, else the label is a CL name) for ontology-aware answers;
-    ``head``: train a calibrated label head per key for ``annotate(method="head"|"ensemble")``."""
+    ``head``: train a calibrated label head per key for ``annotate(method="head"|"ensemble")``;
+    ``kind``: the FAISS index, one of ``defaults.INDEX_KINDS`` ("auto": exact, IVF-Flat or IVF-PQ
+    by size); ``metric``: "l2" or "cosine"."""
     from censusvi.annotate.pipeline import index_reference
 
     keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
     return index_reference(
-        _model(model), adata, keys, obs_filter, faiss_device, layer, ontology, head
+        _model(model), adata, keys, obs_filter, faiss_device, layer, ontology, head, kind, metric
     )
 
 

@@ -1,22 +1,27 @@
 """Embed a whole reference corpus with Ray Data, then index it (``jobs/embed.py``).
 
 The corpus (a SOMA experiment, or an .h5ad) is cut into contiguous row shards; a pool of actors,
-each holding the model and an open source (GPU actors when asked), embeds shard after shard with
-``map_batches``; the embeddings and the label columns to carry are written as Parquet. The FAISS
-index is then built from the Parquet files, saved beside them, and, for a registered model, logged
-to the model version so the version becomes servable.
+each holding the model and an open source with only the obs columns it needs (GPU actors where the
+cluster has GPUs), embeds shard after shard with ``map_batches``; the embeddings, ``soma_joinid``
+and the label columns are written as sharded Parquet to a storage URI (``file://``, ``s3://``,
+``gs://`` ..., or a local path: pyarrow's filesystems), so that on several nodes they land in one
+place. The FAISS index is then built from the Parquet files by one Ray task that reserves the
+memory it needs (and a GPU where there is one), saved beside them, and, for a registered model,
+logged to the model version so the version becomes servable.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from censusvi.annotate.index import LabelIndex, build_index, save_index
+from censusvi import defaults
+from censusvi.annotate.index import build_index, save_index
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +47,8 @@ class ShardEmbedder:
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_model(model, self.device)
-        self.source = open_source(source, obs_filter=obs_filter)
+        columns = (*self.model.batch_keys, *self.model.covariate_keys, *label_keys)
+        self.source = open_source(source, obs_filter=obs_filter, obs_columns=tuple(columns))
         missing = [k for k in label_keys if k not in self.source.obs.columns]
         if missing:
             raise ValueError(f"label key(s) {missing} not in {source}'s obs")
@@ -61,10 +67,34 @@ class ShardEmbedder:
         pos, z = stream_latent(self.model, cells, device=self.device)
         kept = rows[pos]
         obs = self.source.obs.iloc[kept]
-        out = {"row": kept, "obs_id": obs.index.astype(str).to_numpy(), "latent": z}
+        joinids = self.source.joinids(kept) if hasattr(self.source, "joinids") else kept
+        out = {"row": kept, "soma_joinid": np.asarray(joinids, np.int64), "latent": z}
         for key in self.label_keys:
             out[key] = obs[key].astype(str).to_numpy()
         return out
+
+
+def storage(uri: str | os.PathLike):
+    """(pyarrow filesystem, path in it) of a storage URI or a local path."""
+    from pyarrow import fs
+
+    uri = str(uri)
+    if "://" not in uri:
+        return fs.LocalFileSystem(), str(Path(uri).resolve())
+    return fs.FileSystem.from_uri(uri)
+
+
+def join_uri(uri: str | os.PathLike, name: str) -> str:
+    return f"{str(uri).rstrip('/')}/{name}"
+
+
+def actor_gpus(gpus_per_actor: float | None) -> float:
+    """``gpus_per_actor``, or (None) one GPU per actor where the cluster has GPUs."""
+    import ray
+
+    if gpus_per_actor is not None:
+        return gpus_per_actor
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
 def embed_corpus(
@@ -75,15 +105,16 @@ def embed_corpus(
     obs_filter: str | None = None,
     shard_cells: int = 50_000,
     actors: int = 2,
-    gpus_per_actor: float = 0.0,
-) -> Path:
-    """Parquet embeddings (row, obs_id, latent, labels) of every cell with counts, under ``out``."""
+    gpus_per_actor: float | None = None,
+) -> str:
+    """Sharded Parquet embeddings (row, soma_joinid, latent, labels) of every cell with counts,
+    under ``out/embeddings`` (a storage URI or a local path); returns that URI."""
     import ray
 
     from censusvi.data.soma import open_source
     from censusvi.registry.mlflow_store import tracking_uri
 
-    n = len(open_source(source, obs_filter=obs_filter).obs)
+    n = len(open_source(source, obs_filter=obs_filter, obs_columns=()).obs)
     if n == 0:
         raise ValueError(f"{source}: no cells pass the filter {obs_filter!r}")
     starts = list(range(0, n, shard_cells))
@@ -91,6 +122,7 @@ def embed_corpus(
         [{"start": s, "stop": min(s + shard_cells, n)} for s in starts],
         override_num_blocks=len(starts),
     )
+    gpus = actor_gpus(gpus_per_actor)
     embedded = shards.map_batches(
         ShardEmbedder,
         batch_size=1,
@@ -102,21 +134,24 @@ def embed_corpus(
             "tracking_uri": tracking_uri() if model.startswith("models:/") else None,
         },
         concurrency=max(1, min(actors, len(starts))),
-        num_gpus=gpus_per_actor or None,
+        num_gpus=gpus or None,
     )
-    path = Path(out) / "embeddings"
-    embedded.write_parquet(str(path))
-    return path
+    uri = join_uri(out, "embeddings")
+    fs, path = storage(uri)
+    embedded.write_parquet(path, filesystem=fs)
+    return uri
 
 
 def read_embeddings(
-    path: str | os.PathLike, label_keys: list[str]
+    uri: str | os.PathLike, label_keys: list[str]
 ) -> tuple[np.ndarray, pd.DataFrame]:
-    """Latents and labels back from the Parquet files, in corpus row order."""
+    """Latents and labels back from the Parquet files, in corpus row order (only the columns
+    the index needs are read)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(str(path))
+    fs, path = storage(uri)
+    table = pq.read_table(path, filesystem=fs, columns=["row", "latent", *label_keys])
     order = np.argsort(table.column("row").to_numpy())
     latent = table.column("latent").combine_chunks()
     if isinstance(latent, pa.ExtensionArray):  # Ray's tensor column: a list array underneath
@@ -126,23 +161,95 @@ def read_embeddings(
     return np.ascontiguousarray(z, dtype=np.float32), labels
 
 
-def index_corpus(
-    embeddings: str | os.PathLike, label_keys: list[str], out: str | os.PathLike, meta: dict
-) -> LabelIndex:
+def embedded_shape(uri: str) -> tuple[int, int]:
+    """(cells, latent dimensions) of the Parquet embeddings, from their metadata and one row."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    fs, path = storage(uri)
+    data = ds.dataset(path, filesystem=fs, format="parquet")
+    first = data.head(1, columns=["latent"]).column("latent").combine_chunks()
+    if isinstance(first, pa.ExtensionArray):
+        first = first.storage
+    return data.count_rows(), len(first.flatten())
+
+
+def build_corpus_index(
+    embeddings: str, label_keys: list[str], out: str, meta: dict, kind: str, metric: str
+) -> dict:
+    """Read the embeddings, evaluate, index and write the index directory to ``out`` (a storage
+    URI or a local path); returns its metadata. Run as a Ray task by ``index_corpus``."""
     from censusvi.annotate.ontology import label_ontologies
     from censusvi.annotate.pipeline import holdout_evaluation
 
     z, labels = read_embeddings(embeddings, label_keys)
-    meta = {**meta, "evaluation": holdout_evaluation(z, labels)}
+    meta = {**meta, "evaluation": holdout_evaluation(z, labels, kind=kind, metric=metric)}
     meta["ontology"] = label_ontologies(labels, label_keys)  # Census labels are CL names
-    ix = build_index(z, labels, meta)
-    save_index(ix, out)
-    return ix
+    ix = build_index(z, labels, meta, kind=kind, metric=metric)
+    del z
+    fs, path = storage(out)
+    if fs.type_name == "local":
+        save_index(ix, path)
+    else:
+        from pyarrow import fs as pafs
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_index(ix, Path(tmp) / "index")
+            pafs.copy_files(str(Path(tmp) / "index"), path, destination_filesystem=fs)
+    return ix.meta
+
+
+def index_memory(n_cells: int, dim: int, n_keys: int) -> int:
+    """Bytes the index task reserves: the latents about four times over (read, tuned, held-out
+    index, the index), the labels, and 512 MiB for the interpreter and FAISS."""
+    return int(n_cells * (dim * 4 * 4 + 64 * n_keys) + 512 * 2**20)
+
+
+def index_corpus(
+    embeddings: str,
+    label_keys: list[str],
+    out: str,
+    meta: dict,
+    n_cells: int,
+    dim: int,
+    kind: str = defaults.INDEX_KIND,
+    metric: str = defaults.METRIC,
+) -> dict:
+    """``build_corpus_index`` as a Ray task on a node with the memory it needs (and a GPU where
+    the cluster has one); returns the index's metadata."""
+    import ray
+
+    memory = index_memory(n_cells, dim, len(label_keys))
+    largest = max(
+        (nd["Resources"].get("memory", 0) for nd in ray.nodes() if nd["Alive"]), default=0
+    )
+    if memory > largest:
+        raise ValueError(
+            f"indexing {n_cells:,} cells needs ~{memory / 2**30:.1f} GiB on one node, but the "
+            f"largest Ray node offers {largest / 2**30:.1f} GiB: add a node with more memory "
+            "(or give Ray more with --memory)"
+        )
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    task = ray.remote(build_corpus_index).options(memory=memory, num_gpus=gpus, num_cpus=1)
+    return ray.get(task.remote(embeddings, label_keys, out, meta, kind, metric))
+
+
+def local_copy(uri: str, tmp: str | os.PathLike) -> Path:
+    """A local directory holding what ``uri`` holds (itself where it is local)."""
+    fs, path = storage(uri)
+    if fs.type_name == "local":
+        return Path(path)
+    from pyarrow import fs as pafs
+
+    pafs.copy_files(path, str(Path(tmp) / "copy"), source_filesystem=fs)
+    return Path(tmp) / "copy"
 
 
 def attach_index_to_version(model_uri: str, index_dir: str | os.PathLike) -> str:
-    """Log the index as ``index/`` of a registered version's run, with its evaluation: the
-    version becomes servable and comparable by the promotion gate."""
+    """Log the index (a local directory or storage URI) as ``index/`` of a registered version's
+    run, with its evaluation: the version becomes servable and comparable by the promotion gate."""
     from censusvi.registry.versions import add_to_version, evaluation_metrics
 
-    return add_to_version(model_uri, evaluation_metrics(index_dir), index_dir)[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = local_copy(str(index_dir), tmp)
+        return add_to_version(model_uri, evaluation_metrics(local), local)[1]

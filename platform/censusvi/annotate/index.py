@@ -1,8 +1,9 @@
 """A FAISS index over reference embeddings plus the label table, saved as one directory.
 
-Exact ``IndexFlatL2`` up to ``EXACT_MAX`` cells (exact search is still fast there and needs no
-training); above it ``IndexIVFFlat`` with nlist ~ sqrt(N) and nprobe tuned at build time: the
-smallest that finds ``RECALL_TARGET`` of the exact k neighbours of a sample of reference cells.
+Which index (exact, IVF-Flat or IVF-PQ with a re-rank, chosen by size), its metric (l2 or cosine),
+and how its search settings are tuned: ``censusvi.annotate.faiss_index``. index.json records the
+kind, metric, search settings, recall@k on held-out reference cells, queries per second, memory
+and build time.
 
 Searches run on a GPU when FAISS has one (faiss-gpu installed in place of faiss-cpu, the ``gpu``
 extra, and a CUDA device visible): ``device`` "auto" (the default, or ``$CENSUSVI_FAISS_DEVICE``),
@@ -16,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,14 +25,14 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from censusvi import defaults
+from censusvi.annotate import faiss_index as fx
+from censusvi.annotate.faiss_index import EXACT_MAX, RECALL_TARGET  # noqa: F401 (re-exported)
 from censusvi.atomic import atomic_directory
 
 log = logging.getLogger(__name__)
 FAISS_DEVICES = ("auto", "cpu", "gpu")
-EXACT_MAX = 200_000
 NPROBE = 16  # for indexes saved before nprobe was tuned
-RECALL_TARGET = 0.95
-NPROBE_STEPS = (8, 16, 32, 64, 128, 256)  # from 8: a query unlike the reference needs a margin
 
 
 def faiss_gpu_count() -> int:
@@ -88,6 +90,9 @@ def place_index(index: faiss.Index, device: str | None = None) -> tuple[faiss.In
         return index, None
     if device == "cpu":
         return index, None
+    if hasattr(index, "k_factor"):  # IVF-PQ's re-rank (IndexRefine) has no GPU version
+        log.info("the IVF-PQ index searches on the CPU (FAISS has no GPU re-rank step)")
+        return index, None
     if faiss_gpu_count() == 0:
         raise RuntimeError(
             f"FAISS device 'gpu' asked for, but FAISS sees no GPU: {gpu_install_hint()}; or use "
@@ -137,57 +142,36 @@ class LabelIndex:
             self._frequency[key] = self.labels[key].astype(str).value_counts(normalize=True)
         return self._frequency[key]
 
+    @property
+    def metric(self) -> str:
+        return self.meta.get("metric", "l2")
+
     def search(self, z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(Euclidean distances, neighbour rows), each (n, k)."""
+        """(Euclidean distances, neighbour rows), each (n, k); for a cosine index, distances
+        between the unit vectors (sqrt(2 - 2 cos))."""
         k = min(k, self.index.ntotal)
-        z = np.ascontiguousarray(z, dtype=np.float32)
-        d2, idx = self.index.search(z, k)
+        z = fx.prepare(z, self.metric)
+        scores, idx = self.index.search(z, k)
         short = (idx < 0).any(1)  # an IVF probe that found fewer than k cells: probe wider
-        nprobe = getattr(self.index, "nprobe", None)
-        while short.any() and nprobe is not None and self.index.nprobe < self.index.nlist:
-            self.index.nprobe = min(self.index.nprobe * 4, self.index.nlist)
-            d2[short], idx[short] = self.index.search(z[short], k)
+        ivf = fx.ivf_part(self.index)
+        nprobe = None if ivf is None else ivf.nprobe
+        while short.any() and ivf is not None and ivf.nprobe < ivf.nlist:
+            ivf.nprobe = min(ivf.nprobe * 4, ivf.nlist)
+            scores[short], idx[short] = self.index.search(z[short], k)
             short = (idx < 0).any(1)
-        if nprobe is not None:
-            self.index.nprobe = nprobe
-        return np.sqrt(np.maximum(d2, 0)), idx
+        if ivf is not None:
+            ivf.nprobe = nprobe
+        return fx.to_distance(scores, self.metric), idx
 
 
-def reference_distance_quantiles(
-    index: faiss.Index, z: np.ndarray, k: int, seed: int
-) -> dict[str, float]:
+def reference_distance_quantiles(ix: LabelIndex, z: np.ndarray, k: int, seed: int) -> dict:
     """How far reference cells are from their own k neighbours (self excluded): median and 99th
     percentile of the mean distance. A query cell much farther than this is unlike the reference."""
     rows = np.random.default_rng(seed).choice(len(z), min(len(z), 20_000), replace=False)
-    kk = min(k + 1, index.ntotal)
-    d2, _ = index.search(z[rows], kk)
-    mean_d = np.sqrt(np.maximum(d2[:, 1:], 0)).mean(1) if kk > 1 else np.zeros(len(rows))
+    kk = min(k + 1, ix.index.ntotal)
+    dist, _ = ix.search(z[rows], kk)
+    mean_d = dist[:, 1:].mean(1) if kk > 1 else np.zeros(len(rows))
     return {"k": k, "q50": float(np.quantile(mean_d, 0.5)), "q99": float(np.quantile(mean_d, 0.99))}
-
-
-def tune_nprobe(
-    index: faiss.Index, z: np.ndarray, k: int, seed: int, n_probe_cells: int = 1000
-) -> tuple[int, float]:
-    """The smallest nprobe whose recall@k of exact neighbours (on sampled reference cells, each
-    cell itself left out, as a new query would not find itself) reaches ``RECALL_TARGET``;
-    returns (nprobe, its recall)."""
-    rows = np.random.default_rng(seed).choice(len(z), min(len(z), n_probe_cells), replace=False)
-    xq = np.ascontiguousarray(z[rows])
-    _, exact = faiss.knn(xq, z, k + 1)
-
-    def others(found: np.ndarray, row: int) -> set:
-        return set(found[found != row][:k])
-
-    recall = 0.0
-    for nprobe in NPROBE_STEPS:
-        index.nprobe = min(nprobe, index.nlist)
-        _, found = index.search(xq, k + 1)
-        recall = float(
-            np.mean([len(others(f, r) & others(e, r)) / k for f, e, r in zip(found, exact, rows)])
-        )
-        if recall >= RECALL_TARGET or nprobe >= index.nlist:
-            break
-    return int(index.nprobe), recall
 
 
 def build_index(
@@ -198,39 +182,39 @@ def build_index(
     k: int = 15,
     exact_max: int = EXACT_MAX,
     device: str | None = None,
+    kind: str = defaults.INDEX_KIND,
+    metric: str = defaults.METRIC,
 ) -> LabelIndex:
-    """Exact search up to ``exact_max`` cells, an IVF index with a tuned nprobe above; placed on
-    ``device`` first, so nprobe is tuned with the searches users will run."""
-    z = np.ascontiguousarray(z, dtype=np.float32)
-    n, dim = z.shape
+    """An index of ``kind`` (``faiss_index.choose_kind``: "auto" by size, exact search up to
+    ``exact_max`` cells) and ``metric``, placed on ``device`` first so that its search settings
+    are tuned with the searches users will run; index.json gets the figures."""
+    fx.check_choice(kind, metric)
+    t0 = time.perf_counter()
+    zp = fx.prepare(z, metric)
+    n, dim = zp.shape
     if n == 0:
         raise ValueError("no reference cells to index")
-    tuned: dict = {}
-    if n <= exact_max:
-        index = faiss.IndexFlatL2(dim)
-        kind = "flat"
-    else:
-        nlist = int(np.sqrt(n))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
-        sample = np.random.default_rng(seed).choice(n, min(n, 64 * nlist), replace=False)
-        index.train(z[sample])
-        kind = f"ivf{nlist}"
-    index.add(z)
+    kind = fx.choose_kind(kind, n, dim, exact_max)
+    index = fx.new_index(zp, kind, metric, seed)
+    memory = fx.memory_bytes(index)
     index, gpu_resources = place_index(index, device)
-    if kind != "flat":
-        nprobe, recall = tune_nprobe(index, z, k, seed)
-        tuned = {"nprobe": nprobe, f"recall_at_{k}": round(recall, 4)}
+    tuned = fx.tune(index, zp, metric, k, seed)
     info = {
         **(meta or {}),
         "n_cells": n,
         "dim": dim,
         "kind": kind,
+        "metric": metric,
         "label_keys": list(labels.columns),
+        **({"nlist": int(fx.ivf_part(index).nlist)} if kind != "flat" else {}),
         **tuned,
+        "memory_bytes": memory,
     }
-    info["neighbour_distance"] = reference_distance_quantiles(index, z, k, seed)
     labels = labels.reset_index(drop=True).astype(str)
-    return LabelIndex(index, labels, info, gpu_resources=gpu_resources)
+    ix = LabelIndex(index, labels, info, gpu_resources=gpu_resources)
+    info["neighbour_distance"] = reference_distance_quantiles(ix, z, k, seed)
+    info["build_s"] = round(time.perf_counter() - t0, 2)
+    return ix
 
 
 def save_index(ix: LabelIndex, out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -255,8 +239,8 @@ def load_index(path: str | os.PathLike, device: str | None = None) -> LabelIndex
     meta = json.loads((path / "index.json").read_text())
     index = faiss.read_index(str(path / "index.faiss"))
     index, gpu_resources = place_index(index, device)
-    if meta.get("kind", "").startswith("ivf"):
-        index.nprobe = int(meta.get("nprobe", NPROBE))
+    if fx.ivf_part(index) is not None:
+        fx.apply_settings(index, {"nprobe": NPROBE, **fx.search_settings(index), **meta})
     labels = pd.read_parquet(path / "labels.parquet")
     heads = {}
     if (path / HEADS_FILE).is_file():

@@ -41,11 +41,14 @@ def index_reference(
     layer: str | None = None,
     ontology: bool = True,
     head: bool = True,
+    kind: str = defaults.INDEX_KIND,
+    metric: str = defaults.METRIC,
 ) -> LabelIndex:
     """Embed the reference (an .h5ad, a SOMA experiment or an in-memory AnnData, of batches the
     model knows) and index it; ``ontology``: also keep the Cell Ontology terms of its labels
     (``censusvi.annotate.ontology``) for ontology-aware answers; ``head``: also train a label
-    head per key (``censusvi.annotate.head``) for ``method="head"`` / ``"ensemble"``."""
+    head per key (``censusvi.annotate.head``) for ``method="head"`` / ``"ensemble"``; ``kind`` and
+    ``metric``: the FAISS index (``censusvi.annotate.faiss_index``)."""
     if isinstance(data, ad.AnnData):
         source = H5adSource(IN_MEMORY, obs_filter=obs_filter, layer=layer, adata=data)
         data = IN_MEMORY
@@ -59,10 +62,10 @@ def index_reference(
     pos, z, _ = latent_representation(model, source)
     labels = source.obs.iloc[pos][label_keys].astype(str)
     meta = {"reference": str(data), "obs_filter": obs_filter}
-    meta["evaluation"] = holdout_evaluation(z, labels)
+    meta["evaluation"] = holdout_evaluation(z, labels, kind=kind, metric=metric)
     if ontology:
         meta["ontology"] = label_ontologies(source.obs.iloc[pos], label_keys)
-    ix = build_index(z, labels, meta, device=faiss_device)
+    ix = build_index(z, labels, meta, device=faiss_device, kind=kind, metric=metric)
     if head:
         fit_heads(ix, z)
     return ix
@@ -78,17 +81,25 @@ def fit_heads(ix: LabelIndex, z: np.ndarray, seed: int = 0) -> None:
 
 
 def holdout_evaluation(
-    z: np.ndarray, labels: pd.DataFrame, fraction: float = 0.1, seed: int = 0, k: int = defaults.K
+    z: np.ndarray,
+    labels: pd.DataFrame,
+    fraction: float = 0.1,
+    seed: int = 0,
+    k: int = defaults.K,
+    max_queries: int = defaults.EVAL_MAX_QUERIES,
+    kind: str = defaults.INDEX_KIND,
+    metric: str = defaults.METRIC,
 ) -> dict[str, dict]:
-    """Label transfer from a random 90 % of the reference to the other 10 %: the index's own
+    """Label transfer from the rest of the reference to a random 10 % of it (at most
+    ``max_queries`` cells), through an index of the same kind and metric: the index's own
     accuracy, macro-F1 and calibration, which the registry's promotion gate compares."""
     n = len(z)
-    n_test = int(round(n * fraction))
+    n_test = min(int(round(n * fraction)), max_queries)
     if n_test < 1 or n - n_test < 2:
         return {}
     test = np.zeros(n, dtype=bool)
     test[np.random.default_rng(seed).choice(n, n_test, replace=False)] = True
-    train_index = build_index(z[~test], labels[~test], seed=seed, k=k)
+    train_index = build_index(z[~test], labels[~test], seed=seed, k=k, kind=kind, metric=metric)
     predictions = transfer_all(train_index, z[test], k)
     return {
         key: label_transfer_metrics(

@@ -153,12 +153,13 @@ def cmd_index(a: argparse.Namespace) -> int:
 
     ix = api.build_index(
         a.data, a.model, list(keys(a.label_keys)), obs_filter=a.obs_filter,
-        faiss_device=a.faiss_device, ontology=a.ontology, head=a.head,
+        faiss_device=a.faiss_device, ontology=a.ontology, head=a.head, kind=a.index,
+        metric=a.metric,
     )  # fmt: skip
     ix.save(a.out, a.overwrite)
     print(
-        f"wrote {a.out}: {ix.meta['n_cells']} cells, {ix.meta['kind']} index (built on the "
-        f"{ix.device}), labels {ix.meta['label_keys']}"
+        f"wrote {a.out}: {ix.meta['n_cells']} cells, {ix.meta['kind']} {ix.meta['metric']} index "
+        f"(built on the {ix.device}), labels {ix.meta['label_keys']}"
     )
     return 0
 

@@ -274,6 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a calibrated label head per key for annotate --method head|ensemble "
         "(default: on)",
     )
+    s.add_argument(
+        "--index",
+        choices=defaults.INDEX_KINDS,
+        default=defaults.INDEX_KIND,
+        help="FAISS index: exact (flat), IVF-Flat, or IVF-PQ with a re-rank (1.6x smaller); "
+        f"auto chooses by size (default: {defaults.INDEX_KIND})",
+    )
+    s.add_argument(
+        "--metric",
+        choices=defaults.METRICS,
+        default=defaults.METRIC,
+        help=f"neighbours by Euclidean distance or cosine similarity (default: {defaults.METRIC})",
+    )
     out_args(s, "index", ("model", "data"))
     faiss_device_arg(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar")

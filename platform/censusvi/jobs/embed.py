@@ -1,11 +1,14 @@
 """``python -m censusvi.jobs.embed --model M --data REF --label-keys cell_type --out DIR``.
 
 Embeds every cell of a reference corpus (a SOMA experiment or an .h5ad) with Ray Data actors
-holding the model (`--gpus-per-actor 1` on a GPU cluster), writes `DIR/embeddings/*.parquet`
-(row, obs_id, latent, label columns), builds the FAISS index in `DIR/index/` and, when MODEL is a
-`models:/` URI, logs the index to that model version (its run's `index/` artifacts, its
-evaluation metrics, tag has_index=true), so `censusvi serve` can serve it. A local Ray is
-started when no cluster is reachable.
+holding the model (one GPU each where the cluster has GPUs; `--gpus-per-actor` to choose) and
+reading only the obs columns they need, writes sharded Parquet to `DIR/embeddings/` (row,
+soma_joinid, latent, label columns), builds the FAISS index (`--index`, `--metric`: as
+`censusvi index`) in `DIR/index/` as one Ray task that reserves the memory it needs and, when
+MODEL is a `models:/` URI, logs the index to that model version (its run's `index/` artifacts,
+its evaluation metrics, tag has_index=true), so `censusvi serve` can serve it. DIR is a storage
+URI (`s3://bucket/run`, `gs://...`, `file:///shared/run`) or a local path: on several nodes, use
+storage every node reaches. A local Ray is started when no cluster is reachable.
 """
 
 from __future__ import annotations
@@ -13,9 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from censusvi.annotate.corpus import attach_index_to_version, embed_corpus, index_corpus
+from censusvi import defaults
+from censusvi.annotate.corpus import (
+    attach_index_to_version,
+    embed_corpus,
+    embedded_shape,
+    index_corpus,
+    join_uri,
+)
 from censusvi.ray_session import init_ray
 
 
@@ -25,28 +34,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="SOMA experiment (path or census://) or .h5ad")
     p.add_argument("--label-keys", default="cell_type", help="obs columns to carry and index")
     p.add_argument("--obs-filter", help='e.g. "is_primary_data == True and nnz >= 300"')
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="storage URI (s3://, gs://, file://) or path")
     p.add_argument("--shard-cells", type=int, default=50_000, help="rows per Ray Data task")
     p.add_argument("--actors", type=int, default=2, help="embedding actors")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.add_argument(
+        "--gpus-per-actor", type=float, help="default: 1 where the cluster has GPUs, else 0"
+    )
+    p.add_argument("--index", choices=defaults.INDEX_KINDS, default=defaults.INDEX_KIND)
+    p.add_argument("--metric", choices=defaults.METRICS, default=defaults.METRIC)
     a = p.parse_args(argv)
     init_ray()
     keys = [k.strip() for k in a.label_keys.split(",") if k.strip()]
-    out = Path(a.out)
     embeddings = embed_corpus(
-        a.model, a.data, out, keys, a.obs_filter, a.shard_cells, a.actors, a.gpus_per_actor
+        a.model, a.data, a.out, keys, a.obs_filter, a.shard_cells, a.actors, a.gpus_per_actor
     )
     meta = {"reference": a.data, "obs_filter": a.obs_filter, "model": a.model}
-    ix = index_corpus(embeddings, keys, out / "index", meta)
+    index_uri = join_uri(a.out, "index")
+    n_cells, dim = embedded_shape(embeddings)
+    info = index_corpus(embeddings, keys, index_uri, meta, n_cells, dim, a.index, a.metric)
     result = {
-        "embeddings": str(embeddings),
-        "index": str(out / "index"),
-        "n_cells": ix.meta["n_cells"],
-        "kind": ix.meta["kind"],
-        "evaluation": ix.meta["evaluation"],
+        "embeddings": embeddings,
+        "index": index_uri,
+        "n_cells": info["n_cells"],
+        "kind": info["kind"],
+        "metric": info["metric"],
+        "evaluation": info["evaluation"],
     }
     if a.model.startswith("models:/"):
-        result["model_version"] = attach_index_to_version(a.model, out / "index")
+        result["model_version"] = attach_index_to_version(a.model, index_uri)
     print(json.dumps(result))
     return 0
 
