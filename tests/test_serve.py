@@ -379,7 +379,7 @@ def test_alias_move_reaches_every_replica_warm_and_drops_nothing(served, registr
                 ok, version, by = False, repr(e), []
             answers.append({"sent": sent, "done": time.monotonic(), "ok": ok, "version": version, "by": by})  # fmt: skip
 
-    threads = [threading.Thread(target=stream) for _ in range(4)]
+    threads = [threading.Thread(target=stream, daemon=True) for _ in range(4)]
     for t in threads:
         t.start()
     time.sleep(4)
