@@ -49,29 +49,25 @@ class Minibatch:
         )
 
 
-def _dense(indptr, col, val, shape, device: torch.device) -> torch.Tensor:
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": we only densify
-        warnings.simplefilter("ignore", UserWarning)
-        csr = torch.sparse_csr_tensor(
-            indptr, col, val, size=shape, device=device, check_invariants=False
-        )
-        return csr.to_dense()
-
-
-def _csr_tensor(x: sp.csr_matrix) -> torch.Tensor:
+def _sparse_csr(indptr, col, val, shape, device: torch.device | None = None) -> torch.Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(
-            torch.from_numpy(x.indptr.astype(np.int64)),
-            torch.from_numpy(x.indices.astype(np.int64)),
-            torch.from_numpy(x.data),
-            size=x.shape,
-            check_invariants=False,
+            indptr, col, val, size=shape, device=device, check_invariants=False
         )
 
 
-def _to_dense(x: sp.csr_matrix) -> torch.Tensor:
-    return torch.from_numpy(x.toarray())
+def _dense(indptr, col, val, shape, device: torch.device) -> torch.Tensor:
+    return _sparse_csr(indptr, col, val, shape, device).to_dense()
+
+
+def _csr_tensor(x: sp.csr_matrix) -> torch.Tensor:
+    return _sparse_csr(
+        torch.from_numpy(x.indptr.astype(np.int64)),
+        torch.from_numpy(x.indices.astype(np.int64)),
+        torch.from_numpy(x.data),
+        x.shape,
+    )
 
 
 def minibatch_from_csr(
@@ -93,7 +89,11 @@ def minibatch_from_csr(
     if device.type == "cpu":
         h = sp.csr_matrix((np.log1p(val.numpy()), x.indices, x.indptr), shape=x.shape)
         sparse = x.nnz < SPARSE_INPUT_DENSITY * n * x.shape[1]
-        h_ng = SparseRows(_csr_tensor(h), _csr_tensor(h.T.tocsr())) if sparse else _to_dense(h)
+        h_ng = (
+            SparseRows(_csr_tensor(h), _csr_tensor(h.T.tocsr()))
+            if sparse
+            else torch.from_numpy(h.toarray())
+        )
         x_ng = torch.from_numpy(x.toarray()) if with_counts else None
         col = torch.from_numpy(x.indices.astype(np.int64))
         row = torch.from_numpy(np.repeat(np.arange(n, dtype=np.int64), np.diff(x.indptr)))
