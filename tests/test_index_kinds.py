@@ -124,3 +124,36 @@ def test_cli_index_options_default_from_one_place(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args([*base, "--index", "hnsw"])
     assert "invalid choice: 'hnsw'" in capsys.readouterr().err
+
+
+def test_label_shares_are_stored_so_a_loaded_index_does_not_count_its_labels(
+    reference, built, tmp_path, monkeypatch
+):
+    """index.json carries each label's share; a loaded index answers from it (counting 10 M
+    labels on the first query took ~1 s), and the shares equal a fresh count."""
+    z, labels, q = reference
+    save_index(built("ivfflat"), tmp_path / "ix")
+    stored = json.loads((tmp_path / "ix" / "index.json").read_text())["label_frequency"]
+    assert set(stored["cell_type"]["labels"]) == set(labels["cell_type"])
+    loaded = load_index(tmp_path / "ix")
+    monkeypatch.setattr(
+        pd.Series, "value_counts", lambda *a, **k: pytest.fail("labels counted at query time")
+    )
+    freq = loaded.label_frequency("cell_type")
+    monkeypatch.undo()
+    counted = labels["cell_type"].value_counts(normalize=True)
+    pd.testing.assert_series_equal(
+        freq.sort_index(), counted.sort_index(), check_names=False, check_index_type=False
+    )
+    assert len(transfer_all(loaded, q)["cell_type"]) == len(q)
+
+
+def test_label_codes_equal_numpy_unique_of_the_labels_as_strings():
+    from censusvi.annotate.transfer import label_codes
+
+    rng = np.random.default_rng(0)
+    labels = rng.choice(np.array(["b", "a", 3, "T cell", "3x"], dtype=object), size=(200, 15))
+    codes, cats = label_codes(labels)
+    want_cats, want_codes = np.unique(labels.astype(str), return_inverse=True)
+    np.testing.assert_array_equal(cats, want_cats)
+    np.testing.assert_array_equal(codes, want_codes.reshape(labels.shape))

@@ -68,15 +68,20 @@ class QueryCells:
         return ad.AnnData(self.x, obs=obs, var=var)
 
 
+def all_strings(values) -> bool:
+    """Whether every value is a ``str`` (the types collected in one C pass, then checked)."""
+    return all(issubclass(t, str) for t in set(map(type, values)))
+
+
 def _checked(parts: tuple, genes, batch, limits: DecodeLimits, symbols=None) -> QueryCells:
     """Query cells from CSR ``parts`` (data, indices, indptr) over ``genes``, checked in full:
     every label and gene name a string, the structure sound, the values raw counts."""
     data, indices, indptr = parts
-    if not isinstance(genes, list) or not all(isinstance(v, str) for v in genes):
+    if not isinstance(genes, list) or not all_strings(genes):
         raise PayloadError("genes must be a list of gene id strings")
     if symbols is not None and (
         not isinstance(symbols, list)
-        or not all(isinstance(v, str) for v in symbols)
+        or not all_strings(symbols)
         or len(symbols) != len(genes)
     ):
         raise PayloadError(
@@ -93,7 +98,7 @@ def _checked(parts: tuple, genes, batch, limits: DecodeLimits, symbols=None) -> 
         raise PayloadError(
             f"batch: {got} labels for {n} cells; send one label per cell (or one string for all)"
         )
-    if not all(isinstance(v, str) for v in batch):
+    if not all_strings(batch):
         raise PayloadError("batch labels must be strings")
     if not all(genes):
         raise PayloadError("gene ids must be non-empty strings: give every column its gene id")

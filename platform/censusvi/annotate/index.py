@@ -137,9 +137,15 @@ class LabelIndex:
         return None if d is None else LabelOntology.from_dict(d)
 
     def label_frequency(self, key: str) -> pd.Series:
-        """Each label's share of the reference (computed once: an index can hold 74 M labels)."""
+        """Each label's share of the reference: from index.json where the build stored it
+        (``label_shares``), else counted once (seconds for the first query at 10 M labels)."""
         if key not in self._frequency:
-            self._frequency[key] = self.labels[key].astype(str).value_counts(normalize=True)
+            stored = self.meta.get("label_frequency", {}).get(key)
+            self._frequency[key] = (
+                pd.Series(stored["shares"], index=stored["labels"], dtype=float)
+                if stored
+                else self.labels[key].astype(str).value_counts(normalize=True)
+            )
         return self._frequency[key]
 
     @property
@@ -213,8 +219,21 @@ def build_index(
     labels = labels.reset_index(drop=True).astype(str)
     ix = LabelIndex(index, labels, info, gpu_resources=gpu_resources)
     info["neighbour_distance"] = reference_distance_quantiles(ix, z, k, seed)
+    info["label_frequency"] = label_shares(ix)
     info["build_s"] = round(time.perf_counter() - t0, 2)
     return ix
+
+
+def label_shares(ix: LabelIndex, max_labels: int = 10_000) -> dict[str, dict[str, list]]:
+    """Each label key's labels and their shares of the reference, for index.json (so that a
+    loaded index need not count millions of labels on its first query); keys with more than
+    ``max_labels`` distinct labels are counted when first needed instead."""
+    out = {}
+    for key in ix.labels.columns:
+        freq = ix.label_frequency(key)
+        if len(freq) <= max_labels:
+            out[key] = {"labels": freq.index.astype(str).tolist(), "shares": freq.tolist()}
+    return out
 
 
 def save_index(ix: LabelIndex, out: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -43,16 +43,28 @@ def typicality(distances: np.ndarray, reference: dict[str, float] | None) -> np.
     return np.exp(-excess / spread)
 
 
+def label_codes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes shaped like ``labels``, the sorted distinct labels as strings): what
+    ``np.unique(labels.astype(str), return_inverse=True)`` gives, by hashing the labels as they
+    are (pandas' factorize) and sorting only the distinct ones: ~5x faster on millions."""
+    codes, cats = pd.factorize(np.asarray(labels, dtype=object).ravel())
+    cats = np.asarray(cats).astype(str)
+    order = np.argsort(cats, kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank[codes].reshape(np.shape(labels)), cats[order]
+
+
 def balance_weights(
     w: np.ndarray, neighbour_labels: np.ndarray, label_frequency: pd.Series, power: float
 ) -> np.ndarray:
     """Kernel weights divided by frequency(label) ** power, renormalised per cell."""
-    freq = label_frequency.reindex(np.unique(neighbour_labels))
+    codes, cats = label_codes(neighbour_labels)
+    freq = label_frequency.reindex(cats)
     if freq.isna().any():
         raise ValueError(f"labels {list(freq.index[freq.isna()])[:5]} have no reference frequency")
     factor = freq.to_numpy() ** -power
-    _, codes = np.unique(neighbour_labels, return_inverse=True)
-    balanced = w * factor[codes.reshape(neighbour_labels.shape)]
+    balanced = w * factor[codes]
     return balanced / balanced.sum(axis=1, keepdims=True)
 
 
@@ -69,17 +81,16 @@ def label_probabilities(
     missing mass is the chance that the cell is of a type the reference does not hold.
     ``label_frequency`` (each label's share of the reference) and ``class_balance``: see above.
     """
-    neighbour_labels = neighbour_labels.astype(str)
     w = kernel_weights(distances)
     if class_balance:
         if label_frequency is None:
             raise ValueError("class_balance needs the reference's label_frequency")
         w = balance_weights(w, neighbour_labels, label_frequency, class_balance)
     w = w * typicality(distances, reference_distance)[:, None]
-    cats, codes = np.unique(neighbour_labels, return_inverse=True)
-    codes = codes.reshape(neighbour_labels.shape)
-    prob = np.zeros((len(w), len(cats)))
-    np.add.at(prob, (np.repeat(np.arange(len(w)), w.shape[1]), codes.ravel()), w.ravel())
+    codes, cats = label_codes(neighbour_labels)
+    n_cats = len(cats)  # one bincount over (cell, label) pairs: np.add.at is ~10x slower
+    flat = (np.arange(len(w))[:, None] * n_cats + codes).ravel()
+    prob = np.bincount(flat, w.ravel(), minlength=len(w) * n_cats).reshape(len(w), n_cats)
     return cats, prob
 
 

@@ -39,6 +39,8 @@ def check_unique_gene_ids(ids: Sequence[str], where: str) -> None:
     would silently win), so a repeat is refused. Empty names (genes this key does not name) are
     not compared. One check for every reader of gene names: files, the client, the server.
     """
+    if len(set(ids)) == len(ids):  # the common case, ~10x faster than counting
+        return
     seen: dict[str, int] = {}
     for i in ids:
         if i:

@@ -39,7 +39,7 @@ from censusvi.serving.deploy import (
 from censusvi.serving.mapper import ModelHost
 from censusvi.serving.metrics import ReplicaMetrics, combine, node_exports
 from censusvi.serving.parsing import refusal, transfer_options
-from censusvi.serving.results import ResultStore, new_result_id
+from censusvi.serving.results import ResultStore, kept_result, new_result_id
 from censusvi.serving.settings import Settings, current_version
 from censusvi.serving.versions import HELD, VersionBoard, sync
 
@@ -52,7 +52,9 @@ app = FastAPI(
     redoc_url=None,
     openapi_url=None,
 )
-BATCH = {"max_batch_size": 16, "batch_wait_timeout_s": 0.005}  # join what arrives within 5 ms
+# join what arrives within 20 ms: at 5 ms, 100-cell requests under load went alone and the
+# Mapper spent ~33 ms of CPU on each; at 20 ms ~26 ms (bench/RESULTS.md, serve efficiency)
+BATCH = {"max_batch_size": 16, "batch_wait_timeout_s": 0.02}
 SERVED_BY = "censusvi-served-by"  # answer header: the Mapper and Annotator replicas that answered
 
 
@@ -150,21 +152,33 @@ class Mapper(Holder):
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class Annotator(Holder):
-    async def __init__(self, settings: dict, board, reserved: int | None = None) -> None:
+    async def __init__(self, settings: dict, board, results, reserved: int | None = None) -> None:
+        self.results = results
         await self.join(board, IndexHost(Settings(**settings)), reserved)
 
     def explore(self, item: dict) -> str:
         return self.host.explore(item)
 
     @serve.batch(**BATCH)
-    async def annotate(self, mapped: list[dict], versions: list[str], options: list[tuple]):
-        """Each call passes the Mapper's answer, its version and (k, threshold, method); a
-        request the Mapper refused is answered with nothing (the ingress sends its error)."""
+    async def annotate(
+        self, mapped: list[dict], versions: list[str], options: list[tuple], keeps: list[dict]
+    ):
+        """Each call passes the Mapper's answer, its version, (k, threshold, method) and what
+        the explorer keeps (``kept_result``'s arguments from the ingress); a request the Mapper
+        refused is answered with nothing (the ingress sends its error). The explorer's copies of
+        the batch go to ``Results`` in one call, before the answers name them."""
         asked = [
             (m["latent"], v, *o) for m, v, o in zip(mapped, versions, options) if "error" not in m
         ]
         answers = iter(await asyncio.to_thread(self.host.annotate_all, asked))
         out = [{"labels": {}} if "error" in m else next(answers) for m in mapped]
+        kept = [
+            (kept_result(m, a, v, **keep), keep["owner"])
+            for m, a, v, keep in zip(mapped, out, versions, keeps)
+            if "error" not in m and "error" not in a
+        ]
+        if kept:
+            await self.results.put_many.remote(kept)
         return [{**a, "replica": self.replica} for a in out]
 
 
@@ -176,8 +190,8 @@ class Results:
         s = Settings(**settings)
         self.store = ResultStore(s.results_kept, s.results_max_cells, s.results_ttl_s)
 
-    def put(self, item: dict, owner: str | None) -> str:
-        return self.store.put(item, owner, item["result_id"])
+    def put_many(self, items: list[tuple[dict, str | None]]) -> list[str]:
+        return [self.store.put(item, owner, item["result_id"]) for item, owner in items]
 
     def get(self, rid: str, owner: str | None) -> dict | None:
         return self.store.get(rid, owner)
@@ -314,34 +328,29 @@ class Ingress:
 
     async def _answer_cells(self, request: Request, endpoint: str, cells, options: tuple):
         """Map, then annotate: the Mapper's answer goes to the Annotator as an object reference
-        (not through this replica), and the explorer's copy is stored while the answer encodes."""
+        (not through this replica), which also keeps the explorer's copy (``Results``)."""
         from censusvi.wire import ARROW, encode_result
 
         version = self.version  # one version answers the whole request
         mapping = self.mapper.map.remote((cells, version))
         if endpoint == "annotate":
-            labelling = self.annotator.annotate.remote(mapping, version, options)
+            rid, owner = new_result_id(), self._owner(request)
+            keep = {"result_id": rid, "owner": owner, "name": self.name, "batch": cells.batch}
+            labelling = self.annotator.annotate.remote(mapping, version, options, keep)
         mapped = await mapping
         if "error" in mapped:
             return _json_error(mapped["status"], mapped["error"]), 0
         model = {"name": self.name, "version": version}
         result = {"model": model, "n_cells": cells.n_cells, **mapped}
         served_by = [f"Mapper#{mapped['replica']}"]
-        stored = None
         if endpoint == "annotate":
-            labelled = await labelling
+            labelled = await labelling  # kept for the explorer by then: the link works at once
             if "error" in labelled:
                 return _json_error(labelled["status"], labelled["error"]), 0
             served_by.append(f"Annotator#{labelled['replica']}")
-            result["labels"] = labelled["labels"]
-            result["result_id"] = new_result_id()
-            result["explorer"] = f"/explorer/{result['result_id']}"
-            kept = {**result, "batch": cells.batch[mapped["positions"]]}
-            stored = self.results.put.remote(kept, self._owner(request))
+            result.update(labels=labelled["labels"], result_id=rid, explorer=f"/explorer/{rid}")
         arrow = ARROW in request.headers.get("accept", "")
         payload, media = await asyncio.to_thread(encode_result, result, arrow)
-        if stored is not None:
-            await stored  # before the answer names it: the explorer link works at once
         headers = {SERVED_BY: " ".join(served_by)}
         return Response(payload, media_type=media, headers=headers), len(mapped["positions"])
 
@@ -360,10 +369,13 @@ def build_app(args: dict[str, Any]):
     settings = s.to_dict()
     memory = {d: options[d]["ray_actor_options"].get("memory") for d in HELD}  # bytes reserved
     board = Versions.options(**options["Versions"]).bind(settings)
+    results = Results.options(**options["Results"]).bind(settings)
     return Ingress.options(**options["Ingress"]).bind(
         Mapper.options(**options["Mapper"]).bind(settings, board, memory["Mapper"]),
-        Annotator.options(**options["Annotator"]).bind(settings, board, memory["Annotator"]),
-        Results.options(**options["Results"]).bind(settings),
+        Annotator.options(**options["Annotator"]).bind(
+            settings, board, results, memory["Annotator"]
+        ),
+        results,
         board,
         settings,
     )

@@ -52,3 +52,17 @@ class ResultStore:
             or now - next(iter(self.items.values()))["kept_at"] > self.ttl_s
         ):
             self.items.popitem(last=False)
+
+
+def kept_result(mapped: dict, labelled: dict, version: str, **keep) -> dict:
+    """What ``GET /explorer/{id}`` shows of one answer: the mapping, its labels, the cells'
+    batches; ``keep``: result_id, owner, model name and the request's batch labels."""
+    return {
+        "model": {"name": keep["name"], "version": version},
+        "n_cells": len(keep["batch"]),
+        **{k: v for k, v in mapped.items() if k != "replica"},
+        "labels": labelled["labels"],
+        "result_id": keep["result_id"],
+        "explorer": f"/explorer/{keep['result_id']}",
+        "batch": keep["batch"][mapped["positions"]],
+    }
