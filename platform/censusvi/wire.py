@@ -80,9 +80,7 @@ def _checked(parts: tuple, genes, batch, limits: DecodeLimits, symbols=None) -> 
     if not isinstance(genes, list) or not all_strings(genes):
         raise PayloadError("genes must be a list of gene id strings")
     if symbols is not None and (
-        not isinstance(symbols, list)
-        or not all_strings(symbols)
-        or len(symbols) != len(genes)
+        not isinstance(symbols, list) or not all_strings(symbols) or len(symbols) != len(genes)
     ):
         raise PayloadError(
             f"symbols must be a list of {len(genes)} strings, one per gene ('' where unknown)"
