@@ -31,15 +31,12 @@ from censusvi.inference import latent_representation
 from censusvi.outputs import NLL_COLUMN
 
 KEY = "cell_type"
-VARIANTS = (  # (name, statistic, signals); "none": no in-reference factor at all
-    ("none", None, ()),
-    ("distance", "fisher", ("distance",)),
-    ("fisher d+e", "fisher", ("distance", "entropy")),
-    ("fisher d+n", "fisher", ("distance", "nll")),
-    ("fisher d+n+e", "fisher", ("distance", "nll", "entropy")),
-    ("max d+e", "max", ("distance", "entropy")),
-    ("max d+n+e", "max", ("distance", "nll", "entropy")),
-)
+VARIANTS = [("none", None, (), novelty.ALPHA)]  # (name, statistic, signals, alpha)
+for _names in (("distance",), ("distance", "entropy"), ("distance", "nll", "entropy")):
+    for _alpha in (0.01, 0.05, 0.1):
+        _label = "+".join(n[0] for n in _names) + f" a={_alpha}"
+        VARIANTS.append((f"fisher {_label}", "fisher", _names, _alpha))
+VARIANTS.append(("max d+n+e a=0.05", "max", ("distance", "nll", "entropy"), 0.05))
 
 
 def reference_latent(model, ref):
@@ -67,14 +64,14 @@ def uncertainties(ix, z_q, nll_q, ref_signals, methods) -> dict[tuple[str, str],
     if p_head is not None:
         query["entropy"] = novelty.entropy(p_head)
     out = {}
-    for name, stat, names in VARIANTS:
+    for name, stat, names, alpha in VARIANTS:
         if not set(names) <= set(ref_signals) or not set(names) <= set(query):
             continue
         if stat is None:
             in_ref = np.ones(len(z_q))
         else:
             fitted = novelty.fit({s: ref_signals[s] for s in names}, stat)
-            in_ref = novelty.in_reference({s: query[s] for s in names}, fitted)
+            in_ref = novelty.in_reference({s: query[s] for s in names}, fitted, alpha)
         for m in methods:
             if m != "knn" and p_head is None:
                 continue

@@ -26,7 +26,7 @@ def test_an_index_without_the_fit_gets_its_distance_typicality():
 
 
 def test_reference_like_cells_stay_in_reference_and_one_odd_signal_flags_a_cell():
-    """Fitted on one sample, 1 % (ALPHA) of fresh reference-like cells fall below 1, so the
+    """Fitted on one sample, 5 % (ALPHA) of fresh reference-like cells fall below 1, so the
     label probabilities of reference cells keep their calibration; a cell typical in distance
     but far in NLL is flagged; NaN NLL (a caller without it) leaves the distance to decide."""
     rng = np.random.default_rng(0)
@@ -39,7 +39,7 @@ def test_reference_like_cells_stay_in_reference_and_one_odd_signal_flags_a_cell(
     assert set(fitted["combined"]) == {"distance+nll", "distance+entropy", "distance+nll+entropy"}
     json.dumps(fitted)  # plain numbers: index.json holds them
     fresh = novelty.in_reference(cells(20_000), fitted)
-    assert 0.005 <= (fresh < 1).mean() <= 0.02
+    assert novelty.ALPHA == 0.05 and 0.035 <= (fresh < 1).mean() <= 0.065
     odd = {"distance": np.array([1.0, 1.0]), "nll": np.array([2.5, 9.0]), "entropy": None}
     p = novelty.in_reference(odd, fitted)
     assert p[0] == 1.0 and p[1] < 0.05
@@ -79,8 +79,8 @@ def _auroc(ix, mapped, novel, method="knn", nll=True):
 
 
 def test_a_type_missing_from_the_reference_is_flagged_across_technologies(minus_h2228):
-    """AUROC >= 0.85 for the left-out line's query cells by every method, and the combined
-    signals at least as good as the neighbour distance alone (the index without its fit)."""
+    """AUROC >= 0.85 for the left-out line's query cells by every method, with and without
+    the NLL (the model saw this line, so here the distance does the work: alone, 1.0)."""
     path, ix, mapped, novel = minus_h2228
     meta = json.loads((path / "index.json").read_text())["novelty"]
     assert meta["version"] == novelty.VERSION and 0 < meta["n_cells"] <= 20_000
@@ -88,8 +88,6 @@ def test_a_type_missing_from_the_reference_is_flagged_across_technologies(minus_
     assert 0 < novel.sum() < len(novel)
     combined = {m: _auroc(ix, mapped, novel, m) for m in ("knn", "head", "ensemble")}
     assert min(combined.values()) >= 0.85, combined
-    distance_only = _auroc(_without_fit(ix), mapped, novel)
-    assert combined["knn"] >= distance_only - 1e-9, (combined, distance_only)
     assert _auroc(ix, mapped, novel, nll=False) >= 0.85  # a caller with latents only
 
 
@@ -128,3 +126,49 @@ def test_an_index_saved_without_the_fit_annotates_as_before(minus_h2228, tmp_pat
     )
     np.testing.assert_allclose(got["probability"], before["probability"])
     assert (got["predicted"] == before["predicted"]).all()
+
+
+@pytest.fixture(scope="module")
+def pbmc_without_b(shared_data):
+    """A model and index of the 3-chemistry PBMC without its B cells (the model never saw one),
+    and the FACS-sorted Zheng PBMC (another study, 10x v1) mapped onto it as one query batch."""
+    import censusvi
+    from censusvi.mapping.query import map_query
+
+    ref = ad.read_h5ad(shared_data / "pbmc_3chem_symphony_small.h5ad")
+    ref = ref[ref.obs["cell_type"] != "B"].copy()
+    query = ad.read_h5ad(shared_data / "pbmc_zheng_sorted_donorA_mudan.h5ad")
+    query = query[query.obs["cell_type"] != "unknown"].copy()
+    query.obs["batch"] = "zheng_sorted"
+    model = censusvi.pretrain(ref, "batch", max_epochs=60, seed=0)
+    ix = censusvi.build_index(ref, model, ontology=False)
+    mapped = map_query(model, query, "batch")
+    novel = (query.obs["cell_type"].to_numpy() == "bcells")[mapped.positions]
+    return ix, mapped, novel
+
+
+def test_a_type_the_model_never_saw_is_flagged_in_another_study(pbmc_without_b):
+    """B cells missing from the reference and the model: flagged with AUROC >= 0.85 by every
+    method; the combined signals better than the neighbour distance alone as censusvi used it
+    (the typicality an index without the fit gets: 0.65 here), and within 0.01 of the fit's
+    distance table alone at the same ALPHA (0.005 below it with this 60-epoch model; 0.033
+    above it with the bench's default-schedule model, bench/RESULTS.md)."""
+    from censusvi.annotate import pipeline
+
+    ix, mapped, novel = pbmc_without_b
+    assert 0 < novel.sum() < len(novel)
+    combined = {m: _auroc(ix, mapped, novel, m) for m in ("knn", "head", "ensemble")}
+    assert min(combined.values()) >= 0.85, combined
+    typicality_only = _auroc(_without_fit(ix), mapped, novel)
+    signals = ix.meta["novelty"]["keys"]["cell_type"]["signals"]
+    distance_fit = {"signals": {"distance": signals["distance"]}, "combined": {}}
+    original = pipeline.in_reference_probability
+    try:  # the fit's own distance table alone, at the same alpha
+        pipeline.in_reference_probability = lambda index, key, dist, *a: novelty.in_reference(
+            {"distance": dist.mean(1)}, distance_fit
+        )
+        distance_alone = _auroc(ix, mapped, novel)
+    finally:
+        pipeline.in_reference_probability = original
+    assert combined["knn"] >= typicality_only + 0.1, (combined, typicality_only)
+    assert combined["knn"] >= distance_alone - 0.01, (combined, distance_alone)

@@ -108,7 +108,6 @@ def fit_novelty(ix: LabelIndex, z: np.ndarray, nll_of, k: int = defaults.K, seed
         return
     ix.meta["novelty"] = {
         "version": novelty.VERSION,
-        "alpha": novelty.ALPHA,
         "n_cells": int(len(rows)),
         "keys": {key: novelty.fit(own) for key, own in signals.items()},
     }
