@@ -89,9 +89,10 @@ def test_methods_from_the_cli_and_the_heads_file(pbmc_scvi, tmp_path, capsys):
 
 
 def test_out_of_reference_scaling_keeps_the_heads_calibration(pbmc_scvi):
-    """Reference cells the index never saw (30 % of the three chemistries), annotated with the
-    index's out-of-reference fit and their own NLL: the head's probabilities, each scaled by
-    the cell's in-reference probability, stay calibrated (ECE <= 0.05)."""
+    """Reference cells the index never saw (half of the three chemistries, as above),
+    annotated with the index's out-of-reference fit and their own NLL: the head's
+    probabilities, each scaled by the cell's in-reference probability, stay calibrated (ECE <=
+    0.05), within 0.02 of the head's own (ALPHA 0.05 would have cost 0.04 here)."""
     from censusvi.annotate.pipeline import index_reference, reference_nll, transfer_all
     from censusvi.data.h5ad import H5adSource
     from censusvi.inference import latent_representation
@@ -100,7 +101,7 @@ def test_out_of_reference_scaling_keeps_the_heads_calibration(pbmc_scvi):
     model_dir, cells, _ = pbmc_scvi
     model = load_model(model_dir)
     a = ad.read_h5ad(cells)
-    seen = np.random.default_rng(1).random(a.n_obs) < 0.7
+    seen = np.random.default_rng(0).random(a.n_obs) < 0.5
     ix = index_reference(model, a[seen].copy(), ["cell_type"], ontology=False)
     assert "novelty" in ix.meta
     source = H5adSource("held out", adata=a[~seen].copy())
@@ -110,4 +111,6 @@ def test_out_of_reference_scaling_keeps_the_heads_calibration(pbmc_scvi):
     res = transfer_all(ix, z, method="head", class_balance=0.0, nll=nll)["cell_type"]
     correct = res["predicted"].to_numpy() == truth
     ece = expected_calibration_error(res["probability"].to_numpy(), correct)
-    assert correct.mean() > 0.85 and ece <= 0.05, (correct.mean(), ece)
+    p = ix.heads["cell_type"].probabilities(z)
+    own = expected_calibration_error(p.max(1), ix.heads["cell_type"].classes[p.argmax(1)] == truth)
+    assert correct.mean() > 0.85 and ece <= 0.05 and ece <= own + 0.02, (correct.mean(), ece, own)
