@@ -161,3 +161,15 @@ def test_a_type_the_model_never_saw_is_flagged_in_another_study(pbmc_without_b):
     assert min(combined["head"], combined["ensemble"]) >= 0.85 and combined["knn"] >= 0.8, combined
     typicality_only = _auroc(_without_fit(ix), mapped, novel)
     assert combined["knn"] >= typicality_only + 0.1, (combined, typicality_only)
+
+
+def test_serve_requests_bring_their_nll_beside_requests_without():
+    """The Annotator joins requests of one version into one search: a request with the
+    Mapper's nll_per_count (a 6th field) keeps it, one without gets NaN (its other signals
+    decide); none with it: None."""
+    from censusvi.serving.annotator import joined_nll
+
+    with_nll = (np.zeros((2, 3)), "1", 15, 1.0, "knn", np.array([1.0, 2.0]))
+    without = (np.zeros((1, 3)), "1", 15, 1.0, "knn")
+    assert joined_nll([without]) is None
+    np.testing.assert_array_equal(joined_nll([with_nll, without]), [1.0, 2.0, np.nan])
