@@ -159,9 +159,12 @@ class Annotator(Holder):
     @serve.batch(**BATCH)
     async def annotate(self, mapped: list[dict], versions: list[str], options: list[tuple]):
         """Each call passes the Mapper's answer, its version and (k, threshold, method); a
-        request the Mapper refused is answered with nothing (the ingress sends its error)."""
+        request the Mapper refused is answered with nothing (the ingress sends its error). The
+        Mapper's NLL goes along for the out-of-reference detection."""
         asked = [
-            (m["latent"], v, *o) for m, v, o in zip(mapped, versions, options) if "error" not in m
+            (m["latent"], v, *o, m.get("nll_per_count"))
+            for m, v, o in zip(mapped, versions, options)
+            if "error" not in m
         ]
         answers = iter(await asyncio.to_thread(self.host.annotate_all, asked))
         out = [{"labels": {}} if "error" in m else next(answers) for m in mapped]
