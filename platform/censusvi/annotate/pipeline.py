@@ -366,8 +366,11 @@ def annotate(
 
 def index_summary(meta: dict) -> dict:
     """The index's metadata as the annotated query records it: the ontology by its release and
-    flat labels only (its terms and ancestors stay in the index)."""
-    out = {k: v for k, v in meta.items() if k not in ("label_keys", "ontology")}
+    flat labels only (its terms and ancestors stay in the index), the out-of-reference fit by
+    its version and cells (its quantile tables stay in the index)."""
+    out = {k: v for k, v in meta.items() if k not in ("label_keys", "ontology", "novelty")}
+    if meta.get("novelty"):
+        out["novelty"] = {k: meta["novelty"][k] for k in ("version", "n_cells")}
     ontology = meta.get("ontology") or {}
     out["ontology"] = {k: {"version": o["version"], "flat": o["flat"]} for k, o in ontology.items()}
     return out
