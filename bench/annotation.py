@@ -75,7 +75,9 @@ class Answers:
 def available_methods() -> tuple[list[str] | None, str | None, str]:
     """censusvi.annotate's methods, its default, and a note for the output; ``(None, None,
     ...)`` when it takes no ``method`` (then it is plain kNN)."""
-    params = inspect.signature(censusvi.annotate).parameters
+    from censusvi import api  # censusvi.annotate is also the callable subpackage once imported
+
+    params = inspect.signature(api.annotate).parameters
     if "method" not in params:
         return None, None, "censusvi.annotate takes no method: its kNN only"
     param = params["method"]
@@ -92,11 +94,21 @@ def novel_types(split: splits.Split) -> list[str]:
     return [x for x, n in zip(labels, counts) if n >= MIN_NOVEL_CELLS and n < counts.sum()]
 
 
-def censusvi_answers(split, seed: int, methods: list[str] | None, epochs: int | None) -> tuple:
-    """Pretrain on the reference, then each method's answers (full index, and each novel type
-    left out of the index); returns (answers per method name, the model)."""
+def censusvi_answers(split, seed: int, methods, epochs: int | None, cache=None) -> tuple:
+    """Pretrain on the reference (or load it from ``cache``, a folder of models this bench
+    saved), then each method's answers (full index, and each novel type left out of the
+    index); returns (answers per method name, the model, the indexes by left-out type)."""
     settings = {"seed": seed} | ({"max_epochs": epochs} if epochs else {})
-    model = censusvi.pretrain(split.ref, "batch", **settings)
+    saved = None
+    if cache:
+        name = re.sub(r"\W+", "_", f"{split.family}_{split.name}_seed{seed}_{epochs or 'auto'}")
+        saved = Path(cache) / name
+    if saved is not None and saved.is_dir():
+        model = censusvi.load_model(saved)
+    else:
+        model = censusvi.pretrain(split.ref, "batch", **settings)
+        if saved is not None:
+            model.save(saved)
     term_col = ontology_columns(KEY)[0]
 
     def run(index, method) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -109,11 +121,12 @@ def censusvi_answers(split, seed: int, methods: list[str] | None, epochs: int | 
     keys = methods or [None]
     full = censusvi.build_index(split.ref, model)
     out = {m: Answers(*run(full, m)) for m in keys}
+    indexes = {"": full}
     for t in novel_types(split):
-        index = censusvi.build_index(split.ref[split.ref.obs[KEY] != t].copy(), model)
+        indexes[t] = censusvi.build_index(split.ref[split.ref.obs[KEY] != t].copy(), model)
         for m in keys:
-            out[m].left_out[t] = run(index, m)[1]
-    return {f"censusvi {m or 'knn'}": a for m, a in out.items()}, model
+            out[m].left_out[t] = run(indexes[t], m)[1]
+    return {f"censusvi {m or 'knn'}": a for m, a in out.items()}, model, indexes
 
 
 def knn_answers(z_ref: np.ndarray, z_q: np.ndarray, labels: np.ndarray, novel: list[str]):
@@ -194,11 +207,20 @@ def score(split: splits.Split, a: Answers) -> dict[str, float]:
     }
 
 
-def run_split(split, seed, methods, scvi_on: bool, quick: bool) -> list[dict]:
+def run_split(split, seed, methods, scvi_on: bool, quick: bool, study=None, cache=None):
+    """The rows of one split and seed; ``study``: a dict whose "auroc" and "absent" lists get
+    ``bench/annotation_novelty.py``'s tables of this split."""
     epochs = QUICK_EPOCHS if quick else None
     t0 = time.perf_counter()
-    answers, model = censusvi_answers(split, seed, methods, epochs)
+    answers, model, indexes = censusvi_answers(split, seed, methods, epochs, cache)
     times = dict.fromkeys(answers, time.perf_counter() - t0)
+    if study is not None:
+        import annotation_novelty as nov
+
+        kinds = methods or ["knn"]
+        left_out = {t: ix for t, ix in indexes.items() if t}
+        study["auroc"].append(nov.study(split, model, left_out, kinds).assign(seed=seed))
+        study["absent"].append(nov.absent_predictions(split, model, indexes[""], kinds))
     genes = model_genes(split, model)
     t0 = time.perf_counter()
     answers[PCA] = pca_answers(split, seed, genes)
@@ -232,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scvi-seeds", help="seeds that also run scvi-tools ('' none; default: all)")
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_EPOCHS} epochs")
     p.add_argument("--max-cells", type=int, help="subsample each reference and query to this")
+    p.add_argument("--model-cache", help="a folder: keep each pretrained censusvi model there "
+                   "and reuse it in later runs (same split, seed and epochs)")  # fmt: skip
+    p.add_argument("--novelty-study", action="store_true", help="also print each out-of-"
+                   "reference signal combination's AUROC (bench/annotation_novelty.py)")  # fmt: skip
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     for name in ("lightning", "lightning.pytorch", "scvi"):  # their per-fit INFO lines
@@ -256,13 +282,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Cell Ontology {splits.verify_terms()}: every hand-set term id and name checked")
     if not splits.kang_has_labels():
         print("Kang PBMC: no cell-type labels (all 'unknown'): not used")
-    rows = []
+    rows, study = [], ({"auroc": [], "absent": []} if a.novelty_study else None)
     for split in splits.load(a.families.split(","), a.max_cells):
         print(f"{split.family} / {split.name}: reference {split.ref.n_obs} cells "
               f"({len(split.terms)} types), query {split.query.n_obs} "
               f"({int((split.truth != '').sum())} held)", flush=True)  # fmt: skip
         for seed in seeds:
-            rows += run_split(split, seed, methods, seed in scvi_seeds, a.quick)
+            rows += run_split(
+                split, seed, methods, seed in scvi_seeds, a.quick, study, a.model_cache
+            )
+    if study is not None:
+        import annotation_novelty as nov
+
+        nov.print_study(study["auroc"], study["absent"])
     default_name = f"censusvi {default or 'knn'}"
     report(pd.DataFrame(rows), default_name, time.perf_counter() - started)
     return 0

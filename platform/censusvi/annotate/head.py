@@ -73,6 +73,17 @@ def _network(dim: int, n_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, n_classes))
 
 
+def calibration_rows(n: int, rng: np.random.Generator) -> np.ndarray:
+    """The cells (a boolean mask over ``n``) a head is temperature-scaled on and never trained
+    on: a random ``CALIBRATION_FRACTION`` (none under 20 cells). ``fit_head(..., seed)`` draws
+    them first from ``default_rng(seed)``; the index's out-of-reference fit draws the same
+    cells the same way (``annotate.pipeline.fit_novelty``)."""
+    calib = np.zeros(n, dtype=bool)
+    n_calib = int(round(n * CALIBRATION_FRACTION)) if n >= 20 else 0
+    calib[rng.choice(n, n_calib, replace=False)] = True
+    return calib
+
+
 def fit_head(z: np.ndarray, labels, seed: int = 0) -> tuple[LabelHead, dict]:
     """Train a head on latents ``z`` with ``labels`` (one per row); returns it and its held-out
     calibration (``ece_before``/``ece_after`` temperature scaling, ``temperature``, cells)."""
@@ -81,10 +92,8 @@ def fit_head(z: np.ndarray, labels, seed: int = 0) -> tuple[LabelHead, dict]:
     labels = np.asarray(labels).astype(str)
     classes, y = np.unique(labels, return_inverse=True)
     rng = np.random.default_rng(seed)
-    n = len(z)
-    calib = np.zeros(n, dtype=bool)
-    n_calib = int(round(n * CALIBRATION_FRACTION)) if n >= 20 else 0
-    calib[rng.choice(n, n_calib, replace=False)] = True
+    calib = calibration_rows(len(z), rng)
+    n_calib = int(calib.sum())
     mean = z[~calib].mean(0).astype(np.float32)
     scale = (z[~calib].std(0) + 1e-6).astype(np.float32)
     x = torch.from_numpy(((z - mean) / scale).astype(np.float32))

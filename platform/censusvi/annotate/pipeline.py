@@ -11,8 +11,9 @@ import pandas as pd
 from censusvi import defaults
 from censusvi.annotate.index import LabelIndex, build_index
 from censusvi.annotate.majority import majority_vote, n_clusters, over_cluster
+from censusvi.annotate.novelty import entropy, in_reference
 from censusvi.annotate.ontology import backoff, label_ontologies
-from censusvi.annotate.transfer import label_probabilities, summarise, typicality
+from censusvi.annotate.transfer import label_probabilities, summarise
 from censusvi.data.h5ad import H5adSource
 from censusvi.data.soma import open_source
 from censusvi.inference import latent_representation
@@ -30,6 +31,7 @@ from censusvi.outputs import (
 )
 
 IN_MEMORY = "<AnnData>"  # what an in-memory reference is called in the index's metadata
+NOVELTY_MAX_CELLS = 20_000  # held-out reference cells the out-of-reference fit reads at most
 
 
 def index_reference(
@@ -43,12 +45,14 @@ def index_reference(
     head: bool = True,
     kind: str = defaults.INDEX_KIND,
     metric: str = defaults.METRIC,
+    novelty: bool = True,
 ) -> LabelIndex:
     """Embed the reference (an .h5ad, a SOMA experiment or an in-memory AnnData, of batches the
     model knows) and index it; ``ontology``: also keep the Cell Ontology terms of its labels
     (``censusvi.annotate.ontology``) for ontology-aware answers; ``head``: also train a label
     head per key (``censusvi.annotate.head``) for ``method="head"`` / ``"ensemble"``; ``kind`` and
-    ``metric``: the FAISS index (``censusvi.annotate.faiss_index``)."""
+    ``metric``: the FAISS index (``censusvi.annotate.faiss_index``); ``novelty``: also fit the
+    out-of-reference detection on held-out reference cells (``fit_novelty``)."""
     if isinstance(data, ad.AnnData):
         source = H5adSource(IN_MEMORY, obs_filter=obs_filter, layer=layer, adata=data)
         data = IN_MEMORY
@@ -68,6 +72,8 @@ def index_reference(
     ix = build_index(z, labels, meta, device=faiss_device, kind=kind, metric=metric)
     if head:
         fit_heads(ix, z)
+    if novelty:
+        fit_novelty(ix, z, lambda rows: reference_nll(model, source, pos[rows]))
     return ix
 
 
@@ -78,6 +84,82 @@ def fit_heads(ix: LabelIndex, z: np.ndarray, seed: int = 0) -> None:
     for key in ix.labels.columns:
         ix.heads[key], info = fit_head(z, ix.labels[key].to_numpy(), seed)
         ix.meta.setdefault("heads", {})[key] = {"classes": ix.heads[key].classes.tolist(), **info}
+
+
+def novelty_rows(n: int, seed: int = 0, max_cells: int = NOVELTY_MAX_CELLS) -> np.ndarray:
+    """The reference rows the out-of-reference fit reads (sorted): the label heads' calibration
+    cells, which no head was trained on (at most ``max_cells``); all rows under 20 cells."""
+    from censusvi.annotate.head import calibration_rows
+
+    rows = np.flatnonzero(calibration_rows(n, np.random.default_rng(seed)))
+    rows = rows if len(rows) else np.arange(n)
+    if len(rows) > max_cells:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_cells, replace=False))
+    return rows
+
+
+def fit_novelty(ix: LabelIndex, z: np.ndarray, nll_of, k: int = defaults.K, seed: int = 0):
+    """Fit each label key's out-of-reference detection (``annotate.novelty.fit``) on held-out
+    reference cells (``reference_signals``) and store it in ``ix.meta["novelty"]`` (in place)."""
+    from censusvi.annotate import novelty
+
+    rows, signals = reference_signals(ix, z, nll_of, k, seed)
+    if not signals:
+        return
+    ix.meta["novelty"] = {
+        "version": novelty.VERSION,
+        "n_cells": int(len(rows)),
+        "keys": {key: novelty.fit(own) for key, own in signals.items()},
+    }
+
+
+def reference_signals(
+    ix: LabelIndex, z: np.ndarray, nll_of, k: int = defaults.K, seed: int = 0
+) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
+    """(rows, label key -> signal -> values) of the held-out reference cells ``novelty_rows``
+    of the index's latents ``z``: their mean distance to their k nearest other reference cells,
+    their reconstruction NLL per count (``nll_of(rows)``; None: left out) and the key's head's
+    entropy (where it has a head); no signals for an index of a single cell."""
+    rows = novelty_rows(len(z), seed)
+    kk = min(k + 1, ix.index.ntotal)
+    if kk < 2:
+        return rows, {}
+    dist, _ = ix.search(z[rows], kk)
+    common = {"distance": dist[:, 1:].mean(1)}  # the cell itself is its nearest neighbour
+    nll = nll_of(rows) if nll_of is not None else None
+    if nll is not None:
+        common["nll"] = np.asarray(nll, dtype=float)
+    out = {}
+    for key in ix.labels.columns:
+        out[key] = dict(common)
+        if key in ix.heads:
+            out[key]["entropy"] = entropy(ix.heads[key].probabilities(z[rows]))
+    return rows, out
+
+
+def reference_nll(model: TrainedModel, source, positions: np.ndarray) -> np.ndarray:
+    """Reconstruction -log p(x | z) per count under ``model`` of the reference cells at
+    ``positions`` of ``source`` (batches the model knows; cells with counts), as the mapping
+    computes it for a query (``mapping.query.latent_and_nll``)."""
+    from censusvi.inference import reference_cells
+    from censusvi.mapping.query import latent_and_nll
+    from censusvi.model.minibatch import minibatch_from_csr
+
+    order = np.argsort(positions, kind="stable")
+    cells, _ = reference_cells(model, source)
+    x, cov = cells.read(np.asarray(positions)[order])
+    vae = model.vae.eval()
+    device = next(vae.parameters()).device
+    parts = []
+    for start in range(0, len(order), defaults.EMBED_BATCH_SIZE):
+        stop = start + defaults.EMBED_BATCH_SIZE
+        mb = minibatch_from_csr(
+            x[start:stop], cov[start:stop], device, with_counts=vae.needs_dense_counts
+        )
+        parts.append(latent_and_nll(vae, mb)[1].cpu().numpy())
+    out = np.empty(len(order))
+    out[order] = np.concatenate(parts) if parts else np.empty(0)
+    return out
 
 
 def holdout_evaluation(
@@ -120,17 +202,27 @@ def transfer_all(
     class_balance: float = defaults.CLASS_BALANCE,
     ontology_threshold: float = defaults.ONTOLOGY_THRESHOLD,
     method: str = defaults.METHOD,
+    nll: np.ndarray | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Label transfer of every label key of the index to each row of ``latent`` by ``method``
     (``label_probabilities_by``): columns predicted, probability, uncertainty, and where the
     index maps the key's labels to the Cell Ontology, ontology_term_id, ontology_label,
-    ontology_probability (``ontology.backoff``)."""
+    ontology_probability (``ontology.backoff``). ``nll``: each row's reconstruction NLL per
+    count (the mapping's), for the out-of-reference detection (``in_reference_probability``);
+    without it the other signals decide."""
     if method not in defaults.METHODS:
         raise ValueError(f"method {method!r}: choose one of {', '.join(defaults.METHODS)}")
+    if nll is not None and len(nll) != len(latent):
+        raise ValueError(f"{len(nll)} NLL values for {len(latent)} cells: give one per cell")
     dist, idx = index.search(latent, k)
     out = {}
     for key in index.labels.columns:
-        cats, prob = label_probabilities_by(method, index, key, latent, dist, idx, class_balance)
+        head = index.heads.get(key)
+        p_head = head.probabilities(latent) if head is not None else None
+        in_ref = in_reference_probability(index, key, dist, nll, p_head)
+        cats, prob = label_probabilities_by(
+            method, index, key, dist, idx, class_balance, in_ref, p_head
+        )
         res = summarise(cats, prob, unknown_threshold)
         onto = index.ontology(key)
         if onto is not None:
@@ -139,32 +231,62 @@ def transfer_all(
     return out
 
 
+def in_reference_probability(
+    index: LabelIndex, key: str, dist: np.ndarray, nll=None, p_head=None
+) -> np.ndarray:
+    """Per cell, the probability that it is of a kind the reference holds
+    (``annotate.novelty``), from its neighbour distances, its NLL (where given) and the head's
+    p(label | cell) (where the key has a head), by the index's fit; an index without one (built
+    by an older censusvi, or ``novelty=False``): its neighbour-distance typicality, as before."""
+    from censusvi.annotate import novelty
+
+    fits = index.meta.get("novelty") or {}
+    fitted = fits.get("keys", {}).get(key) if fits.get("version", 0) == novelty.VERSION else None
+    if fitted is None:
+        fitted = novelty.legacy_fit(index.meta.get("neighbour_distance"))
+    if fitted is None:
+        return np.ones(len(dist))
+    signals = {
+        "distance": dist.mean(1),
+        "nll": nll,
+        "entropy": None if p_head is None else entropy(p_head),
+    }
+    return in_reference(signals, fitted)
+
+
 def label_probabilities_by(
-    method: str, index: LabelIndex, key: str, latent, dist, idx, class_balance: float
+    method: str,
+    index: LabelIndex,
+    key: str,
+    dist,
+    idx,
+    class_balance: float,
+    in_ref: np.ndarray,
+    p_head: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """p(label | cell) by weighted kNN (``transfer.label_probabilities``), the label head, or
-    their mean (``ensemble``). The head's probabilities get kNN's two corrections too: scaled by
-    how typical the cell's neighbour distances are, divided by label frequency ** class_balance."""
-    reference_distance = index.meta.get("neighbour_distance")
+    """p(label | cell) by weighted kNN (``transfer.label_probabilities``), the label head
+    (its probabilities ``p_head``), or their mean (``ensemble``), each scaled by the cell's
+    in-reference probability ``in_ref``. The head's probabilities get kNN's class balance too:
+    divided by label frequency ** class_balance."""
     frequency = index.label_frequency(key)
 
     def knn() -> tuple[np.ndarray, np.ndarray]:
         neighbours = index.labels[key].to_numpy()[idx]
-        return label_probabilities(dist, neighbours, reference_distance, frequency, class_balance)
+        cats, prob = label_probabilities(dist, neighbours, None, frequency, class_balance)
+        return cats, prob * in_ref[:, None]
 
     if method == "knn":
         return knn()
     head = index.heads.get(key)
-    if head is None:
+    if head is None or p_head is None:
         raise ValueError(
             f"the index has no label head for {key!r} (built without one, or by an older "
             "censusvi): rebuild it with `censusvi index`, or use --method knn"
         )
-    p_head = head.probabilities(latent)
     if class_balance:
         p_head = p_head * frequency.reindex(head.classes).fillna(1.0).to_numpy() ** -class_balance
         p_head /= p_head.sum(1, keepdims=True)
-    p_head *= typicality(dist, reference_distance)[:, None]
+    p_head = p_head * in_ref[:, None]
     if method == "head":  # no kNN vote to count
         return head.classes, p_head
     cats, prob = knn()
@@ -199,7 +321,14 @@ def annotate(
     mapped = map_query(model, adata, batch_key, layer=layer, surgery=surgery)
     out = mapped.annotated_copy(adata, latent_key)
     answers = transfer_all(
-        index, mapped.latent, k, unknown_threshold, class_balance, ontology_threshold, method
+        index,
+        mapped.latent,
+        k,
+        unknown_threshold,
+        class_balance,
+        ontology_threshold,
+        method,
+        nll=mapped.nll_per_count,
     )
     for key, res in answers.items():
         write_answers(out.obs, key, res)
@@ -237,8 +366,11 @@ def annotate(
 
 def index_summary(meta: dict) -> dict:
     """The index's metadata as the annotated query records it: the ontology by its release and
-    flat labels only (its terms and ancestors stay in the index)."""
-    out = {k: v for k, v in meta.items() if k not in ("label_keys", "ontology")}
+    flat labels only (its terms and ancestors stay in the index), the out-of-reference fit by
+    its version and cells (its quantile tables stay in the index)."""
+    out = {k: v for k, v in meta.items() if k not in ("label_keys", "ontology", "novelty")}
+    if meta.get("novelty"):
+        out["novelty"] = {k: meta["novelty"][k] for k in ("version", "n_cells")}
     ontology = meta.get("ontology") or {}
     out["ontology"] = {k: {"version": o["version"], "flat": o["flat"]} for k, o in ontology.items()}
     return out

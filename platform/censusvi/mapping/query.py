@@ -101,6 +101,17 @@ def prepare_query(
     return PreparedQuery(mapped, cells, labels, alignment, new, losses)
 
 
+def latent_and_nll(vae, mb) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latent means, reconstruction -log p(x | z) per count at z = the mean) of a minibatch
+    (built ``with_counts=vae.needs_dense_counts``): the mapping's ``nll_per_count``, and the
+    reference cells' own for the index's out-of-reference fit."""
+    with torch.no_grad():
+        inf = vae.inference(mb, sample=False)
+        gen = vae.generative(inf.z_nk, inf.log_library_n1, mb.covariates_nc)
+        nll = vae.reconstruction_n(mb, gen) / torch.exp(mb.log_library_n1[:, 0])
+    return inf.qz_mean_nk, nll
+
+
 def map_query(
     model: TrainedModel,
     adata: ad.AnnData,
@@ -120,12 +131,9 @@ def map_query(
         if not len(pos):
             continue  # every cell of this minibatch had zero counts and was dropped
         mb = minibatch_from_csr(x, c, device, with_counts=vae.needs_dense_counts)
-        with torch.no_grad():
-            inf = vae.inference(mb, sample=False)
-            gen = vae.generative(inf.z_nk, inf.log_library_n1, mb.covariates_nc)
-            nll = vae.reconstruction_n(mb, gen) / torch.exp(mb.log_library_n1[:, 0])
+        z, nll = latent_and_nll(vae, mb)
         pos_parts.append(pos)
-        z_parts.append(inf.qz_mean_nk.cpu().numpy())
+        z_parts.append(z.cpu().numpy())
         nll_parts.append(nll.cpu().numpy())
     if not pos_parts:
         raise ValueError("no query cell has counts over the model's genes")

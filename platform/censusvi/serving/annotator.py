@@ -43,6 +43,20 @@ def warm_up(ix) -> None:
         transfer_all(ix, latent, method=method)
 
 
+def joined_nll(requests: list[tuple]) -> np.ndarray | None:
+    """The requests' NLL per count joined (NaN for a request without one: its cells' other
+    signals decide), or None when none has it."""
+    if not any(len(r) > 5 and r[5] is not None for r in requests):
+        return None
+    parts = [
+        np.asarray(r[5], dtype=float)
+        if len(r) > 5 and r[5] is not None
+        else np.full(len(r[0]), np.nan)
+        for r in requests
+    ]
+    return np.concatenate(parts)
+
+
 class IndexHost:
     """The versions' indexes the version board wants this replica to hold (``store``; None for
     a version without one), and their reference maps for the explorer, fitted in the background
@@ -86,13 +100,15 @@ class IndexHost:
         keys = ("n_cells", "kind", "label_keys", "evaluation")
         return {"index": {k: ix.meta.get(k) for k in keys}}
 
-    def annotate_all(self, requests: list[tuple[np.ndarray, str, int, float, str]]) -> list[dict]:
+    def annotate_all(self, requests: list[tuple]) -> list[dict]:
         """One ``{"labels": {key: frame}}`` (or error) per
-        ``(latent_nk, version, k, threshold, method)``."""
+        ``(latent_nk, version, k, threshold, method[, nll_per_count])``: with the Mapper's
+        ``nll_per_count`` the out-of-reference detection also reads the cells' reconstruction
+        NLL (``annotate.novelty``); without it, their distances and the head's entropy."""
         from censusvi.annotate.pipeline import transfer_all
 
         results: list[dict | None] = [None] * len(requests)
-        keyed = ((i, tuple(r[1:])) for i, r in enumerate(requests))
+        keyed = ((i, tuple(r[1:5])) for i, r in enumerate(requests))
         for (version, k, thr, method), members in groups(keyed).items():
             ix = self.indexes.get(version)
             if ix is None or (method != "knn" and not ix.heads):
@@ -100,7 +116,12 @@ class IndexHost:
                     results[i] = no_index(version) if ix is None else no_head(version)
                 continue
             latent_nk = np.concatenate([requests[i][0] for i in members])
-            labels = transfer_all(ix, latent_nk, k, thr, method=method) if len(latent_nk) else {}
+            nll = joined_nll([requests[i] for i in members])
+            labels = (
+                transfer_all(ix, latent_nk, k, thr, method=method, nll=nll)
+                if len(latent_nk)
+                else {}
+            )
             sizes = [len(requests[i][0]) for i in members]
             for i, answer in zip(members, split_labels(labels, sizes)):
                 results[i] = answer

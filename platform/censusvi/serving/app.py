@@ -166,9 +166,12 @@ class Annotator(Holder):
         """Each call passes the Mapper's answer, its version, (k, threshold, method) and what
         the explorer keeps (``kept_result``'s arguments from the ingress); a request the Mapper
         refused is answered with nothing (the ingress sends its error). The explorer's copies of
-        the batch go to ``Results`` in one call, before the answers name them."""
+        the batch go to ``Results`` in one call, before the answers name them. The Mapper's NLL
+        goes along for the out-of-reference detection."""
         asked = [
-            (m["latent"], v, *o) for m, v, o in zip(mapped, versions, options) if "error" not in m
+            (m["latent"], v, *o, m.get("nll_per_count"))
+            for m, v, o in zip(mapped, versions, options)
+            if "error" not in m
         ]
         answers = iter(await asyncio.to_thread(self.host.annotate_all, asked))
         out = [{"labels": {}} if "error" in m else next(answers) for m in mapped]
