@@ -120,7 +120,9 @@ def in_process(tmp: Path):
     def send(body: bytes) -> str | None:
         cells = decode_request(body, ARROW, limits=s.limits)
         mq = map_query(model, cells.to_anndata(), "batch")
-        labels = transfer_all(index, mq.latent, s.k, s.unknown_threshold, method=s.method)
+        labels = transfer_all(
+            index, mq.latent, s.k, s.unknown_threshold, method=s.method, nll=mq.nll_per_count
+        )
         result = {"model": {"name": "bench", "version": "1"}, "n_cells": cells.n_cells,
                   "positions": mq.positions, "latent": mq.latent,
                   "nll_per_count": mq.nll_per_count, "report": mq.report, "labels": labels}  # fmt: skip
