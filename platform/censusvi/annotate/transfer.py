@@ -56,10 +56,10 @@ def label_codes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def balance_weights(
-    w: np.ndarray, neighbour_labels: np.ndarray, label_frequency: pd.Series, power: float
+    w: np.ndarray, codes: np.ndarray, cats: np.ndarray, label_frequency: pd.Series, power: float
 ) -> np.ndarray:
-    """Kernel weights divided by frequency(label) ** power, renormalised per cell."""
-    codes, cats = label_codes(neighbour_labels)
+    """Kernel weights divided by frequency(label) ** power, renormalised per cell; the
+    neighbours' labels as ``label_codes`` gives them (codes into ``cats``)."""
     freq = label_frequency.reindex(cats)
     if freq.isna().any():
         raise ValueError(f"labels {list(freq.index[freq.isna()])[:5]} have no reference frequency")
@@ -82,12 +82,12 @@ def label_probabilities(
     ``label_frequency`` (each label's share of the reference) and ``class_balance``: see above.
     """
     w = kernel_weights(distances)
+    codes, cats = label_codes(neighbour_labels)
     if class_balance:
         if label_frequency is None:
             raise ValueError("class_balance needs the reference's label_frequency")
-        w = balance_weights(w, neighbour_labels, label_frequency, class_balance)
+        w = balance_weights(w, codes, cats, label_frequency, class_balance)
     w = w * typicality(distances, reference_distance)[:, None]
-    codes, cats = label_codes(neighbour_labels)
     n_cats = len(cats)  # one bincount over (cell, label) pairs: np.add.at is ~10x slower
     flat = (np.arange(len(w))[:, None] * n_cats + codes).ravel()
     prob = np.bincount(flat, w.ravel(), minlength=len(w) * n_cats).reshape(len(w), n_cats)

@@ -39,7 +39,7 @@ from censusvi.serving.deploy import (
 from censusvi.serving.mapper import ModelHost
 from censusvi.serving.metrics import ReplicaMetrics, combine, node_exports
 from censusvi.serving.parsing import refusal, transfer_options
-from censusvi.serving.results import ResultStore, kept_result, new_result_id
+from censusvi.serving.results import ResultStore, explorer_path, kept_result, new_result_id
 from censusvi.serving.settings import Settings, current_version
 from censusvi.serving.versions import HELD, VersionBoard, sync
 
@@ -351,7 +351,7 @@ class Ingress:
             if "error" in labelled:
                 return _json_error(labelled["status"], labelled["error"]), 0
             served_by.append(f"Annotator#{labelled['replica']}")
-            result.update(labels=labelled["labels"], result_id=rid, explorer=f"/explorer/{rid}")
+            result.update(labels=labelled["labels"], result_id=rid, explorer=explorer_path(rid))
         arrow = ARROW in request.headers.get("accept", "")
         payload, media = await asyncio.to_thread(encode_result, result, arrow)
         headers = {SERVED_BY: " ".join(served_by)}

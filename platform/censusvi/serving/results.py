@@ -14,6 +14,11 @@ def new_result_id() -> str:
     return secrets.token_urlsafe(24)  # 192 random bits: unguessable
 
 
+def explorer_path(rid: str) -> str:
+    """Where ``GET /explorer/{id}`` shows result ``rid`` (the answer's ``explorer`` link)."""
+    return f"/explorer/{rid}"
+
+
 class ResultStore:
     """At most ``kept`` results, ``max_cells`` cells (rows of their ``latent``) in all, none older
     than ``ttl_s``; the oldest go first."""
@@ -63,6 +68,6 @@ def kept_result(mapped: dict, labelled: dict, version: str, **keep) -> dict:
         **{k: v for k, v in mapped.items() if k != "replica"},
         "labels": labelled["labels"],
         "result_id": keep["result_id"],
-        "explorer": f"/explorer/{keep['result_id']}",
+        "explorer": explorer_path(keep["result_id"]),
         "batch": keep["batch"][mapped["positions"]],
     }
