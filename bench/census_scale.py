@@ -182,7 +182,7 @@ def train_steps(config: dict) -> None:
     import ray.train.torch
 
     from censusvi.train.loop import epoch_seeds, make_optimizer, train_epoch
-    from censusvi.train.ray_trainer import (
+    from censusvi.train.ray_worker import (
         STREAM_DEFAULTS,
         _plan_in_worker,
         _rank_cells,

@@ -255,6 +255,9 @@ def test_the_rayjob_runs_a_packaged_job_module_and_config_with_paths_from_the_en
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     pretrain = job_from(read_config(config, sets))
     assert pretrain.out.startswith("/mnt/cluster_storage/"), pretrain.out  # the shared claim
+    # Ray Train refuses a head-local checkpoint path on several nodes: the run's storage is the
+    # shared claim too, so a resubmitted RayJob resumes from it
+    assert pretrain.storage.startswith("/mnt/cluster_storage/"), pretrain.storage
     assert pretrain.cfg.data.source.startswith("census://") and pretrain.use_gpu
     cluster = of_kind("RayCluster")[0]["spec"]
     assert pretrain.num_workers <= sum(g["maxReplicas"] for g in cluster["workerGroupSpecs"])
@@ -267,6 +270,7 @@ def test_census_config_is_the_census_recipe():
     from censusvi.jobs.pretrain import job_from
 
     job = job_from(read_config("census"))
+    assert job.storage.startswith("/mnt/cluster_storage/")  # every node's: checkpoints, resume
     train = job.cfg.train.resolved(1_000)  # the Census recipe even on a small corpus
     assert (job.cfg.model.n_hidden, job.cfg.model.n_latent, job.cfg.train.schedule) == (
         128,

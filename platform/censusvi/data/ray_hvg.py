@@ -15,6 +15,11 @@ from censusvi.data.shards import PlannedSource, open_reader, read_ids
 
 TASKS_PER_CPU = 2  # tasks per cluster CPU in a pass, at least: a few per CPU balance the load
 BLOCKS_PER_TASK = 16  # at most: a task's row ids and codes (and memory) stay independent of N
+# A worker process runs at most this many HVG tasks, then exits: each task reads its arguments
+# zero-copy from a new place of the object store, and those shared pages stay mapped (in RSS)
+# for the life of the process, so a long-lived process would grow with the number of tasks a
+# pass has (with N). A fresh process costs ~1 s; four tasks are ~16 s of reads at 16 blocks.
+CALLS_PER_PROCESS = 4
 
 
 def _hvg_task(
@@ -49,7 +54,7 @@ def ray_reducer(source: PlannedSource, tasks: int | None = None) -> Reducer:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         wanted = tasks or max(cpus * TASKS_PER_CPU, -(-len(blocks) // BLOCKS_PER_TASK))
         n_tasks = min(wanted, len(blocks))
-        remote = ray.remote(_hvg_task).options(
+        remote = ray.remote(max_calls=CALLS_PER_PROCESS)(_hvg_task).options(
             name="hvg_task", max_retries=2, runtime_env=READ_TASK_ENV
         )
         spec_ref, fn_ref = ray.put(spec), ray.put(fn)
