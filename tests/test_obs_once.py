@@ -71,6 +71,30 @@ def test_hvg_tasks_read_only_the_count_matrix_and_select_the_serial_genes(
         np.testing.assert_allclose(distributed.variances_norm, serial.variances_norm, rtol=1e-9)
 
 
+def test_an_hvg_worker_process_runs_a_bounded_number_of_tasks(local_ray, small_soma, tmp_path):
+    """A process runs at most ``CALLS_PER_PROCESS`` HVG tasks and then exits, so the object-store
+    pages its tasks' arguments mapped do not pile up as a pass gets more tasks (with N): 12
+    one-block tasks here, and a sum that still covers every cell once."""
+    from censusvi.data.ray_hvg import CALLS_PER_PROCESS, ray_reducer
+    from censusvi.data.shards import planned_source
+
+    src = SomaSource(str(small_soma))
+    log = tmp_path / "pids.txt"
+
+    def count_cells(x, code):  # one line per block: the process that read it
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return np.array([x.shape[0]], dtype=np.float64)
+
+    blocks = [(a, min(a + 50, 600)) for a in range(0, 600, 50)]
+    reduce = ray_reducer(planned_source(src, None, None), tasks=len(blocks))
+    total = reduce(count_cells, blocks, np.zeros(600, dtype=np.int64))
+    assert total.tolist() == [600.0]
+    per_process = pd.Series(log.read_text().split()).value_counts()
+    assert per_process.sum() == len(blocks)
+    assert per_process.max() <= CALLS_PER_PROCESS, per_process.to_dict()
+
+
 def test_training_workers_and_read_tasks_never_open_obs(
     local_ray, small_soma, tmp_path, monkeypatch
 ):
