@@ -246,3 +246,27 @@ def test_metrics_sum_replicas_of_this_application_only():
     assert samples[("censusvi_request_seconds_count", (("endpoint", "annotate"),))] == 4
     assert samples[("censusvi_model_version", (("name", "m"),))] == 5
     assert not any("serve" in name for name, _ in samples)
+
+
+def test_a_replica_removes_the_downloads_of_replicas_whose_process_is_gone(tmp_path):
+    """Serve kills replicas (scale-down, redeploy, OOM) without running their cleanup: the next
+    replica on the node removes their downloaded versions, and only theirs."""
+    import os
+    import subprocess
+    import sys
+
+    from censusvi.serving.versions import SCRATCH_PREFIX, replica_scratch
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    dead = tmp_path / f"{SCRATCH_PREFIX}{gone}-abc"
+    (dead / "3" / "model").mkdir(parents=True)
+    (dead / "3" / "model" / "weights.safetensors").write_bytes(b"x" * 1000)
+    living = tmp_path / f"{SCRATCH_PREFIX}{os.getppid()}-def"  # a process that runs
+    living.mkdir()
+    other = tmp_path / f"{SCRATCH_PREFIX}load-ghi"  # not a replica's folder
+    other.mkdir()
+    mine = replica_scratch(str(tmp_path))
+    assert not dead.exists() and living.exists() and other.exists()
+    assert os.path.basename(mine).startswith(f"{SCRATCH_PREFIX}{os.getpid()}-")
+    assert os.path.isdir(mine)

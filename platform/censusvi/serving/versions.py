@@ -16,10 +16,13 @@ move only once the previous version is retired).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from censusvi.serving.settings import Settings, current_version
@@ -174,12 +177,39 @@ class VersionBoard:
             return self.wanted()
 
 
+SCRATCH_PREFIX = "censusvi-serve-"  # + the replica's pid: its downloaded versions
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def replica_scratch(root: str | None = None) -> str:
+    """A new folder for this replica's downloaded versions, named by its process id. A replica
+    that Serve stops, kills or loses to the OOM killer never cleans up after itself, so the
+    folders of replicas whose process is gone are removed first: replicas that come and go
+    (autoscaling, redeploys) do not fill the node's disk with copies of every version."""
+    base = Path(root or tempfile.gettempdir())
+    for d in base.glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = d.name[len(SCRATCH_PREFIX) :].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=base)
+
+
 class VersionFetcher:
-    """A local copy of a version's files (a registry download), or the model directory given."""
+    """A local copy of a version's files (a registry download, into ``replica_scratch``), or
+    the model directory given."""
 
     def __init__(self, s: Settings, part: str) -> None:
         self.s, self.part = s, part  # "model" or "index": what this replica reads
-        self.tmp = tempfile.TemporaryDirectory(prefix="censusvi-serve-")
+        self.scratch = replica_scratch() if s.registered else None
 
     def __call__(self, version: str):
         from censusvi.registry.versions import VersionFiles, fetch_version, parse_model_uri
@@ -187,7 +217,7 @@ class VersionFetcher:
         if not self.s.registered:
             return VersionFiles(self.s.model, "local", self.s.model, self.s.index)
         name = parse_model_uri(self.s.model)[0]
-        dst, uri, part = f"{self.tmp.name}/{version}", self.s.tracking_uri, self.part
+        dst, uri, part = f"{self.scratch}/{version}", self.s.tracking_uri, self.part
         return fetch_version(name, version, dst, uri, model=part == "model", index=part == "index")
 
 
