@@ -83,7 +83,8 @@ def available_methods() -> tuple[list[str] | None, str | None, str]:
     param = params["method"]
     named = re.findall(r"['\"](\w+)['\"]", str(param.annotation))
     listed = getattr(censusvi.defaults, "METHODS", None) or named or CANDIDATE_METHODS
-    return list(listed), param.default, f"censusvi.annotate methods {list(listed)}"
+    default = param.default or getattr(censusvi.defaults, "METHOD", None)  # None: the default
+    return list(listed), default, f"censusvi.annotate methods {list(listed)}"
 
 
 def novel_types(split: splits.Split) -> list[str]:

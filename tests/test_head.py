@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import censusvi
+from censusvi import defaults
 from censusvi.annotate.head import fit_head
 from censusvi.annotate.index import HEADS_FILE, load_index
 from censusvi.annotate.transfer import expected_calibration_error
@@ -38,7 +39,7 @@ def test_head_is_calibrated_on_reference_cells_it_never_saw(pbmc_latent):
     assert ece <= 0.05, (ece, info)
 
 
-def test_methods_from_the_cli_and_the_heads_file(pbmc_scvi, tmp_path, capsys):
+def test_methods_from_the_cli_and_the_heads_file(pbmc_scvi, tmp_path, capsys, caplog):
     model_dir, cells, _ = pbmc_scvi
     a = ad.read_h5ad(cells)
     ref, query = (
@@ -86,6 +87,56 @@ def test_methods_from_the_cli_and_the_heads_file(pbmc_scvi, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "x.h5ad")]) == 2
     assert "no label head for 'cell_type'" in capsys.readouterr().err
     assert not (tmp_path / "x.h5ad").exists()
+    # no --method: the default (ensemble) where the index has heads, else knn, said once
+    for name, expected in (("ix", defaults.METHOD), ("nohead", "knn")):
+        caplog.clear()
+        out = tmp_path / f"default-{name}.h5ad"
+        assert main(["annotate", *q, "--index", str(tmp_path / name), "--out", str(out)]) == 0
+        uns = ad.read_h5ad(out).uns[UNS_KEY]
+        notes = [r.getMessage() for r in caplog.records if "answered by knn" in r.getMessage()]
+        assert uns["method"] == expected and len(notes) == (name == "nohead"), (uns, notes)
+    assert uns["method_note"] == notes[0] and "no label head for 'cell_type'" in notes[0]
+    assert "method_note" not in ad.read_h5ad(tmp_path / "default-ix.h5ad").uns[UNS_KEY]
+
+
+def test_one_method_resolution_for_every_entrance(pbmc_latent, tmp_path):
+    """``resolve_method`` decides for the library, the MLflow model and the Serve annotator: no
+    method asked for is the default, or knn on an index without a head (a note, logged once per
+    version by the annotator); a method that needs a head the index lacks is refused."""
+    import pandas as pd
+
+    from censusvi.annotate.index import build_index, save_index
+    from censusvi.annotate.method import resolve_method
+    from censusvi.annotate.pipeline import fit_heads, transfer_all
+    from censusvi.serving.annotator import IndexHost
+    from censusvi.serving.parsing import transfer_options
+    from censusvi.serving.settings import Settings
+
+    z, labels = pbmc_latent
+    ix = build_index(z, pd.DataFrame({"cell_type": labels}))
+    assert defaults.METHOD == "ensemble"
+    used, note = resolve_method(ix, None)
+    assert used == "knn" and "no label head for 'cell_type'" in note
+    for method in ("head", "ensemble"):
+        with pytest.raises(ValueError, match="no label head for 'cell_type'.*--method knn"):
+            resolve_method(ix, method)
+    with pytest.raises(ValueError, match="choose one of knn, head, ensemble"):
+        resolve_method(ix, "svm")
+    knn = transfer_all(ix, z[:50], method="knn")["cell_type"]
+    assert transfer_all(ix, z[:50])["cell_type"].equals(knn)  # the library's fallback
+    save_index(ix, tmp_path / "nohead")
+    s = Settings(model=str(tmp_path), index=str(tmp_path / "nohead"))
+    host = IndexHost(s)
+    host.indexes.prepare("local")
+    options = transfer_options({}, s)
+    assert options[2] is None  # no ?method=: the annotator resolves it
+    answers = host.annotate_all([(z[:50], "local", *options)] * 2)
+    assert [a["method"] for a in answers] == ["knn", "knn"] and host.noted == {"local"}
+    assert answers[0]["labels"]["cell_type"].equals(knn)
+    refused = host.annotate_all([(z[:5], "local", 15, 1.0, "ensemble")])[0]
+    assert refused["status"] == 422 and "?method=knn" in refused["error"]
+    fit_heads(ix, z)
+    assert resolve_method(ix, None) == ("ensemble", None)
 
 
 def test_out_of_reference_scaling_keeps_the_heads_calibration(pbmc_scvi):

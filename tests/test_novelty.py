@@ -115,7 +115,7 @@ def test_an_index_saved_without_the_fit_annotates_as_before(minus_h2228, tmp_pat
     del meta["novelty"]
     (old / "index.json").write_text(json.dumps(meta))
     loaded = load_index(old)
-    got = transfer_all(loaded, mapped.latent, nll=mapped.nll_per_count)["cell_type"]
+    got = transfer_all(loaded, mapped.latent, method="knn", nll=mapped.nll_per_count)["cell_type"]
     dist, idx = loaded.search(mapped.latent, K)
     before = transfer_labels(
         dist,

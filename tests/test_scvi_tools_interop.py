@@ -140,7 +140,18 @@ def test_imported_model_maps_and_annotates(cellbench_scvi, tmp_path):
         str(tmp_path / "a.h5ad"),
     ]
     assert (
-        main(["annotate", "--model", str(src_dir), "--index", str(tmp_path / "ix"), *query_args])
+        main(
+            [
+                "annotate",
+                "--model",
+                str(src_dir),
+                "--index",
+                str(tmp_path / "ix"),
+                *query_args,
+                "--method",
+                "knn",
+            ]
+        )  # fmt: skip
         == 0
     )
     out = ad.read_h5ad(tmp_path / "a.h5ad")

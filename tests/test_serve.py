@@ -17,6 +17,7 @@ import pytest
 import requests
 import scipy.sparse as sp
 
+from censusvi import defaults
 from censusvi.annotate.index import load_index, save_index
 from censusvi.annotate.pipeline import annotate, index_reference
 from censusvi.client import Client, ServiceError
@@ -108,7 +109,7 @@ def query(n: int = 200, seed: int = 2):
     return POOL[np.sort(rows)].copy()
 
 
-def in_process(registry, version: str, adata, method: str = "knn"):
+def in_process(registry, version: str, adata, method: str | None = None):
     model_dir, index_dir = registry[1][version]
     out, _ = annotate(load_model(model_dir), load_index(index_dir), adata, "batch", method=method)
     return out
@@ -131,10 +132,12 @@ def test_client_annotate_equals_in_process_annotate(served, registry):
     q = query()
     out = Client(served, chunk_size=70).annotate(q, batch_key="batch")  # 3 chunked requests
     assert out.uns["censusvi"]["versions"] == ["1"] and out.n_obs == q.n_obs
+    assert out.uns["censusvi"]["method"] == defaults.METHOD  # no ?method=: the default
     assert_same_annotation(out, in_process(registry, "1", q))
     assert out.obs["predicted_cell_type"].astype(str).eq(q.obs["cell_type"]).mean() > 0.9
-    ensemble = Client(served).annotate(q, batch_key="batch", method="ensemble")
-    assert_same_annotation(ensemble, in_process(registry, "1", q, method="ensemble"))
+    knn = Client(served).annotate(q, batch_key="batch", method="knn")
+    assert knn.uns["censusvi"]["method"] == "knn"
+    assert_same_annotation(knn, in_process(registry, "1", q, method="knn"))
 
 
 def test_json_and_h5ad_bodies_answer_like_arrow(served, registry, tmp_path):

@@ -255,7 +255,7 @@ def annotate(
     class_balance: float = defaults.CLASS_BALANCE,
     majority_voting: bool = False,
     ontology_threshold: float = defaults.ONTOLOGY_THRESHOLD,
-    method: str = defaults.METHOD,
+    method: str | None = None,
     key_added: str = LATENT_KEY,
     layer: str | None = None,
     train: bool | None = None,
@@ -267,7 +267,9 @@ def annotate(
     ``obsm[key_added]``; ``majority_voting`` adds ``KEY_majority_voting`` per label key; where
     the index maps a key's labels to the Cell Ontology, the most specific term whose probability
     is at least ``ontology_threshold`` is added too (``censusvi.outputs.ontology_columns``).
-    ``method``: ``knn`` (weighted kNN), ``head`` (the index's label head) or ``ensemble``."""
+    ``method``: ``knn`` (weighted kNN), ``head`` (the index's label head) or ``ensemble``; None:
+    ``defaults.METHOD``, or knn with a logged note (``uns["censusvi"]["method_note"]``) where
+    the index has no label head."""
     from censusvi.annotate import pipeline
 
     m, ix = _model_and_index(model, index, faiss_device)

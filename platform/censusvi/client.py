@@ -185,4 +185,6 @@ def _annotated_copy(adata: ad.AnnData, answers: list[dict]) -> ad.AnnData:
         "cells_sent": int(adata.n_obs),
         "explorer": [a["explorer"] for a in answers if a.get("explorer")],  # one page per request
     }
+    if answers[0].get("method"):  # /v1/annotate: the label transfer method that answered
+        out.uns[UNS_KEY]["method"] = answers[0]["method"]
     return out

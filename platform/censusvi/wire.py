@@ -41,6 +41,7 @@ ANSWER_FIELDS = (
     "report",
     "result_id",
     "explorer",
+    "method",  # the label transfer method that answered
 )  # beside the per-cell arrays
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import anndata as ad
@@ -11,9 +12,10 @@ import pandas as pd
 from censusvi import defaults
 from censusvi.annotate.index import LabelIndex, build_index
 from censusvi.annotate.majority import majority_vote, n_clusters, over_cluster
+from censusvi.annotate.method import label_probabilities_by, resolve_method
 from censusvi.annotate.novelty import entropy, in_reference
 from censusvi.annotate.ontology import backoff, label_ontologies
-from censusvi.annotate.transfer import label_probabilities, summarise
+from censusvi.annotate.transfer import summarise
 from censusvi.data.h5ad import H5adSource
 from censusvi.data.soma import open_source
 from censusvi.inference import latent_representation
@@ -30,6 +32,7 @@ from censusvi.outputs import (
     write_answers,
 )
 
+log = logging.getLogger(__name__)
 IN_MEMORY = "<AnnData>"  # what an in-memory reference is called in the index's metadata
 NOVELTY_MAX_CELLS = 20_000  # held-out reference cells the out-of-reference fit reads at most
 
@@ -182,7 +185,7 @@ def holdout_evaluation(
     test = np.zeros(n, dtype=bool)
     test[np.random.default_rng(seed).choice(n, n_test, replace=False)] = True
     train_index = build_index(z[~test], labels[~test], seed=seed, k=k, kind=kind, metric=metric)
-    predictions = transfer_all(train_index, z[test], k)
+    predictions = transfer_all(train_index, z[test], k, method="knn")  # the index's own
     return {
         key: label_transfer_metrics(
             labels[key].to_numpy()[test],
@@ -201,17 +204,17 @@ def transfer_all(
     unknown_threshold: float = defaults.UNKNOWN_THRESHOLD,
     class_balance: float = defaults.CLASS_BALANCE,
     ontology_threshold: float = defaults.ONTOLOGY_THRESHOLD,
-    method: str = defaults.METHOD,
+    method: str | None = None,
     nll: np.ndarray | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Label transfer of every label key of the index to each row of ``latent`` by ``method``
-    (``label_probabilities_by``): columns predicted, probability, uncertainty, and where the
+    (``label_probabilities_by``; None: the default, or knn for an index without a label head:
+    ``method.resolve_method``): columns predicted, probability, uncertainty, and where the
     index maps the key's labels to the Cell Ontology, ontology_term_id, ontology_label,
     ontology_probability (``ontology.backoff``). ``nll``: each row's reconstruction NLL per
     count (the mapping's), for the out-of-reference detection (``in_reference_probability``);
     without it the other signals decide."""
-    if method not in defaults.METHODS:
-        raise ValueError(f"method {method!r}: choose one of {', '.join(defaults.METHODS)}")
+    method, _ = resolve_method(index, method)
     if nll is not None and len(nll) != len(latent):
         raise ValueError(f"{len(nll)} NLL values for {len(latent)} cells: give one per cell")
     dist, idx = index.search(latent, k)
@@ -254,47 +257,6 @@ def in_reference_probability(
     return in_reference(signals, fitted)
 
 
-def label_probabilities_by(
-    method: str,
-    index: LabelIndex,
-    key: str,
-    dist,
-    idx,
-    class_balance: float,
-    in_ref: np.ndarray,
-    p_head: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """p(label | cell) by weighted kNN (``transfer.label_probabilities``), the label head
-    (its probabilities ``p_head``), or their mean (``ensemble``), each scaled by the cell's
-    in-reference probability ``in_ref``. The head's probabilities get kNN's class balance too:
-    divided by label frequency ** class_balance."""
-    frequency = index.label_frequency(key)
-
-    def knn() -> tuple[np.ndarray, np.ndarray]:
-        neighbours = index.labels[key].to_numpy()[idx]
-        cats, prob = label_probabilities(dist, neighbours, None, frequency, class_balance)
-        return cats, prob * in_ref[:, None]
-
-    if method == "knn":
-        return knn()
-    head = index.heads.get(key)
-    if head is None or p_head is None:
-        raise ValueError(
-            f"the index has no label head for {key!r} (built without one, or by an older "
-            "censusvi): rebuild it with `censusvi index`, or use --method knn"
-        )
-    if class_balance:
-        p_head = p_head * frequency.reindex(head.classes).fillna(1.0).to_numpy() ** -class_balance
-        p_head /= p_head.sum(1, keepdims=True)
-    p_head = p_head * in_ref[:, None]
-    if method == "head":  # no kNN vote to count
-        return head.classes, p_head
-    cats, prob = knn()
-    aligned = np.zeros_like(p_head)
-    aligned[:, np.searchsorted(head.classes, cats)] = prob  # kNN's labels are reference labels
-    return head.classes, (aligned + p_head) / 2
-
-
 def annotate(
     model: TrainedModel,
     index: LabelIndex,
@@ -308,16 +270,21 @@ def annotate(
     latent_key: str = LATENT_KEY,
     majority_voting: bool = False,
     ontology_threshold: float = defaults.ONTOLOGY_THRESHOLD,
-    method: str = defaults.METHOD,
+    method: str | None = None,
 ) -> tuple[ad.AnnData, MappedQuery]:
     """Map the query, then transfer every label key of the index; returns the annotated cells
     (``censusvi.outputs`` names what is written). ``majority_voting`` adds, per label key, each
-    over-cluster's majority label (``censusvi.annotate.majority``)."""
+    over-cluster's majority label (``censusvi.annotate.majority``). ``method`` None: the
+    default, or knn for an index without a label head, logged once and recorded in
+    ``uns["censusvi"]["method_note"]`` (``method.resolve_method``)."""
     if index.meta.get("dim") != model.config.n_latent:
         raise ValueError(
             f"the index holds {index.meta.get('dim')}-d embeddings but the model's latent is "
             f"{model.config.n_latent}-d: build the index with this model"
         )
+    method, note = resolve_method(index, method)  # before mapping: a wrong method fails fast
+    if note:
+        log.warning(note)
     mapped = map_query(model, adata, batch_key, layer=layer, surgery=surgery)
     out = mapped.annotated_copy(adata, latent_key)
     answers = transfer_all(
@@ -358,6 +325,7 @@ def annotate(
         "class_balance": class_balance,
         "ontology_threshold": ontology_threshold,
         "method": method,
+        **({"method_note": note} if note else {}),
         "index": index_summary(index.meta),
         "evaluation": evaluation,
     }

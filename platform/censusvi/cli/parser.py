@@ -315,9 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--method",
         choices=defaults.METHODS,
-        default=defaults.METHOD,
+        default=None,
         help="label transfer: weighted kNN, the index's label head, or their mean "
-        f"(default {defaults.METHOD})",
+        f"(default {defaults.METHOD}; knn, with a warning, for an index built with --no-head)",
     )
     s.add_argument(
         "--ontology-threshold",

@@ -39,7 +39,7 @@ def _params_schema():
             ParamSpec("k", "long", defaults.K),
             ParamSpec("unknown_threshold", "double", defaults.UNKNOWN_THRESHOLD),
             ParamSpec("class_balance", "double", defaults.CLASS_BALANCE),
-            ParamSpec("method", "string", defaults.METHOD),
+            ParamSpec("method", "string", None),  # None: resolve_method's default
         ]
     )
 
@@ -137,7 +137,7 @@ def predict_labels(model, index, frame, params: dict | None = None) -> pd.DataFr
             "`censusvi models register MODEL --index DIR`"
         )
     options = {"k": defaults.K, "unknown_threshold": defaults.UNKNOWN_THRESHOLD}
-    options |= {"class_balance": defaults.CLASS_BALANCE, "method": defaults.METHOD}
+    options |= {"class_balance": defaults.CLASS_BALANCE, "method": None}
     options |= params or {}
     adata = counts_anndata(model, frame)
     out, _ = annotate(
@@ -148,7 +148,7 @@ def predict_labels(model, index, frame, params: dict | None = None) -> pd.DataFr
         k=int(options["k"]),
         unknown_threshold=float(options["unknown_threshold"]),
         class_balance=float(options["class_balance"]),
-        method=str(options["method"]),
+        method=None if options["method"] is None else str(options["method"]),
     )
     columns = label_columns_of(index)
     labels = out.obs[[name for name, _ in columns]].reindex(adata.obs_names)

@@ -67,6 +67,7 @@ class IndexHost:
         from censusvi.report.layout import fit_reference_layout
 
         self.s = s
+        self.noted: set[str] = set()  # versions whose method fallback has been logged
         fetch = VersionFetcher(s, "index")
 
         def load(version: str):
@@ -100,18 +101,34 @@ class IndexHost:
         keys = ("n_cells", "kind", "label_keys", "evaluation")
         return {"index": {k: ix.meta.get(k) for k in keys}}
 
+    def resolve(self, ix, version: str, method: str | None) -> str | None:
+        """The method that answers (``annotate.method.resolve_method``; None: a named method
+        needs a head the index lacks); a fallback from the default is logged once per version."""
+        from censusvi.annotate.method import resolve_method
+
+        try:
+            used, note = resolve_method(ix, method)
+        except ValueError:
+            return None
+        if note and version not in self.noted:
+            self.noted.add(version)
+            log.warning("model version %s: %s", version, note)
+        return used
+
     def annotate_all(self, requests: list[tuple]) -> list[dict]:
-        """One ``{"labels": {key: frame}}`` (or error) per
-        ``(latent_nk, version, k, threshold, method[, nll_per_count])``: with the Mapper's
-        ``nll_per_count`` the out-of-reference detection also reads the cells' reconstruction
-        NLL (``annotate.novelty``); without it, their distances and the head's entropy."""
+        """One ``{"labels": {key: frame}, "method": the method that answered}`` (or error) per
+        ``(latent_nk, version, k, threshold, method[, nll_per_count])`` (method None: the
+        default, knn for an index without a label head): with the Mapper's ``nll_per_count``
+        the out-of-reference detection also reads the cells' reconstruction NLL
+        (``annotate.novelty``); without it, their distances and the head's entropy."""
         from censusvi.annotate.pipeline import transfer_all
 
         results: list[dict | None] = [None] * len(requests)
         keyed = ((i, tuple(r[1:5])) for i, r in enumerate(requests))
         for (version, k, thr, method), members in groups(keyed).items():
             ix = self.indexes.get(version)
-            if ix is None or (method != "knn" and not ix.heads):
+            method = None if ix is None else self.resolve(ix, version, method)
+            if method is None:
                 for i in members:
                     results[i] = no_index(version) if ix is None else no_head(version)
                 continue
@@ -124,7 +141,7 @@ class IndexHost:
             )
             sizes = [len(requests[i][0]) for i in members]
             for i, answer in zip(members, split_labels(labels, sizes)):
-                results[i] = answer
+                results[i] = {**answer, "method": method}
         return results
 
     def explore(self, item: dict) -> str:

@@ -351,7 +351,8 @@ class Ingress:
             if "error" in labelled:
                 return _json_error(labelled["status"], labelled["error"]), 0
             served_by.append(f"Annotator#{labelled['replica']}")
-            result.update(labels=labelled["labels"], result_id=rid, explorer=explorer_path(rid))
+            result.update(labels=labelled["labels"], method=labelled.get("method"))
+            result.update(result_id=rid, explorer=explorer_path(rid))
         arrow = ARROW in request.headers.get("accept", "")
         payload, media = await asyncio.to_thread(encode_result, result, arrow)
         headers = {SERVED_BY: " ".join(served_by)}

@@ -26,14 +26,15 @@ def bounded(value: str | None, default, kind: type, name: str, low, high):
     return v
 
 
-def transfer_options(params: Mapping[str, str], s: Settings) -> tuple[int, float, str]:
-    """``?k=`` (neighbours), ``?unknown_threshold=`` and ``?method=`` of label transfer."""
+def transfer_options(params: Mapping[str, str], s: Settings) -> tuple[int, float, str | None]:
+    """``?k=`` (neighbours), ``?unknown_threshold=`` and ``?method=`` of label transfer (None
+    where neither the request nor the settings name one: the annotator resolves the default)."""
     k = bounded(params.get("k"), s.k, int, "k", 1, 1000)
     thr = bounded(
         params.get("unknown_threshold"), s.unknown_threshold, float, "unknown_threshold", 0.0, 1.0
     )
     method = params.get("method", s.method)
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         shown = method if len(method) <= 40 else method[:40] + "..."
         raise ValueError(f"method {shown!r}: choose one of {', '.join(METHODS)}")
     return k, thr, method

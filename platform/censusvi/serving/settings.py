@@ -38,7 +38,7 @@ class Settings:
     )
     k: int = defaults.K
     unknown_threshold: float = defaults.UNKNOWN_THRESHOLD
-    method: str = defaults.METHOD  # label transfer when a request names none (?method=)
+    method: str | None = None  # when a request names none (?method=); None: resolve_method's
     results_kept: int = 100  # annotations kept for GET /explorer/{id}: at most this many,
     results_max_cells: int = 500_000  # this many cells in all,
     results_ttl_s: float = 3600.0  # and this long
