@@ -214,8 +214,9 @@ def _target(out: str | os.PathLike) -> Path:
     return out
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process ``pid`` runs here (its leftovers may be a write in progress)."""
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs here (its leftovers may be a write in progress, or a
+    running replica's files)."""
     if pid == os.getpid() or os.name != "posix":  # Windows' os.kill(pid, 0) kills
         return True
     try:
@@ -235,7 +236,7 @@ def _leftovers(out: Path, what: str) -> list[Path]:
     found = []
     for p in out.parent.iterdir() if out.parent.is_dir() else ():
         m = pattern.fullmatch(p.name)
-        if m and not _alive(int(m.group(1))):
+        if m and not process_alive(int(m.group(1))):
             found.append(p)
     return found
 

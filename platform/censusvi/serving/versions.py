@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from censusvi.atomic import process_alive
 from censusvi.serving.settings import Settings, current_version
 
 log = logging.getLogger("censusvi.serve")
@@ -180,16 +181,6 @@ class VersionBoard:
 SCRATCH_PREFIX = "censusvi-serve-"  # + the replica's pid: its downloaded versions
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def replica_scratch(root: str | None = None) -> str:
     """A new folder for this replica's downloaded versions, named by its process id. A replica
     that Serve stops, kills or loses to the OOM killer never cleans up after itself, so the
@@ -198,7 +189,7 @@ def replica_scratch(root: str | None = None) -> str:
     base = Path(root or tempfile.gettempdir())
     for d in base.glob(f"{SCRATCH_PREFIX}*-*"):
         pid = d.name[len(SCRATCH_PREFIX) :].split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):  # this process counts as alive
             shutil.rmtree(d, ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=base)
 
