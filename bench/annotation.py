@@ -19,7 +19,9 @@ lines, leave one technology out; flat labels). Per split, method and seed:
   still held; the mean over left-out types. Baselines' uncertainty is 1 - max kNN probability.
 
 censusvi: ``censusvi.pretrain`` with default settings (default schedule: ``auto``, scvi-tools'
-heuristic at this size; 8,000 HVGs where there are more genes), ``censusvi.build_index`` with
+heuristic at this size; 8,000 HVGs where there are more genes), with ``--finetune``
+``censusvi.finetune`` with the reference's labels (a left-out type is left out of the
+fine-tuning too; off by default, as in the README's recipe), ``censusvi.build_index`` with
 its defaults and ``censusvi.annotate`` per method (``--methods``; default: those the installed
 ``annotate`` accepts). Baselines read the censusvi model's genes (the same input): PCA + kNN
 (50 PCs of the reference's log-normalised counts, query projected, no integration) and
@@ -95,7 +97,9 @@ def novel_types(split: splits.Split) -> list[str]:
     return [x for x, n in zip(labels, counts) if n >= MIN_NOVEL_CELLS and n < counts.sum()]
 
 
-def censusvi_answers(split, seed: int, methods, epochs: int | None, cache=None) -> tuple:
+def censusvi_answers(
+    split, seed: int, methods, epochs: int | None, cache=None, finetune: bool = False
+) -> tuple:
     """Pretrain on the reference (or load it from ``cache``, a folder of models this bench
     saved), then each method's answers (full index, and each novel type left out of the
     index); returns (answers per method name, the model, the indexes by left-out type)."""
@@ -112,21 +116,27 @@ def censusvi_answers(split, seed: int, methods, epochs: int | None, cache=None) 
             model.save(saved)
     term_col = ontology_columns(KEY)[0]
 
-    def run(index, method) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def reference(ref):  # the recipe: fine-tune with the labels the index will hold
+        return censusvi.finetune(ref, model, KEY, seed=seed) if finetune else model
+
+    def run(index, method, m) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         q = split.query.copy()
-        censusvi.annotate(q, model, index, **({"method": method} if method else {}))
+        censusvi.annotate(q, m, index, **({"method": method} if method else {}))
         unc = np.nan_to_num(q.obs[uncertainty_column(KEY)].to_numpy(float), nan=1.0)
         terms = q.obs[term_col].astype(str).to_numpy() if term_col in q.obs else None
         return q.obs[predicted_column(KEY)].astype(str).to_numpy(), unc, terms
 
     keys = methods or [None]
-    full = censusvi.build_index(split.ref, model)
-    out = {m: Answers(*run(full, m)) for m in keys}
+    tuned = reference(split.ref)
+    full = censusvi.build_index(split.ref, tuned)
+    out = {m: Answers(*run(full, m, tuned)) for m in keys}
     indexes = {"": full}
-    for t in novel_types(split):
-        indexes[t] = censusvi.build_index(split.ref[split.ref.obs[KEY] != t].copy(), model)
+    for t in novel_types(split):  # the left-out type is in neither the fine-tuning nor the index
+        ref = split.ref[split.ref.obs[KEY] != t].copy()
+        tuned_t = reference(ref)
+        indexes[t] = censusvi.build_index(ref, tuned_t)
         for m in keys:
-            out[m].left_out[t] = run(indexes[t], m)[1]
+            out[m].left_out[t] = run(indexes[t], m, tuned_t)[1]
     return {f"censusvi {m or 'knn'}": a for m, a in out.items()}, model, indexes
 
 
@@ -208,12 +218,14 @@ def score(split: splits.Split, a: Answers) -> dict[str, float]:
     }
 
 
-def run_split(split, seed, methods, scvi_on: bool, quick: bool, study=None, cache=None):
+def run_split(
+    split, seed, methods, scvi_on: bool, quick: bool, study=None, cache=None, finetune=False
+):
     """The rows of one split and seed; ``study``: a dict whose "auroc" and "absent" lists get
     ``bench/annotation_novelty.py``'s tables of this split."""
     epochs = QUICK_EPOCHS if quick else None
     t0 = time.perf_counter()
-    answers, model, indexes = censusvi_answers(split, seed, methods, epochs, cache)
+    answers, model, indexes = censusvi_answers(split, seed, methods, epochs, cache, finetune)
     times = dict.fromkeys(answers, time.perf_counter() - t0)
     if study is not None:
         import annotation_novelty as nov
@@ -259,7 +271,12 @@ def main(argv: list[str] | None = None) -> int:
                    "and reuse it in later runs (same split, seed and epochs)")  # fmt: skip
     p.add_argument("--novelty-study", action="store_true", help="also print each out-of-"
                    "reference signal combination's AUROC (bench/annotation_novelty.py)")  # fmt: skip
+    p.add_argument("--finetune", action="store_true", help="fine-tune each reference model with "
+                   "its labels before indexing (censusvi.finetune; off in the default recipe)")  # fmt: skip
     a = p.parse_args(argv)
+    finetune = a.finetune
+    if finetune and a.novelty_study:
+        raise SystemExit("--novelty-study reads one model per split: leave out --finetune")
     logging.basicConfig(level=logging.WARNING)
     for name in ("lightning", "lightning.pytorch", "scvi"):  # their per-fit INFO lines
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -278,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)")  # fmt: skip
-    print(f"{note}; default method: {default or 'knn'}; censusvi default settings "
+    print(f"{note}; default method: {default or 'knn'}; fine-tuned with the reference's "
+          f"labels: {'yes' if finetune else 'no'}; censusvi default settings "
           f"({'--quick: ' + str(QUICK_EPOCHS) + ' epochs' if a.quick else 'default schedule'})")  # fmt: skip
     print(f"Cell Ontology {splits.verify_terms()}: every hand-set term id and name checked")
     if not splits.kang_has_labels():
@@ -290,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({int((split.truth != '').sum())} held)", flush=True)  # fmt: skip
         for seed in seeds:
             rows += run_split(
-                split, seed, methods, seed in scvi_seeds, a.quick, study, a.model_cache
+                split, seed, methods, seed in scvi_seeds, a.quick, study, a.model_cache, finetune
             )
     if study is not None:
         import annotation_novelty as nov

@@ -2,7 +2,7 @@
 
 The package root stays import-light (the model core runs where only torch, numpy and scipy are
 installed); the user-facing functions below are imported on first use. ``censusvi.api`` holds
-the notebook API: pretrain, embed, build_index, annotate, map_query, de, impute, report.
+the notebook API: pretrain, finetune, embed, build_index, annotate, map_query, de, impute, report.
 """
 
 from __future__ import annotations
@@ -13,7 +13,17 @@ __version__ = "0.1.0"
 
 _LAZY = {
     **dict.fromkeys(
-        ("pretrain", "embed", "build_index", "annotate", "map_query", "de", "impute", "report"),
+        (
+            "pretrain",
+            "finetune",
+            "embed",
+            "build_index",
+            "annotate",
+            "map_query",
+            "de",
+            "impute",
+            "report",
+        ),
         "censusvi.api",
     ),
     "load_model": "censusvi.model.io",

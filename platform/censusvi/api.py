@@ -215,6 +215,39 @@ def embed(
 
 
 @_entrance
+def finetune(
+    adata: ad.AnnData | str | os.PathLike,
+    model,
+    labels_key: str = "cell_type",
+    *,
+    obs_filter: str | None = None,
+    layer: str | None = None,
+    **settings: Any,
+) -> TrainedModel:
+    """A copy of ``model`` fine-tuned with the reference's labels, as scvi-tools trains scANVI
+    from a trained scVI (``censusvi finetune``; ``censusvi.annotate.finetune``); index and
+    annotate with it for the best label transfer (bench/RESULTS.md). ``settings``: fields of
+    ``FinetuneConfig`` (``max_epochs``, ``classification_ratio``, ``seed``, ...)."""
+    import anndata as ad
+
+    from censusvi.annotate.finetune import FinetuneConfig
+    from censusvi.annotate.finetune import finetune as run
+    from censusvi.data.h5ad import H5adSource
+    from censusvi.data.soma import open_source
+
+    if isinstance(adata, ad.AnnData):
+        source = H5adSource(IN_MEMORY, obs_filter=obs_filter, layer=layer, adata=adata)
+    else:
+        source = open_source(str(adata), obs_filter=obs_filter, layer=layer)
+    known = {f.name for f in fields(FinetuneConfig)}
+    if set(settings) - known:
+        raise ValueError(
+            f"unknown fine-tune setting(s) {sorted(set(settings) - known)}: use {sorted(known)}"
+        )
+    return run(_model(model), source, labels_key, FinetuneConfig(**settings))
+
+
+@_entrance
 def build_index(
     adata: ad.AnnData | str | os.PathLike,
     model,

@@ -8,6 +8,7 @@ K = 15  # neighbours per query cell in label transfer (scArches' default)
 CLASS_BALANCE = 0.5  # votes divided by reference label frequency to this power (transfer.py)
 UNKNOWN_THRESHOLD = 1.0  # uncertainty above which a cell is "Unknown" (1.0: never)
 METHODS = ("knn", "head", "ensemble")  # label transfer: weighted kNN, the label head, their mean
+CLASSIFICATION_RATIO = 50.0  # finetune: cross-entropy weight beside the ELBO (scANVI's default)
 METHOD = "ensemble"  # the default of METHODS (knn where an index has no head: annotate/method.py)
 ONTOLOGY_THRESHOLD = 0.5  # an ontology answer's least probability (above 0.5: one of 2 siblings)
 SURGERY_MAX_EPOCHS = 50  # cap on scArches surgery epochs for a query's new batches

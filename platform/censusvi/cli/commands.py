@@ -148,6 +148,23 @@ def cmd_map(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from censusvi import api
+
+    settings = {"max_epochs": a.max_epochs, "classification_ratio": a.classification_ratio}
+    m = api.finetune(a.data, a.model, a.labels_key, obs_filter=a.obs_filter, seed=a.seed,
+                     **settings)  # fmt: skip
+    m.save(a.out, a.overwrite)
+    r = m.provenance["finetune"]
+    last = r["history"][-1]
+    print(
+        f"wrote {a.out}: fine-tuned {r['epochs']} epochs on {r['cells']} cells "
+        f"({r['labelled_cells']} labelled, {len(r['classes'])} types of {a.labels_key!r}); "
+        f"last epoch ELBO {last['elbo']:.1f}, classifier accuracy {last['accuracy']:.3f}"
+    )
+    return 0
+
+
 def cmd_index(a: argparse.Namespace) -> int:
     from censusvi import api
 

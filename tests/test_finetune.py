@@ -1,0 +1,90 @@
+"""Fine-tuning a reference model with its labels (scANVI's second stage): the labels sharpen the
+latent for unseen cells of the same types, the head built on it stays calibrated, the base model
+is untouched, and the index's calibration cells keep their labels out of the fine-tuning."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import KNeighborsClassifier
+
+import censusvi
+from censusvi.annotate.finetune import IGNORE, label_codes, scanvi_epochs
+from censusvi.annotate.head import calibration_rows
+from censusvi.annotate.transfer import expected_calibration_error
+from censusvi.cli import main
+from censusvi.inference import get_latent_representation
+from censusvi.model.io import load_model
+
+
+@pytest.fixture(scope="module")
+def pbmc_halves(pbmc_scvi):
+    """The PBMC panel's model, and its cells split in halves: one labelled reference, one unseen."""
+    model_dir, cells, _ = pbmc_scvi
+    a = ad.read_h5ad(cells)
+    seen = np.random.default_rng(0).random(a.n_obs) < 0.5
+    return load_model(model_dir), a[seen].copy(), a[~seen].copy()
+
+
+def _knn_accuracy(model, ref, held) -> float:
+    """Accuracy of 15-NN votes in ``model``'s latent: ``held`` cells voted by ``ref`` cells."""
+    z_ref, z_held = (get_latent_representation(model, x) for x in (ref, held))
+    knn = KNeighborsClassifier(15).fit(z_ref, ref.obs["cell_type"].astype(str))
+    return float((knn.predict(z_held) == held.obs["cell_type"].astype(str)).mean())
+
+
+def test_finetuning_helps_unseen_cells_and_keeps_the_head_calibrated(pbmc_halves):
+    model, ref, held = pbmc_halves
+    before = {k: v.clone() for k, v in model.vae.state_dict().items()}
+    tuned = censusvi.finetune(ref, model, "cell_type")
+    assert all(torch.equal(before[k], v) for k, v in model.vae.state_dict().items())  # a copy
+    report = tuned.provenance["finetune"]
+    assert report["epochs"] == scanvi_epochs(ref.n_obs) == 10
+    calib = calibration_rows(ref.n_obs, np.random.default_rng(0))
+    assert report["withheld_cells"] == calib.sum() > 0
+    assert report["labelled_cells"] == ref.n_obs - calib.sum()
+    history = report["history"]
+    assert history[-1]["accuracy"] > history[0]["accuracy"] + 0.2, history
+
+    frozen, after = _knn_accuracy(model, ref, held), _knn_accuracy(tuned, ref, held)
+    print(f"15-NN accuracy on unseen cells: frozen {frozen:.3f}, fine-tuned {after:.3f}")
+    assert after >= frozen + 0.01 and after > 0.9, (frozen, after)
+
+    ix = censusvi.build_index(ref, tuned, ontology=False)
+    p = ix.heads["cell_type"].probabilities(get_latent_representation(tuned, held))
+    correct = ix.heads["cell_type"].classes[p.argmax(1)] == held.obs["cell_type"].astype(str)
+    ece = expected_calibration_error(p.max(1), correct)
+    print(
+        f"head on the fine-tuned latent, unseen cells: accuracy {correct.mean():.3f}, ECE {ece:.3f}"
+    )
+    assert correct.mean() > 0.9 and ece <= 0.05, (correct.mean(), ece)
+
+
+def test_unlabelled_cells_and_too_few_types():
+    classes, codes = label_codes(["B", "unknown", None, "T", "", "B", "Unassigned"], "ref")
+    assert classes.tolist() == ["B", "T"]
+    assert codes.tolist() == [0, IGNORE, IGNORE, 1, IGNORE, 0, IGNORE]
+    with pytest.raises(ValueError, match="1 labelled type.*at least two"):
+        label_codes(["B", "unknown", "B"], "ref")
+
+
+def test_the_cli_writes_a_model_that_indexes_and_refuses_bad_input(pbmc_halves, tmp_path, capsys):
+    model, ref, _ = pbmc_halves
+    model.save(tmp_path / "m")
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    args = ["finetune", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "ref.h5ad")]
+    assert main([*args, "--labels-key", "cell_type", "--max-epochs", "2", "--out",
+                 str(tmp_path / "ft")]) == 0  # fmt: skip
+    assert "fine-tuned 2 epochs" in capsys.readouterr().out
+    tuned = load_model(tmp_path / "ft")
+    assert tuned.provenance["finetune"]["labels_key"] == "cell_type"
+    assert tuned.genes == model.genes and tuned.batch_categories == model.batch_categories
+    ix = ["index", "--model", str(tmp_path / "ft"), "--data", str(tmp_path / "ref.h5ad")]
+    assert main([*ix, "--label-keys", "cell_type", "--out", str(tmp_path / "ix")]) == 0
+
+    assert main([*args, "--labels-key", "cell_typo", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "label key 'cell_typo' is not in obs" in err[0], err
+    assert not (tmp_path / "bad").exists()
