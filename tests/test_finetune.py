@@ -88,3 +88,34 @@ def test_the_cli_writes_a_model_that_indexes_and_refuses_bad_input(pbmc_halves, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "label key 'cell_typo' is not in obs" in err[0], err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_zinb_model_fine_tunes_and_a_mismatched_index_is_named(caplog):
+    """scvi-tools' default likelihood (ZINB) reads dense counts; an index built with the base
+    model, used with the fine-tuned one, logs which encoders differ."""
+    from conftest import simulated_adata
+
+    a = simulated_adata(n_cells=200)
+    base = censusvi.pretrain(a, "batch", n_hvg=0, max_epochs=2, likelihood="zinb", n_latent=4)
+    tuned = censusvi.finetune(a, base, "cell_type", max_epochs=2)
+    assert tuned.config.likelihood == "zinb" and len(tuned.provenance["finetune"]["history"]) == 2
+    assert tuned.encoder_digest() != base.encoder_digest()
+    index = censusvi.build_index(a, base, ontology=False, head=False)
+    assert index.meta["encoder_digest"] == base.encoder_digest()
+    for model, warned in ((base, False), (tuned, True)):
+        caplog.clear()
+        censusvi.annotate(a.copy(), model, index, method="knn")
+        assert ("built with another model's encoder" in caplog.text) is warned, caplog.text
+
+
+def test_withholding_that_leaves_one_type_is_refused():
+    """A reference whose second type sits only in the index's calibration rows has nothing to
+    teach: a one-line error, not an ELBO-only run that claims success."""
+    from conftest import simulated_adata
+
+    a = simulated_adata(n_cells=60)
+    calib = calibration_rows(a.n_obs, np.random.default_rng(0))
+    a.obs["cell_type"] = np.where(calib & (np.arange(a.n_obs) % 2 == 0), "rare", "common")
+    base = censusvi.pretrain(a, "batch", n_hvg=0, max_epochs=1, n_latent=4)
+    with pytest.raises(ValueError, match="1 labelled type.*withheld for the index's calibration"):
+        censusvi.finetune(a, base, "cell_type")

@@ -226,8 +226,9 @@ def finetune(
 ) -> TrainedModel:
     """A copy of ``model`` fine-tuned with the reference's labels, as scvi-tools trains scANVI
     from a trained scVI (``censusvi finetune``; ``censusvi.annotate.finetune``); index and
-    annotate with it for the best label transfer (bench/RESULTS.md). ``settings``: fields of
-    ``FinetuneConfig`` (``max_epochs``, ``classification_ratio``, ``seed``, ...)."""
+    annotate with it (it lifts ``method="knn"``, not the default ensemble: docs/cli.md).
+    ``settings``: fields of ``FinetuneConfig`` (``max_epochs``, ``classification_ratio``,
+    ``seed``, ``device``, ...)."""
     import anndata as ad
 
     from censusvi.annotate.finetune import FinetuneConfig

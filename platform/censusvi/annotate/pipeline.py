@@ -69,6 +69,7 @@ def index_reference(
     pos, z, _ = latent_representation(model, source)
     labels = source.obs.iloc[pos][label_keys].astype(str)
     meta = {"reference": str(data), "obs_filter": obs_filter}
+    meta["encoder_digest"] = model.encoder_digest()
     meta["evaluation"] = holdout_evaluation(z, labels, kind=kind, metric=metric)
     if ontology:
         meta["ontology"] = label_ontologies(source.obs.iloc[pos], label_keys)
@@ -281,6 +282,15 @@ def annotate(
         raise ValueError(
             f"the index holds {index.meta.get('dim')}-d embeddings but the model's latent is "
             f"{model.config.n_latent}-d: build the index with this model"
+        )
+    built_with = index.meta.get("encoder_digest")  # None: an index older than the digest
+    if built_with and built_with != model.encoder_digest():
+        log.warning(
+            "the index was built with another model's encoder (%s, this model's is %s): its "
+            "reference latents may not match this model's; index the reference with this model "
+            "(a fine-tuned model and its base differ here)",
+            built_with,
+            model.encoder_digest(),
         )
     method, note = resolve_method(index, method)  # before mapping: a wrong method fails fast
     if note:

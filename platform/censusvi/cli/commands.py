@@ -153,7 +153,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
     settings = {"max_epochs": a.max_epochs, "classification_ratio": a.classification_ratio}
     m = api.finetune(a.data, a.model, a.labels_key, obs_filter=a.obs_filter, seed=a.seed,
-                     **settings)  # fmt: skip
+                     device=a.device, **settings)  # fmt: skip
     m.save(a.out, a.overwrite)
     r = m.provenance["finetune"]
     last = r["history"][-1]

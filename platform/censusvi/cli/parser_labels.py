@@ -32,6 +32,7 @@ def add_label_commands(sub, query_args) -> None:
         f"(default {defaults.CLASSIFICATION_RATIO:g}, scANVI's)",
     )
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu", help="where the epochs run, e.g. cuda (default cpu)")
     out_args(s, "model", ("model", "data"))
     s.set_defaults(fn=commands.cmd_finetune)
 

@@ -67,6 +67,17 @@ class TrainedModel:
         """Write the model directory ``censusvi pretrain`` writes (``save_model``)."""
         return save_model(self, out, overwrite)
 
+    def encoder_digest(self) -> str:
+        """16 hex digits of a SHA-256 over the encoder's weights: the same for two models exactly
+        when they embed cells alike (an index records the one it was built with)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, t in sorted(self.vae.z_encoder.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def covariate_codes(self, obs, where: str) -> np.ndarray:
         """(n, 1 + k) codes: the batch (from ``batch_keys``) then each extra covariate."""
         from censusvi.data.source import codes_in  # pandas: not in the model core
