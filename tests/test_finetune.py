@@ -70,7 +70,9 @@ def test_unlabelled_cells_and_too_few_types():
         label_codes(["B", "unknown", "B"], "ref")
 
 
-def test_the_cli_writes_a_model_that_indexes_and_refuses_bad_input(pbmc_halves, tmp_path, capsys):
+def test_the_cli_writes_a_model_that_indexes_registers_and_refuses_bad_input(
+    pbmc_halves, tmp_path, capsys, monkeypatch
+):
     model, ref, _ = pbmc_halves
     model.save(tmp_path / "m")
     ref.write_h5ad(tmp_path / "ref.h5ad")
@@ -83,6 +85,14 @@ def test_the_cli_writes_a_model_that_indexes_and_refuses_bad_input(pbmc_halves, 
     assert tuned.genes == model.genes and tuned.batch_categories == model.batch_categories
     ix = ["index", "--model", str(tmp_path / "ft"), "--data", str(tmp_path / "ref.h5ad")]
     assert main([*ix, "--label-keys", "cell_type", "--out", str(tmp_path / "ix")]) == 0
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["models", "register", str(tmp_path / "ft"), "--index", str(tmp_path / "ix")]) == 0
+    import mlflow
+
+    version = mlflow.MlflowClient(uri).get_model_version("censusvi-scvi", "1")
+    assert version.tags["finetune_labels_key"] == "cell_type"
+    capsys.readouterr()  # MLflow's own log lines
 
     assert main([*args, "--labels-key", "cell_typo", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -147,6 +147,11 @@ def test_register_refuses_an_index_of_another_model(tmp_path, monkeypatch, capsy
         capsys, "models", "register", str(model_dir), "--index", str(tmp_path / "ix7")
     )
     assert rc == 2 and "7-d embeddings" in err
+    _, other_index = small_model_and_index(tmp_path, "b", seed=1, epochs=1)  # same shapes
+    rc, _, err = run_cli(capsys, "models", "register", str(model_dir), "--index", str(other_index))
+    assert rc == 2 and "was built with another model" in err, err
+    rc, out, _ = run_cli(capsys, "models", "list")
+    assert rc == 0 and "censusvi-scvi" not in out, out  # nothing registered by the refusals
     rc, _, err = run_cli(capsys, "models", "promote", "censusvi-scvi", "9")
     assert (
         rc == 2

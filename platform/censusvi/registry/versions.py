@@ -63,6 +63,26 @@ def evaluation_metrics(index_dir: str | os.PathLike | None) -> dict[str, float]:
     }
 
 
+def _check_index_fits(model_dir, cfg: dict, ix, index_dir) -> None:
+    """The index must hold this model's latents: its dimension, and (for indexes that record
+    it) the digest of the encoder that embedded the reference."""
+    from censusvi.model.io import load_model
+
+    n_latent = cfg["model"]["n_latent"]
+    if ix.meta.get("dim") != n_latent:
+        raise ValueError(
+            f"the index in {index_dir} holds {ix.meta.get('dim')}-d embeddings but the model's "
+            f"latent is {n_latent}-d: build the index with this model (`censusvi index`)"
+        )
+    built_with = ix.meta.get("encoder_digest")
+    if built_with and built_with != (own := load_model(model_dir).encoder_digest()):
+        raise ValueError(
+            f"the index in {index_dir} was built with another model (encoder {built_with}; "
+            f"{model_dir}'s is {own}), e.g. the base of a fine-tuned model: build the index with "
+            f"this model (`censusvi index --model {model_dir}`)"
+        )
+
+
 @reaches_registry
 def register_version(
     model_dir: str | os.PathLike,
@@ -80,13 +100,7 @@ def register_version(
 
     cfg = read_config(model_dir)  # refuses anything that is not a model directory
     if index_dir is not None:
-        ix = load_index(index_dir)
-        n_latent = cfg["model"]["n_latent"]
-        if ix.meta.get("dim") != n_latent:
-            raise ValueError(
-                f"the index in {index_dir} holds {ix.meta.get('dim')}-d embeddings but the model's "
-                f"latent is {n_latent}-d: build the index with this model (`censusvi index`)"
-            )
+        _check_index_fits(model_dir, cfg, load_index(index_dir), index_dir)
     client = _client(uri)
     metrics = {**evaluation_metrics(index_dir), **(extra_metrics or {})}
     with mlflow.start_run(experiment_id=_experiment_id(mlflow.get_tracking_uri())) as run:
@@ -108,6 +122,8 @@ def register_version(
         "n_batches": str(len(cfg["batch_categories"])),
         "has_index": str(index_dir is not None).lower(),
     }
+    if "finetune" in prov:  # censusvi finetune: which labels taught the encoder
+        tags["finetune_labels_key"] = str(prov["finetune"].get("labels_key"))
     return new_version(client, name, run, tags)
 
 
