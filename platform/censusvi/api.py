@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from censusvi.model.io import TrainedModel
 
 log = logging.getLogger(__name__)
-IN_MEMORY = "<AnnData>"  # how an in-memory dataset is named in provenance and reports
+IN_MEMORY = defaults.IN_MEMORY
 
 
 def _entrance(fn):
@@ -229,17 +229,11 @@ def finetune(
     annotate with it (it lifts ``method="knn"``, not the default ensemble: docs/cli.md).
     ``settings``: fields of ``FinetuneConfig`` (``max_epochs``, ``classification_ratio``,
     ``seed``, ``device``, ...)."""
-    import anndata as ad
-
     from censusvi.annotate.finetune import FinetuneConfig
     from censusvi.annotate.finetune import finetune as run
-    from censusvi.data.h5ad import H5adSource
-    from censusvi.data.soma import open_source
+    from censusvi.data.soma import open_data
 
-    if isinstance(adata, ad.AnnData):
-        source = H5adSource(IN_MEMORY, obs_filter=obs_filter, layer=layer, adata=adata)
-    else:
-        source = open_source(str(adata), obs_filter=obs_filter, layer=layer)
+    source = open_data(adata, obs_filter, layer)
     known = {f.name for f in fields(FinetuneConfig)}
     if set(settings) - known:
         raise ValueError(

@@ -3,6 +3,7 @@ so that ``censusvi --help`` shows them without importing torch or FAISS)."""
 
 from __future__ import annotations
 
+IN_MEMORY = "<AnnData>"  # how an in-memory AnnData is named in provenance, metadata and errors
 BATCH_KEY = "batch"  # the API's default obs column of batches (the shared data's)
 K = 15  # neighbours per query cell in label transfer (scArches' default)
 CLASS_BALANCE = 0.5  # votes divided by reference label frequency to this power (transfer.py)

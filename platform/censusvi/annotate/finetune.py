@@ -7,9 +7,10 @@ trains, the classifier reads the posterior mean (scANVI's ``use_posterior_mean``
 dropped afterwards. Unlike scANVI, the generative model stays scVI's (no label-conditioned
 prior over the latent), and the KL term keeps its full weight: scvi-tools' semi-supervised plan
 warms it up from 0 over 400 epochs, so its 2 to 10 fine-tuning epochs run at a KL weight of at
-most 0.025, which would let the latent drift from the prior the reference was trained under. The result is an ordinary model (same architecture, genes, batches):
-map, index, register and serve it as any other; the index trains and calibrates its own head on
-the fine-tuned latent (``annotate.head``).
+most 0.025, which would let the latent drift from the prior the reference was trained under
+(that ramp was measured and was no better: bench/RESULTS.md). The result is an ordinary model
+(same architecture, genes, batches): map, index, register and serve it as any other; the index
+trains and calibrates its own head on the fine-tuned latent (``annotate.head``).
 
 The labels of the cells an index of the same reference calibrates on (``head.calibration_rows``
 over the cells with counts, seed 0) are withheld, so its temperature and its out-of-reference

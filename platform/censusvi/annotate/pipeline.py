@@ -16,8 +16,7 @@ from censusvi.annotate.method import label_probabilities_by, resolve_method
 from censusvi.annotate.novelty import entropy, in_reference
 from censusvi.annotate.ontology import backoff, label_ontologies
 from censusvi.annotate.transfer import summarise
-from censusvi.data.h5ad import H5adSource
-from censusvi.data.soma import open_source
+from censusvi.data.soma import open_data
 from censusvi.inference import latent_representation
 from censusvi.mapping.query import MappedQuery, map_query
 from censusvi.mapping.surgery import SurgeryConfig
@@ -33,7 +32,7 @@ from censusvi.outputs import (
 )
 
 log = logging.getLogger(__name__)
-IN_MEMORY = "<AnnData>"  # what an in-memory reference is called in the index's metadata
+IN_MEMORY = defaults.IN_MEMORY  # what an in-memory reference is called in the index's metadata
 NOVELTY_MAX_CELLS = 20_000  # held-out reference cells the out-of-reference fit reads at most
 
 
@@ -56,11 +55,8 @@ def index_reference(
     head per key (``censusvi.annotate.head``) for ``method="head"`` / ``"ensemble"``; ``kind`` and
     ``metric``: the FAISS index (``censusvi.annotate.faiss_index``); ``novelty``: also fit the
     out-of-reference detection on held-out reference cells (``fit_novelty``)."""
-    if isinstance(data, ad.AnnData):
-        source = H5adSource(IN_MEMORY, obs_filter=obs_filter, layer=layer, adata=data)
-        data = IN_MEMORY
-    else:
-        source = open_source(str(data), obs_filter=obs_filter, layer=layer)
+    source = open_data(data, obs_filter, layer)
+    data = IN_MEMORY if isinstance(data, ad.AnnData) else data
     missing = [k for k in label_keys if k not in source.obs.columns]
     if missing:
         raise ValueError(
@@ -284,13 +280,13 @@ def annotate(
             f"{model.config.n_latent}-d: build the index with this model"
         )
     built_with = index.meta.get("encoder_digest")  # None: an index older than the digest
-    if built_with and built_with != model.encoder_digest():
+    if built_with and built_with != (own := model.encoder_digest()):
         log.warning(
             "the index was built with another model's encoder (%s, this model's is %s): its "
             "reference latents may not match this model's; index the reference with this model "
             "(a fine-tuned model and its base differ here)",
             built_with,
-            model.encoder_digest(),
+            own,
         )
     method, note = resolve_method(index, method)  # before mapping: a wrong method fails fast
     if note:

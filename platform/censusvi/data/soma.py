@@ -23,6 +23,7 @@ import scipy.sparse as sp
 from censusvi.data.counts import check_counts, check_csr, to_csr32
 from censusvi.data.h5ad import gene_ids_and_symbols, read_h5ad
 from censusvi.data.vocabulary import var_column_key
+from censusvi.defaults import IN_MEMORY
 from censusvi.progress import bar
 
 log = logging.getLogger(__name__)
@@ -275,6 +276,16 @@ class SomaSource:
 
     def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
         return self.x.read(self._joinids[rows])
+
+
+def open_data(data, obs_filter: str | None = None, layer: str | None = None):
+    """A source for an in-memory AnnData (named ``defaults.IN_MEMORY``) or a path
+    (``open_source``): a reference that ``censusvi.build_index`` or ``finetune`` reads."""
+    from censusvi.data.h5ad import H5adSource
+
+    if isinstance(data, ad.AnnData):
+        return H5adSource(IN_MEMORY, obs_filter=obs_filter, layer=layer, adata=data)
+    return open_source(str(data), obs_filter=obs_filter, layer=layer)
 
 
 def open_source(
