@@ -129,3 +129,20 @@ def test_withholding_that_leaves_one_type_is_refused():
     base = censusvi.pretrain(a, "batch", n_hvg=0, max_epochs=1, n_latent=4)
     with pytest.raises(ValueError, match="1 labelled type.*withheld for the index's calibration"):
         censusvi.finetune(a, base, "cell_type")
+
+
+def test_a_reference_with_a_batch_the_model_lacks_names_the_reference_fix():
+    """Fine-tuning or indexing cells of a batch the model never saw: the error says to select
+    the model's batches or pretrain with them (not `censusvi map`, which is for queries)."""
+    from conftest import simulated_adata
+
+    a = simulated_adata(n_cells=60)
+    base = censusvi.pretrain(a, "batch", n_hvg=0, max_epochs=1, n_latent=4)
+    a.obs["batch"] = a.obs["batch"].astype(str).replace({a.obs["batch"].iloc[0]: "new lab"})
+    for call in (
+        lambda: censusvi.finetune(a, base, "cell_type"),
+        lambda: censusvi.build_index(a, base, ontology=False, head=False),
+    ):
+        with pytest.raises(ValueError, match="unknown to the model") as err:
+            call()
+        assert "--obs-filter" in str(err.value) and "censusvi map" not in str(err.value)

@@ -19,7 +19,7 @@ from censusvi.data.cells import Cells
 from censusvi.data.h5ad import H5adSource
 from censusvi.data.vocabulary import DEFAULT_MIN_OVERLAP
 from censusvi.defaults import EMBED_BATCH_SIZE
-from censusvi.model.io import TrainedModel
+from censusvi.model.io import UNKNOWN_BATCH_FIX, TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
 from censusvi.progress import bar
 
@@ -27,14 +27,17 @@ log = logging.getLogger(__name__)
 
 
 def reference_cells(
-    model: TrainedModel, source: H5adSource, min_overlap: float = DEFAULT_MIN_OVERLAP
+    model: TrainedModel,
+    source: H5adSource,
+    min_overlap: float = DEFAULT_MIN_OVERLAP,
+    unknown_batch_fix: str = UNKNOWN_BATCH_FIX,
 ) -> tuple[Cells, dict]:
-    """The source's cells aligned to ``model``; raises on no cells, unknown batches or poor gene
-    overlap."""
+    """The source's cells aligned to ``model``; raises on no cells, unknown batches (the error
+    ending with ``unknown_batch_fix``) or poor gene overlap."""
     if len(source.obs) == 0:
         raise ValueError(f"{source.uri}: 0 cells; there is nothing to embed")
     alignment = model.genes.align(source.var_keys, min_overlap, source.uri)
-    codes = model.covariate_codes(source.obs, source.uri)
+    codes = model.covariate_codes(source.obs, source.uri, unknown_batch_fix)
     cells = Cells(source, np.arange(len(source.obs)), alignment, codes, preload=False)
     return cells, alignment.report()
 
@@ -79,9 +82,10 @@ def latent_representation(
     batch_size: int = EMBED_BATCH_SIZE,
     device: str = "cpu",
     min_overlap: float = DEFAULT_MIN_OVERLAP,
+    unknown_batch_fix: str = UNKNOWN_BATCH_FIX,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(positions of embedded cells, latent means (n, k), gene report)."""
-    cells, report = reference_cells(model, source, min_overlap)
+    cells, report = reference_cells(model, source, min_overlap, unknown_batch_fix)
     pos, z = stream_latent(model, cells, batch_size, device)
     return pos, z, report
 

@@ -43,7 +43,7 @@ class ShardEmbedder:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
 
         from censusvi.data.soma import open_source
-        from censusvi.model.io import load_model
+        from censusvi.model.io import UNKNOWN_BATCH_FIX_REFERENCE, load_model
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_model(model, self.device)
@@ -54,7 +54,9 @@ class ShardEmbedder:
             raise ValueError(f"label key(s) {missing} not in {source}'s obs")
         self.label_keys = label_keys
         self.alignment = self.model.genes.align(self.source.var_keys, where=self.source.uri)
-        self.codes = self.model.covariate_codes(self.source.obs, self.source.uri)
+        self.codes = self.model.covariate_codes(
+            self.source.obs, self.source.uri, UNKNOWN_BATCH_FIX_REFERENCE
+        )
 
     def __call__(self, shard: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from censusvi.data.cells import Cells

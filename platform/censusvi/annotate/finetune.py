@@ -36,7 +36,7 @@ from censusvi.annotate.head import HIDDEN, calibration_rows
 from censusvi.data.cells import Cells
 from censusvi.data.h5ad import H5adSource
 from censusvi.inference import reference_cells
-from censusvi.model.io import TrainedModel
+from censusvi.model.io import UNKNOWN_BATCH_FIX_REFERENCE, TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
 from censusvi.train.schedule import ADAM_EPS, scvi_tools_max_epochs
 
@@ -162,7 +162,7 @@ def finetune(
     labels in ``labels_key``, returned on the CPU; its provenance records what was done
     (``"finetune"``)."""
     cfg = cfg or FinetuneConfig()
-    cells, genes = reference_cells(model, source)
+    cells, genes = reference_cells(model, source, unknown_batch_fix=UNKNOWN_BATCH_FIX_REFERENCE)
     cells = replace(cells, preload=None)  # small references are read once, not every epoch
     classes, y, with_counts, withheld = training_labels(
         source, labels_key, cells, cfg.withhold_calibration

@@ -20,7 +20,7 @@ from censusvi.data.soma import open_data
 from censusvi.inference import latent_representation
 from censusvi.mapping.query import MappedQuery, map_query
 from censusvi.mapping.surgery import SurgeryConfig
-from censusvi.model.io import TrainedModel
+from censusvi.model.io import UNKNOWN_BATCH_FIX_REFERENCE, TrainedModel
 from censusvi.outputs import (
     LATENT_KEY,
     OVER_CLUSTERING_COLUMN,
@@ -62,7 +62,7 @@ def index_reference(
         raise ValueError(
             f"label key(s) {missing} not in the reference's obs; it has {sorted(source.obs.columns)}"
         )
-    pos, z, _ = latent_representation(model, source)
+    pos, z, _ = latent_representation(model, source, unknown_batch_fix=UNKNOWN_BATCH_FIX_REFERENCE)
     labels = source.obs.iloc[pos][label_keys].astype(str)
     meta = {"reference": str(data), "obs_filter": obs_filter}
     meta["encoder_digest"] = model.encoder_digest()
@@ -146,7 +146,7 @@ def reference_nll(model: TrainedModel, source, positions: np.ndarray) -> np.ndar
     from censusvi.model.minibatch import minibatch_from_csr
 
     order = np.argsort(positions, kind="stable")
-    cells, _ = reference_cells(model, source)
+    cells, _ = reference_cells(model, source, unknown_batch_fix=UNKNOWN_BATCH_FIX_REFERENCE)
     x, cov = cells.read(np.asarray(positions)[order])
     vae = model.vae.eval()
     device = next(vae.parameters()).device

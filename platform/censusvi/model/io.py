@@ -26,6 +26,13 @@ FORMAT = "censusvi-model"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
+# What a user with cells of batches the model lacks does instead, per entrance (the covariate error's end)
+UNKNOWN_BATCH_FIX = "Map new batches onto the reference with `censusvi map` instead of `embed`."
+UNKNOWN_BATCH_FIX_REFERENCE = (
+    "A reference (index, fine-tuning) must hold only the model's batches: select them with "
+    "--obs-filter, or pretrain a model on them; a query of new batches is mapped by `censusvi "
+    "annotate` itself."
+)
 REQUIRED_KEYS = {"model": dict, "genes": dict, "batch_keys": list, "batch_categories": list}
 
 
@@ -78,8 +85,9 @@ class TrainedModel:
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def covariate_codes(self, obs, where: str) -> np.ndarray:
-        """(n, 1 + k) codes: the batch (from ``batch_keys``) then each extra covariate."""
+    def covariate_codes(self, obs, where: str, fix: str = UNKNOWN_BATCH_FIX) -> np.ndarray:
+        """(n, 1 + k) codes: the batch (from ``batch_keys``) then each extra covariate. ``fix``
+        ends the error for batches the model lacks: what the caller's user should do instead."""
         from censusvi.data.source import codes_in  # pandas: not in the model core
 
         batch, unknown = codes_in(obs, self.batch_keys, self.batch_categories, where)
@@ -87,8 +95,7 @@ class TrainedModel:
             raise ValueError(
                 f"{where}: {len(unknown)} batch(es) unknown to the model, e.g. {unknown[:3]}; the "
                 f"model knows {len(self.batch_categories)} batches built from "
-                f"{list(self.batch_keys)} (e.g. {list(self.batch_categories[:3])}). Map new "
-                "batches onto the reference with `censusvi map` instead of `embed`."
+                f"{list(self.batch_keys)} (e.g. {list(self.batch_categories[:3])}). {fix}"
             )
         return np.concatenate(
             [batch.reshape(-1, 1), self.extra_covariate_codes(obs, where)], axis=1
