@@ -73,6 +73,8 @@ def test_surgery_trains_new_columns_only(tmp_path, prior_components):
     z_ref_after = latent_representation(mq.model, H5adSource("ref", adata=ref))[1]
     assert np.array_equal(z_ref, z_ref_after)
     assert mq.latent.shape == (query.n_obs, 4) and np.isfinite(mq.nll_per_count).all()
+    # so the reference's index still fits it: the encoder digests as the reference's
+    assert mq.model.encoder_digest() == model.encoder_digest()
 
 
 def test_census_path_needs_no_training(tmp_path):

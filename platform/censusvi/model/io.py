@@ -76,11 +76,19 @@ class TrainedModel:
 
     def encoder_digest(self) -> str:
         """16 hex digits of a SHA-256 over the encoder's weights: the same for two models exactly
-        when they embed cells alike (an index records the one it was built with)."""
+        when they embed the reference's cells alike (an index records the one it was built
+        with). A model extended by surgery (``mapping.surgery``) digests as its reference: the
+        encoder's columns for the batches it mapped are left out (the reference's are frozen)."""
         import hashlib
 
+        mapped = len(self.provenance.get("mapped_batches") or ())
+        n_ref = len(self.batch_categories) - mapped
+        covariates = sum(self.config.covariate_sizes) if self.config.encode_covariates else 0
         h = hashlib.sha256()
         for name, t in sorted(self.vae.z_encoder.state_dict().items()):
+            if mapped and covariates and name.endswith(".linear.weight"):
+                start = t.shape[1] - covariates + n_ref  # surgery's columns follow the reference's
+                t = torch.cat([t[:, :start], t[:, start + mapped :]], dim=1)
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
