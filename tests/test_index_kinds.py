@@ -119,10 +119,11 @@ def test_cli_index_options_default_from_one_place(capsys):
     base = ["index", "--model", "m", "--data", "d.h5ad", "--label-keys", "cell_type", "--out", "o"]
     a = build_parser().parse_args(base)
     assert (a.index, a.metric) == (defaults.INDEX_KIND, defaults.METRIC)
-    a = build_parser().parse_args([*base, "--index", "ivfpq", "--metric", "cosine"])
+    a = build_parser().parse_args([*base, "--index-kind", "ivfpq", "--metric", "cosine"])
     assert (a.index, a.metric) == ("ivfpq", "cosine")
+    assert build_parser().parse_args([*base, "--index", "ivfflat"]).index == "ivfflat"  # old name
     with pytest.raises(SystemExit):
-        build_parser().parse_args([*base, "--index", "hnsw"])
+        build_parser().parse_args([*base, "--index-kind", "hnsw"])
     assert "invalid choice: 'hnsw'" in capsys.readouterr().err
 
 

@@ -56,11 +56,13 @@ def add_label_commands(sub, query_args) -> None:
         "(default: on)",
     )
     s.add_argument(
-        "--index",
+        "--index-kind",
+        "--index",  # its first name; elsewhere --index is an index directory
+        dest="index",
         choices=defaults.INDEX_KINDS,
         default=defaults.INDEX_KIND,
         help="FAISS index: exact (flat), IVF-Flat, or IVF-PQ with a re-rank (1.6x smaller); "
-        f"auto chooses by size (default: {defaults.INDEX_KIND})",
+        f"auto chooses by size (default: {defaults.INDEX_KIND}; --index is the same flag)",
     )
     s.add_argument(
         "--metric",
