@@ -37,12 +37,14 @@ def test_embed_job_matches_censusvi_index_and_makes_the_version_servable(
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     argv = ["--model", "models:/censusvi-embed/1", "--data", exp, "--label-keys", "cell_type",
-            "--out", (tmp_path / "out").as_uri(), "--shard-cells", "1000", "--actors", "2"]  # fmt: skip
+            "--out", (tmp_path / "out").as_uri(), "--shard-cells", "1000", "--actors", "2",
+            "--index-kind", "flat"]  # fmt: skip
     assert job.main(argv) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
     expected = index_reference(load_model(tmp_path / "m"), exp, ["cell_type"])
     assert printed["n_cells"] == expected.meta["n_cells"] > 3000  # four Ray Data shards
+    assert printed["kind"] == "flat"
     shards = sorted((tmp_path / "out" / "embeddings").glob("*.parquet"))  # written via file://
     assert len(shards) >= 1 and printed["index"] == (tmp_path / "out").as_uri() + "/index"
     columns = pq.read_schema(shards[0]).names

@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--gpus-per-actor", type=float, help="default: 1 where the cluster has GPUs, else 0"
     )
-    p.add_argument("--index", choices=defaults.INDEX_KINDS, default=defaults.INDEX_KIND)
+    p.add_argument(
+        "--index-kind", "--index", dest="index", choices=defaults.INDEX_KINDS,
+        default=defaults.INDEX_KIND, help="FAISS index kind, as `censusvi index --index-kind`",
+    )  # fmt: skip
     p.add_argument("--metric", choices=defaults.METRICS, default=defaults.METRIC)
     a = p.parse_args(argv)
     init_ray()
