@@ -165,3 +165,25 @@ def test_out_of_reference_scaling_keeps_the_heads_calibration(pbmc_scvi):
     p = ix.heads["cell_type"].probabilities(z)
     own = expected_calibration_error(p.max(1), ix.heads["cell_type"].classes[p.argmax(1)] == truth)
     assert correct.mean() > 0.85 and ece <= 0.05 and ece <= own + 0.02, (correct.mean(), ece, own)
+
+
+def test_a_corpus_head_trains_and_calibrates_on_bounded_samples(monkeypatch):
+    """Above MAX_STEPS x BATCH training cells the steps draw from a random sample of that size,
+    and the temperature reads at most MAX_CALIBRATION_CELLS: a Census-size latent is never
+    copied whole; the head still separates the types and stays calibrated."""
+    from censusvi.annotate import head as head_module
+
+    monkeypatch.setattr(head_module, "MAX_STEPS", 100)  # cap: 100 x 256 = 25,600 training cells
+    monkeypatch.setattr(head_module, "MIN_STEPS", 100)
+    monkeypatch.setattr(head_module, "MAX_CALIBRATION_CELLS", 500)
+    rng = np.random.default_rng(0)
+    labels = rng.choice(["a", "b", "c"], 30_000)
+    centres = {"a": 0.0, "b": 2.0, "c": 4.0}
+    z = (rng.normal(size=(30_000, 8)) + np.array([centres[x] for x in labels])[:, None]).astype(
+        np.float32
+    )
+    h, info = head_module.fit_head(z, labels)
+    assert info["n_train_cells"] == 100 * head_module.BATCH and info["n_calibration_cells"] == 500
+    p = h.probabilities(z)
+    assert (h.classes[p.argmax(1)] == labels).mean() > 0.9
+    assert info["ece_after"] <= 0.05
