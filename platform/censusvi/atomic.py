@@ -201,8 +201,29 @@ def check_output(
                 f"--out {out} {'is' if p == target else 'holds'} {what}; replacing it would "
                 "delete it, even with --overwrite: choose another --out"
             )
+    _check_writable(out)
     recover(out)
     check_replaceable(out, kind, overwrite)
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an ``out`` whose folder cannot be written (tried with a scratch file in its
+    nearest existing folder), or that would go under a file, before any work."""
+    import tempfile
+
+    parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputRefused(f"--out {out}: {parent} is a file, not a folder: choose another --out")
+    try:
+        fd, scratch = tempfile.mkstemp(prefix=".censusvi-probe-", dir=parent)
+    except OSError as e:
+        raise OutputRefused(
+            f"--out {out}: cannot write in {parent} ({e.strerror}): choose a folder you can write"
+        ) from None
+    os.close(fd)
+    os.unlink(scratch)
 
 
 def _target(out: str | os.PathLike) -> Path:

@@ -181,10 +181,14 @@ def build_corpus_index(
 ) -> dict:
     """Read the embeddings, evaluate, index and write the index directory to ``out`` (a storage
     URI or a local path); returns its metadata. Run as a Ray task by ``index_corpus``."""
+    from censusvi.annotate.labels import labelled_rows
     from censusvi.annotate.ontology import label_ontologies
     from censusvi.annotate.pipeline import holdout_evaluation
 
     z, labels = read_embeddings(embeddings, label_keys)
+    keep = labelled_rows(labels, embeddings)  # the Census labels some cells "unknown"
+    if not keep.all():
+        z, labels = z[keep], labels[keep].reset_index(drop=True)
     meta = {**meta, "evaluation": holdout_evaluation(z, labels, kind=kind, metric=metric)}
     meta["ontology"] = label_ontologies(labels, label_keys)  # Census labels are CL names
     ix = build_index(z, labels, meta, kind=kind, metric=metric)

@@ -33,6 +33,8 @@ from torch import nn
 
 from censusvi import defaults
 from censusvi.annotate.head import HIDDEN, calibration_rows
+from censusvi.annotate.labels import UNLABELLED
+from censusvi.annotate.labels import unlabelled as is_unlabelled
 from censusvi.data.cells import Cells
 from censusvi.data.h5ad import H5adSource
 from censusvi.inference import reference_cells
@@ -41,7 +43,6 @@ from censusvi.model.minibatch import minibatch_from_csr
 from censusvi.train.schedule import ADAM_EPS, scvi_tools_max_epochs
 
 log = logging.getLogger(__name__)
-UNLABELLED = ("", "nan", "none", "unknown", "unassigned")  # compared lower-case
 IGNORE = -100  # torch's cross-entropy ignore_index
 
 
@@ -65,6 +66,14 @@ class FinetuneConfig:
             )
         if self.batch_size < 3:
             raise ValueError(f"batch_size {self.batch_size}: batch norm needs at least 3 cells")
+        try:
+            kind = torch.device(self.device).type
+        except RuntimeError:
+            raise ValueError(f"device {self.device!r}: give cpu, cuda or cuda:N") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device {self.device!r}: this machine's torch sees no CUDA GPU; use cpu"
+            )
 
 
 def scanvi_epochs(n_cells: int) -> int:
@@ -75,11 +84,11 @@ def scanvi_epochs(n_cells: int) -> int:
 def label_codes(values, where: str) -> tuple[np.ndarray, np.ndarray]:
     """(classes, code per cell); unlabelled cells (NaN, "", "unknown", ...) get ``IGNORE``."""
     text = pd.Series(values).astype("string").fillna("").str.strip()
-    unlabelled = text.str.lower().isin(UNLABELLED).to_numpy()
+    unlabelled = is_unlabelled(values)
     classes, codes = np.unique(text[~unlabelled].to_numpy(str), return_inverse=True)
     if len(classes) < 2:
         raise ValueError(
-            f"{where}: {len(classes)} labelled type(s) ({list(classes)}); fine-tuning needs at "
+            f"{where}: {len(classes)} labelled type(s) ({classes.tolist()}); fine-tuning needs at "
             f"least two (cells labelled {list(UNLABELLED[1:])} or empty count as unlabelled)"
         )
     out = np.full(len(text), IGNORE, dtype=np.int64)

@@ -51,6 +51,32 @@ def resolve_method(index: LabelIndex, method: str | None = None) -> tuple[str, s
     return method, None
 
 
+def check_settings(
+    k, unknown_threshold, class_balance, ontology_threshold, latent_key: str = "X"
+) -> None:
+    """A ValueError naming the first label-transfer setting out of range (before any work)."""
+    import math
+
+    def number(x) -> bool:
+        return isinstance(x, int | float | np.integer | np.floating) and math.isfinite(x)
+
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k {k!r}: neighbours per cell must be an integer >= 1 (default 15)")
+    for name, x in (("unknown_threshold", unknown_threshold),
+                    ("ontology_threshold", ontology_threshold)):  # fmt: skip
+        if not number(x) or not 0 <= x <= 1:
+            raise ValueError(f"{name} {x!r}: must be a number from 0 to 1")
+    if not number(class_balance) or not 0 <= class_balance <= 1:
+        raise ValueError(
+            f"class_balance {class_balance!r}: must be from 0 (plain votes) to 1 (votes divided "
+            "by label frequency)"
+        )
+    if not isinstance(latent_key, str) or not latent_key.strip() or "/" in latent_key:
+        raise ValueError(
+            f"latent key {latent_key!r}: must be a non-empty obsm name without '/' (e.g. X_scVI)"
+        )
+
+
 def label_probabilities_by(
     method: str,
     index: LabelIndex,

@@ -11,8 +11,9 @@ import pandas as pd
 
 from censusvi import defaults
 from censusvi.annotate.index import LabelIndex, build_index
+from censusvi.annotate.labels import label_keys_checked, labelled_rows
 from censusvi.annotate.majority import majority_vote, n_clusters, over_cluster
-from censusvi.annotate.method import label_probabilities_by, resolve_method
+from censusvi.annotate.method import check_settings, label_probabilities_by, resolve_method
 from censusvi.annotate.novelty import entropy, in_reference
 from censusvi.annotate.ontology import backoff, label_ontologies
 from censusvi.annotate.transfer import summarise
@@ -54,7 +55,9 @@ def index_reference(
     (``censusvi.annotate.ontology``) for ontology-aware answers; ``head``: also train a label
     head per key (``censusvi.annotate.head``) for ``method="head"`` / ``"ensemble"``; ``kind`` and
     ``metric``: the FAISS index (``censusvi.annotate.faiss_index``); ``novelty``: also fit the
-    out-of-reference detection on held-out reference cells (``fit_novelty``)."""
+    out-of-reference detection on held-out reference cells (``fit_novelty``). Cells without a
+    label (``annotate.labels``) are left out."""
+    label_keys = label_keys_checked(label_keys)
     source = open_data(data, obs_filter, layer)
     data = IN_MEMORY if isinstance(data, ad.AnnData) else data
     missing = [k for k in label_keys if k not in source.obs.columns]
@@ -63,6 +66,8 @@ def index_reference(
             f"label key(s) {missing} not in the reference's obs; it has {sorted(source.obs.columns)}"
         )
     pos, z, _ = latent_representation(model, source, unknown_batch_fix=UNKNOWN_BATCH_FIX_REFERENCE)
+    keep = labelled_rows(source.obs.iloc[pos][label_keys], str(data))
+    pos, z = pos[keep], z[keep]
     labels = source.obs.iloc[pos][label_keys].astype(str)
     meta = {"reference": str(data), "obs_filter": obs_filter}
     meta["encoder_digest"] = model.encoder_digest()
@@ -274,6 +279,7 @@ def annotate(
     over-cluster's majority label (``censusvi.annotate.majority``). ``method`` None: the
     default, or knn for an index without a label head, logged once and recorded in
     ``uns["censusvi"]["method_note"]`` (``method.resolve_method``)."""
+    check_settings(k, unknown_threshold, class_balance, ontology_threshold, latent_key)
     if index.meta.get("dim") != model.config.n_latent:
         raise ValueError(
             f"the index holds {index.meta.get('dim')}-d embeddings but the model's latent is "

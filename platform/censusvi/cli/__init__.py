@@ -23,6 +23,7 @@ USER_ERRORS = (
     ValueError,
     FileNotFoundError,
     FileExistsError,
+    OSError,  # a file or folder the OS refuses (permissions, space, a file where a folder was)
     KeyError,
     FloatingPointError,
     TimeoutError,

@@ -28,9 +28,17 @@ def out_args(
     s.set_defaults(out_kind=kind, out_inputs=inputs)
 
 
+def obsm_key(text: str) -> str:
+    """An obsm name anndata can write and read back: not empty, no '/'."""
+    if not text.strip() or "/" in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a non-empty obsm name without '/'")
+    return text
+
+
 def latent_key_arg(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--latent-key",
+        type=obsm_key,
         default=LATENT_KEY,
         help=f"obsm key of the latent (default {LATENT_KEY}; scvi-tools uses X_scVI)",
     )

@@ -75,12 +75,17 @@ def add_label_commands(sub, query_args) -> None:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=commands.cmd_index)
 
-    s = sub.add_parser("annotate", help="map a query and transfer labels by weighted kNN")
+    s = sub.add_parser(
+        "annotate", help="map a query and transfer the index's labels (kNN, label head or both)"
+    )
     query_args(s, ("model", "query", "index"))
     s.add_argument("--index", required=True, help="directory written by `censusvi index`")
     faiss_device_arg(s)
     latent_key_arg(s)
-    s.add_argument("--k", type=int, default=defaults.K)
+    s.add_argument(
+        "--k", type=int, default=defaults.K,
+        help=f"reference neighbours per query cell (default {defaults.K})",
+    )  # fmt: skip
     s.add_argument(
         "--unknown-threshold",
         type=float,

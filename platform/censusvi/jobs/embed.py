@@ -25,6 +25,7 @@ from censusvi.annotate.corpus import (
     index_corpus,
     join_uri,
 )
+from censusvi.annotate.labels import label_keys_checked
 from censusvi.ray_session import init_ray
 
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", choices=defaults.METRICS, default=defaults.METRIC)
     a = p.parse_args(argv)
     init_ray()
-    keys = [k.strip() for k in a.label_keys.split(",") if k.strip()]
+    keys = label_keys_checked(a.label_keys.split(","))
     embeddings = embed_corpus(
         a.model, a.data, a.out, keys, a.obs_filter, a.shard_cells, a.actors, a.gpus_per_actor
     )

@@ -1,0 +1,118 @@
+"""Hostile or careless input to the label commands (index, annotate, finetune): one error line
+(exit 2) before any work, nothing written; a reference's missing labels are not a cell type."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from censusvi.annotate.index import load_index
+from censusvi.cli import main
+from conftest import simulated_adata
+
+
+def run(args: list[str], capsys) -> tuple[int, str]:
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+@pytest.fixture(scope="module")
+def files(sim_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("labels")
+    a = simulated_adata()
+    rng = np.random.default_rng(0)
+    ct = a.obs["cell_type"].astype(str).to_numpy().astype(object)
+    ct[rng.random(a.n_obs) < 0.3] = np.nan
+    ct[rng.random(a.n_obs) < 0.1] = "unknown"
+    a.obs["patchy"] = ct
+    a.obs["allnan"] = np.nan
+    a.obs["one"] = "T cell"
+    a.write_h5ad(d / "ref.h5ad")
+    main(["index", "--model", str(sim_model), "--data", str(d / "ref.h5ad"), "--label-keys",
+          "cell_type", "--out", str(d / "ix")])  # fmt: skip
+    return sim_model, d, a
+
+
+def index_args(files, keys: str, out) -> list[str]:
+    model, d, _ = files
+    return ["index", "--model", str(model), "--data", str(d / "ref.h5ad"), "--label-keys", keys,
+            "--out", str(out)]  # fmt: skip
+
+
+def test_unlabelled_reference_cells_are_left_out_of_the_index(files, tmp_path, capsys):
+    _, _, a = files
+    assert run(index_args(files, "patchy", tmp_path / "ix"), capsys)[0] == 0
+    ix = load_index(tmp_path / "ix")
+    kept = ix.labels["patchy"].astype(str)
+    assert not kept.str.lower().isin(["nan", "unknown", ""]).any()
+    labelled = a.obs["patchy"].notna() & (a.obs["patchy"] != "unknown")
+    assert len(kept) == ix.meta["n_cells"] == int(labelled.sum())
+
+
+@pytest.mark.parametrize(
+    ("keys", "says"),
+    [
+        ("allnan", "0 labelled type(s) of 'allnan'"),
+        ("one", "1 labelled type(s) of 'one'"),
+        ("", "name at least one obs column"),
+        ("cell_type,cell_type", "each obs column once"),
+    ],
+)
+def test_an_index_of_no_types_or_no_keys_is_refused(files, tmp_path, capsys, keys, says):
+    code, err = run(index_args(files, keys, tmp_path / "ix"), capsys)
+    assert code == 2 and says in err and err.startswith("censusvi: error:"), err
+    assert not (tmp_path / "ix").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--k", "0", "k 0: neighbours per cell must be an integer >= 1"),
+        ("--class-balance", "nan", "class_balance nan"),
+        ("--unknown-threshold", "5", "unknown_threshold 5.0: must be a number from 0 to 1"),
+        ("--ontology-threshold", "2", "ontology_threshold 2.0"),
+    ],
+)
+def test_annotate_settings_out_of_range(files, tmp_path, capsys, flag, value, says):
+    model, d, _ = files
+    args = ["annotate", "--model", str(model), "--index", str(d / "ix"), "--query",
+            str(d / "ref.h5ad"), "--batch-key", "batch", "--out", str(tmp_path / "o.h5ad"), flag,
+            value]  # fmt: skip
+    code, err = run(args, capsys)
+    assert code == 2 and says in err, err
+    assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_work(files, tmp_path, capsys):
+    (tmp_path / "afile.h5ad").write_text("not a folder")
+    code, err = run(index_args(files, "cell_type", tmp_path / "afile.h5ad" / "ix"), capsys)
+    assert code == 2 and "is a file, not a folder" in err, err
+    if sys.platform == "linux":  # not even root may create files in /proc
+        code, err = run(index_args(files, "cell_type", "/proc/censusvi-ix"), capsys)
+        assert code == 2 and "cannot write in /proc" in err, err
+
+
+def test_a_latent_key_anndata_cannot_read_back_is_refused(files, tmp_path, capsys):
+    model, d, _ = files
+    args = ["annotate", "--model", str(model), "--index", str(d / "ix"), "--query",
+            str(d / "ref.h5ad"), "--batch-key", "batch", "--out", str(tmp_path / "o.h5ad"),
+            "--latent-key", ""]  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "give a non-empty obsm name" in capsys.readouterr().err
+
+
+def test_finetune_on_a_gpu_this_machine_lacks(files, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    model, d, _ = files
+    args = ["finetune", "--model", str(model), "--data", str(d / "ref.h5ad"), "--labels-key",
+            "cell_type", "--device", "cuda", "--out", str(tmp_path / "ft")]  # fmt: skip
+    code, err = run(args, capsys)
+    assert code == 2 and "sees no CUDA GPU" in err, err
+    assert not (tmp_path / "ft").exists()
