@@ -116,3 +116,56 @@ def test_finetune_on_a_gpu_this_machine_lacks(files, tmp_path, capsys):
     code, err = run(args, capsys)
     assert code == 2 and "sees no CUDA GPU" in err, err
     assert not (tmp_path / "ft").exists()
+
+
+def _edit_json(d, fn) -> None:
+    import json
+
+    meta = json.loads((d / "index.json").read_text())
+    (d / "index.json").write_text(json.dumps(fn(meta)))
+
+
+def _pickle_in(d, name: str) -> None:
+    import pickle
+
+    (d / name).write_bytes(pickle.dumps({"not": "an index"}))
+
+
+TAMPERED = {
+    "index.json": lambda d: (d / "index.json").write_text("[1, 2]"),
+    "index.json ": lambda d: _edit_json(d, lambda m: {**m, "metric": "manhattan"}),
+    "index.json  ": lambda d: _edit_json(
+        d,
+        lambda m: {
+            **m,
+            "label_frequency": {
+                k: {**v, "shares": [0.0] * len(v["shares"])}
+                for k, v in m["label_frequency"].items()
+            },
+        },
+    ),
+    "index.faiss": lambda d: _pickle_in(d, "index.faiss"),
+    "labels.parquet": lambda d: (
+        __import__("pandas")
+        .read_parquet(d / "labels.parquet")
+        .iloc[:10]
+        .to_parquet(d / "labels.parquet")
+    ),
+    "heads.safetensors": lambda d: (d / "heads.safetensors").unlink(),
+    "heads.safetensors ": lambda d: _pickle_in(d, "heads.safetensors"),
+}
+
+
+@pytest.mark.parametrize("damaged", list(TAMPERED))
+def test_a_tampered_index_is_one_line_naming_the_file(files, tmp_path, capsys, damaged):
+    import shutil
+
+    model, d, _ = files
+    ix = tmp_path / "ix"
+    shutil.copytree(d / "ix", ix)
+    TAMPERED[damaged](ix)
+    args = ["annotate", "--model", str(model), "--index", str(ix), "--query",
+            str(d / "ref.h5ad"), "--batch-key", "batch", "--out", str(tmp_path / "o.h5ad")]  # fmt: skip
+    code, err = run(args, capsys)
+    assert code == 2 and f"{ix}/{damaged.strip()}" in err and "rebuild the index" in err, err
+    assert not (tmp_path / "o.h5ad").exists()

@@ -249,25 +249,75 @@ def save_index(ix: LabelIndex, out: str | os.PathLike, overwrite: bool = False) 
     return Path(out)
 
 
+class IndexDamaged(ValueError):
+    """An index directory that cannot be what ``censusvi index`` wrote: which file, and why."""
+
+
 def load_index(path: str | os.PathLike, device: str | None = None) -> LabelIndex:
+    """The index ``save_index`` wrote to ``path``; a damaged or edited directory is one
+    ``IndexDamaged`` line naming the file (never a FAISS, Arrow or safetensors traceback)."""
     path = Path(path)
     if not (path / "index.json").is_file():
         raise FileNotFoundError(
             f"{path} is not a censusvi index (built by `censusvi index`): index.json is missing"
         )
-    meta = json.loads((path / "index.json").read_text())
-    index = faiss.read_index(str(path / "index.faiss"))
+    step = "index.json"
+    try:
+        meta = json.loads((path / step).read_text())
+        _check_meta(meta)
+        step = "index.faiss"
+        index = faiss.read_index(str(path / step))
+        step = "labels.parquet"
+        labels = pd.read_parquet(path / step)
+        _check_labels(labels, meta, index.ntotal)
+        step = HEADS_FILE
+        heads = _load_heads(path, meta)
+    except IndexDamaged as e:
+        raise IndexDamaged(f"{path}/{step}: {e}; rebuild the index with `censusvi index`") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the reader raised, name the file instead
+        what = " ".join(str(e).split())[:160] or type(e).__name__
+        raise IndexDamaged(
+            f"{path}/{step} is damaged or not censusvi's ({what}); rebuild the index with "
+            "`censusvi index`"
+        ) from None
     index, gpu_resources = place_index(index, device)
     if fx.ivf_part(index) is not None:
         fx.apply_settings(index, {"nprobe": NPROBE, **fx.search_settings(index), **meta})
-    labels = pd.read_parquet(path / "labels.parquet")
-    heads = {}
-    if (path / HEADS_FILE).is_file():
-        from safetensors.torch import load_file
-
-        from censusvi.annotate.head import LabelHead
-
-        tensors = load_file(str(path / HEADS_FILE))
-        for key, info in meta.get("heads", {}).items():
-            heads[key] = LabelHead.from_tensors(tensors, key, info["classes"])
     return LabelIndex(index, labels, meta, gpu_resources=gpu_resources, heads=heads)
+
+
+def _check_meta(meta) -> None:
+    if not isinstance(meta, dict):
+        raise IndexDamaged(f"holds a {type(meta).__name__}, not an object")
+    if meta.get("metric", "l2") not in defaults.METRICS:
+        raise IndexDamaged(f"metric {meta.get('metric')!r} is not one of {list(defaults.METRICS)}")
+    for key, stored in (meta.get("label_frequency") or {}).items():
+        shares = np.asarray(stored.get("shares", []), dtype=float)
+        if not (np.isfinite(shares).all() and (shares > 0).all()):
+            raise IndexDamaged(f"label_frequency of {key!r} holds shares that are not all > 0")
+
+
+def _check_labels(labels: pd.DataFrame, meta: dict, n_vectors: int) -> None:
+    if len(labels) != n_vectors:
+        raise IndexDamaged(f"{len(labels)} label rows for {n_vectors} indexed cells")
+    keys = meta.get("label_keys")
+    if keys is not None and list(labels.columns) != list(keys):
+        raise IndexDamaged(f"columns {list(labels.columns)}, but index.json names {keys}")
+
+
+def _load_heads(path: Path, meta: dict) -> dict:
+    listed = meta.get("heads") or {}
+    if not (path / HEADS_FILE).is_file():
+        if listed:
+            raise IndexDamaged(f"is missing, but index.json lists heads for {sorted(listed)}")
+        return {}
+    from safetensors.torch import load_file
+
+    from censusvi.annotate.head import LabelHead
+
+    tensors = load_file(str(path / HEADS_FILE))
+    return {
+        key: LabelHead.from_tensors(tensors, key, info["classes"]) for key, info in listed.items()
+    }
