@@ -43,17 +43,28 @@ def test_embed_job_matches_censusvi_index_and_makes_the_version_servable(
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
     expected = index_reference(load_model(tmp_path / "m"), exp, ["cell_type"])
-    assert printed["n_cells"] == expected.meta["n_cells"] > 3000  # four Ray Data shards
+    # every cell is embedded (four Ray Data shards); Kang's, labelled "unknown", are not indexed
+    assert printed["n_cells"] == expected.meta["n_cells"] > 1000
     assert printed["kind"] == "flat"
     shards = sorted((tmp_path / "out" / "embeddings").glob("*.parquet"))  # written via file://
     assert len(shards) >= 1 and printed["index"] == (tmp_path / "out").as_uri() + "/index"
     columns = pq.read_schema(shards[0]).names
+    assert sum(pq.read_metadata(f).num_rows for f in shards) > 3000
     assert {"soma_joinid", "latent", "cell_type"} <= set(columns) and "obs_id" not in columns
     ours = load_index(tmp_path / "out" / "index")
     z_job = ours.index.reconstruct_n(0, ours.index.ntotal)
     z_ref = expected.index.reconstruct_n(0, expected.index.ntotal)
     np.testing.assert_allclose(z_job, z_ref, atol=1e-5)  # same cells, same order, same latent
     assert ours.labels["cell_type"].tolist() == expected.labels["cell_type"].tolist()
+    # what makes the default method and the out-of-reference detection work at corpus scale
+    assert ours.meta["encoder_digest"] == expected.meta["encoder_digest"]
+    assert ours.heads["cell_type"].classes.tolist() == expected.heads["cell_type"].classes.tolist()
+    ece = [ix.meta["heads"]["cell_type"]["ece_after"] for ix in (ours, expected)]
+    assert abs(ece[0] - ece[1]) <= 0.02, ece  # the same recipe on the same latents
+    assert ours.meta["novelty"]["n_cells"] == expected.meta["novelty"]["n_cells"]
+    assert set(ours.meta["novelty"]["keys"]["cell_type"]) == set(
+        expected.meta["novelty"]["keys"]["cell_type"]
+    )
     assert printed["model_version"] == "1"
     files = fetch_version("censusvi-embed", "1", tmp_path / "dl")  # the version is servable now
     assert (

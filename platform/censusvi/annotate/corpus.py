@@ -26,6 +26,30 @@ from censusvi.annotate.index import build_index, save_index
 log = logging.getLogger(__name__)
 
 
+def open_reference(
+    model: str,
+    source: str,
+    obs_filter: str | None,
+    label_keys: list[str],
+    tracking_uri: str | None = None,
+    device: str = "cpu",
+):
+    """(model, source opened with only the obs columns needed, the cells' covariate codes), as a
+    Ray actor or task opens them (``tracking_uri``: a ``models:/`` model's registry)."""
+    if tracking_uri:  # actors and tasks do not inherit the driver's environment
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    from censusvi.data.soma import open_source
+    from censusvi.model.io import UNKNOWN_BATCH_FIX_REFERENCE, load_model
+
+    m = load_model(model, device)
+    columns = (*m.batch_keys, *m.covariate_keys, *label_keys)
+    src = open_source(source, obs_filter=obs_filter, obs_columns=tuple(columns))
+    missing = [k for k in label_keys if k not in src.obs.columns]
+    if missing:
+        raise ValueError(f"label key(s) {missing} not in {source}'s obs")
+    return m, src, m.covariate_codes(src.obs, src.uri, UNKNOWN_BATCH_FIX_REFERENCE)
+
+
 class ShardEmbedder:
     """A Ray Data actor: model and source opened once, then one row shard per call."""
 
@@ -39,24 +63,12 @@ class ShardEmbedder:
     ):
         import torch
 
-        if tracking_uri:  # actors do not inherit the driver's environment
-            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-
-        from censusvi.data.soma import open_source
-        from censusvi.model.io import UNKNOWN_BATCH_FIX_REFERENCE, load_model
-
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_model(model, self.device)
-        columns = (*self.model.batch_keys, *self.model.covariate_keys, *label_keys)
-        self.source = open_source(source, obs_filter=obs_filter, obs_columns=tuple(columns))
-        missing = [k for k in label_keys if k not in self.source.obs.columns]
-        if missing:
-            raise ValueError(f"label key(s) {missing} not in {source}'s obs")
+        self.model, self.source, self.codes = open_reference(
+            model, source, obs_filter, label_keys, tracking_uri, self.device
+        )
         self.label_keys = label_keys
         self.alignment = self.model.genes.align(self.source.var_keys, where=self.source.uri)
-        self.codes = self.model.covariate_codes(
-            self.source.obs, self.source.uri, UNKNOWN_BATCH_FIX_REFERENCE
-        )
 
     def __call__(self, shard: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from censusvi.data.cells import Cells
@@ -146,9 +158,9 @@ def embed_corpus(
 
 def read_embeddings(
     uri: str | os.PathLike, label_keys: list[str]
-) -> tuple[np.ndarray, pd.DataFrame]:
-    """Latents and labels back from the Parquet files, in corpus row order (only the columns
-    the index needs are read)."""
+) -> tuple[np.ndarray, pd.DataFrame, np.ndarray]:
+    """Latents, labels and corpus rows back from the Parquet files, in corpus row order (only
+    the columns the index needs are read)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -160,7 +172,8 @@ def read_embeddings(
         latent = latent.storage
     z = latent.flatten().to_numpy().reshape(len(table), -1)[order]
     labels = table.select(label_keys).to_pandas().iloc[order].reset_index(drop=True)
-    return np.ascontiguousarray(z, dtype=np.float32), labels
+    rows = table.column("row").to_numpy()[order]
+    return np.ascontiguousarray(z, dtype=np.float32), labels, rows
 
 
 def embedded_shape(uri: str) -> tuple[int, int]:
@@ -177,21 +190,38 @@ def embedded_shape(uri: str) -> tuple[int, int]:
 
 
 def build_corpus_index(
-    embeddings: str, label_keys: list[str], out: str, meta: dict, kind: str, metric: str
+    embeddings: str,
+    label_keys: list[str],
+    out: str,
+    meta: dict,
+    kind: str,
+    metric: str,
+    head: bool = True,
+    reference: dict | None = None,
 ) -> dict:
-    """Read the embeddings, evaluate, index and write the index directory to ``out`` (a storage
-    URI or a local path); returns its metadata. Run as a Ray task by ``index_corpus``."""
+    """Read the embeddings, evaluate, index, train the label heads (``head``) and write the
+    index directory to ``out`` (a storage URI or a local path); returns its metadata. With
+    ``reference`` (``open_reference``'s arguments: the model and corpus embedded), the index
+    also records the encoder digest and fits its out-of-reference detection, as ``censusvi
+    index`` does (the reconstruction term reads the counts of at most ``NOVELTY_MAX_CELLS``
+    held-out cells). Run as a Ray task by ``index_corpus``."""
     from censusvi.annotate.labels import labelled_rows
     from censusvi.annotate.ontology import label_ontologies
-    from censusvi.annotate.pipeline import holdout_evaluation
+    from censusvi.annotate.pipeline import fit_heads, fit_novelty, holdout_evaluation, reference_nll
 
-    z, labels = read_embeddings(embeddings, label_keys)
+    z, labels, rows = read_embeddings(embeddings, label_keys)
     keep = labelled_rows(labels, embeddings)  # the Census labels some cells "unknown"
     if not keep.all():
-        z, labels = z[keep], labels[keep].reset_index(drop=True)
+        z, labels, rows = z[keep], labels[keep].reset_index(drop=True), rows[keep]
     meta = {**meta, "evaluation": holdout_evaluation(z, labels, kind=kind, metric=metric)}
     meta["ontology"] = label_ontologies(labels, label_keys)  # Census labels are CL names
     ix = build_index(z, labels, meta, kind=kind, metric=metric)
+    if head:
+        fit_heads(ix, z)
+    if reference is not None:
+        model, source, _ = open_reference(**reference, label_keys=label_keys)
+        ix.meta["encoder_digest"] = model.encoder_digest()
+        fit_novelty(ix, z, lambda held: reference_nll(model, source, rows[held]))
     del z
     fs, path = storage(out)
     if fs.type_name == "local":
@@ -207,8 +237,8 @@ def build_corpus_index(
 
 def index_memory(n_cells: int, dim: int, n_keys: int) -> int:
     """Bytes the index task reserves: the latents about four times over (read, tuned, held-out
-    index, the index), the labels, and 512 MiB for the interpreter and FAISS."""
-    return int(n_cells * (dim * 4 * 4 + 64 * n_keys) + 512 * 2**20)
+    index, the index), the labels, and 1 GiB for the interpreter, FAISS, the model and the heads."""
+    return int(n_cells * (dim * 4 * 4 + 64 * n_keys) + 1024 * 2**20)
 
 
 def index_corpus(
@@ -220,6 +250,8 @@ def index_corpus(
     dim: int,
     kind: str = defaults.INDEX_KIND,
     metric: str = defaults.METRIC,
+    head: bool = True,
+    reference: dict | None = None,
 ) -> dict:
     """``build_corpus_index`` as a Ray task on a node with the memory it needs (and a GPU where
     the cluster has one); returns the index's metadata."""
@@ -237,7 +269,7 @@ def index_corpus(
         )
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(build_corpus_index).options(memory=memory, num_gpus=gpus, num_cpus=1)
-    return ray.get(task.remote(embeddings, label_keys, out, meta, kind, metric))
+    return ray.get(task.remote(embeddings, label_keys, out, meta, kind, metric, head, reference))
 
 
 def local_copy(uri: str, tmp: str | os.PathLike) -> Path:

@@ -3,8 +3,10 @@
 Embeds every cell of a reference corpus (a SOMA experiment or an .h5ad) with Ray Data actors
 holding the model (one GPU each where the cluster has GPUs; `--gpus-per-actor` to choose) and
 reading only the obs columns they need, writes sharded Parquet to `DIR/embeddings/` (row,
-soma_joinid, latent, label columns), builds the FAISS index (`--index`, `--metric`: as
-`censusvi index`) in `DIR/index/` as one Ray task that reserves the memory it needs and, when
+soma_joinid, latent, label columns), builds the FAISS index (`--index-kind`, `--metric`: as
+`censusvi index`; cells without a label left out) with its label heads (`--no-head` to skip),
+encoder digest and out-of-reference fit, as `censusvi index` does, in `DIR/index/` as one Ray
+task that reserves the memory it needs and, when
 MODEL is a `models:/` URI, logs the index to that model version (its run's `index/` artifacts,
 its evaluation metrics, tag has_index=true), so `censusvi serve` can serve it. DIR is a storage
 URI (`s3://bucket/run`, `gs://...`, `file:///shared/run`) or a local path: on several nodes, use
@@ -27,6 +29,7 @@ from censusvi.annotate.corpus import (
 )
 from censusvi.annotate.labels import label_keys_checked
 from censusvi.ray_session import init_ray
+from censusvi.registry.mlflow_store import tracking_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         default=defaults.INDEX_KIND, help="FAISS index kind, as `censusvi index --index-kind`",
     )  # fmt: skip
     p.add_argument("--metric", choices=defaults.METRICS, default=defaults.METRIC)
+    p.add_argument(
+        "--head", action=argparse.BooleanOptionalAction, default=True,
+        help="train a calibrated label head per key, as `censusvi index` (default: on)",
+    )  # fmt: skip
     a = p.parse_args(argv)
     init_ray()
     keys = label_keys_checked(a.label_keys.split(","))
@@ -55,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"reference": a.data, "obs_filter": a.obs_filter, "model": a.model}
     index_uri = join_uri(a.out, "index")
     n_cells, dim = embedded_shape(embeddings)
-    info = index_corpus(embeddings, keys, index_uri, meta, n_cells, dim, a.index, a.metric)
+    reference = {"model": a.model, "source": a.data, "obs_filter": a.obs_filter,
+                 "tracking_uri": tracking_uri() if a.model.startswith("models:/") else None}  # fmt: skip
+    info = index_corpus(
+        embeddings, keys, index_uri, meta, n_cells, dim, a.index, a.metric, a.head, reference
+    )
     result = {
         "embeddings": embeddings,
         "index": index_uri,
