@@ -205,9 +205,9 @@ def build_corpus_index(
     also records the encoder digest and fits its out-of-reference detection, as ``censusvi
     index`` does (the reconstruction term reads the counts of at most ``NOVELTY_MAX_CELLS``
     held-out cells). Run as a Ray task by ``index_corpus``."""
-    from censusvi.annotate.labels import labelled_rows
     from censusvi.annotate.ontology import label_ontologies
     from censusvi.annotate.pipeline import fit_heads, fit_novelty, holdout_evaluation, reference_nll
+    from censusvi.data.labels import labelled_rows
 
     z, labels, rows = read_embeddings(embeddings, label_keys)
     keep = labelled_rows(labels, embeddings)  # the Census labels some cells "unknown"

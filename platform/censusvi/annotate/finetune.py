@@ -33,10 +33,10 @@ from torch import nn
 
 from censusvi import defaults
 from censusvi.annotate.head import HIDDEN, calibration_rows
-from censusvi.annotate.labels import UNLABELLED
-from censusvi.annotate.labels import unlabelled as is_unlabelled
 from censusvi.data.cells import Cells
 from censusvi.data.h5ad import H5adSource
+from censusvi.data.labels import UNLABELLED
+from censusvi.data.labels import unlabelled as is_unlabelled
 from censusvi.inference import reference_cells
 from censusvi.model.io import UNKNOWN_BATCH_FIX_REFERENCE, TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr

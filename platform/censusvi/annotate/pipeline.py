@@ -11,12 +11,12 @@ import pandas as pd
 
 from censusvi import defaults
 from censusvi.annotate.index import LabelIndex, build_index
-from censusvi.annotate.labels import label_keys_checked, labelled_rows
 from censusvi.annotate.majority import majority_vote, n_clusters, over_cluster
 from censusvi.annotate.method import check_settings, label_probabilities_by, resolve_method
 from censusvi.annotate.novelty import entropy, in_reference
 from censusvi.annotate.ontology import backoff, label_ontologies
 from censusvi.annotate.transfer import summarise
+from censusvi.data.labels import label_keys_checked, labelled_rows
 from censusvi.data.soma import open_data
 from censusvi.inference import latent_representation
 from censusvi.mapping.query import MappedQuery, map_query
@@ -56,7 +56,7 @@ def index_reference(
     head per key (``censusvi.annotate.head``) for ``method="head"`` / ``"ensemble"``; ``kind`` and
     ``metric``: the FAISS index (``censusvi.annotate.faiss_index``); ``novelty``: also fit the
     out-of-reference detection on held-out reference cells (``fit_novelty``). Cells without a
-    label (``annotate.labels``) are left out."""
+    label (``data.labels``) are left out."""
     label_keys = label_keys_checked(label_keys)
     source = open_data(data, obs_filter, layer)
     data = IN_MEMORY if isinstance(data, ad.AnnData) else data

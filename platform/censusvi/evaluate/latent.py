@@ -9,7 +9,7 @@ import numpy as np
 from sklearn.metrics import silhouette_score
 from sklearn.neighbors import NearestNeighbors
 
-UNLABELLED = {"unknown", "nan", "", "None"}
+from censusvi.data.labels import unlabelled
 
 
 def knn_label_accuracy(z: np.ndarray, labels: np.ndarray, k: int = 15) -> float:
@@ -43,7 +43,7 @@ def per_group_scores(
     labels, groups = np.asarray(labels).astype(str), np.asarray(groups).astype(str)
     out: dict[str, dict[str, float]] = {}
     for g in np.unique(groups):
-        m = (groups == g) & ~np.isin(labels, list(UNLABELLED))
+        m = (groups == g) & ~unlabelled(labels)
         if m.sum() < 10 or len(np.unique(labels[m])) < 2:
             continue
         out[g] = {

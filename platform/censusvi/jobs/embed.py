@@ -27,7 +27,7 @@ from censusvi.annotate.corpus import (
     index_corpus,
     join_uri,
 )
-from censusvi.annotate.labels import label_keys_checked
+from censusvi.data.labels import label_keys_checked
 from censusvi.ray_session import init_ray
 from censusvi.registry.mlflow_store import tracking_uri
 

@@ -1,4 +1,4 @@
-"""Which reference cells carry a label: one rule for the index, its corpus job and fine-tuning.
+"""Which cells carry a label: one rule for the index, its corpus job, fine-tuning and evaluation.
 
 A label that is missing (NaN, empty) or says so ("unknown", "unassigned", "none", "nan": the
 Census labels some cells "unknown") is no cell type: an index that kept it would answer it, and
