@@ -169,3 +169,17 @@ def test_a_tampered_index_is_one_line_naming_the_file(files, tmp_path, capsys, d
     code, err = run(args, capsys)
     assert code == 2 and f"{ix}/{damaged.strip()}" in err and "rebuild the index" in err, err
     assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_a_query_cell_without_a_batch_is_refused(files, tmp_path, capsys):
+    """A NaN batch is not a new batch called "nan": one line, nothing written."""
+    model, d, a = files
+    q = a.copy()
+    q.obs["batch"] = q.obs["batch"].astype(object)
+    q.obs.iloc[:7, q.obs.columns.get_loc("batch")] = np.nan
+    q.write_h5ad(tmp_path / "q.h5ad")
+    args = ["annotate", "--model", str(model), "--index", str(d / "ix"), "--query",
+            str(tmp_path / "q.h5ad"), "--batch-key", "batch", "--out", str(tmp_path / "o.h5ad")]  # fmt: skip
+    code, err = run(args, capsys)
+    assert code == 2 and "7 query cells have no 'batch' (NaN)" in err, err
+    assert not (tmp_path / "o.h5ad").exists()

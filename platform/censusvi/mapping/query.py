@@ -73,6 +73,11 @@ def prepare_query(
         raise ValueError(
             f"--batch-key {batch_key!r} is not an obs column; obs has {sorted(adata.obs.columns)}"
         )
+    if (missing := int(adata.obs[batch_key].isna().sum())) > 0:
+        raise ValueError(
+            f"{missing} query cells have no {batch_key!r} (NaN): give every cell its batch "
+            "(e.g. its sample or library), or one shared value"
+        )
     source = H5adSource("query", adata=adata, layer=layer)
     alignment = model.genes.align(source.var_keys, min_overlap, "the query")
     labels = adata.obs[batch_key].astype(str).to_numpy()
