@@ -85,4 +85,6 @@ def test_cpu_training_steps_do_not_page_fault():
     train_epoch(vae, opt, [mb] * 2, 1.0)
     per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 2
     assert keep_freed_memory()  # glibc Linux, as on the CI and in the Docker image
-    assert per_step < 4000, f"{per_step:.0f} page faults per training step"
+    # the count is the whole process's: in the suite, threads of the session's Ray driver add
+    # their own (4,300 once under load, against ~44,000 per step without the fix)
+    assert per_step < 8000, f"{per_step:.0f} page faults per training step"
