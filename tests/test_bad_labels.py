@@ -183,3 +183,12 @@ def test_a_query_cell_without_a_batch_is_refused(files, tmp_path, capsys):
     code, err = run(args, capsys)
     assert code == 2 and "7 query cells have no 'batch' (NaN)" in err, err
     assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_an_output_inside_an_input_directory_is_refused(files, tmp_path, capsys):
+    model, d, _ = files
+    args = ["annotate", "--model", str(model), "--index", str(d / "ix"), "--query",
+            str(d / "ref.h5ad"), "--batch-key", "batch", "--out", str(model / "o.h5ad")]  # fmt: skip
+    code, err = run(args, capsys)
+    assert code == 2 and f"is inside the input {model}" in err, err
+    assert not (model / "o.h5ad").exists()

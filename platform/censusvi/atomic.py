@@ -201,6 +201,12 @@ def check_output(
                 f"--out {out} {'is' if p == target else 'holds'} {what}; replacing it would "
                 "delete it, even with --overwrite: choose another --out"
             )
+        if given is not here and p.is_dir() and p in target.parents:
+            raise OutputRefused(
+                f"--out {out} is inside the input {given}; writing there would change that "
+                "input (a model or index directory holds only what censusvi wrote): choose "
+                "another --out"
+            )
     _check_writable(out)
     recover(out)
     check_replaceable(out, kind, overwrite)
