@@ -14,6 +14,11 @@ NLL_COLUMN = "censusvi_nll_per_count"  # obs: reconstruction QC, -log p(x | z) p
 OVER_CLUSTERING_COLUMN = "censusvi_over_clustering"  # obs: clusters majority voting used
 
 
+def obsm_key_ok(name) -> bool:
+    """Whether ``name`` is an obsm key anndata writes and reads back: a non-empty string, no '/'."""
+    return isinstance(name, str) and bool(name.strip()) and "/" not in name
+
+
 def predicted_column(key: str) -> str:
     """obs column of the transferred label ``key`` (e.g. ``predicted_cell_type``)."""
     return f"predicted_{key}"

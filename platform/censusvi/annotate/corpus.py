@@ -34,12 +34,12 @@ def open_reference(
     tracking_uri: str | None = None,
     device: str = "cpu",
 ):
-    """(model, source opened with only the obs columns needed, the cells' covariate codes), as a
-    Ray actor or task opens them (``tracking_uri``: a ``models:/`` model's registry)."""
+    """(model, source opened with only the obs columns needed), as a Ray actor or task opens
+    them (``tracking_uri``: a ``models:/`` model's registry)."""
     if tracking_uri:  # actors and tasks do not inherit the driver's environment
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     from censusvi.data.soma import open_source
-    from censusvi.model.io import UNKNOWN_BATCH_FIX_REFERENCE, load_model
+    from censusvi.model.io import load_model
 
     m = load_model(model, device)
     columns = (*m.batch_keys, *m.covariate_keys, *label_keys)
@@ -47,7 +47,7 @@ def open_reference(
     missing = [k for k in label_keys if k not in src.obs.columns]
     if missing:
         raise ValueError(f"label key(s) {missing} not in {source}'s obs")
-    return m, src, m.covariate_codes(src.obs, src.uri, UNKNOWN_BATCH_FIX_REFERENCE)
+    return m, src
 
 
 class ShardEmbedder:
@@ -63,12 +63,17 @@ class ShardEmbedder:
     ):
         import torch
 
+        from censusvi.model.io import UNKNOWN_BATCH_FIX_REFERENCE
+
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.source, self.codes = open_reference(
+        self.model, self.source = open_reference(
             model, source, obs_filter, label_keys, tracking_uri, self.device
         )
         self.label_keys = label_keys
         self.alignment = self.model.genes.align(self.source.var_keys, where=self.source.uri)
+        self.codes = self.model.covariate_codes(
+            self.source.obs, self.source.uri, UNKNOWN_BATCH_FIX_REFERENCE
+        )
 
     def __call__(self, shard: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from censusvi.data.cells import Cells
@@ -219,7 +224,7 @@ def build_corpus_index(
     if head:
         fit_heads(ix, z)
     if reference is not None:
-        model, source, _ = open_reference(**reference, label_keys=label_keys)
+        model, source = open_reference(**reference, label_keys=label_keys)
         ix.meta["encoder_digest"] = model.encoder_digest()
         fit_novelty(ix, z, lambda held: reference_nll(model, source, rows[held]))
     del z

@@ -57,11 +57,15 @@ def check_settings(
     """A ValueError naming the first label-transfer setting out of range (before any work)."""
     import math
 
+    from censusvi.outputs import obsm_key_ok
+
     def number(x) -> bool:
         return isinstance(x, int | float | np.integer | np.floating) and math.isfinite(x)
 
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise ValueError(f"k {k!r}: neighbours per cell must be an integer >= 1 (default 15)")
+        raise ValueError(
+            f"k {k!r}: neighbours per cell must be an integer >= 1 (default {defaults.K})"
+        )
     for name, x in (("unknown_threshold", unknown_threshold),
                     ("ontology_threshold", ontology_threshold)):  # fmt: skip
         if not number(x) or not 0 <= x <= 1:
@@ -71,7 +75,7 @@ def check_settings(
             f"class_balance {class_balance!r}: must be from 0 (plain votes) to 1 (votes divided "
             "by label frequency)"
         )
-    if not isinstance(latent_key, str) or not latent_key.strip() or "/" in latent_key:
+    if not obsm_key_ok(latent_key):
         raise ValueError(
             f"latent key {latent_key!r}: must be a non-empty obsm name without '/' (e.g. X_scVI)"
         )

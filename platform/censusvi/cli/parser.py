@@ -8,7 +8,7 @@ import argparse
 from censusvi import defaults
 from censusvi.cli import commands
 from censusvi.data.vocabulary import DEFAULT_MIN_OVERLAP
-from censusvi.outputs import LATENT_KEY, UMAP_KEY
+from censusvi.outputs import LATENT_KEY, UMAP_KEY, obsm_key_ok
 from censusvi.registry.mlflow_store import DEFAULT_ALIAS, DEFAULT_MODEL_NAME, TRACKING_HELP
 from censusvi.train.schedule import AUTO_CENSUS_MIN_CELLS
 from censusvi.train.schedule import CHOICES as SCHEDULE_CHOICES
@@ -30,7 +30,7 @@ def out_args(
 
 def obsm_key(text: str) -> str:
     """An obsm name anndata can write and read back: not empty, no '/'."""
-    if not text.strip() or "/" in text:
+    if not obsm_key_ok(text):
         raise argparse.ArgumentTypeError(f"{text!r}: give a non-empty obsm name without '/'")
     return text
 
