@@ -131,6 +131,22 @@ def _pickle_in(d, name: str) -> None:
     (d / name).write_bytes(pickle.dumps({"not": "an index"}))
 
 
+def _edit_novelty(meta: dict, field: str, value) -> dict:
+    fitted = meta["novelty"]["keys"]["cell_type"]
+    if field == "q":
+        fitted["signals"]["distance"]["q"] = value
+    else:
+        fitted[field] = value
+    return meta
+
+
+def _edit_ontology(meta: dict) -> dict:
+    label = meta["label_frequency"]["cell_type"]["labels"][0]
+    terms = {"version": "x", "label_terms": {label: "CL:1"}, "ancestors": {"CL:1": ["CL:1"]},
+             "names": {}, "depth": {}, "flat": []}  # fmt: skip
+    return {**meta, "ontology": {"cell_type": terms}}  # a term without a name or a depth
+
+
 TAMPERED = {
     "index.json": lambda d: (d / "index.json").write_text("[1, 2]"),
     "index.json ": lambda d: _edit_json(d, lambda m: {**m, "metric": "manhattan"}),
@@ -144,6 +160,9 @@ TAMPERED = {
             },
         },
     ),
+    "index.json   ": lambda d: _edit_json(d, lambda m: _edit_novelty(m, "q", [1.0, "x"])),
+    "index.json    ": lambda d: _edit_json(d, lambda m: _edit_novelty(m, "alpha", 0)),
+    "index.json     ": lambda d: _edit_json(d, _edit_ontology),
     "index.faiss": lambda d: _pickle_in(d, "index.faiss"),
     "labels.parquet": lambda d: (
         __import__("pandas")
@@ -192,3 +211,23 @@ def test_an_output_inside_an_input_directory_is_refused(files, tmp_path, capsys)
     code, err = run(args, capsys)
     assert code == 2 and f"is inside the input {model}" in err, err
     assert not (model / "o.h5ad").exists()
+
+
+@pytest.mark.parametrize("out", ["o.txt", "o"])
+def test_a_file_output_named_for_another_kind_is_refused(files, tmp_path, capsys, out):
+    """annotate writes an .h5ad: an --out named otherwise is one line, nothing written."""
+    model, d, _ = files
+    args = ["annotate", "--model", str(model), "--index", str(d / "ix"), "--query",
+            str(d / "ref.h5ad"), "--batch-key", "batch", "--out", str(tmp_path / out)]  # fmt: skip
+    code, err = run(args, capsys)
+    assert code == 2 and "writes a .h5ad file; give a name ending in .h5ad" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_given_as_the_query_file_says_so(files, tmp_path, capsys):
+    model, d, _ = files
+    args = ["annotate", "--model", str(model), "--index", str(d / "ix"), "--query",
+            str(d / "ix"), "--batch-key", "batch", "--out", str(tmp_path / "o.h5ad")]  # fmt: skip
+    code, err = run(args, capsys)
+    assert code == 2 and f"{d / 'ix'} is a folder, not an .h5ad file" in err, err
+    assert not (tmp_path / "o.h5ad").exists()

@@ -186,8 +186,9 @@ def check_output(
     overwrite: bool = False,
     inputs: Iterable[str | os.PathLike | None] = (),
 ) -> None:
-    """Before any work: repair a killed swap at ``out``, refuse an ``out`` that is (or holds) one
-    of ``inputs`` or the current directory, then ``check_replaceable``."""
+    """Before any work: refuse an ``out`` that is (or holds) one of ``inputs`` or the current
+    directory, repair a killed swap at ``out``, ``check_replaceable``, and refuse a file
+    ``out`` whose suffix is not its ``kind``'s."""
     out = _target(out)
     here = Path.cwd().resolve()
     target = out.resolve()
@@ -210,6 +211,11 @@ def check_output(
     _check_writable(out)
     recover(out)
     check_replaceable(out, kind, overwrite)
+    if kind in FILE_KINDS and out.suffix.lower() != kind:
+        raise OutputRefused(
+            f"--out {out}: this command writes a {kind} file; give a name ending in {kind} "
+            f"(e.g. {out.with_suffix(kind).name})"
+        )
 
 
 def _check_writable(out: Path) -> None:

@@ -134,7 +134,7 @@ class LabelIndex:
         from censusvi.annotate.ontology import LabelOntology
 
         d = self.meta.get("ontology", {}).get(key)
-        return None if d is None else LabelOntology.from_dict(d)
+        return None if d is None else LabelOntology.checked(d)
 
     def label_frequency(self, key: str) -> pd.Series:
         """Each label's share of the reference: from index.json where the build stored it
@@ -297,6 +297,29 @@ def _check_meta(meta) -> None:
         shares = np.asarray(stored.get("shares", []), dtype=float)
         if not (np.isfinite(shares).all() and (shares > 0).all()):
             raise IndexDamaged(f"label_frequency of {key!r} holds shares that are not all > 0")
+    _check_tables(meta)
+
+
+def _check_tables(meta: dict) -> None:
+    """The out-of-reference fit and the ontology entries hold together (``novelty.check_stored``,
+    ``LabelOntology.checked``): an edited table fails here, not in the middle of annotating."""
+    from censusvi.annotate import novelty
+    from censusvi.annotate.ontology import LabelOntology
+
+    try:
+        if meta.get("novelty"):
+            novelty.check_stored(meta["novelty"])
+        if meta.get("neighbour_distance"):
+            novelty.check_fit(novelty.legacy_fit(meta["neighbour_distance"]))
+    except (TypeError, KeyError, ValueError) as e:
+        raise IndexDamaged(str(e)) from None
+    if not isinstance(meta.get("ontology") or {}, dict):
+        raise IndexDamaged("ontology is not an object")
+    for key, d in (meta.get("ontology") or {}).items():
+        try:
+            LabelOntology.checked(d)
+        except (TypeError, ValueError) as e:
+            raise IndexDamaged(f"ontology of {key!r} {e}") from None
 
 
 def _check_labels(labels: pd.DataFrame, meta: dict, n_vectors: int) -> None:

@@ -160,3 +160,59 @@ def legacy_fit(neighbour_distance: dict | None) -> dict | None:
         return None
     table = {"q50": neighbour_distance["q50"], "q99": neighbour_distance["q99"]}
     return {"signals": {"distance": table}, "combined": {}, "alpha": 0.01}
+
+
+def check_stored(stored: dict) -> None:
+    """A ValueError naming what is wrong with index.json's ``novelty`` entry (``fit``'s tables
+    under ``version`` and ``keys``), so an edited one fails at load, not mid-annotation."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("keys", {}), dict):
+        raise ValueError("novelty is not an object with per-key fits")
+    for key, fitted in stored.get("keys", {}).items():
+        try:
+            check_fit(fitted)
+        except (TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"novelty fit of {key!r}: {e}") from None
+
+
+def check_fit(fitted: dict) -> None:
+    """A ValueError where ``fitted`` is not what ``fit`` (or ``legacy_fit``) returns."""
+    if not isinstance(fitted, dict) or not isinstance(fitted.get("signals"), dict):
+        raise ValueError("not an object with signal tables")
+    if "distance" not in fitted["signals"]:
+        raise ValueError("no distance table")
+    unknown = set(fitted["signals"]) - set(SIGNALS)
+    if unknown:
+        raise ValueError(f"unknown signal(s) {sorted(unknown)}; known: {list(SIGNALS)}")
+    alpha = fitted.get("alpha", ALPHA)
+    if not isinstance(alpha, int | float) or not 0 < alpha <= 1:
+        raise ValueError(f"alpha {alpha!r} is not in (0, 1]")
+    if fitted.get("statistic", STATISTIC) not in STATISTICS:
+        raise ValueError(f"statistic {fitted.get('statistic')!r} is not one of {list(STATISTICS)}")
+    tables = {
+        **fitted["signals"],
+        **{f"combined {n}": t for n, t in fitted.get("combined", {}).items()},
+    }
+    for name, table in tables.items():
+        _check_table(name, table)
+    others = [s for s in SIGNALS if s in fitted["signals"] and s != "distance"]
+    for r in range(1, len(others) + 1):
+        for extra in combinations(others, r):
+            if subset_name(("distance", *extra)) not in fitted.get("combined", {}):
+                raise ValueError(f"no combined table for {subset_name(('distance', *extra))}")
+
+
+def _check_table(name: str, table) -> None:
+    if not isinstance(table, dict):
+        raise ValueError(f"{name} table is not an object")
+    if "q" in table:
+        q = np.asarray(table["q"], dtype=float)
+        ok = q.shape == LEVELS.shape and np.isfinite(q).all() and (np.diff(q) >= 0).all()
+    else:
+        q = np.asarray([table.get("q50"), table.get("q99")], dtype=float)
+        ok = np.isfinite(q).all() and q[0] <= q[1]
+    scale = table.get("scale", 1.0)
+    if not ok or not isinstance(scale, int | float) or not np.isfinite(scale) or scale <= 0:
+        raise ValueError(
+            f"{name} table is not {len(LEVELS)} finite rising quantiles (or q50 <= q99) with a "
+            "positive scale"
+        )

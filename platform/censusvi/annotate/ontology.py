@@ -47,6 +47,29 @@ class LabelOntology:
             d["version"], d["label_terms"], d["ancestors"], d["names"], d["depth"], d["flat"]
         )
 
+    @classmethod
+    def checked(cls, d) -> LabelOntology:
+        """``from_dict``, or a ValueError naming what does not hold together (an edited entry
+        fails at load, not mid-annotation): each label's term has its ancestors, each of them a
+        name and a depth."""
+        fields = ("version", "label_terms", "ancestors", "names", "depth", "flat")
+        if not isinstance(d, dict) or any(f not in d for f in fields):
+            raise ValueError(f"is not an object with {', '.join(fields)}")
+        onto = cls.from_dict(d)
+        if not all(isinstance(x, dict) for x in (onto.label_terms, onto.ancestors, onto.names,
+                                                 onto.depth)) or not isinstance(onto.flat, list):  # fmt: skip
+            raise ValueError("label_terms, ancestors, names, depth must be objects, flat a list")
+        for label, term in onto.label_terms.items():
+            chain = onto.ancestors.get(term)
+            if not isinstance(chain, list) or term not in chain:
+                raise ValueError(f"the term {term!r} of label {label!r} has no ancestors entry")
+            lost = [
+                a for a in chain if a not in onto.names or not isinstance(onto.depth.get(a), int)
+            ]
+            if lost:
+                raise ValueError(f"ancestor(s) {lost[:3]} of {term!r} have no name or depth")
+        return onto
+
 
 def _parser():
     from cellxgene_ontology_guide.ontology_parser import OntologyParser

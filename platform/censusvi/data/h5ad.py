@@ -21,6 +21,10 @@ SCAN_CHUNK = 1 << 24  # stored values per read when a backed CSC matrix's indice
 def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
     """``anndata.read_h5ad`` with a clear error for missing, truncated or foreign files."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"{path} is a folder, not an .h5ad file: give the .h5ad file's path"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
