@@ -260,3 +260,32 @@ def test_models_help_names_the_default_store(capsys):
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert e.value.code == 0
     assert "MLFLOW_TRACKING_URI" in out and "sqlite:///./mlruns/mlflow.db" in out
+
+
+def test_promotion_refuses_a_version_that_does_not_load_and_a_bad_tolerance(
+    tmp_path, monkeypatch, capsys
+):
+    """Registered by hand (a CSV where the model should be): promote says it does not load,
+    even with --force, and the alias stays; a NaN or negative --tolerance is one line."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model_dir, _ = small_model_and_index(tmp_path, "a", seed=0, epochs=1)
+    rc, _, err = run_cli(capsys, "models", "register", str(model_dir))
+    assert rc == 0, err
+    assert run_cli(capsys, "models", "promote", "censusvi-scvi", "1")[0] == 0
+    client = MlflowClient(use_tracking())
+    junk = tmp_path / "junk" / "model"
+    junk.mkdir(parents=True)
+    (junk / "table.csv").write_text("a,b\n1,2\n")
+    client.create_model_version("censusvi-scvi", source=junk.parent.as_uri())
+    rc, _, err = run_cli(capsys, "models", "promote", "censusvi-scvi", "2", "--force")
+    assert rc == 2 and "version 2 of censusvi-scvi does not load as a model" in err, err
+    assert alias_holder("censusvi-scvi", "production") == "1"
+    for bad in ("nan", "-0.1"):
+        rc, _, err = run_cli(capsys, "models", "promote", "censusvi-scvi", "1", "--tolerance", bad)
+        assert rc == 2 and "must be a number >= 0" in err, err
+    weights = model_dir / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    rc, _, err = run_cli(capsys, "models", "register", str(model_dir))
+    assert rc == 2 and "weights.safetensors" in err, err

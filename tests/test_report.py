@@ -57,7 +57,7 @@ def test_report_holds_every_query_cell_and_the_evaluation(annotated, tmp_path, c
     )
     assert {r["label"] for r in data["predicted_counts"]} == set(q["predicted"])
     assert set(data["reference"]["label"]) == {"A549", "H1975", "H2228", "H838", "HCC827"}
-    assert data["mapping"]["cells_per_batch"] == {"sc_dropseq": out.n_obs}
+    assert data["mapping"]["cells_per_batch"] == {"batch": ["sc_dropseq"], "cells": [out.n_obs]}
     # self-contained: nothing is fetched when the file is opened
     assert not re.search(r'(src|href)\s*=\s*["\']?(https?:)?//', page)
     for name in ("umap_predicted", "umap_uncertainty", "umap_batch", "confusion", "calibration"):

@@ -171,6 +171,14 @@ def _replaceable(path: Path, kind: str) -> bool:
 def check_replaceable(out: str | os.PathLike, kind: str, overwrite: bool = False) -> None:
     """Refuse to replace ``out`` unless it is absent, empty, a censusvi ``kind`` or ``overwrite``."""
     out = Path(out)
+    other_shape = not out.is_symlink() and (
+        (out.is_dir() and not _is_dir_kind(kind)) or (out.is_file() and _is_dir_kind(kind))
+    )
+    if other_shape and not _replaceable(out, kind):
+        raise OutputRefused(
+            f"{out} exists and is {_found(out)}; a {'folder' if _is_dir_kind(kind) else 'file'} "
+            "output never replaces it, even with --overwrite: choose another --out"
+        )
     if overwrite or _replaceable(out, kind):
         return
     what = f"a censusvi {kind} {'directory' if _is_dir_kind(kind) else 'file'}"
@@ -185,11 +193,36 @@ def check_output(
     kind: str,
     overwrite: bool = False,
     inputs: Iterable[str | os.PathLike | None] = (),
+    flag: str = "--out",
 ) -> None:
     """Before any work: refuse an ``out`` that is (or holds) one of ``inputs`` or the current
     directory, repair a killed swap at ``out``, ``check_replaceable``, and refuse a file
-    ``out`` whose suffix is not its ``kind``'s."""
+    ``out`` whose suffix is not its ``kind``'s; ``flag`` names it in the errors."""
     out = _target(out)
+    _check_not_input(out, inputs, flag)
+    _check_writable(out, flag)
+    recover(out)
+    check_replaceable(out, kind, overwrite)
+    if kind in FILE_KINDS and out.suffix.lower() != kind:
+        raise OutputRefused(
+            f"{flag} {out}: this command writes a {kind} file; give a name ending in {kind} "
+            f"(e.g. {out.with_suffix(kind).name})"
+        )
+
+
+def check_folder(
+    out: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike | None] = ()
+) -> None:
+    """Before any work: a folder the command adds files to (``flag``, e.g. --png-dir) is not
+    one of ``inputs``, inside one or a file, and can be written."""
+    out = _target(out)
+    _check_not_input(out, inputs, flag)
+    if out.exists() and not out.is_dir():
+        raise OutputRefused(f"{flag} {out} is {_found(out)}, not a folder: choose another {flag}")
+    _check_writable(out, flag)
+
+
+def _check_not_input(out: Path, inputs, flag: str = "--out") -> None:
     here = Path.cwd().resolve()
     target = out.resolve()
     for given in [*inputs, here]:
@@ -199,26 +232,18 @@ def check_output(
         if p == target or target in p.parents:
             what = "the current directory" if given is here else f"the input {given}"
             raise OutputRefused(
-                f"--out {out} {'is' if p == target else 'holds'} {what}; replacing it would "
-                "delete it, even with --overwrite: choose another --out"
+                f"{flag} {out} {'is' if p == target else 'holds'} {what}; replacing it would "
+                f"delete it, even with --overwrite: choose another {flag}"
             )
         if given is not here and p.is_dir() and p in target.parents:
             raise OutputRefused(
-                f"--out {out} is inside the input {given}; writing there would change that "
+                f"{flag} {out} is inside the input {given}; writing there would change that "
                 "input (a model or index directory holds only what censusvi wrote): choose "
-                "another --out"
+                f"another {flag}"
             )
-    _check_writable(out)
-    recover(out)
-    check_replaceable(out, kind, overwrite)
-    if kind in FILE_KINDS and out.suffix.lower() != kind:
-        raise OutputRefused(
-            f"--out {out}: this command writes a {kind} file; give a name ending in {kind} "
-            f"(e.g. {out.with_suffix(kind).name})"
-        )
 
 
-def _check_writable(out: Path) -> None:
+def _check_writable(out: Path, flag: str = "--out") -> None:
     """Refuse an ``out`` whose folder cannot be written (tried with a scratch file in its
     nearest existing folder), or that would go under a file, before any work."""
     import tempfile
@@ -227,12 +252,14 @@ def _check_writable(out: Path) -> None:
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise OutputRefused(f"--out {out}: {parent} is a file, not a folder: choose another --out")
+        raise OutputRefused(
+            f"{flag} {out}: {parent} is a file, not a folder: choose another {flag}"
+        )
     try:
         fd, scratch = tempfile.mkstemp(prefix=".censusvi-probe-", dir=parent)
     except OSError as e:
         raise OutputRefused(
-            f"--out {out}: cannot write in {parent} ({e.strerror}): choose a folder you can write"
+            f"{flag} {out}: cannot write in {parent} ({e.strerror}): choose a folder you can write"
         ) from None
     os.close(fd)
     os.unlink(scratch)

@@ -95,3 +95,13 @@ def label_keys_of(columns) -> list[str]:
     prefix, present = predicted_column(""), set(columns)
     keys = [c.removeprefix(prefix) for c in columns if c.startswith(prefix)]
     return [k for k in keys if probability_column(k) in present]
+
+
+def cells_per_batch(labels) -> dict[str, list]:
+    """The mapping report's ``cells_per_batch``: ``{"batch": names, "cells": counts}``, two
+    lists and not a dict keyed by batch, because a batch name is any text ('', 'a/b') and an
+    .h5ad stores dict keys as HDF5 group names."""
+    import numpy as np
+
+    names, counts = np.unique(np.asarray(labels).astype(str), return_counts=True)
+    return {"batch": names.tolist(), "cells": counts.astype(int).tolist()}

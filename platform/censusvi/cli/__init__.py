@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from censusvi.atomic import check_output
+from censusvi.atomic import check_folder, check_output
 from censusvi.cli import commands
 from censusvi.cli.parser import build_parser
 from censusvi.extras import MissingExtra, needs_extras
@@ -39,7 +39,11 @@ def _check_outputs(args) -> None:
     check_output(args.out, args.out_kind, args.overwrite, inputs)
     for flag, kind in getattr(args, "extra_outs", ()):
         if getattr(args, flag):
-            check_output(getattr(args, flag), kind, args.overwrite, [*inputs, args.out])
+            name = "--" + flag.replace("_", "-")
+            check_output(getattr(args, flag), kind, args.overwrite, [*inputs, args.out], name)
+    for flag in getattr(args, "extra_folders", ()):
+        if getattr(args, flag):
+            check_folder(getattr(args, flag), "--" + flag.replace("_", "-"), [*inputs, args.out])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     latent_key_arg(s)
     s.add_argument("--min-gene-overlap", type=float, default=DEFAULT_MIN_OVERLAP)
     s.add_argument("--save-model", help="also write the mapped model (reference + query batches)")
-    s.set_defaults(fn=commands.cmd_map)
+    s.set_defaults(fn=commands.cmd_map, extra_outs=(("save_model", "model"),))
 
     s = sub.add_parser("de", help="scVI Bayesian differential expression between groups of cells")
     s.add_argument(
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mapped", required=True, help="the .h5ad `censusvi annotate` wrote")
     s.add_argument("--reference", required=True, help="INDEX_DIR the query was annotated with")
     out_args(s, ".html", ("mapped", "reference", "scib"), "report.html")
-    s.set_defaults(extra_outs=(("umap_out", ".h5ad"),))
+    s.set_defaults(extra_outs=(("umap_out", ".h5ad"),), extra_folders=("png_dir",))
     s.add_argument("--png-dir", help="also write static PNGs here")
     s.add_argument("--label-key", help="which label to draw (default: the index's first)")
     s.add_argument(
@@ -258,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the mapped .h5ad with each cell's place on the report's UMAP in obsm "
         f"(--umap-key, default {UMAP_KEY})",
     )
-    s.add_argument("--umap-key", default=UMAP_KEY, help="obsm key of --umap-out's UMAP")
+    s.add_argument(
+        "--umap-key", type=obsm_key, default=UMAP_KEY, help="obsm key of --umap-out's UMAP"
+    )
     s.add_argument("--scib", help="scib.json from jobs/evaluate.py: the integration table")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=commands.cmd_report)

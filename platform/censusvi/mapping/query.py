@@ -17,7 +17,7 @@ from censusvi.defaults import EMBED_BATCH_SIZE
 from censusvi.mapping.surgery import SurgeryConfig, extend_batches, query_batches, train_new_columns
 from censusvi.model.io import TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
-from censusvi.outputs import LATENT_KEY, NLL_COLUMN, UNS_KEY
+from censusvi.outputs import LATENT_KEY, NLL_COLUMN, UNS_KEY, cells_per_batch
 from censusvi.progress import bar
 
 log = logging.getLogger(__name__)
@@ -144,11 +144,10 @@ def map_query(
         raise ValueError("no query cell has counts over the model's genes")
     positions = np.concatenate(pos_parts)
     order = np.argsort(positions)
-    counts = dict(zip(*np.unique(labels, return_counts=True)))
     report = {
         "genes": alignment.report(),
         "batch_key": batch_key,
-        "cells_per_batch": {str(k): int(v) for k, v in counts.items()},
+        "cells_per_batch": cells_per_batch(labels),
         "new_batches": new,
         "cells_mapped": int(len(positions)),
         "cells_without_counts": int(adata.n_obs - len(positions)),

@@ -211,29 +211,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
         return import_scvi_tools(path)
     d = read_config(path)
     try:
-        vae = VAE(ModelConfig.from_dict(d["model"]))
-    except (TypeError, ValueError) as e:  # a setting missing, unknown or of the wrong type
+        config = ModelConfig.from_dict(d["model"])
+        with torch.device("meta"):  # shapes only: a config naming 1e12 latents allocates nothing
+            expected = {k: tuple(v.shape) for k, v in VAE(config).state_dict().items()}
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:  # a setting missing or wrong
         raise ValueError(f"{path / CONFIG_FILE}: 'model' does not describe a model: {e}") from e
-    try:
-        state = load_file(str(path / WEIGHTS_FILE), device=str(device))
-    except (FileNotFoundError, SafetensorError, OSError) as e:
-        raise ValueError(
-            f"cannot read {path / WEIGHTS_FILE}: {e}. The model directory is damaged"
-        ) from e
-    expected = vae.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"weights in {path} do not fit the architecture in its {CONFIG_FILE}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
-        )
+    check_shapes(expected, stored_shapes(path / WEIGHTS_FILE), path)
+    state = load_file(str(path / WEIGHTS_FILE), device=str(device))
     check_finite(state, path / WEIGHTS_FILE)
+    vae = VAE(config)
     vae.load_state_dict(state)
     vae.to(device).eval()
     try:
@@ -249,6 +235,33 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
         )
     except (TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path / CONFIG_FILE}: {e}") from e
+
+
+def stored_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape from the safetensors header (nothing else is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read {weights}: {e}. The model directory is damaged") from e
+
+
+def check_shapes(expected: dict, stored: dict, path: Path) -> None:
+    """A ValueError naming the tensors that do not fit the architecture, before any is loaded."""
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    wrong = [
+        f"{k}: file {stored[k]} vs model {expected[k]}"
+        for k in expected
+        if k in stored and tuple(stored[k]) != tuple(expected[k])
+    ]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"weights in {path} do not fit the architecture in its {CONFIG_FILE}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
+        )
 
 
 def check_finite(state: dict[str, torch.Tensor], where: str | os.PathLike) -> None:

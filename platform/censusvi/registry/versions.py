@@ -95,10 +95,11 @@ def register_version(
     import mlflow
 
     from censusvi.annotate.index import load_index
-    from censusvi.model.io import read_config
+    from censusvi.model.io import load_model, read_config
     from censusvi.registry.pyfunc import log_mlmodel
 
     cfg = read_config(model_dir)  # refuses anything that is not a model directory
+    load_model(model_dir)  # and one whose weights do not load (a version must be servable)
     if index_dir is not None:
         _check_index_fits(model_dir, cfg, load_index(index_dir), index_dir)
     client = _client(uri)
@@ -166,6 +167,25 @@ def compare_metrics(
     return worse
 
 
+def _check_loads(name: str, version: str, uri: str | None) -> None:
+    """Refuse (even with --force) to promote a version whose model does not load: its weights
+    are read into a scratch folder, removed afterwards."""
+    import tempfile
+
+    from censusvi.model.io import load_model
+    from censusvi.registry.mlflow_store import download_model
+
+    with tempfile.TemporaryDirectory(prefix="censusvi-promote-") as tmp:
+        try:
+            load_model(download_model(f"models:/{name}/{version}/model", tmp, uri))
+        except Exception as e:  # noqa: BLE001 - whatever the artifact is, it is not a model
+            what = " ".join(str(e).replace(tmp, f"models:/{name}/{version}").split())[:200]
+            raise PromotionRefused(
+                f"version {version} of {name} does not load as a model ({what}); it was not "
+                "promoted: register a model directory `censusvi info` reads"
+            ) from None
+
+
 def _append_history(client, name: str, alias: str, version: str) -> None:
     key = f"alias_history.{alias}"
     history = client.get_registered_model(name).tags.get(key, "")
@@ -185,6 +205,12 @@ def promote(
 ) -> str | None:
     """Point ``alias`` at ``version`` unless its evaluation is worse than the holder's; returns
     the previous holder. Fails closed: when the holder cannot be read, nothing moves."""
+    import math
+
+    if not isinstance(tolerance, int | float) or not math.isfinite(tolerance) or tolerance < 0:
+        raise ValueError(
+            f"tolerance {tolerance!r}: must be a number >= 0 (how much worse a metric may be)"
+        )
     client = _client(uri)
     client.get_model_version(name, version)  # raises with MLflow's message if it does not exist
     try:
@@ -194,6 +220,7 @@ def promote(
             f"{name}@{alias} was not moved to version {version}: its current version could not "
             f"be read, and the metrics gate compares against it ({e})"
         ) from e
+    _check_loads(name, version, uri)
     if holder is not None and holder != str(version) and not force:
         worse = compare_metrics(
             version_metrics(name, version, uri), version_metrics(name, holder, uri), tolerance

@@ -9,6 +9,8 @@ import html
 import json
 from typing import Any
 
+import numpy as np
+
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:20px}h2{font-size:16px;margin-top:28px}
@@ -113,10 +115,11 @@ def _mapping_section(c: dict) -> str:
     parts = ["<h2>Mapping</h2>"]
     if genes:
         parts.append(_table(["genes", "count"], [[k, v] for k, v in genes.items()]))
-    batches = m.get("cells_per_batch", {})
-    new = set(m.get("new_batches", []))
-    if batches:
-        rows = [[b, n, "new" if b in new else "reference"] for b, n in batches.items()]
+    batches = m.get("cells_per_batch") or {}
+    new = set(np.asarray(m.get("new_batches", [])).astype(str))
+    if len(batches.get("batch", [])):
+        rows = [[b, int(n), "new" if b in new else "reference"]
+                for b, n in zip(np.asarray(batches["batch"]).astype(str), batches["cells"])]  # fmt: skip
         parts.append(_table(["batch", "cells", "kind"], rows))
     if c.get("qc_nll_per_count"):
         q = c["qc_nll_per_count"]

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from censusvi.outputs import cells_per_batch
+
 
 def error(status: int, message: str) -> dict:
     """An answer that is an HTTP error (the ingress turns it into one)."""
@@ -46,10 +48,10 @@ def split_mapped(whole: dict, parts: list) -> list[dict]:
     for p in parts:
         stop = start + p.n_cells
         keep = (whole["positions"] >= start) & (whole["positions"] < stop)
-        labels, counts = np.unique(p.batch, return_counts=True)
+        labels = np.unique(np.asarray(p.batch).astype(str))
         report = {
             **whole["report"],
-            "cells_per_batch": {str(b): int(c) for b, c in zip(labels, counts)},
+            "cells_per_batch": cells_per_batch(p.batch),
             "new_batches": [b for b in whole["report"]["new_batches"] if b in set(labels)],
             "cells_mapped": int(keep.sum()),
             "cells_without_counts": int(p.n_cells - keep.sum()),
