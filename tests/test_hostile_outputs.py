@@ -82,3 +82,59 @@ def test_report_extras_stay_out_of_its_inputs(tmp_path, capsys):
         main([str(a) for a in [*base, "--umap-out", tmp_path / "u.h5ad", "--umap-key", "x/y"]])
     assert "give a non-empty obsm name without '/'" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists() and not (ix / "png").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["--n-samples", "99999999999999"], "from 2 to 100,000 posterior draws"),
+        (["--fdr", "2"], "fdr=2.0: a target false discovery rate in (0, 1)"),
+        (["--delta", "nan"], "delta=nan: a log fold-change threshold >= 0"),
+        (["--group2", "A"], "group 'A' is both group1 and group2"),
+        (["--train", "--max-epochs", "0"], "max_epochs=0: surgery needs at least 1 epoch"),
+    ],
+)
+def test_de_options_out_of_range(sim_model, query, tmp_path, capsys, extra, says):
+    q = ad.read_h5ad(query)
+    q.obs["group"] = ["A", "B"] * (q.n_obs // 2)
+    q.write_h5ad(tmp_path / "q.h5ad")
+    args = ["de", "--model", sim_model, "--data", tmp_path / "q.h5ad", "--groupby", "group",
+            "--group1", "A", "--batch-key", "batch", "--quiet", "--out", tmp_path / "de.csv"]  # fmt: skip
+    code, err = run([*args, *extra], capsys)
+    assert code == 2 and says in err, err
+    assert not (tmp_path / "de.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["--library-size", "nan"], "library_size=nan: counts per this many, a positive"),
+        (["--library-size", "0"], "library_size=0.0"),
+        (["--genes", ""], "no genes to impute"),
+    ],
+)
+def test_impute_options_out_of_range(sim_model, query, tmp_path, capsys, extra, says):
+    from censusvi.model.io import load_model
+
+    gene = load_model(sim_model).genes.ids[0]
+    args = ["impute", "--model", sim_model, "--query", query, "--batch-key", "batch", "--genes",
+            gene, "--quiet", "--out", tmp_path / "i.h5ad"]  # fmt: skip
+    code, err = run([*args, *extra], capsys)
+    assert code == 2 and says in err, err
+    assert not (tmp_path / "i.h5ad").exists()
+
+
+def test_report_scib_per_type_and_truth_key_are_checked(tmp_path, capsys):
+    from censusvi.report.build import build_report
+
+    (tmp_path / "list.json").write_text("[1, 2, 3]")
+    with pytest.raises(ValueError, match="is not a table"):
+        build_report(
+            tmp_path / "m.h5ad", tmp_path, tmp_path / "r.html", scib=tmp_path / "list.json"
+        )
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match="is not JSON"):
+        build_report(tmp_path / "m.h5ad", tmp_path, tmp_path / "r.html", scib=tmp_path / "bin.json")
+    with pytest.raises(ValueError, match="per_type=0: reference cells drawn per label"):
+        build_report(tmp_path / "m.h5ad", tmp_path, tmp_path / "r.html", per_type=0)
+    assert not (tmp_path / "r.html").exists()

@@ -18,6 +18,7 @@ draws are decoded: the same distribution for much less work.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import anndata as ad
@@ -40,6 +41,7 @@ from censusvi.progress import bar
 log = logging.getLogger(__name__)
 EPS = 1e-8
 MODES = ("change", "vanilla")
+MAX_SAMPLES = 100_000  # draws per group: beyond, memory (draws x genes floats) runs out first
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,15 @@ class DEConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: choose one of {MODES}")
-        if self.n_samples < 2:
-            raise ValueError(f"n_samples={self.n_samples}: at least 2 draws per group are needed")
+        if not 2 <= self.n_samples <= MAX_SAMPLES:
+            raise ValueError(
+                f"n_samples={self.n_samples}: from 2 to {MAX_SAMPLES:,} posterior draws per group "
+                f"(scvi-tools' default {defaults.DE_N_SAMPLES:,})"
+            )
+        if not (math.isfinite(self.fdr) and 0 < self.fdr < 1):
+            raise ValueError(f"fdr={self.fdr}: a target false discovery rate in (0, 1), e.g. 0.05")
+        if not (math.isfinite(self.delta) and self.delta >= 0):
+            raise ValueError(f"delta={self.delta}: a log fold-change threshold >= 0, e.g. 0.25")
 
 
 @dataclass
@@ -307,6 +316,8 @@ def differential_expression(
         )
     labels = adata.obs[groupby].astype(str).to_numpy()
     groups1 = [group1] if isinstance(group1, str) else list(group1)
+    if group2 is not None and group2 in groups1:
+        raise ValueError(f"group {group2!r} is both group1 and group2: compare two groups")
     for g in [*groups1, *([group2] if group2 is not None else [])]:
         if g not in set(labels):
             raise ValueError(

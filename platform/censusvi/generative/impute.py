@@ -69,6 +69,13 @@ def impute(
     Each cell is decoded at its posterior mean under its own batch, or under ``decode_batch``
     (any batch of the model or of the query) to read all cells as one technology.
     """
+    if not genes:
+        raise ValueError("no genes to impute: give Ensembl ids or symbols, e.g. --genes CD3E,MS4A1")
+    if not (isinstance(library_size, int | float) and 0 < library_size < float("inf")):
+        raise ValueError(
+            f"library_size={library_size}: counts per this many, a positive finite number "
+            f"(default {defaults.IMPUTE_LIBRARY_SIZE:g})"
+        )
     names = _names(model, adata)  # before surgery: an unknown gene fails at once
     cols = np.array(list(dict.fromkeys(gene_columns(model, genes, names).tolist())), dtype=np.int64)
     q = prepare_query(model, adata, batch_key, layer, surgery)

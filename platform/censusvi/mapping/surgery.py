@@ -39,6 +39,14 @@ class SurgeryConfig:
     seed: int = 0
     train: bool | None = None  # None: train only when the encoder reads the batch
 
+    def __post_init__(self) -> None:
+        epochs = self.max_epochs
+        if self.train is not False and (isinstance(epochs, bool) or not int(epochs) == epochs >= 1):
+            raise ValueError(
+                f"max_epochs={self.max_epochs!r}: surgery needs at least 1 epoch (default "
+                f"{SURGERY_MAX_EPOCHS}); without training new batches, pass --no-train"
+            )
+
 
 def _batch_linears(vae: VAE) -> list[InjectedLinear]:
     """Every layer whose input includes the batch one-hot."""

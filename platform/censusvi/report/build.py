@@ -70,10 +70,18 @@ def build_report(
     ``index_dir`` the index it was annotated with. ``umap_key``: also store the query's place
     on the report's UMAP in ``obsm[umap_key]`` of the AnnData (changed in place when given as
     one); ``umap_out``: then write that AnnData to this .h5ad."""
+    if isinstance(per_type, bool) or not isinstance(per_type, int) or per_type < 1:
+        raise ValueError(f"per_type={per_type!r}: reference cells drawn per label, an integer >= 1")
+    scib_rows = read_scib(scib) if scib else None
     adata = mapped if isinstance(mapped, ad.AnnData) else ad.read_h5ad(mapped)
     index = index_dir if isinstance(index_dir, LabelIndex) else load_index(index_dir)
     key = label_key or index.labels.columns[0]
     cells = mapped_cells_table(adata, key, batch_key, latent_key)
+    if truth_key is not None and truth_key not in adata.obs.columns:
+        raise ValueError(
+            f"truth key {truth_key!r} is not an obs column of the mapped file; it has "
+            f"{sorted(adata.obs.columns)[:20]}"
+        )
     truth = truth_key or (key if key in adata.obs.columns else None)
     uns = adata.uns.get(UNS_KEY, {})
     mapping = {
@@ -87,7 +95,7 @@ def build_report(
         progress.update(1)
         content = report_content(
             cells, latent, layout, key, mapping, truth,
-            json.loads(Path(scib).read_text()) if scib else uns.get("scib"),
+            scib_rows if scib else uns.get("scib"),
             title=f"censusvi mapping report: {name}", xy=xy,
         )  # fmt: skip
         progress.update(1)
@@ -104,3 +112,22 @@ def build_report(
 
             write_h5ad_atomic(adata, umap_out, overwrite)
     return content
+
+
+def read_scib(path: str | os.PathLike) -> list[dict]:
+    """The integration table ``jobs/evaluate.py`` writes (scib.json): a JSON list of rows, each
+    an object with the same columns; anything else is a ValueError naming the file."""
+    try:
+        rows = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"--scib {path} is not JSON ({e}): give the scib.json jobs/evaluate.py wrote"
+        ) from None
+    if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)) or any(
+        set(r) != set(rows[0]) for r in rows
+    ):
+        raise ValueError(
+            f"--scib {path} is not a table (a JSON list of objects with the same columns): give "
+            "the scib.json jobs/evaluate.py wrote"
+        )
+    return rows
