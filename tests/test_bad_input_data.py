@@ -277,9 +277,9 @@ def test_absurd_counts(command, sim_model, tmp_path, capsys):
     args = {
         "pretrain": pretrain_args(src, out),
         "pretrain with HVG": hvg_args(src, out),
-        "embed": embed_args(sim_model, src, out),
+        "embed": embed_args(sim_model, src, out.with_suffix(".h5ad")),
         "map": ["map", "--model", str(sim_model), "--query", src, "--batch-key", "batch"]
-        + ["--out", str(out), "--quiet"],
+        + ["--out", str(out.with_suffix(".h5ad")), "--quiet"],
     }[command]
     code, err = run_cli(args, capsys)
     assert code == 2 and err.count("\n") == 1

@@ -121,3 +121,47 @@ def test_pretrain_job_logs_to_the_store_the_cli_reads(tmp_path, monkeypatch, cap
     default = f"sqlite:///{tmp_path.resolve() / 'mlruns' / 'mlflow.db'}"
     assert logged == [default] and printed["tracking_uri"] == default
     assert mlflow_store.tracking_uri() == default  # what every censusvi command opens
+
+
+def test_scvi_tools_weights_of_another_shape_or_no_model_at_all(tmp_path, capsys):
+    """A model.pt whose var_names or attr_dict disagree with its weights (even one naming 1e12
+    latents) is one line naming the tensors, nothing allocated; a file that is no PyTorch file
+    never gets torch's advice to load it unsafely."""
+    src = tiny_scvi_tools_dir(tmp_path / "scvi")
+    d = read_model_pt(src)
+    d["var_names"] = d["var_names"][:-1]
+    torch.save(d, src / "model.pt")
+    rc, err = run(capsys, "import-scvi-tools", str(src), "--out", str(tmp_path / "m"))
+    assert rc == 2 and "do not fit the architecture in its attr_dict and var_names" in err, err
+    d = read_model_pt(tiny_scvi_tools_dir(tmp_path / "scvi2"))
+    d["attr_dict"]["init_params_"]["non_kwargs"]["n_latent"] = 10**12
+    torch.save(d, tmp_path / "scvi2" / "model.pt")
+    rc, err = run(
+        capsys, "import-scvi-tools", str(tmp_path / "scvi2"), "--out", str(tmp_path / "m")
+    )
+    assert rc == 2 and "1000000000000" in err and "wrong shapes" in err, err
+    (tmp_path / "x.h5ad").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    rc, err = run(
+        capsys, "import-scvi-tools", str(tmp_path / "x.h5ad"), "--out", str(tmp_path / "m")
+    )
+    assert rc == 2 and "weights_only" not in err and "without running code" in err, err
+    assert not (tmp_path / "m").exists()
+
+
+def test_sigterm_unwinds_the_command_like_ctrl_c():
+    """Kubernetes stops a job with SIGTERM: inside a command it raises KeyboardInterrupt, so
+    the command's finally blocks (its temporaries) run; the handler is restored after."""
+    import os
+    import signal
+
+    cleaned = []
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), cli.stopped_cleanly():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time_left = 100
+            while time_left:  # the handler runs between bytecodes
+                time_left -= 1
+        finally:
+            cleaned.append(True)
+    assert cleaned == [True] and signal.getsignal(signal.SIGTERM) is before

@@ -61,7 +61,7 @@ def test_a_file_output_never_deletes_a_folder(sim_model, query, tmp_path, capsys
     (victim / "sub").mkdir(parents=True)
     (victim / "thesis.txt").write_text("years of work")
     code, err = run([*map_args(sim_model, query, victim), "--overwrite"], capsys)
-    assert code == 2 and "never replaces it, even with --overwrite" in err, err
+    assert code == 2 and "never replaces a folder, even with --overwrite" in err, err
     assert (victim / "thesis.txt").read_text() == "years of work"
 
 
@@ -138,3 +138,36 @@ def test_report_scib_per_type_and_truth_key_are_checked(tmp_path, capsys):
     with pytest.raises(ValueError, match="per_type=0: reference cells drawn per label"):
         build_report(tmp_path / "m.h5ad", tmp_path, tmp_path / "r.html", per_type=0)
     assert not (tmp_path / "r.html").exists()
+
+
+def test_ingest_refuses_repeated_genes_cells_and_files(tmp_path, capsys):
+    """ingest used to keep the first of two columns of one gene id (the other's counts lost):
+    now one line, as every other reader of gene names; so are repeated cell names and two
+    files of one name (a file's name is its dataset_id); no experiment is left."""
+    a = simulated_adata(n_cells=40)
+    ids = a.var["gene_ids"].astype(str).to_numpy().copy()
+    ids[1] = ids[0]
+    b = a.copy()
+    b.var["gene_ids"] = ids
+    b.write_h5ad(tmp_path / "genes.h5ad")
+    code, err = run(["ingest", tmp_path / "genes.h5ad", "--out", tmp_path / "x.soma"], capsys)
+    assert code == 2 and ids[0] in err and "2 columns" in err, err
+    c = a.copy()
+    c.obs_names = ["cell"] * c.n_obs
+    c.write_h5ad(tmp_path / "cells.h5ad")
+    code, err = run(["ingest", tmp_path / "cells.h5ad", "--out", tmp_path / "x.soma"], capsys)
+    assert code == 2 and "cell names repeat" in err, err
+    (tmp_path / "d").mkdir()
+    a.write_h5ad(tmp_path / "ok.h5ad")
+    a.write_h5ad(tmp_path / "d" / "ok.h5ad")
+    args = [
+        "ingest",
+        tmp_path / "ok.h5ad",
+        tmp_path / "d" / "ok.h5ad",
+        "--out",
+        tmp_path / "x.soma",
+    ]
+    code, err = run(args, capsys)
+    assert code == 2 and "files named ['ok'] are given more than once" in err, err
+    assert not (tmp_path / "x.soma").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.soma")]

@@ -171,13 +171,10 @@ def _replaceable(path: Path, kind: str) -> bool:
 def check_replaceable(out: str | os.PathLike, kind: str, overwrite: bool = False) -> None:
     """Refuse to replace ``out`` unless it is absent, empty, a censusvi ``kind`` or ``overwrite``."""
     out = Path(out)
-    other_shape = not out.is_symlink() and (
-        (out.is_dir() and not _is_dir_kind(kind)) or (out.is_file() and _is_dir_kind(kind))
-    )
-    if other_shape and not _replaceable(out, kind):
+    if not out.is_symlink() and out.is_dir() and not _is_dir_kind(kind) and any(out.iterdir()):
         raise OutputRefused(
-            f"{out} exists and is {_found(out)}; a {'folder' if _is_dir_kind(kind) else 'file'} "
-            "output never replaces it, even with --overwrite: choose another --out"
+            f"{out} exists and is {_found(out)}; a file output never replaces a folder, even "
+            "with --overwrite: choose another --out"
         )
     if overwrite or _replaceable(out, kind):
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 
 from censusvi.atomic import check_folder, check_output
 from censusvi.cli import commands
@@ -46,6 +47,28 @@ def _check_outputs(args) -> None:
             check_folder(getattr(args, flag), "--" + flag.replace("_", "-"), [*inputs, args.out])
 
 
+@contextmanager
+def stopped_cleanly():
+    """SIGTERM (what Kubernetes, Slurm and `kill` send) raises KeyboardInterrupt in the command,
+    as Ctrl-C does, so its outputs' temporaries are removed on the way out (the default handler
+    ends the process where it stands). Restored afterwards; a no-op off the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
@@ -62,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "out_kind", None):
             _check_outputs(args)
         command = " ".join(filter(None, (args.command, getattr(args, "models_command", None))))
-        with needs_extras(f"censusvi {command}"):
+        with needs_extras(f"censusvi {command}"), stopped_cleanly():
             return args.fn(args)
+    except KeyboardInterrupt:
+        print("censusvi: interrupted; nothing half-written was left in place", file=sys.stderr)
+        return 130
     except Exception as e:
         # The registry's own errors (no such version, bad URI; RestException from a server) are
         # the user's to fix too: matched by name, so that mlflow is imported only when used.

@@ -22,7 +22,7 @@ import scipy.sparse as sp
 
 from censusvi.data.counts import check_counts, check_csr, to_csr32
 from censusvi.data.h5ad import gene_ids_and_symbols, read_h5ad
-from censusvi.data.vocabulary import var_column_key
+from censusvi.data.vocabulary import check_unique_gene_ids, var_column_key
 from censusvi.defaults import IN_MEMORY
 from censusvi.progress import bar
 
@@ -77,13 +77,16 @@ def harmonise(path: str | os.PathLike) -> ad.AnnData:
     x = to_csr32(adata.X, str(path))
     check_counts(x, str(path))
     ids, symbols = gene_ids_and_symbols(adata.var)
+    check_unique_gene_ids([str(i) for i in ids], str(path))  # a repeat would lose its counts
+    if not adata.obs_names.is_unique:
+        repeated = adata.obs_names[adata.obs_names.duplicated()].unique()[:3].tolist()
+        raise ValueError(
+            f"{path}: cell names repeat (e.g. {repeated}); make them unique first "
+            "(adata.obs_names_make_unique())"
+        )
     var = pd.DataFrame({"feature_name": symbols}, index=pd.Index(ids, name="feature_id"))
-    keep = ~var.index.duplicated()
-    if not keep.all():
-        log.warning("%s: %d duplicated gene ids dropped (first kept)", path, int((~keep).sum()))
     dataset_id = Path(path).name.removesuffix(".h5ad")
-    out = ad.AnnData(X=x[:, keep], obs=census_obs(adata, dataset_id, x), var=var[keep])
-    return out
+    return ad.AnnData(X=x, obs=census_obs(adata, dataset_id, x), var=var)
 
 
 def ingest(files: list[str | os.PathLike], out: str | os.PathLike) -> Path:
@@ -92,6 +95,13 @@ def ingest(files: list[str | os.PathLike], out: str | os.PathLike) -> Path:
 
     if not files:
         raise ValueError("no .h5ad files given to ingest")
+    names = [Path(f).name.removesuffix(".h5ad") for f in files]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(
+            f"files named {twice} are given more than once (a file's name is its dataset_id, "
+            "so its cells' ids would repeat): give each file once, renamed where two differ"
+        )
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; remove it or choose another --out")

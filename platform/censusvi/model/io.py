@@ -248,7 +248,7 @@ def stored_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
         raise ValueError(f"cannot read {weights}: {e}. The model directory is damaged") from e
 
 
-def check_shapes(expected: dict, stored: dict, path: Path) -> None:
+def check_shapes(expected: dict, stored: dict, path, described_by: str = f"its {CONFIG_FILE}"):
     """A ValueError naming the tensors that do not fit the architecture, before any is loaded."""
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
@@ -259,7 +259,7 @@ def check_shapes(expected: dict, stored: dict, path: Path) -> None:
     ]
     if missing or unexpected or wrong:
         raise ValueError(
-            f"weights in {path} do not fit the architecture in its {CONFIG_FILE}: "
+            f"weights in {path} do not fit the architecture in {described_by}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
         )
 

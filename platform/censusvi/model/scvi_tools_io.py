@@ -23,7 +23,7 @@ import torch
 from censusvi.atomic import atomic_directory
 from censusvi.data.vocabulary import GeneVocabulary
 from censusvi.model.config import ModelConfig
-from censusvi.model.io import TrainedModel, check_finite
+from censusvi.model.io import TrainedModel, check_finite, check_shapes
 from censusvi.model.scvi_tools import scvi_tools_name, state_dict_from_scvi_tools
 from censusvi.model.vae import VAE
 
@@ -115,8 +115,11 @@ def read_model_pt(path: str | os.PathLike) -> dict[str, Any]:
                 return torch.load(f, weights_only=True, map_location="cpu")
         except pickle.UnpicklingError as e:
             m = _REFUSED.search(str(e))
-            if m is None:
-                raise ValueError(f"cannot read {f}: {e}") from e
+            if m is None:  # not a pickle at all (torch's own text advises unsafe loading)
+                raise ValueError(
+                    f"cannot read {f} as an scvi-tools {MODEL_FILE}: it is not a file PyTorch "
+                    "loads without running code; give a directory scvi-tools saved"
+                ) from None
             name = next(g for g in m.groups() if g)
             if any(a == name or (isinstance(a, tuple) and a[1] == name) for a in allowed):
                 raise ValueError(f"cannot read {f}: {name} is allowlisted but still refused") from e
@@ -235,11 +238,19 @@ def import_scvi_tools(
         )
     var_names = [str(v) for v in np.asarray(d["var_names"])]
     cfg, meta = model_config_from_scvi_tools(d["attr_dict"], len(var_names))
-    vae = VAE(cfg)
-    state = state_dict_from_scvi_tools(d["model_state_dict"], vae.state_dict())
-    # What this model runs, named as scvi-tools names it; a NaN would embed every cell as NaN.
     where = Path(path) / MODEL_FILE if Path(path).is_dir() else path
+    with torch.device("meta"):  # shapes only: an attr_dict naming 1e12 latents allocates nothing
+        expected = VAE(cfg).state_dict()
+    state = state_dict_from_scvi_tools(d["model_state_dict"], expected)
+    check_shapes(
+        {k: tuple(v.shape) for k, v in expected.items()},
+        {k: tuple(v.shape) for k, v in state.items()},
+        where,
+        "its attr_dict and var_names",
+    )
+    # What this model runs, named as scvi-tools names it; a NaN would embed every cell as NaN.
     check_finite({scvi_tools_name(k): v for k, v in state.items()}, where)
+    vae = VAE(cfg)
     vae.load_state_dict(state)
     return TrainedModel(
         vae=vae.eval(),
