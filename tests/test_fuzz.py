@@ -173,3 +173,13 @@ def test_multipart_bytes(h5ad_body):
 
     run()
     multipart_then_decode(_multipart(h5ad_body))  # and the intact upload decodes
+
+
+def test_an_h5ad_upload_with_cells_without_a_batch_is_refused(tmp_path):
+    """As the command line refuses it: a NaN batch is not a new batch called "nan"."""
+    q = Q.copy()
+    q.obs["batch"] = q.obs["batch"].astype(object)
+    q.obs.iloc[:3, q.obs.columns.get_loc("batch")] = np.nan
+    q.write_h5ad(tmp_path / "q.h5ad")
+    with pytest.raises(PayloadError, match="3 cells have no 'batch' \\(NaN\\)"):
+        decode_request((tmp_path / "q.h5ad").read_bytes(), H5AD, "batch")

@@ -240,6 +240,10 @@ def decode_h5ad(
             raise PayloadError(
                 f"batch_key {batch_key!r} is not an obs column; obs has {sorted(map(str, adata.obs.columns))}"
             )
+        if missing := int(adata.obs[batch_key].isna().sum()):
+            raise PayloadError(  # as the command line says it (mapping.query.prepare_query)
+                f"{missing} cells have no {batch_key!r} (NaN): give every cell its batch"
+            )
         batch = adata.obs[batch_key].astype(str).to_numpy()
     except PayloadError:
         raise

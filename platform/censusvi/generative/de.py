@@ -316,6 +316,8 @@ def differential_expression(
         )
     labels = adata.obs[groupby].astype(str).to_numpy()
     groups1 = [group1] if isinstance(group1, str) else list(group1)
+    if not groups1 or "" in groups1:
+        raise ValueError(f"group1 {group1!r}: name a group of obs[{groupby!r}] (or A,B,...)")
     if group2 is not None and group2 in groups1:
         raise ValueError(f"group {group2!r} is both group1 and group2: compare two groups")
     for g in [*groups1, *([group2] if group2 is not None else [])]:
