@@ -171,3 +171,27 @@ def test_ingest_refuses_repeated_genes_cells_and_files(tmp_path, capsys):
     assert code == 2 and "files named ['ok'] are given more than once" in err, err
     assert not (tmp_path / "x.soma").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.soma")]
+
+
+def test_an_uns_value_anndata_cannot_write_back_is_refused_before_work(sim_model, tmp_path, capsys):
+    """Raw pickle bytes in uns (read back as a numpy void, never unpickled) used to fail the
+    write after all the work; now one line naming the entry, before any."""
+    import h5py
+    import numpy as np
+
+    q = simulated_adata(n_cells=30, seed=2)
+    q.write_h5ad(tmp_path / "q.h5ad")
+    with h5py.File(tmp_path / "q.h5ad", "a") as f:
+        f["uns"].create_dataset("blob", data=np.void(b"\x80\x04\x95pickle"))
+    args = [
+        "embed",
+        "--model",
+        sim_model,
+        "--data",
+        tmp_path / "q.h5ad",
+        "--out",
+        tmp_path / "o.h5ad",
+    ]
+    code, err = run(args, capsys)
+    assert code == 2 and "uns['blob'] holds a value anndata cannot write back" in err, err
+    assert not (tmp_path / "o.h5ad").exists()

@@ -289,3 +289,12 @@ def test_promotion_refuses_a_version_that_does_not_load_and_a_bad_tolerance(
     weights.write_bytes(weights.read_bytes()[:1000])
     rc, _, err = run_cli(capsys, "models", "register", str(model_dir))
     assert rc == 2 and "weights.safetensors" in err, err
+
+
+def test_listing_a_store_that_does_not_exist_creates_nothing(tmp_path, monkeypatch, capsys):
+    """A mistyped sqlite URI used to create its folders and list nothing in silence."""
+    store = tmp_path / "typo" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    rc, out, err = run_cli(capsys, "models", "list")
+    assert rc == 0 and out == "" and "no registered versions in" in err and "no such file" in err
+    assert not (tmp_path / "typo").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,9 +50,12 @@ def _surgery(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _read(path):
-    from censusvi.data.h5ad import read_h5ad
+    """An input .h5ad whose annotated copy the command writes: its uns must write back."""
+    from censusvi.data.h5ad import check_uns_writable, read_h5ad
 
-    return read_h5ad(path)
+    adata = read_h5ad(path)
+    check_uns_writable(adata, str(path))
+    return adata
 
 
 def cmd_ingest(a: argparse.Namespace) -> int:
@@ -271,6 +275,13 @@ def cmd_models_list(a: argparse.Namespace) -> int:
     from censusvi.registry.versions import list_versions
 
     rows = list_versions(a.name)
+    if not rows:  # say where was looked: a mistyped store or name shows here
+        from censusvi.registry.mlflow_store import absent_sqlite_store, tracking_uri
+
+        where = tracking_uri()
+        why = " (no such file: nothing was created)" if absent_sqlite_store(where) else ""
+        of = f" of {a.name!r}" if a.name else ""
+        print(f"censusvi: no registered versions{of} in {where}{why}", file=sys.stderr)
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0

@@ -38,6 +38,24 @@ def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
     return adata
 
 
+def check_uns_writable(adata: ad.AnnData, where: str) -> None:
+    """Refuse, before any work, an ``uns`` entry anndata reads but cannot write back (e.g. raw
+    pickle bytes stored as a numpy void): the output copies ``uns`` and would fail at the end.
+    Each entry is written to an in-memory HDF5 file (nothing touches the disk)."""
+    import h5py
+    from anndata.io import write_elem
+
+    with h5py.File("uns-check", "w", driver="core", backing_store=False) as f:
+        for key, value in adata.uns.items():
+            try:
+                write_elem(f, f"e{len(f)}", value)
+            except Exception:  # noqa: BLE001 - anndata raises many kinds for one cause
+                raise ValueError(
+                    f"{where}: uns[{key!r}] holds a value anndata cannot write back "
+                    f"({type(value).__name__}); remove it (del adata.uns[{key!r}]) and retry"
+                ) from None
+
+
 SLOT_AXES = {"obsm": ("cell", "column"), "obsp": ("cell", "cell"), "varm": ("gene", "column"),
              "varp": ("gene", "gene")}  # fmt: skip
 COUNT_AXES = ("cell", "gene")

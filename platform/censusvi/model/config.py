@@ -8,6 +8,7 @@ rest. Its config file says ``n_hidden: 512`` but the script never passes it, so 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from numbers import Integral
 from typing import Any
 
 LIKELIHOODS = ("nb", "zinb", "poisson")
@@ -41,6 +42,17 @@ class ModelConfig:
             raise ValueError(f"likelihood={self.likelihood!r}; choose one of {LIKELIHOODS}")
         if self.dispersion not in DISPERSIONS:
             raise ValueError(f"dispersion={self.dispersion!r}; choose one of {DISPERSIONS}")
+        for name in (
+            "n_genes",
+            "n_batches",
+            "n_hidden",
+            "n_latent",
+            "n_layers",
+            "prior_components",
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, Integral):  # "2" or 2.5, hand-edited
+                raise ValueError(f"{name}={v!r} must be a whole number")
         for name in ("n_genes", "n_batches", "n_hidden", "n_latent", "n_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")

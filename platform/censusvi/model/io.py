@@ -198,10 +198,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
 
     An scvi-tools model directory (``model.pt``, no ``config.json``) is imported on the fly.
     """
-    if str(path).startswith("models:/"):  # a registered version in MLflow
+    if str(path).startswith("models:/"):  # a registered version: read from a scratch copy
+        import tempfile
+
         from censusvi.registry.mlflow_store import download_model
 
-        path = download_model(str(path))
+        with tempfile.TemporaryDirectory(prefix="censusvi-model-") as tmp:
+            try:
+                return load_model(download_model(str(path), tmp), device)
+            except ValueError as e:  # name the version, not the scratch folder
+                raise ValueError(str(e).replace(tmp, str(path))) from None
     path = Path(path)
     if (path / "model" / CONFIG_FILE).is_file():
         path = path / "model"  # a registered version: model/ (and index/) under the run's root

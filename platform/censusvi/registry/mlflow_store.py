@@ -84,6 +84,16 @@ def use_tracking(uri: str | None = None) -> str:
     return uri
 
 
+def absent_sqlite_store(uri: str | None = None) -> Path | None:
+    """The file of a sqlite store that does not exist yet (None: it exists, or not sqlite):
+    reading commands report it instead of creating it (a mistyped URI made folders at /)."""
+    uri = uri or tracking_uri()
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    path = Path(uri.removeprefix("sqlite:///"))
+    return None if path.exists() else path
+
+
 def _check_sqlite_file(uri: str, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -254,7 +254,12 @@ def rollback(name: str, alias: str = DEFAULT_ALIAS, uri: str | None = None) -> s
 
 @reaches_registry
 def list_versions(name: str | None = None, uri: str | None = None) -> list[dict]:
-    """One row per version: name, version, aliases, has_index, created, evaluation metrics."""
+    """One row per version: name, version, aliases, has_index, created, evaluation metrics;
+    none from a sqlite store that does not exist (it is not created)."""
+    from censusvi.registry.mlflow_store import absent_sqlite_store
+
+    if absent_sqlite_store(uri) is not None:
+        return []
     client = _client(uri)
     names = [name] if name else [m.name for m in client.search_registered_models()]
     rows = []
