@@ -65,6 +65,13 @@ class TrainedModel:
             raise ValueError(
                 f"{len(self.batch_categories)} batch categories but the model has {cfg.n_batches}"
             )
+        if len(set(self.batch_categories)) != len(self.batch_categories):
+            seen = [
+                b for i, b in enumerate(self.batch_categories) if b in self.batch_categories[:i]
+            ]
+            raise ValueError(f"batch categories repeat ({seen[:3]}): each batch is one column")
+        if not self.batch_keys:
+            raise ValueError("no batch_keys: the obs column(s) that name a cell's batch are needed")
 
     @property
     def config(self) -> ModelConfig:
