@@ -82,6 +82,9 @@ def test_report_extras_stay_out_of_its_inputs(tmp_path, capsys):
         main([str(a) for a in [*base, "--umap-out", tmp_path / "u.h5ad", "--umap-key", "x/y"]])
     assert "give a non-empty obsm name without '/'" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists() and not (ix / "png").exists()
+    for beside in (tmp_path, tmp_path / "new"):  # a folder holding the inputs is fine
+        code, err = run([*base, "--png-dir", beside], capsys)
+        assert code == 2 and "--png-dir" not in err and "m.h5ad" in err, err  # the empty file
 
 
 @pytest.mark.parametrize(
@@ -124,7 +127,7 @@ def test_impute_options_out_of_range(sim_model, query, tmp_path, capsys, extra, 
     assert not (tmp_path / "i.h5ad").exists()
 
 
-def test_report_scib_per_type_and_truth_key_are_checked(tmp_path, capsys):
+def test_report_scib_and_per_type_are_checked(tmp_path, capsys):
     from censusvi.report.build import build_report
 
     (tmp_path / "list.json").write_text("[1, 2, 3]")

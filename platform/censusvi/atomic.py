@@ -168,20 +168,22 @@ def _replaceable(path: Path, kind: str) -> bool:
     return artifact_kind(path) == kind
 
 
-def check_replaceable(out: str | os.PathLike, kind: str, overwrite: bool = False) -> None:
+def check_replaceable(
+    out: str | os.PathLike, kind: str, overwrite: bool = False, flag: str = "--out"
+) -> None:
     """Refuse to replace ``out`` unless it is absent, empty, a censusvi ``kind`` or ``overwrite``."""
     out = Path(out)
     if not out.is_symlink() and out.is_dir() and not _is_dir_kind(kind) and any(out.iterdir()):
         raise OutputRefused(
             f"{out} exists and is {_found(out)}; a file output never replaces a folder, even "
-            "with --overwrite: choose another --out"
+            f"with --overwrite: choose another {flag}"
         )
     if overwrite or _replaceable(out, kind):
         return
     what = f"a censusvi {kind} {'directory' if _is_dir_kind(kind) else 'file'}"
     raise OutputRefused(
         f"{out} exists and is {_found(out)}, not {what}: pass --overwrite to replace it, "
-        "or choose another --out"
+        f"or choose another {flag}"
     )
 
 
@@ -199,7 +201,7 @@ def check_output(
     _check_not_input(out, inputs, flag)
     _check_writable(out, flag)
     recover(out)
-    check_replaceable(out, kind, overwrite)
+    check_replaceable(out, kind, overwrite, flag)
     if kind in FILE_KINDS and out.suffix.lower() != kind:
         raise OutputRefused(
             f"{flag} {out}: this command writes a {kind} file; give a name ending in {kind} "
@@ -211,12 +213,22 @@ def check_folder(
     out: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike | None] = ()
 ) -> None:
     """Before any work: a folder the command adds files to (``flag``, e.g. --png-dir) is not
-    one of ``inputs``, inside one or a file, and can be written."""
+    one of ``inputs`` nor inside an input directory, is not a file, and can be written (it
+    may hold other files, the inputs among them: nothing in it is replaced but its own)."""
     out = _target(out)
-    _check_not_input(out, inputs, flag)
+    target = out.resolve()
+    for given in inputs:
+        if not given or "://" in str(given) or str(given).startswith("models:/"):
+            continue  # not a local path
+        p = Path(given).resolve()
+        if p == target or (p.is_dir() and p in target.parents):
+            raise OutputRefused(
+                f"{flag} {out} {'is' if p == target else 'is inside'} the input {given}; "
+                f"writing there would change that input: choose another {flag}"
+            )
     if out.exists() and not out.is_dir():
         raise OutputRefused(f"{flag} {out} is {_found(out)}, not a folder: choose another {flag}")
-    _check_writable(out, flag)
+    _check_writable(out / "file" if out.is_dir() else out, flag)  # in the folder itself
 
 
 def _check_not_input(out: Path, inputs, flag: str = "--out") -> None:

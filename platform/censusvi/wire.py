@@ -228,6 +228,7 @@ def decode_h5ad(
     import anndata as ad
 
     from censusvi.data.h5ad import counts_matrix, gene_ids_and_symbols
+    from censusvi.data.source import check_batch_given
 
     if not batch_key:
         raise PayloadError("an .h5ad upload needs ?batch_key=COLUMN naming its batch column in obs")
@@ -240,10 +241,10 @@ def decode_h5ad(
             raise PayloadError(
                 f"batch_key {batch_key!r} is not an obs column; obs has {sorted(map(str, adata.obs.columns))}"
             )
-        if missing := int(adata.obs[batch_key].isna().sum()):
-            raise PayloadError(  # as the command line says it (mapping.query.prepare_query)
-                f"{missing} cells have no {batch_key!r} (NaN): give every cell its batch"
-            )
+        try:
+            check_batch_given(adata.obs, batch_key, "cells")
+        except ValueError as e:
+            raise PayloadError(str(e)) from None
         batch = adata.obs[batch_key].astype(str).to_numpy()
     except PayloadError:
         raise

@@ -167,6 +167,8 @@ def check_stored(stored: dict) -> None:
     under ``version`` and ``keys``), so an edited one fails at load, not mid-annotation."""
     if not isinstance(stored, dict) or not isinstance(stored.get("keys", {}), dict):
         raise ValueError("novelty is not an object with per-key fits")
+    if stored.get("version", 0) != VERSION:
+        return  # another version's fit is not read (pipeline.in_reference_probability)
     for key, fitted in stored.get("keys", {}).items():
         try:
             check_fit(fitted)
@@ -186,6 +188,8 @@ def check_fit(fitted: dict) -> None:
     alpha = fitted.get("alpha", ALPHA)
     if not isinstance(alpha, int | float) or not 0 < alpha <= 1:
         raise ValueError(f"alpha {alpha!r} is not in (0, 1]")
+    if not isinstance(fitted.get("combined", {}), dict):
+        raise ValueError("combined is not an object of tables")
     if fitted.get("statistic", STATISTIC) not in STATISTICS:
         raise ValueError(f"statistic {fitted.get('statistic')!r} is not one of {list(STATISTICS)}")
     tables = {

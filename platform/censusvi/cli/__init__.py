@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         with needs_extras(f"censusvi {command}"), stopped_cleanly():
             return args.fn(args)
     except KeyboardInterrupt:
-        print("censusvi: interrupted; nothing half-written was left in place", file=sys.stderr)
+        print("censusvi: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         # The registry's own errors (no such version, bad URI; RestException from a server) are

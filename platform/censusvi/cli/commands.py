@@ -212,10 +212,11 @@ def cmd_annotate(a: argparse.Namespace) -> int:
 def cmd_de(a: argparse.Namespace) -> int:
     from censusvi import api
     from censusvi.atomic import write_atomic
+    from censusvi.data.h5ad import read_h5ad
     from censusvi.generative.de import top_genes
 
-    res = api.de(
-        _read(a.data), a.model, a.groupby, list(keys(a.group1)), a.group2, a.batch_key,
+    res = api.de(  # the data are not written back: read without _read's uns check
+        read_h5ad(a.data), a.model, a.groupby, list(keys(a.group1)), a.group2, a.batch_key,
         layer=a.layer, mode=a.mode, delta=a.delta, fdr=a.fdr, n_samples=a.n_samples,
         batch_correction=not a.no_batch_correction, seed=a.seed, quiet=a.quiet, **_surgery(a),
     )  # fmt: skip
@@ -279,7 +280,7 @@ def cmd_models_list(a: argparse.Namespace) -> int:
         from censusvi.registry.mlflow_store import absent_sqlite_store, tracking_uri
 
         where = tracking_uri()
-        why = " (no such file: nothing was created)" if absent_sqlite_store(where) else ""
+        why = " (no such file)" if absent_sqlite_store(where) else ""
         of = f" of {a.name!r}" if a.name else ""
         print(f"censusvi: no registered versions{of} in {where}{why}", file=sys.stderr)
     if a.json:

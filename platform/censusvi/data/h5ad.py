@@ -43,7 +43,11 @@ def check_uns_writable(adata: ad.AnnData, where: str) -> None:
     pickle bytes stored as a numpy void): the output copies ``uns`` and would fail at the end.
     Each entry is written to an in-memory HDF5 file (nothing touches the disk)."""
     import h5py
-    from anndata.io import write_elem
+
+    try:
+        from anndata.io import write_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import write_elem
 
     with h5py.File("uns-check", "w", driver="core", backing_store=False) as f:
         for key, value in adata.uns.items():

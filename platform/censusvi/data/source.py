@@ -35,6 +35,16 @@ def batch_labels(obs: pd.DataFrame, keys: list[str] | tuple[str, ...], where: st
     return labels.astype(object)[codes]
 
 
+def check_batch_given(obs: pd.DataFrame, batch_key: str, what: str = "query cells") -> None:
+    """A ValueError counting the cells whose batch is missing (NaN): a NaN is not a batch
+    called "nan". One rule for the command line, the Python API and the server's uploads."""
+    if missing := int(obs[batch_key].isna().sum()):
+        raise ValueError(
+            f"{missing} {what} have no {batch_key!r} (NaN): give every cell its batch (e.g. its "
+            "sample or library), or one shared value"
+        )
+
+
 def batch_categories(
     obs: pd.DataFrame, keys: list[str] | tuple[str, ...], where: str
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ import torch
 
 from censusvi.data.cells import Cells
 from censusvi.data.h5ad import H5adSource
-from censusvi.data.source import codes_in
+from censusvi.data.source import check_batch_given, codes_in
 from censusvi.data.vocabulary import DEFAULT_MIN_OVERLAP, GeneAlignment
 from censusvi.defaults import EMBED_BATCH_SIZE
 from censusvi.mapping.surgery import SurgeryConfig, extend_batches, query_batches, train_new_columns
@@ -73,11 +73,7 @@ def prepare_query(
         raise ValueError(
             f"--batch-key {batch_key!r} is not an obs column; obs has {sorted(adata.obs.columns)}"
         )
-    if (missing := int(adata.obs[batch_key].isna().sum())) > 0:
-        raise ValueError(
-            f"{missing} query cells have no {batch_key!r} (NaN): give every cell its batch "
-            "(e.g. its sample or library), or one shared value"
-        )
+    check_batch_given(adata.obs, batch_key)
     source = H5adSource("query", adata=adata, layer=layer)
     alignment = model.genes.align(source.var_keys, min_overlap, "the query")
     labels = adata.obs[batch_key].astype(str).to_numpy()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from numbers import Integral
 
 import numpy as np
 import torch
@@ -41,7 +42,8 @@ class SurgeryConfig:
 
     def __post_init__(self) -> None:
         epochs = self.max_epochs
-        if self.train is not False and (isinstance(epochs, bool) or not int(epochs) == epochs >= 1):
+        whole = isinstance(epochs, Integral) and not isinstance(epochs, bool)
+        if self.train is not False and not (whole and epochs >= 1):
             raise ValueError(
                 f"max_epochs={self.max_epochs!r}: surgery needs at least 1 epoch (default "
                 f"{SURGERY_MAX_EPOCHS}); without training new batches, pass --no-train"

@@ -70,8 +70,6 @@ class TrainedModel:
                 b for i, b in enumerate(self.batch_categories) if b in self.batch_categories[:i]
             ]
             raise ValueError(f"batch categories repeat ({seen[:3]}): each batch is one column")
-        if not self.batch_keys:
-            raise ValueError("no batch_keys: the obs column(s) that name a cell's batch are needed")
 
     @property
     def config(self) -> ModelConfig:
@@ -211,10 +209,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
         from censusvi.registry.mlflow_store import download_model
 
         with tempfile.TemporaryDirectory(prefix="censusvi-model-") as tmp:
+            files = download_model(str(path), tmp)  # the registry's own errors pass on
             try:
-                return load_model(download_model(str(path), tmp), device)
-            except ValueError as e:  # name the version, not the scratch folder
-                raise ValueError(str(e).replace(tmp, str(path))) from None
+                return load_model(files, device)
+            except (ValueError, OSError) as e:  # name the version, not the scratch folder
+                raise type(e)(str(e).replace(tmp, str(path))) from None
     path = Path(path)
     if (path / "model" / CONFIG_FILE).is_file():
         path = path / "model"  # a registered version: model/ (and index/) under the run's root

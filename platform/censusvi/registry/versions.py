@@ -173,12 +173,12 @@ def _check_loads(name: str, version: str, uri: str | None) -> None:
     import tempfile
 
     from censusvi.model.io import load_model
-    from censusvi.registry.mlflow_store import download_model
 
     with tempfile.TemporaryDirectory(prefix="censusvi-promote-") as tmp:
+        files = fetch_version(name, version, tmp, uri, index=False)  # MLflow's errors pass on
         try:
-            load_model(download_model(f"models:/{name}/{version}/model", tmp, uri))
-        except Exception as e:  # noqa: BLE001 - whatever the artifact is, it is not a model
+            load_model(files.model_dir)
+        except (ValueError, OSError) as e:  # whatever the artifact is, it is not a model
             what = " ".join(str(e).replace(tmp, f"models:/{name}/{version}").split())[:200]
             raise PromotionRefused(
                 f"version {version} of {name} does not load as a model ({what}); it was not "

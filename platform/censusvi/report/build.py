@@ -11,6 +11,7 @@ import numpy as np
 
 from censusvi.annotate.index import LabelIndex, load_index
 from censusvi.atomic import write_atomic
+from censusvi.data.h5ad import check_uns_writable, read_h5ad
 from censusvi.defaults import REPORT_PER_TYPE
 from censusvi.outputs import (
     LATENT_KEY,
@@ -73,7 +74,9 @@ def build_report(
     if isinstance(per_type, bool) or not isinstance(per_type, int) or per_type < 1:
         raise ValueError(f"per_type={per_type!r}: reference cells drawn per label, an integer >= 1")
     scib_rows = read_scib(scib) if scib else None
-    adata = mapped if isinstance(mapped, ad.AnnData) else ad.read_h5ad(mapped)
+    adata = mapped if isinstance(mapped, ad.AnnData) else read_h5ad(mapped)  # names the file
+    if umap_out:  # the AnnData is written back: refuse what would fail there, before the work
+        check_uns_writable(adata, str(mapped) if not isinstance(mapped, ad.AnnData) else "mapped")
     index = index_dir if isinstance(index_dir, LabelIndex) else load_index(index_dir)
     key = label_key or index.labels.columns[0]
     cells = mapped_cells_table(adata, key, batch_key, latent_key)

@@ -109,17 +109,26 @@ def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def batch_counts(stored) -> list[tuple[str, int]]:
+    """(batch, cells) pairs of a mapping report's ``cells_per_batch``: ``{"batch", "cells"}``
+    lists, or the ``{batch: cells}`` of files mapped before censusvi stored it that way."""
+    if not isinstance(stored, dict) or not stored:
+        return []
+    lists = set(stored) == {"batch", "cells"} and not np.isscalar(stored["batch"])
+    pairs = zip(stored["batch"], stored["cells"]) if lists else stored.items()
+    return [(str(b), int(np.asarray(n).item())) for b, n in pairs]
+
+
 def _mapping_section(c: dict) -> str:
     m = c.get("mapping") or {}
     genes = m.get("genes", {})
     parts = ["<h2>Mapping</h2>"]
     if genes:
         parts.append(_table(["genes", "count"], [[k, v] for k, v in genes.items()]))
-    batches = m.get("cells_per_batch") or {}
+    batches = batch_counts(m.get("cells_per_batch"))
     new = set(np.asarray(m.get("new_batches", [])).astype(str))
-    if len(batches.get("batch", [])):
-        rows = [[b, int(n), "new" if b in new else "reference"]
-                for b, n in zip(np.asarray(batches["batch"]).astype(str), batches["cells"])]  # fmt: skip
+    if batches:
+        rows = [[b, n, "new" if b in new else "reference"] for b, n in batches]
         parts.append(_table(["batch", "cells", "kind"], rows))
     if c.get("qc_nll_per_count"):
         q = c["qc_nll_per_count"]
