@@ -15,7 +15,7 @@ import pytest
 import scipy.sparse as sp
 
 import censusvi.data.h5ad as h5ad
-from censusvi.atomic import artifact_kind
+from censusvi.artifacts import artifact_kind
 from censusvi.cli import main
 from conftest import simulated_adata
 from test_bad_input import assert_nothing_written, pretrain_args, run_cli, write

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from censusvi import demo
-from censusvi.atomic import MARKER, artifact_kind
+from censusvi.artifacts import MARKER, artifact_kind
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from censusvi.atomic import OutputRefused, artifact_kind, atomic_directory, recover, write_atomic
+from censusvi.artifacts import OutputRefused, artifact_kind
+from censusvi.atomic import atomic_directory, recover, write_atomic
 from censusvi.cli import main
 from conftest import simulated_adata
 
@@ -99,7 +100,9 @@ def test_previous_model_is_replaced_without_overwrite_and_other_kinds_are_not(
     other = tmp_path / "m2"
     assert run_cli(pretrain_args(src, other), capsys)[0] == 0
     code, err = run_cli(["embed", "--model", out, "--data", src, "--out", other], capsys)
-    assert code == 2 and "is a censusvi model directory, not a censusvi .h5ad file" in err
+    assert (
+        code == 2 and "is a censusvi model directory; a file output never replaces a folder" in err
+    )
     # an .h5ad censusvi wrote is replaced by the next embed
     emb = tmp_path / "e.h5ad"
     assert run_cli(["embed", "--model", out, "--data", src, "--out", emb], capsys)[0] == 0

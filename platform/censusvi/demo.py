@@ -20,7 +20,8 @@ from pathlib import Path
 
 import anndata as ad
 
-from censusvi.atomic import MARKER, OutputRefused, check_output
+from censusvi.artifacts import MARKER, OutputRefused
+from censusvi.atomic import check_output
 from censusvi.cli import main as cli
 from censusvi.data.soma import harmonise
 from censusvi.evaluate.latent import per_group_scores

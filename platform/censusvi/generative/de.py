@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from censusvi import defaults
-from censusvi.atomic import DE_GENE, DE_GENE_ID
+from censusvi.artifacts import DE_GENE, DE_GENE_ID
 from censusvi.data.source import batch_labels
 from censusvi.data.vocabulary import table_names
 from censusvi.mapping.query import PreparedQuery, prepare_query
