@@ -14,6 +14,7 @@ import numpy as np
 from censusvi import defaults
 from censusvi.annotate.index import LabelIndex
 from censusvi.annotate.transfer import label_probabilities
+from censusvi.numeric import is_finite, is_whole
 
 NEEDS_HEAD = ("head", "ensemble")
 
@@ -55,22 +56,17 @@ def check_settings(
     k, unknown_threshold, class_balance, ontology_threshold, latent_key: str = "X"
 ) -> None:
     """A ValueError naming the first label-transfer setting out of range (before any work)."""
-    import math
-
     from censusvi.outputs import obsm_key_ok
 
-    def number(x) -> bool:
-        return isinstance(x, int | float | np.integer | np.floating) and math.isfinite(x)
-
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+    if not is_whole(k) or k < 1:
         raise ValueError(
             f"k {k!r}: neighbours per cell must be an integer >= 1 (default {defaults.K})"
         )
     for name, x in (("unknown_threshold", unknown_threshold),
                     ("ontology_threshold", ontology_threshold)):  # fmt: skip
-        if not number(x) or not 0 <= x <= 1:
+        if not is_finite(x) or not 0 <= x <= 1:
             raise ValueError(f"{name} {x!r}: must be a number from 0 to 1")
-    if not number(class_balance) or not 0 <= class_balance <= 1:
+    if not is_finite(class_balance) or not 0 <= class_balance <= 1:
         raise ValueError(
             f"class_balance {class_balance!r}: must be from 0 (plain votes) to 1 (votes divided "
             "by label frequency)"

@@ -18,7 +18,6 @@ draws are decoded: the same distribution for much less work.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import anndata as ad
@@ -36,6 +35,7 @@ from censusvi.mapping.query import PreparedQuery, prepare_query
 from censusvi.mapping.surgery import SurgeryConfig
 from censusvi.model.io import TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
+from censusvi.numeric import is_finite, is_whole
 from censusvi.progress import bar
 
 log = logging.getLogger(__name__)
@@ -60,14 +60,14 @@ class DEConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: choose one of {MODES}")
-        if not 2 <= self.n_samples <= MAX_SAMPLES:
+        if not (is_whole(self.n_samples) and 2 <= self.n_samples <= MAX_SAMPLES):
             raise ValueError(
                 f"n_samples={self.n_samples}: from 2 to {MAX_SAMPLES:,} posterior draws per group "
                 f"(scvi-tools' default {defaults.DE_N_SAMPLES:,})"
             )
-        if not (math.isfinite(self.fdr) and 0 < self.fdr < 1):
+        if not (is_finite(self.fdr) and 0 < self.fdr < 1):
             raise ValueError(f"fdr={self.fdr}: a target false discovery rate in (0, 1), e.g. 0.05")
-        if not (math.isfinite(self.delta) and self.delta >= 0):
+        if not (is_finite(self.delta) and self.delta >= 0):
             raise ValueError(f"delta={self.delta}: a log fold-change threshold >= 0, e.g. 0.25")
 
 

@@ -20,6 +20,7 @@ from censusvi.mapping.query import prepare_query
 from censusvi.mapping.surgery import SurgeryConfig
 from censusvi.model.io import TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
+from censusvi.numeric import is_finite
 from censusvi.progress import bar
 
 LAYER = "censusvi_imputed"
@@ -71,7 +72,7 @@ def impute(
     """
     if not genes:
         raise ValueError("no genes to impute: give Ensembl ids or symbols, e.g. --genes CD3E,MS4A1")
-    if not (isinstance(library_size, int | float) and 0 < library_size < float("inf")):
+    if not (is_finite(library_size) and library_size > 0):
         raise ValueError(
             f"library_size={library_size}: counts per this many, a positive finite number "
             f"(default {defaults.IMPUTE_LIBRARY_SIZE:g})"

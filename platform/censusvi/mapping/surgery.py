@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from numbers import Integral
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from censusvi.defaults import SURGERY_MAX_EPOCHS
 from censusvi.model.io import TrainedModel
 from censusvi.model.layers import InjectedLinear
 from censusvi.model.vae import VAE
+from censusvi.numeric import is_whole
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ class SurgeryConfig:
 
     def __post_init__(self) -> None:
         epochs = self.max_epochs
-        whole = isinstance(epochs, Integral) and not isinstance(epochs, bool)
-        if self.train is not False and not (whole and epochs >= 1):
+        if self.train is not False and not (is_whole(epochs) and epochs >= 1):
             raise ValueError(
                 f"max_epochs={self.max_epochs!r}: surgery needs at least 1 epoch (default "
                 f"{SURGERY_MAX_EPOCHS}); without training new batches, pass --no-train"

@@ -8,8 +8,9 @@ rest. Its config file says ``n_hidden: 512`` but the script never passes it, so 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from numbers import Integral
 from typing import Any
+
+from censusvi.numeric import is_whole
 
 LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch")
@@ -51,7 +52,7 @@ class ModelConfig:
             "prior_components",
         ):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, Integral):  # "2" or 2.5, hand-edited
+            if not is_whole(v):  # "2" or 2.5, hand-edited
                 raise ValueError(f"{name}={v!r} must be a whole number")
         for name in ("n_genes", "n_batches", "n_hidden", "n_latent", "n_layers"):
             if getattr(self, name) < 1:

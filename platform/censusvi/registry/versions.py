@@ -205,9 +205,9 @@ def promote(
 ) -> str | None:
     """Point ``alias`` at ``version`` unless its evaluation is worse than the holder's; returns
     the previous holder. Fails closed: when the holder cannot be read, nothing moves."""
-    import math
+    from censusvi.numeric import is_finite
 
-    if not isinstance(tolerance, int | float) or not math.isfinite(tolerance) or tolerance < 0:
+    if not (is_finite(tolerance) and tolerance >= 0):
         raise ValueError(
             f"tolerance {tolerance!r}: must be a number >= 0 (how much worse a metric may be)"
         )

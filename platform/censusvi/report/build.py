@@ -13,6 +13,7 @@ from censusvi.annotate.index import LabelIndex, load_index
 from censusvi.atomic import write_atomic
 from censusvi.data.h5ad import check_uns_writable, read_h5ad
 from censusvi.defaults import REPORT_PER_TYPE
+from censusvi.numeric import is_whole
 from censusvi.outputs import (
     LATENT_KEY,
     UNS_KEY,
@@ -71,7 +72,7 @@ def build_report(
     ``index_dir`` the index it was annotated with. ``umap_key``: also store the query's place
     on the report's UMAP in ``obsm[umap_key]`` of the AnnData (changed in place when given as
     one); ``umap_out``: then write that AnnData to this .h5ad."""
-    if isinstance(per_type, bool) or not isinstance(per_type, int) or per_type < 1:
+    if not (is_whole(per_type) and per_type >= 1):
         raise ValueError(f"per_type={per_type!r}: reference cells drawn per label, an integer >= 1")
     scib_rows = read_scib(scib) if scib else None
     adata = mapped if isinstance(mapped, ad.AnnData) else read_h5ad(mapped)  # names the file

@@ -1,0 +1,21 @@
+"""The two tests every setting's check uses: a whole number, and a finite real number.
+
+One definition for the command line, the Python API and hand-edited configs: ``True`` and
+``False`` are neither (a flag typed where a count was meant); numpy's integers and floats are.
+Pure Python, so the model core imports it without the data stack.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+
+def is_whole(x) -> bool:
+    """An integer (Python's or numpy's), not a bool."""
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def is_finite(x) -> bool:
+    """A real number (int or float, Python's or numpy's), not a bool, not NaN or infinite."""
+    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
