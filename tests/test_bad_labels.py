@@ -36,6 +36,12 @@ def files(sim_model, tmp_path_factory):
     return sim_model, d, a
 
 
+def annotate_args(files, query, out) -> list[str]:
+    model, d, _ = files
+    return ["annotate", "--model", str(model), "--index", str(d / "ix"), "--query", str(query),
+            "--batch-key", "batch", "--out", str(out)]  # fmt: skip
+
+
 def index_args(files, keys: str, out) -> list[str]:
     model, d, _ = files
     return ["index", "--model", str(model), "--data", str(d / "ref.h5ad"), "--label-keys", keys,
@@ -206,9 +212,7 @@ def test_a_query_cell_without_a_batch_is_refused(files, tmp_path, capsys):
 
 def test_an_output_inside_an_input_directory_is_refused(files, tmp_path, capsys):
     model, d, _ = files
-    args = ["annotate", "--model", str(model), "--index", str(d / "ix"), "--query",
-            str(d / "ref.h5ad"), "--batch-key", "batch", "--out", str(model / "o.h5ad")]  # fmt: skip
-    code, err = run(args, capsys)
+    code, err = run(annotate_args(files, d / "ref.h5ad", model / "o.h5ad"), capsys)
     assert code == 2 and f"is inside the input {model}" in err, err
     assert not (model / "o.h5ad").exists()
 
@@ -216,18 +220,14 @@ def test_an_output_inside_an_input_directory_is_refused(files, tmp_path, capsys)
 @pytest.mark.parametrize("out", ["o.txt", "o"])
 def test_a_file_output_named_for_another_kind_is_refused(files, tmp_path, capsys, out):
     """annotate writes an .h5ad: an --out named otherwise is one line, nothing written."""
-    model, d, _ = files
-    args = ["annotate", "--model", str(model), "--index", str(d / "ix"), "--query",
-            str(d / "ref.h5ad"), "--batch-key", "batch", "--out", str(tmp_path / out)]  # fmt: skip
-    code, err = run(args, capsys)
+    _, d, _ = files
+    code, err = run(annotate_args(files, d / "ref.h5ad", tmp_path / out), capsys)
     assert code == 2 and "writes a .h5ad file; give a name ending in .h5ad" in err, err
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_folder_given_as_the_query_file_says_so(files, tmp_path, capsys):
-    model, d, _ = files
-    args = ["annotate", "--model", str(model), "--index", str(d / "ix"), "--query",
-            str(d / "ix"), "--batch-key", "batch", "--out", str(tmp_path / "o.h5ad")]  # fmt: skip
-    code, err = run(args, capsys)
+    _, d, _ = files
+    code, err = run(annotate_args(files, d / "ix", tmp_path / "o.h5ad"), capsys)
     assert code == 2 and f"{d / 'ix'} is a folder, not an .h5ad file" in err, err
     assert not (tmp_path / "o.h5ad").exists()
