@@ -256,6 +256,8 @@ def rollback(name: str, alias: str = DEFAULT_ALIAS, uri: str | None = None) -> s
 def list_versions(name: str | None = None, uri: str | None = None) -> list[dict]:
     """One row per version: name, version, aliases, has_index, created, evaluation metrics;
     none from a sqlite store that does not exist (it is not created)."""
+    import mlflow.tracking  # noqa: F401 - the extra this needs, named before the store is read
+
     from censusvi.registry.mlflow_store import absent_sqlite_store
 
     if absent_sqlite_store(uri) is not None:
