@@ -71,6 +71,12 @@ def census_obs(adata: ad.AnnData, dataset_id: str, x: sp.csr_matrix) -> pd.DataF
     return obs
 
 
+def dataset_id_of(path: str | os.PathLike) -> str:
+    """An ingested file's ``dataset_id``: its name without .h5ad (so two files of one name
+    cannot be ingested together: their cells' ids would repeat)."""
+    return Path(path).name.removesuffix(".h5ad")
+
+
 def harmonise(path: str | os.PathLike) -> ad.AnnData:
     """One h5ad file as an AnnData in the Census schema (var indexed by feature_id)."""
     adata = read_h5ad(path)
@@ -85,7 +91,7 @@ def harmonise(path: str | os.PathLike) -> ad.AnnData:
             "(adata.obs_names_make_unique())"
         )
     var = pd.DataFrame({"feature_name": symbols}, index=pd.Index(ids, name="feature_id"))
-    dataset_id = Path(path).name.removesuffix(".h5ad")
+    dataset_id = dataset_id_of(path)
     return ad.AnnData(X=x, obs=census_obs(adata, dataset_id, x), var=var)
 
 
@@ -95,7 +101,7 @@ def ingest(files: list[str | os.PathLike], out: str | os.PathLike) -> Path:
 
     if not files:
         raise ValueError("no .h5ad files given to ingest")
-    names = [Path(f).name.removesuffix(".h5ad") for f in files]
+    names = [dataset_id_of(f) for f in files]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ValueError(
