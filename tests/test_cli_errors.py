@@ -162,3 +162,24 @@ def test_sigterm_unwinds_the_command_like_ctrl_c():
         finally:
             cleaned.append(True)
     assert cleaned == [True] and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_info_says_what_is_wrong_with_the_path_and_shows_provenance_inert(tmp_path, capsys):
+    """No such folder, a file, an empty path: each says so. Provenance text (the model's maker
+    chose it) is printed with its escapes visible, and --json stays strict JSON."""
+    rc, err = run(capsys, "info", str(tmp_path / "nope"))
+    assert rc == 2 and "does not exist: give a censusvi model directory" in err, err
+    (tmp_path / "f").write_text("x")
+    rc, err = run(capsys, "info", str(tmp_path / "f"))
+    assert rc == 2 and "is a file" in err, err
+    assert run(capsys, "info", "")[1].startswith("censusvi: error: an empty model path")
+    cfg = ModelConfig(n_genes=6, n_batches=2, n_hidden=8, n_latent=2, n_layers=1)
+    genes = GeneVocabulary(tuple(f"G{i}" for i in range(6)))
+    model = TrainedModel(VAE(cfg), genes, ("b",), ("x", "y"), provenance={
+        "note": "\x1b[2J\nrm -rf", "loss": math.nan})  # fmt: skip
+    model.save(tmp_path / "m")
+    assert cli.main(["info", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b[2J\\nrm -rf" in out, out
+    assert cli.main(["info", str(tmp_path / "m"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["provenance"]["loss"] is None

@@ -269,7 +269,7 @@ def test_console_script_is_installed(tmp_path):
     assert (
         r.returncode == 2
         and "censusvi: error:" in r.stderr
-        and "config.json is missing" in r.stderr
+        and f"model '{tmp_path / 'nope'}' does not exist" in r.stderr
     )
 
 

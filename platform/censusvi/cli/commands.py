@@ -347,8 +347,8 @@ def model_info(model_dir: str) -> dict[str, Any]:
 
 def cmd_info(a: argparse.Namespace) -> int:
     info = model_info(a.model)
-    if a.json:
-        print(json.dumps(info, indent=1))
+    if a.json:  # strict JSON: a NaN figure is null
+        print(json.dumps(_without_nan(info), indent=1, allow_nan=False))
         return 0
     arch, prov = info["architecture"], info["provenance"]
     prior = f"VampPrior ({k} pseudo-cells)" if (k := arch.get("prior_components")) else "N(0, I)"
@@ -368,6 +368,23 @@ def cmd_info(a: argparse.Namespace) -> int:
     )
     print(f"  schedule: {describe_schedule(prov.get('schedule'))}")
     for k, v in prov.items():
-        if k != "schedule":
-            print(f"  {k}: {v}")
+        if k != "schedule":  # a model's provenance is text its maker chose: shown, not obeyed
+            print(f"  {k}: {_printable(v)}")
     return 0
+
+
+def _without_nan(x):
+    """``x`` with every NaN or infinite float as None (JSON has no such numbers)."""
+    import math
+
+    if isinstance(x, dict):
+        return {k: _without_nan(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_without_nan(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def _printable(v) -> str:
+    """``str(v)`` with control characters (terminal escapes, newlines) shown escaped."""
+    text = str(v)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")

@@ -162,6 +162,12 @@ def save_model(m: TrainedModel, out: str | os.PathLike, overwrite: bool = False)
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     cfg_file = path / CONFIG_FILE
+    if not path.is_dir():
+        what = "is a file" if path.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"model {str(path)!r} {what}: give a censusvi model directory (what `censusvi "
+            "pretrain --out` wrote), an scvi-tools model directory, or models:/NAME/VERSION"
+        )
     if not cfg_file.is_file():
         raise FileNotFoundError(
             f"{path} is not a censusvi model directory: {CONFIG_FILE} is missing "
@@ -203,6 +209,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
 
     An scvi-tools model directory (``model.pt``, no ``config.json``) is imported on the fly.
     """
+    if not str(path).strip():
+        raise FileNotFoundError("an empty model path: give a model directory or models:/ URI")
     if str(path).startswith("models:/"):  # a registered version: read from a scratch copy
         import tempfile
 
