@@ -64,10 +64,7 @@ def check_folder(
     may hold other files, the inputs among them: nothing in it is replaced but its own)."""
     out = _target(out)
     target = out.resolve()
-    for given in inputs:
-        if not given or "://" in str(given) or str(given).startswith("models:/"):
-            continue  # not a local path
-        p = Path(given).resolve()
+    for given, p in _local(inputs):
         if p == target or (p.is_dir() and p in target.parents):
             raise OutputRefused(
                 f"{flag} {out} {'is' if p == target else 'is inside'} the input {given}; "
@@ -78,13 +75,17 @@ def check_folder(
     _check_writable(out / "file" if out.is_dir() else out, flag)  # in the folder itself
 
 
+def _local(inputs) -> Iterator[tuple[str | os.PathLike, Path]]:
+    """(as given, resolved) for each input that is a local path (not a URI, not models:/)."""
+    for given in inputs:
+        if given and "://" not in str(given) and not str(given).startswith("models:/"):
+            yield given, Path(given).resolve()
+
+
 def _check_not_input(out: Path, inputs, flag: str = "--out") -> None:
     here = Path.cwd().resolve()
     target = out.resolve()
-    for given in [*inputs, here]:
-        if not given or "://" in str(given) or str(given).startswith("models:/"):
-            continue  # not a local path
-        p = Path(given).resolve()
+    for given, p in _local([*inputs, here]):
         if p == target or target in p.parents:
             what = "the current directory" if given is here else f"the input {given}"
             raise OutputRefused(

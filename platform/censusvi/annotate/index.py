@@ -134,7 +134,7 @@ class LabelIndex:
         from censusvi.annotate.ontology import LabelOntology
 
         d = self.meta.get("ontology", {}).get(key)
-        return None if d is None else LabelOntology.checked(d)
+        return None if d is None else LabelOntology.from_dict(d)  # load_index checked it
 
     def label_frequency(self, key: str) -> pd.Series:
         """Each label's share of the reference: from index.json where the build stored it

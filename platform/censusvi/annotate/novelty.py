@@ -45,6 +45,8 @@ from itertools import combinations
 
 import numpy as np
 
+from censusvi.numeric import is_finite
+
 VERSION = 1
 SIGNALS = ("distance", "nll", "entropy")  # distance comes from every search; the others may not
 LEVELS = np.round(np.arange(100) / 100, 2)  # quantile levels stored: 0, 0.01, ..., 0.99
@@ -186,7 +188,7 @@ def check_fit(fitted: dict) -> None:
     if unknown:
         raise ValueError(f"unknown signal(s) {sorted(unknown)}; known: {list(SIGNALS)}")
     alpha = fitted.get("alpha", ALPHA)
-    if not isinstance(alpha, int | float) or not 0 < alpha <= 1:
+    if not is_finite(alpha) or not 0 < alpha <= 1:
         raise ValueError(f"alpha {alpha!r} is not in (0, 1]")
     if not isinstance(fitted.get("combined", {}), dict):
         raise ValueError("combined is not an object of tables")
@@ -215,7 +217,7 @@ def _check_table(name: str, table) -> None:
         q = np.asarray([table.get("q50"), table.get("q99")], dtype=float)
         ok = np.isfinite(q).all() and q[0] <= q[1]
     scale = table.get("scale", 1.0)
-    if not ok or not isinstance(scale, int | float) or not np.isfinite(scale) or scale <= 0:
+    if not ok or not is_finite(scale) or scale <= 0:
         raise ValueError(
             f"{name} table is not {len(LEVELS)} finite rising quantiles (or q50 <= q99) with a "
             "positive scale"

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
+from censusvi.numeric import is_whole
+
 log = logging.getLogger(__name__)
 ONTOLOGY = "CL"
 TERM_COLUMN_SUFFIX = "_ontology_term_id"  # obs column of a label key's terms (Census schema)
@@ -63,9 +65,7 @@ class LabelOntology:
             chain = onto.ancestors.get(term)
             if not isinstance(chain, list) or term not in chain:
                 raise ValueError(f"the term {term!r} of label {label!r} has no ancestors entry")
-            lost = [
-                a for a in chain if a not in onto.names or not isinstance(onto.depth.get(a), int)
-            ]
+            lost = [a for a in chain if a not in onto.names or not is_whole(onto.depth.get(a))]
             if lost:
                 raise ValueError(f"ancestor(s) {lost[:3]} of {term!r} have no name or depth")
         return onto

@@ -54,9 +54,8 @@ class ModelConfig:
             v = getattr(self, name)
             if not is_whole(v):  # "2" or 2.5, hand-edited
                 raise ValueError(f"{name}={v!r} must be a whole number")
-        for name in ("n_genes", "n_batches", "n_hidden", "n_latent", "n_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+            if name != "prior_components" and v < 1:
+                raise ValueError(f"{name}={v} must be at least 1")
         if self.prior_components < 0:
             raise ValueError(f"prior_components={self.prior_components}: 0 (N(0, I)) or K > 0")
         if not 0.0 <= self.dropout_rate < 1.0:

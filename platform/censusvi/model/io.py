@@ -66,9 +66,9 @@ class TrainedModel:
                 f"{len(self.batch_categories)} batch categories but the model has {cfg.n_batches}"
             )
         if len(set(self.batch_categories)) != len(self.batch_categories):
-            seen = [
-                b for i, b in enumerate(self.batch_categories) if b in self.batch_categories[:i]
-            ]
+            from collections import Counter
+
+            seen = [b for b, n in Counter(self.batch_categories).items() if n > 1]
             raise ValueError(f"batch categories repeat ({seen[:3]}): each batch is one column")
 
     @property

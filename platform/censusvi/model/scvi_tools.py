@@ -66,9 +66,8 @@ def state_dict_from_scvi_tools(
     for name in ("library_log_means", "library_log_vars"):
         if name in scvi_state:
             out[name] = scvi_state[name].reshape(-1)
-        elif name in expected:  # the VAE's own starting values (zeros / ones)
-            fill = 0.0 if name == "library_log_means" else 1.0
-            out[name] = torch.full(tuple(expected[name].shape), fill)
+        elif name in expected:  # the VAE's own starting values
+            out[name] = expected[name]
     missing = sorted(set(expected) - set(out))
     if missing:
         raise ValueError(f"the scvi-tools weights lack {missing[:5]}; is this an SCVI model?")

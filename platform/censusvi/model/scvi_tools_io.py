@@ -248,10 +248,12 @@ def import_scvi_tools(
         where,
         "its attr_dict and var_names",
     )
+    # A buffer scvi-tools did not save is a shape-only stand-in here: the real VAE keeps its own.
+    state = {k: v for k, v in state.items() if not v.is_meta}
     # What this model runs, named as scvi-tools names it; a NaN would embed every cell as NaN.
     check_finite({scvi_tools_name(k): v for k, v in state.items()}, where)
     vae = VAE(cfg)
-    vae.load_state_dict(state)
+    vae.load_state_dict(state, strict=False)  # every other key was checked just above
     return TrainedModel(
         vae=vae.eval(),
         genes=GeneVocabulary(tuple(var_names)),

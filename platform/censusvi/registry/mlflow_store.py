@@ -78,20 +78,24 @@ def use_tracking(uri: str | None = None) -> str:
         retries = logging.getLogger("urllib3.connectionpool")
         if retries.level == logging.NOTSET:  # a warning per retry; the last failure is raised
             retries.setLevel(logging.ERROR)
-    elif uri.startswith("sqlite:///") and (path := uri.removeprefix("sqlite:///")) != ":memory:":
-        _check_sqlite_file(uri, Path(path))
+    elif (path := sqlite_file(uri)) is not None:
+        _check_sqlite_file(uri, path)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The file a ``sqlite:///`` store URI names (None: another store, or in memory)."""
+    if not uri.startswith("sqlite:///") or (path := uri.removeprefix("sqlite:///")) == ":memory:":
+        return None
+    return Path(path)
 
 
 def absent_sqlite_store(uri: str | None = None) -> Path | None:
     """The file of a sqlite store that does not exist yet (None: it exists, or not sqlite):
     reading commands report it instead of creating it (a mistyped URI made folders at /)."""
-    uri = uri or tracking_uri()
-    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
-        return None
-    path = Path(uri.removeprefix("sqlite:///"))
-    return None if path.exists() else path
+    path = sqlite_file(uri or tracking_uri())
+    return None if path is None or path.exists() else path
 
 
 def _check_sqlite_file(uri: str, path: Path) -> None:

@@ -48,11 +48,12 @@ def split_mapped(whole: dict, parts: list) -> list[dict]:
     for p in parts:
         stop = start + p.n_cells
         keep = (whole["positions"] >= start) & (whole["positions"] < stop)
-        labels = np.unique(np.asarray(p.batch).astype(str))
+        batches = cells_per_batch(p.batch)
+        present = set(batches["batch"])
         report = {
             **whole["report"],
-            "cells_per_batch": cells_per_batch(p.batch),
-            "new_batches": [b for b in whole["report"]["new_batches"] if b in set(labels)],
+            "cells_per_batch": batches,
+            "new_batches": [b for b in whole["report"]["new_batches"] if b in present],
             "cells_mapped": int(keep.sum()),
             "cells_without_counts": int(p.n_cells - keep.sum()),
         }
