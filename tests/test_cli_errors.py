@@ -183,3 +183,16 @@ def test_info_says_what_is_wrong_with_the_path_and_shows_provenance_inert(tmp_pa
     assert "\x1b" not in out and "\\x1b[2J\\nrm -rf" in out, out
     assert cli.main(["info", str(tmp_path / "m"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["provenance"]["loss"] is None
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(sim_model):
+    """`censusvi info m --json | head -1` printed a BrokenPipeError traceback; like any Unix
+    filter it now stops with SIGPIPE's status and says nothing."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "censusvi.cli", "info", str(sim_model), "--json"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # long before the command has imported torch and written anything
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == "", err

@@ -108,6 +108,27 @@ def test_de_options_out_of_range(sim_model, query, tmp_path, capsys, extra, says
     assert not (tmp_path / "de.csv").exists()
 
 
+def test_de_takes_a_group_whose_name_has_a_comma_whole(sim_model, query, tmp_path, capsys):
+    """Cell Ontology labels have commas ("CD4-positive, alpha-beta T cell"): such a group could
+    not be chosen, as --group1 split it in two. A name the data hold is now taken whole; A,B
+    still means each in turn."""
+    import pandas as pd
+
+    q = ad.read_h5ad(query)
+    q.obs["group"] = ["CD4-positive, alpha-beta T cell", "B cell", "NK"] * (q.n_obs // 3)
+    q.write_h5ad(tmp_path / "q.h5ad")
+    args = ["de", "--model", sim_model, "--data", tmp_path / "q.h5ad", "--groupby", "group",
+            "--batch-key", "batch", "--quiet", "--n-samples", "50", "--out"]  # fmt: skip
+    for group1, expected in [
+        ("CD4-positive, alpha-beta T cell", {"CD4-positive, alpha-beta T cell"}),
+        ("B cell,NK", {"B cell", "NK"}),
+    ]:
+        out = tmp_path / f"de{len(expected)}.csv"
+        code, err = run([*args, out, "--group1", group1], capsys)
+        assert code == 0, err
+        assert set(pd.read_csv(out)["group1"]) == expected
+
+
 @pytest.mark.parametrize(
     "extra, says",
     [
@@ -174,6 +195,48 @@ def test_ingest_refuses_repeated_genes_cells_and_files(tmp_path, capsys):
     assert code == 2 and "files named ['ok'] are given more than once" in err, err
     assert not (tmp_path / "x.soma").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.soma")]
+
+
+def test_ingest_reads_counts_from_the_layer_its_error_names(tmp_path, capsys):
+    """ingest told a user with log-normalised X to "pass --layer counts", a flag it lacked; it
+    now has it, and the experiment holds the layer's counts."""
+    import numpy as np
+    import tiledbsoma
+
+    a = simulated_adata(n_cells=40)
+    a.layers["counts"] = a.X.copy()
+    a.X = np.log1p(a.X.toarray() / 7.0)
+    a.write_h5ad(tmp_path / "lognorm.h5ad")
+    args = ["ingest", tmp_path / "lognorm.h5ad", "--quiet", "--out"]
+    code, err = run([*args, tmp_path / "x.soma"], capsys)
+    assert code == 2 and "pass --layer counts" in err, err
+    code, err = run([*args, tmp_path / "x.soma", "--layer", "counts"], capsys)
+    assert code == 0, err
+    with tiledbsoma.Experiment.open(str(tmp_path / "x.soma")) as exp:
+        x = exp.ms["RNA"].X["raw"].read().tables().concat()
+    assert float(np.sum(x["soma_data"])) == float(a.layers["counts"].sum())
+    code, err = run([*args, tmp_path / "y.soma", "--layer", "spliced"], capsys)
+    assert code == 2 and "layer 'spliced' not in the file; it has layers ['counts']" in err, err
+
+
+def test_embed_names_the_model_batch_column_the_data_lack(sim_model, query, tmp_path, capsys):
+    """embed told the user to "choose --batch-keys", a flag it lacks: the model's batch is
+    fixed, so it now says which column to add."""
+    q = ad.read_h5ad(query)
+    del q.obs["batch"]
+    q.write_h5ad(tmp_path / "q.h5ad")
+    args = [
+        "embed",
+        "--model",
+        sim_model,
+        "--data",
+        tmp_path / "q.h5ad",
+        "--out",
+        tmp_path / "e.h5ad",
+    ]
+    code, err = run([*args, "--quiet"], capsys)
+    assert code == 2 and "obs lacks ['batch'], which the model's batch is built from" in err, err
+    assert "--batch-keys" not in err
 
 
 def test_an_uns_value_anndata_cannot_write_back_is_refused_before_work(sim_model, tmp_path, capsys):

@@ -298,3 +298,32 @@ def test_listing_a_store_that_does_not_exist_creates_nothing(tmp_path, monkeypat
     rc, out, err = run_cli(capsys, "models", "list")
     assert rc == 0 and out == "" and "no registered versions in" in err and "(no such file)" in err
     assert not (tmp_path / "typo").exists()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the default store, ./mlruns, is not made either
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run_cli(capsys, "models", "list")
+    assert rc == 0 and "(no such file)" in err and not (tmp_path / "mlruns").exists()
+
+
+def test_a_store_file_that_is_not_a_database_is_one_line(tmp_path, monkeypatch, capsys):
+    """A URI naming some other file (a typo, a CSV) failed in SQLAlchemy's traceback; it is now
+    one line, and the file is untouched."""
+    for name, content in (("notes.txt", b"hello\n"), ("junk.db", bytes(range(256)) * 8)):
+        (tmp_path / name).write_bytes(content)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / name}")
+        for args in (("list",), ("promote", "censusvi-scvi", "1")):
+            rc, _, err = run_cli(capsys, "models", *args)
+            assert rc == 2 and f"{tmp_path / name} is not a SQLite database" in err, err
+            assert len(err.strip().splitlines()) == 1
+        assert (tmp_path / name).read_bytes() == content
+
+
+def test_an_alias_mlflow_would_refuse_is_blamed_on_its_name(tmp_path, monkeypatch, capsys):
+    """`promote --alias ../../x` said the alias's version "could not be read"; the name is now
+    checked first, by MLflow's own rules, and nothing moves."""
+    model_dir, _ = small_model_and_index(tmp_path, "a", seed=0, epochs=1)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run_cli(capsys, "models", "register", str(model_dir))[0] == 0
+    for alias, says in [("../../x", "Names may only contain"), ("latest", "reserved"), ("", "")]:
+        rc, _, err = run_cli(capsys, "models", "promote", "censusvi-scvi", "1", "--alias", alias)
+        assert rc == 2 and f"--alias {alias!r}:" in err and says in err, err
+    assert alias_holder("censusvi-scvi", "production") is None

@@ -69,6 +69,23 @@ def stopped_cleanly():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout's reader has gone; if so, stdout is pointed at /dev/null so that the
+    interpreter's last flush does not print a traceback of its own."""
+    import os
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        gone = any(event & select.POLLERR for _, event in poll.poll(0))  # a pipe without reader
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or no stdout file
+        return False
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return gone
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
@@ -90,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("censusvi: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        return 141  # `censusvi info m | head`: the reader left, as for any Unix filter
     except Exception as e:
         # The registry's own errors (no such version, bad URI; RestException from a server) are
         # the user's to fix too: matched by name, so that mlflow is imported only when used.

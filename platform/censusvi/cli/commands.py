@@ -61,7 +61,7 @@ def _read(path):
 def cmd_ingest(a: argparse.Namespace) -> int:
     from censusvi.data.soma import ingest
 
-    print(f"wrote SOMA experiment {ingest(a.files, a.out)}")
+    print(f"wrote SOMA experiment {ingest(a.files, a.out, a.layer)}")
     return 0
 
 
@@ -215,8 +215,9 @@ def cmd_de(a: argparse.Namespace) -> int:
     from censusvi.data.h5ad import read_h5ad
     from censusvi.generative.de import top_genes
 
-    res = api.de(  # the data are not written back: read without _read's uns check
-        read_h5ad(a.data), a.model, a.groupby, list(keys(a.group1)), a.group2, a.batch_key,
+    adata = read_h5ad(a.data)  # not written back: read without _read's uns check
+    res = api.de(
+        adata, a.model, a.groupby, _groups(adata, a.groupby, a.group1), a.group2, a.batch_key,
         layer=a.layer, mode=a.mode, delta=a.delta, fdr=a.fdr, n_samples=a.n_samples,
         batch_correction=not a.no_batch_correction, seed=a.seed, quiet=a.quiet, **_surgery(a),
     )  # fmt: skip
@@ -230,6 +231,13 @@ def cmd_de(a: argparse.Namespace) -> int:
         json.dumps({"out": str(a.out), "genes": int(res.index.nunique()), "comparisons": summary})
     )
     return 0
+
+
+def _groups(adata, groupby: str, group1: str) -> list[str]:
+    """``--group1``: a group's own name when the data hold it (Cell Ontology labels have commas:
+    "CD4-positive, alpha-beta T cell"), else A,B,... each in turn."""
+    held = adata.obs[groupby].astype(str).unique() if groupby in adata.obs else ()
+    return [group1] if group1 in set(held) else list(keys(group1))
 
 
 def cmd_impute(a: argparse.Namespace) -> int:

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("files", nargs="+")
     s.add_argument("--out", required=True, help="DIR.soma to create")
+    s.add_argument(
+        "--layer", help="where each file's counts are: a layer name or 'raw' (default X)"
+    )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=commands.cmd_ingest)
 
@@ -190,7 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--data", required=True, help=".h5ad of raw counts")
     s.add_argument("--groupby", required=True, help="obs column holding the groups")
-    s.add_argument("--group1", required=True, help="a group (or A,B,...: each in turn)")
+    s.add_argument(
+        "--group1",
+        required=True,
+        help="a group (or A,B,...: each in turn; a group whose own name has commas is taken whole)",
+    )
     s.add_argument("--group2", help="the other group (default: all other cells)")
     s.add_argument("--batch-key", help="obs column of batches (default: the model's batch keys)")
     out_args(s, ".csv", ("model", "data"), "CSV, one row per gene and comparison")

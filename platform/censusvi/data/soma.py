@@ -21,7 +21,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from censusvi.data.counts import check_counts, check_csr, to_csr32
-from censusvi.data.h5ad import gene_ids_and_symbols, read_h5ad
+from censusvi.data.h5ad import counts_matrix, gene_ids_and_symbols, read_h5ad
 from censusvi.data.vocabulary import check_unique_gene_ids, var_column_key
 from censusvi.defaults import IN_MEMORY
 from censusvi.progress import bar
@@ -77,10 +77,11 @@ def dataset_id_of(path: str | os.PathLike) -> str:
     return Path(path).name.removesuffix(".h5ad")
 
 
-def harmonise(path: str | os.PathLike) -> ad.AnnData:
-    """One h5ad file as an AnnData in the Census schema (var indexed by feature_id)."""
+def harmonise(path: str | os.PathLike, layer: str | None = None) -> ad.AnnData:
+    """One h5ad file as an AnnData in the Census schema (var indexed by feature_id); its counts
+    from X, ``layers[layer]``, or ``raw.X`` for ``layer='raw'``."""
     adata = read_h5ad(path)
-    x = to_csr32(adata.X, str(path))
+    x = to_csr32(counts_matrix(adata, layer), str(path))
     check_counts(x, str(path))
     ids, symbols = gene_ids_and_symbols(adata.var)
     check_unique_gene_ids([str(i) for i in ids], str(path))  # a repeat would lose its counts
@@ -95,8 +96,11 @@ def harmonise(path: str | os.PathLike) -> ad.AnnData:
     return ad.AnnData(X=x, obs=census_obs(adata, dataset_id, x), var=var)
 
 
-def ingest(files: list[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """Write the files into one new SOMA experiment at ``out`` (built aside, then renamed)."""
+def ingest(
+    files: list[str | os.PathLike], out: str | os.PathLike, layer: str | None = None
+) -> Path:
+    """Write the files into one new SOMA experiment at ``out`` (built aside, then renamed);
+    ``layer``: where each file's counts are (default X; a layer name, or 'raw')."""
     import tiledbsoma.io
 
     if not files:
@@ -114,7 +118,7 @@ def ingest(files: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)) / "exp"
     try:
-        adatas = [harmonise(f) for f in bar(files, desc="read", unit="file")]
+        adatas = [harmonise(f, layer) for f in bar(files, desc="read", unit="file")]
         mapping = tiledbsoma.io.register_anndatas(
             None,
             adatas,

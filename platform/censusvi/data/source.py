@@ -56,7 +56,7 @@ def batch_categories(
     if missing:
         raise ValueError(
             f"{where}: batch column(s) {missing} not in obs; obs has {sorted(obs.columns)}. "
-            "Choose --batch-keys from those columns."
+            "Choose the batch columns from those."
         )
     combined = np.zeros(len(obs), dtype=np.int64)  # codes in order of first appearance
     for k in keys:

@@ -103,6 +103,11 @@ class TrainedModel:
         ends the error for batches the model lacks: what the caller's user should do instead."""
         from censusvi.data.source import codes_in  # pandas: not in the model core
 
+        if missing := [k for k in self.batch_keys if k not in obs.columns]:
+            raise ValueError(
+                f"{where}: obs lacks {missing}, which the model's batch is built from "
+                f"({list(self.batch_keys)}): add the column(s), e.g. each cell's sample"
+            )
         batch, unknown = codes_in(obs, self.batch_keys, self.batch_categories, where)
         if unknown:
             raise ValueError(

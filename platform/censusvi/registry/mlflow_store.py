@@ -55,13 +55,12 @@ class RegistryUnreachable(ConnectionError):
 
 
 def tracking_uri(default_dir: str | os.PathLike = DEFAULT_STORE_DIR) -> str:
-    """``MLFLOW_TRACKING_URI`` when set, else the sqlite store in ``default_dir`` (created)."""
+    """``MLFLOW_TRACKING_URI`` when set, else the sqlite store in ``default_dir`` (created by
+    ``use_tracking`` when a command writes to it, not here: reading creates nothing)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    d = Path(default_dir).resolve()
-    d.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{d / 'mlflow.db'}"
+    return f"sqlite:///{Path(default_dir).resolve() / 'mlflow.db'}"
 
 
 def use_tracking(uri: str | None = None) -> str:
@@ -106,6 +105,16 @@ def _check_sqlite_file(uri: str, path: Path) -> None:
     target = path if path.exists() else path.parent
     if path.is_dir() or not os.access(target, os.R_OK | os.W_OK):
         raise RegistryUnreachable(uri, f"{target} is not a writable sqlite file or folder")
+    if path.is_file() and path.stat().st_size and not _is_sqlite(path):
+        raise RegistryUnreachable(uri, f"{path} is not a SQLite database")
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
+
+
+def _is_sqlite(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
 
 
 _NETWORK_ERRORS = {  # requests' and urllib3's names: neither package is imported here

@@ -192,6 +192,22 @@ def _append_history(client, name: str, alias: str, version: str) -> None:
     )
 
 
+def check_alias(alias: str) -> None:
+    """MLflow's rules for an alias name (letters, digits, _ and -; not 'latest' nor 'v3'),
+    checked before the store is asked, so that the error is about the name."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import (
+        _validate_model_alias_name,
+        _validate_model_alias_name_reserved,
+    )
+
+    try:
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+    except MlflowException as e:
+        raise ValueError(f"--alias {alias!r}: {e.message}") from None
+
+
 @reaches_registry
 def promote(
     name: str,
@@ -209,6 +225,7 @@ def promote(
         raise ValueError(
             f"tolerance {tolerance!r}: must be a number >= 0 (how much worse a metric may be)"
         )
+    check_alias(alias)
     client = _client(uri)
     client.get_model_version(name, version)  # raises with MLflow's message if it does not exist
     try:
