@@ -179,6 +179,12 @@ def hostile_payloads(q, tmp: Path) -> dict[str, tuple[bytes, str, dict, int, str
             422,
             "above 1e+09",
         ),
+        "json counts 1e308": (  # infinite in float32, but a number the sender wrote
+            *_json({**body, "data": [1e308] + body["data"][1:]}),
+            {},
+            422,
+            "a count of 1e+308 is above 1e+09",
+        ),
         "json 0 cells": (
             *_json({**body, "indptr": [0], "indices": [], "data": [], "batch": []}),
             {},
@@ -235,6 +241,26 @@ def hostile_payloads(q, tmp: Path) -> dict[str, tuple[bytes, str, dict, int, str
             422,
             "list of numbers",
         ),  # fmt: skip
+        "arrow without batch": (
+            *_arrow_table(
+                pa.ipc.open_stream(encode_arrow_request(x, genes, q.obs["batch"]))
+                .read_all()
+                .drop_columns(["batch"])
+            ),
+            {},
+            422,
+            "lacks column(s) ['batch']",
+        ),
+        "arrow without genes": (
+            *_arrow_table(
+                pa.ipc.open_stream(encode_arrow_request(x, genes, q.obs["batch"]))
+                .read_all()
+                .replace_schema_metadata({})
+            ),
+            {},
+            422,
+            "metadata lacks 'genes'",
+        ),
         "arrow zstd bomb": (*_arrow_bomb(genes), {}, 413, "would decode to"),
         "arrow garbage": (b"\xff\xff\xff\xff" + b"\x00" * 64, ARROW, {}, 422, "Arrow"),
         "h5ad external storage": (

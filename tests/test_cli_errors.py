@@ -196,3 +196,20 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(sim_model):
     p.stdout.close()  # long before the command has imported torch and written anything
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141 and err == "", err
+
+
+@pytest.mark.parametrize(
+    "device, says",
+    [("tpu", "give cpu, cuda or cuda:N"), ("cuda:99", "cuda:99"), ("mps", "torch cannot use mps")],
+)
+def test_pretrain_on_a_device_this_machine_lacks_is_refused_first(tmp_path, capsys, device, says):
+    """`pretrain --device tpu` (or a GPU index past the machine's) failed in torch's traceback
+    after the data were read; it is now one line before any work, and nothing is written."""
+    from conftest import simulated_adata
+
+    simulated_adata(n_cells=50).write_h5ad(tmp_path / "d.h5ad")
+    argv = ["pretrain", "--source", str(tmp_path / "d.h5ad"), "--batch-keys", "batch", "--out",
+            str(tmp_path / "m"), "--max-epochs", "1", "--quiet", "--device", device]  # fmt: skip
+    rc, err = run(capsys, *argv)
+    assert rc == 2 and f"device {device!r}: " in err and says in err, err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.checkpoint").exists()

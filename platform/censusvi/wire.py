@@ -181,6 +181,9 @@ def _list_column(table, name: str, kind) -> tuple[np.ndarray, np.ndarray]:
     return offsets - offsets[0], values.to_numpy(zero_copy_only=False)
 
 
+ARROW_COLUMNS = ("indices", "data", "batch")
+
+
 def decode_arrow(body: bytes, limits: DecodeLimits = NO_LIMITS) -> QueryCells:
     import pyarrow.types as pt
 
@@ -189,6 +192,11 @@ def decode_arrow(body: bytes, limits: DecodeLimits = NO_LIMITS) -> QueryCells:
         table = pa.ipc.open_stream(body).read_all()
         table.validate(full=True)  # IPC reading trusts offsets; a forged one aborts the process
         meta = table.schema.metadata or {}
+        if missing := [c for c in ARROW_COLUMNS if c not in table.column_names]:
+            raise PayloadError(
+                f"the Arrow table lacks column(s) {missing}: it needs {list(ARROW_COLUMNS)}, one "
+                f"row per cell (it has {table.column_names[:10]})"
+            )
         genes = json.loads(meta[b"genes"])
         symbols = json.loads(meta[b"symbols"]) if b"symbols" in meta else None
         ind_off, indices = _list_column(table, "indices", pt.is_integer)
@@ -207,11 +215,11 @@ def decode_arrow(body: bytes, limits: DecodeLimits = NO_LIMITS) -> QueryCells:
         raise PayloadError(
             "schema metadata 'genes' (and 'symbols') must be JSON lists of strings"
         ) from None
-    except KeyError as e:
+    except KeyError:  # the one key read from a dict: the schema metadata's
         raise PayloadError(
-            f"the Arrow table lacks {e.args[0]!r}: columns indices, data, batch and the gene ids "
-            "in schema metadata 'genes'"
-        ) from e
+            "the Arrow schema's metadata lacks 'genes': a JSON list of the gene ids, one per "
+            "column index (censusvi.wire.encode_arrow_request writes it)"
+        ) from None
     if not np.array_equal(ind_off, data_off):
         raise PayloadError("Arrow columns 'indices' and 'data' differ in list lengths: pair them")
     return _checked((data, indices, ind_off), genes, batch, limits, symbols)

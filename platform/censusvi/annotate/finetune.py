@@ -40,6 +40,7 @@ from censusvi.data.labels import unlabelled as is_unlabelled
 from censusvi.inference import reference_cells
 from censusvi.model.io import UNKNOWN_BATCH_FIX_REFERENCE, TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
+from censusvi.train.loop import check_local_device
 from censusvi.train.schedule import ADAM_EPS, scvi_tools_max_epochs
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,7 @@ class FinetuneConfig:
             )
         if self.batch_size < 3:
             raise ValueError(f"batch_size {self.batch_size}: batch norm needs at least 3 cells")
-        try:
-            kind = torch.device(self.device).type
-        except RuntimeError:
-            raise ValueError(f"device {self.device!r}: give cpu, cuda or cuda:N") from None
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ValueError(
-                f"device {self.device!r}: this machine's torch sees no CUDA GPU; use cpu"
-            )
+        check_local_device(self.device)
 
 
 def scanvi_epochs(n_cells: int) -> int:

@@ -29,6 +29,7 @@ def checked_csr(
     """
     data, indices, indptr = (np.asarray(a) for a in (data, indices, indptr))
     check_csr(data, indices, indptr, shape, where, csc=csc)
+    _check_fits_float32(data, where)
     n, g = int(shape[0]), int(shape[1])
     idx_dtype = np.int64 if max(len(data), g) > np.iinfo(np.int32).max else np.int32
     x = sp.csr_matrix(  # owned, writable copies (sum_duplicates writes into them)
@@ -38,6 +39,19 @@ def checked_csr(
     x.sum_duplicates()  # a (cell, gene) pair stored twice is one count, summed
     x.eliminate_zeros()  # a stored 0 is no count: a cell of only those is empty, and dropped
     return x
+
+
+def _check_fits_float32(data: np.ndarray, where: str) -> None:
+    """A wider float beyond float32's range would read as infinite after the cast (a count of
+    1e308 called "NaN or infinite"): name the count instead."""
+    if data.dtype.kind != "f" or data.itemsize <= 4 or not data.size:
+        return
+    big = data[data > np.finfo(np.float32).max]  # NaN compares False
+    if (big := big[np.isfinite(big)]).size:
+        raise CountsError(
+            f"{where}: a count of {big.max():g} is above {MAX_COUNT:g}; raw UMI counts "
+            "are far smaller (the data are scaled or corrupt)"
+        )
 
 
 def check_csr(

@@ -21,7 +21,7 @@ from censusvi.model.io import TrainedModel, save_model
 from censusvi.model.minibatch import DeviceCSR, Minibatch, minibatch_from_csr
 from censusvi.train import schedule
 from censusvi.train.checkpoint import CheckpointStore
-from censusvi.train.loop import EpochStats, History, TrainConfig, fit
+from censusvi.train.loop import EpochStats, History, TrainConfig, check_local_device, fit
 from censusvi.train.plan import RunPlan, plan_from, warn_if_undertrained  # noqa: F401
 from censusvi.train.run_config import (  # noqa: F401  (the public names of this module)
     DataConfig,
@@ -71,6 +71,7 @@ def pretrain(
     ``source`` as in ``plan_from``; ``on_epoch_end(stats)`` after each epoch's checkpoint."""
     from tqdm.auto import tqdm
 
+    check_local_device(cfg.train.device)
     plan = plan_from(cfg, source=source)
     t = plan.cfg.train
     log.info("training schedule %s", schedule.describe(plan.schedule_record()))

@@ -29,12 +29,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from censusvi.model.vae import VAE
 from censusvi.train import schedule
 from censusvi.train.checkpoint import CheckpointStore
-from censusvi.train.loop import EpochStats, resume_from
+from censusvi.train.loop import EpochStats, device_kind, resume_from
 from censusvi.train.plan import plan_from, warn_if_undertrained
 from censusvi.train.ray_worker import (  # noqa: F401  (STREAM_DEFAULTS: public here too)
     FINAL_ERRORS,
@@ -57,9 +55,9 @@ def _config_dict(cfg: PretrainConfig) -> dict[str, Any]:
 def workers_device(device: str, use_gpu: bool) -> str:
     """The device kind Ray workers train on: ``use_gpu`` gives each its own GPU (Ray picks the
     index), so a CUDA ``train.device`` needs it; without it they train on the CPU."""
-    if torch.device(device).type not in ("cpu", "cuda"):
+    if device_kind(device) not in ("cpu", "cuda"):
         raise ValueError(f"train.device={device!r}: Ray workers train on cpu or cuda")
-    if torch.device(device).type == "cuda" and not use_gpu:
+    if device_kind(device) == "cuda" and not use_gpu:
         raise ValueError(
             f"train.device={device!r} but use_gpu is false: Ray gives the workers no GPU; set "
             "train.use_gpu: true (each worker then trains on its own GPU), or train.device: cpu"
