@@ -219,6 +219,29 @@ def test_ingest_reads_counts_from_the_layer_its_error_names(tmp_path, capsys):
     assert code == 2 and "layer 'spliced' not in the file; it has layers ['counts']" in err, err
 
 
+def test_index_and_finetune_read_counts_from_a_layer(sim_model, tmp_path, capsys):
+    """index and finetune (whose errors, too, said "pass --layer counts") take --layer."""
+    import numpy as np
+
+    a = simulated_adata(n_cells=120, seed=2)
+    a.obs["cell_type"] = np.where(np.arange(a.n_obs) % 2, "T cell", "B cell")
+    a.layers["counts"] = a.X.copy()
+    a.X = np.log1p(a.X.toarray() / 7.0)
+    a.write_h5ad(tmp_path / "ref.h5ad")
+    base = {
+        "index": ["index", "--model", sim_model, "--data", tmp_path / "ref.h5ad", "--label-keys",
+                  "cell_type", "--no-head", "--quiet"],
+        "finetune": ["finetune", "--model", sim_model, "--data", tmp_path / "ref.h5ad",
+                     "--labels-key", "cell_type", "--max-epochs", "1", "--quiet"],
+    }  # fmt: skip
+    for name, args in base.items():
+        code, err = run([*args, "--out", tmp_path / f"{name}1"], capsys)
+        assert code == 2 and "pass --layer counts" in err, err
+        code, err = run([*args, "--out", tmp_path / f"{name}2", "--layer", "counts"], capsys)
+        assert code == 0, err
+        assert (tmp_path / f"{name}2").is_dir() and not (tmp_path / f"{name}1").exists()
+
+
 def test_embed_names_the_model_batch_column_the_data_lack(sim_model, query, tmp_path, capsys):
     """embed told the user to "choose --batch-keys", a flag it lacks: the model's batch is
     fixed, so it now says which column to add."""

@@ -40,6 +40,7 @@ from censusvi.data.labels import unlabelled as is_unlabelled
 from censusvi.inference import reference_cells
 from censusvi.model.io import UNKNOWN_BATCH_FIX_REFERENCE, TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
+from censusvi.progress import bar
 from censusvi.train.loop import check_local_device
 from censusvi.train.schedule import ADAM_EPS, scvi_tools_max_epochs
 
@@ -180,7 +181,7 @@ def finetune(
     opt = torch.optim.Adam(params, lr=cfg.lr, eps=ADAM_EPS, weight_decay=cfg.weight_decay)
     target = torch.from_numpy(y).to(device)
     history = []
-    for epoch in range(epochs):
+    for epoch in bar(range(epochs), desc="finetune", unit="epoch"):
         elbo, ce, acc = _epoch(vae, clf.train(), opt, cells, target, cfg, epoch)
         history.append({"elbo": round(elbo, 3), "classification_loss": round(ce, 4),
                         "accuracy": round(acc, 4)})  # fmt: skip

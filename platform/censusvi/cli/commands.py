@@ -156,8 +156,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     from censusvi import api
 
     settings = {"max_epochs": a.max_epochs, "classification_ratio": a.classification_ratio}
-    m = api.finetune(a.data, a.model, a.labels_key, obs_filter=a.obs_filter, seed=a.seed,
-                     device=a.device, **settings)  # fmt: skip
+    m = api.finetune(a.data, a.model, a.labels_key, obs_filter=a.obs_filter, layer=a.layer,
+                     seed=a.seed, device=a.device, **settings)  # fmt: skip
     m.save(a.out, a.overwrite)
     r = m.provenance["finetune"]
     last = r["history"][-1]
@@ -173,7 +173,7 @@ def cmd_index(a: argparse.Namespace) -> int:
     from censusvi import api
 
     ix = api.build_index(
-        a.data, a.model, list(keys(a.label_keys)), obs_filter=a.obs_filter,
+        a.data, a.model, list(keys(a.label_keys)), obs_filter=a.obs_filter, layer=a.layer,
         faiss_device=a.faiss_device, ontology=a.ontology, head=a.head, kind=a.index,
         metric=a.metric,
     )  # fmt: skip

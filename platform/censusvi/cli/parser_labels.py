@@ -9,6 +9,10 @@ from censusvi.cli import commands
 from censusvi.cli.parser import faiss_device_arg, latent_key_arg, out_args
 
 
+def layer_arg(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--layer", help="where an .h5ad's counts are: a layer name or 'raw' (default X)")
+
+
 def add_label_commands(sub, query_args) -> None:
     """``finetune``, ``index`` and ``annotate``; ``query_args`` adds the query arguments."""
     s = sub.add_parser(
@@ -33,7 +37,9 @@ def add_label_commands(sub, query_args) -> None:
     )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu", help="where the epochs run, e.g. cuda (default cpu)")
+    layer_arg(s)
     out_args(s, "model", ("model", "data"))
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=commands.cmd_finetune)
 
     s = sub.add_parser("index", help="embed a labelled reference and build its FAISS index")
@@ -41,6 +47,7 @@ def add_label_commands(sub, query_args) -> None:
     s.add_argument("--data", required=True, help="reference .h5ad or SOMA experiment")
     s.add_argument("--label-keys", required=True, help="obs columns to transfer, e.g. cell_type")
     s.add_argument("--obs-filter")
+    layer_arg(s)
     s.add_argument(
         "--ontology",
         action=argparse.BooleanOptionalAction,
