@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -66,6 +67,44 @@ def test_serve_run_args_as_strings_are_typed():
         Settings.from_args({"max_cells": "many"})
     with pytest.raises(ValueError, match="unknown serve settings \\['max_cell'\\]"):
         Settings.from_args({"max_cell": 5})
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        ({"k": -5}, "serve setting k -5: neighbours per cell must be an integer >= 1"),
+        ({"k": 5000}, "at most 1000 neighbours"),
+        ({"unknown_threshold": "nan"}, "serve setting unknown_threshold nan: must be a number"),
+        ({"method": "vote"}, "serve setting method 'vote': choose one of knn, head, ensemble"),
+        ({"max_cells": 0}, "serve setting max_cells=0: a whole number >= 1"),
+        ({"tick_s": 0}, "serve setting tick_s=0: a number > 0"),
+        ({"max_request_mb": "inf"}, "serve setting max_request_mb=inf: a number > 0"),
+        ({"retire_after_s": -1}, "serve setting retire_after_s=-1: seconds >= 0"),
+    ],
+)
+def test_a_setting_out_of_range_fails_the_deployment_in_one_line(args, says):
+    """k: -5 in a Serve config failed each request, tick_s: 0 spun every ingress's sync thread:
+    now build_app's Settings refuses them, by the command line's rules where it has them."""
+    with pytest.raises(ValueError, match=re.escape(says)):
+        Settings.from_args({"model": "m", **args})
+
+
+def test_query_options_follow_the_same_rules():
+    from censusvi.serving.parsing import transfer_options
+
+    s = Settings(model="m")
+    assert transfer_options({"k": "20", "unknown_threshold": "0.3", "method": "head"}, s) == (
+        20, 0.3, "head"
+    )  # fmt: skip
+    for params, says in [
+        ({"k": "0"}, "k 0: neighbours per cell must be an integer >= 1"),
+        ({"k": "2000"}, "at most 1000"),
+        ({"k": "x" * 100}, "is not int"),
+        ({"unknown_threshold": "nan"}, "unknown_threshold nan: must be a number from 0 to 1"),
+        ({"method": "m" * 100}, "choose one of knn, head, ensemble"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            transfer_options(params, s)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -71,13 +76,15 @@ def test_census_uri_opens_through_cellxgene_census(soma_exp, monkeypatch):
 
     asked = {}
 
-    def fake_open_soma(census_version):
+    def fake_open_soma(census_version, context):
         asked["version"] = census_version
-        return {"census_data": {"homo_sapiens": tiledbsoma.Experiment.open(str(soma_exp[0]))}}
+        asked["signal_handlers"] = context.tiledb_config["sm.enable_signal_handlers"]
+        exp = tiledbsoma.Experiment.open(str(soma_exp[0]), context=context)
+        return {"census_data": {"homo_sapiens": exp}}
 
     monkeypatch.setattr(cellxgene_census, "open_soma", fake_open_soma)
     src = SomaSource("census://2025-11-08", obs_filter=CENSUS_FILTER)
-    assert asked == {"version": "2025-11-08"} and len(src.obs) > 0
+    assert asked == {"version": "2025-11-08", "signal_handlers": "false"} and len(src.obs) > 0
     assert src.read_rows(np.arange(3)).shape == (3, len(src.var_ids))
 
 
@@ -137,3 +144,29 @@ def test_training_reads_only_the_obs_columns_it_needs(soma_exp):
     assert set(plan.source.obs.columns) == {"soma_joinid", "dataset_id", "assay", "suspension_type"}
     with pytest.raises(ValueError, match=r"\['donor'\] not in obs; obs has .*'donor_id'"):
         plan_from(PretrainConfig(DataConfig(source=out, batch_keys=("donor",), n_hvg=0)))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ingest_stopped_midway_leaves_nothing_behind(shared_data, tmp_path, sig):
+    """Ctrl-C during the writes ended `ingest` in a segmentation fault (TileDB had put its own
+    SIGINT handler in place of Python's), leaving the half-built experiment on disk. Now SIGINT,
+    like SIGTERM, is one line, exit 130, and the temporary experiment is removed."""
+    src = shared_data / "cellbench_lung_celllines.h5ad"
+    files = []
+    for i in range(4):  # four datasets of one file: long enough to be stopped while writing
+        (tmp_path / f"lines{i}.h5ad").symlink_to(src)
+        files.append(str(tmp_path / f"lines{i}.h5ad"))
+    cmd = [sys.executable, "-m", "censusvi.cli", "ingest", *files, "--out", str(tmp_path / "x.soma"),
+           "--quiet"]  # fmt: skip
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".x.soma.tmp-*/exp/ms")) and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the experiment's schema is being written
+        assert p.poll() is None, "ingest ended before it could be stopped"
+        p.send_signal(sig)
+        err = p.communicate(timeout=120)[1]
+    finally:
+        p.kill()
+    assert p.returncode == 130 and err.strip().splitlines()[-1] == "censusvi: interrupted", err
+    assert not (tmp_path / "x.soma").exists() and not list(tmp_path.glob(".x.soma*"))

@@ -38,10 +38,10 @@ from censusvi.data.h5ad import H5adSource
 from censusvi.data.labels import UNLABELLED
 from censusvi.data.labels import unlabelled as is_unlabelled
 from censusvi.inference import reference_cells
+from censusvi.model.device import check_local_device
 from censusvi.model.io import UNKNOWN_BATCH_FIX_REFERENCE, TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
 from censusvi.progress import bar
-from censusvi.train.loop import check_local_device
 from censusvi.train.schedule import ADAM_EPS, scvi_tools_max_epochs
 
 log = logging.getLogger(__name__)

@@ -8,10 +8,12 @@ suspension_type, donor_id, cell_type, tissue, is_primary_data, nnz, raw_sum; var
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anndata as ad
@@ -38,6 +40,10 @@ X_READ_CONFIG = {"sm.mem.total_budget": str(64 << 20)}
 # obs reads: TileDB's default budget let a 20 M-cell obs read (five columns and a filter) peak
 # at 3.5-3.7 GiB whatever the batch size; 256 MiB held it at 2.0 GiB and read twice as fast.
 OBS_READ_CONFIG = {"sm.mem.total_budget": str(256 << 20), "soma.init_buffer_bytes": 64 << 20}
+# TileDB installs its own SIGINT handler with a context's first query unless told not to: Ctrl-C
+# then ended `ingest` in a segmentation fault, its half-built experiment left behind, instead of
+# Python's KeyboardInterrupt (which removes it). Every context censusvi makes carries this.
+NO_SIGNAL_HANDLERS = {"sm.enable_signal_handlers": "false"}
 CENSUS_FILTER = "is_primary_data == True and nnz >= 300"  # the Census scVI model's cells
 CENSUS_URI_PREFIX = "census://"
 # Census column <- columns of an arbitrary h5ad that carry the same meaning, in order of preference.
@@ -117,14 +123,19 @@ def ingest(
         raise FileExistsError(f"{out} already exists; remove it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)) / "exp"
+    # tiledbsoma writes from this pool's threads: on Ctrl-C they are waited for before the
+    # temporary experiment is removed (else they wrote into it again after the removal)
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
     try:
         adatas = [harmonise(f, layer) for f in bar(files, desc="read", unit="file")]
+        context = soma_context().replace(threadpool=pool)
         mapping = tiledbsoma.io.register_anndatas(
             None,
             adatas,
             measurement_name=MEASUREMENT,
             obs_field_name="obs_id",
             var_field_name="feature_id",
+            context=context,
         )
         tiledbsoma.io.from_anndata(
             str(tmp),
@@ -135,8 +146,9 @@ def ingest(
             obs_id_name="obs_id",
             var_id_name="feature_id",
             registration_mapping=mapping,
+            context=context,
         )
-        mapping.prepare_experiment(str(tmp))
+        mapping.prepare_experiment(str(tmp), context=context)
         for a in bar(adatas, desc="ingest", unit="file"):
             tiledbsoma.io.from_anndata(
                 str(tmp),
@@ -146,11 +158,51 @@ def ingest(
                 obs_id_name="obs_id",
                 var_id_name="feature_id",
                 registration_mapping=mapping,
+                context=context,
             )
         os.rename(tmp, out)
+    except BaseException as e:  # Ctrl-C included
+        _free_handles(e)
+        raise
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(tmp.parent, ignore_errors=True)
     return out
+
+
+def _free_handles(e: BaseException) -> None:
+    """Close what the interrupted writes held open: a SOMA object writes its group's record as it
+    closes, and otherwise did so at exit, into the temporary experiment removed before."""
+    import gc
+    import traceback
+
+    if e.__traceback__ is not None:
+        traceback.clear_frames(e.__traceback__.tb_next)  # the frames below ingest's own
+    gc.collect()
+
+
+def soma_context():
+    """The TileDB-SOMA context of every experiment censusvi opens or writes."""
+    import tiledbsoma
+
+    _python_keeps_sigint()
+    return tiledbsoma.SOMATileDBContext(tiledb_config=NO_SIGNAL_HANDLERS)
+
+
+@functools.cache
+def _python_keeps_sigint() -> None:
+    """tiledbsoma opens some objects with its own default context (``from_anndata`` asks
+    ``Experiment.exists`` without ours), whose TileDB installs its SIGINT handler; that context is
+    built once per process: build it now, then give SIGINT back to Python."""
+    import signal
+    import threading
+
+    import tiledbsoma
+
+    previous = signal.getsignal(signal.SIGINT)
+    tiledbsoma.SOMATileDBContext().native_context  # noqa: B018  (cached by tiledbsoma)
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, previous)
 
 
 def open_experiment(uri: str):
@@ -163,14 +215,15 @@ def open_experiment(uri: str):
         except ImportError as e:
             raise ValueError("census:// sources need `pip install cellxgene-census`") from e
         version = uri.removeprefix(CENSUS_URI_PREFIX) or "stable"
-        census = cellxgene_census.open_soma(census_version=version)
+        context = cellxgene_census.get_default_soma_context(NO_SIGNAL_HANDLERS)
+        census = cellxgene_census.open_soma(census_version=version, context=context)
         return census["census_data"]["homo_sapiens"]
     if "://" not in uri and not Path(uri).exists():
         raise FileNotFoundError(
             f"{uri}: no such SOMA experiment (build one with `censusvi ingest`)"
         )
     try:
-        return tiledbsoma.Experiment.open(uri)
+        return tiledbsoma.Experiment.open(uri, context=soma_context())
     except Exception as e:
         raise ValueError(f"cannot open {uri} as a SOMA experiment ({type(e).__name__}: {e})") from e
 

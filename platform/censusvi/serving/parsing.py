@@ -5,38 +5,31 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from censusvi.defaults import METHODS
 from censusvi.serving.body import BadUpload, BodyTooLarge, too_large_message
-from censusvi.serving.settings import Settings
+from censusvi.serving.settings import Settings, check_transfer
 from censusvi.untrusted import PayloadTooLarge
 
 log = logging.getLogger("censusvi.serve")
 
 
-def bounded(value: str | None, default, kind: type, name: str, low, high):
-    """A query-string option as ``kind`` within [low, high] (``default`` when absent)."""
+def _option(value: str | None, default, kind: type, name: str):
+    """A query-string option as ``kind`` (``default`` when absent)."""
     if value is None:
         return default
     try:
-        v = kind(value)
+        return kind(value)
     except ValueError:
-        raise ValueError(f"{name}={value!r} is not a {kind.__name__}") from None
-    if not low <= v <= high:
-        raise ValueError(f"{name}={v} is outside [{low}, {high}]")
-    return v
+        raise ValueError(f"{name}={value[:40]!r} is not {kind.__name__}") from None
 
 
 def transfer_options(params: Mapping[str, str], s: Settings) -> tuple[int, float, str | None]:
     """``?k=`` (neighbours), ``?unknown_threshold=`` and ``?method=`` of label transfer (None
-    where neither the request nor the settings name one: the annotator resolves the default)."""
-    k = bounded(params.get("k"), s.k, int, "k", 1, 1000)
-    thr = bounded(
-        params.get("unknown_threshold"), s.unknown_threshold, float, "unknown_threshold", 0.0, 1.0
-    )
+    where neither the request nor the settings name one: the annotator resolves the default),
+    checked as the settings are (``check_transfer``)."""
+    k = _option(params.get("k"), s.k, int, "k")
+    thr = _option(params.get("unknown_threshold"), s.unknown_threshold, float, "unknown_threshold")
     method = params.get("method", s.method)
-    if method is not None and method not in METHODS:
-        shown = method if len(method) <= 40 else method[:40] + "..."
-        raise ValueError(f"method {shown!r}: choose one of {', '.join(METHODS)}")
+    check_transfer(k, thr, method)
     return k, thr, method
 
 

@@ -10,7 +10,31 @@ from pathlib import Path
 from typing import Any
 
 from censusvi import defaults
+from censusvi.numeric import is_finite, is_whole
 from censusvi.serving.auth import token_digest
+
+POSITIVE = (  # settings that must be finite numbers above 0
+    "max_request_mb",
+    "ingress_memory_mb",
+    "registry_poll_s",
+    "tick_s",
+    "results_ttl_s",
+)
+MAX_K = 1000  # neighbours per cell a request may ask for (each is a row of the search)
+
+
+def check_transfer(k, unknown_threshold, method: str | None) -> None:
+    """Label transfer's options, by the rules of the command line (``check_settings``), and the
+    server's own cap on ``k``."""
+    from censusvi.annotate.method import check_settings
+
+    check_settings(k, unknown_threshold, defaults.CLASS_BALANCE, defaults.ONTOLOGY_THRESHOLD)
+    if k > MAX_K:
+        raise ValueError(f"k {k}: this server answers at most {MAX_K} neighbours per cell")
+    if method is not None and method not in defaults.METHODS:
+        shown = method if len(method) <= 40 else method[:40] + "..."
+        raise ValueError(f"method {shown!r}: choose one of {', '.join(defaults.METHODS)}")
+
 
 # Accepted by ``build_app`` beside the fields: per-deployment options, per-deployment Ray actor
 # options (merged over the code's) and the token's sources (only its SHA-256 reaches the replicas).
@@ -42,6 +66,24 @@ class Settings:
     results_kept: int = 100  # annotations kept for GET /explorer/{id}: at most this many,
     results_max_cells: int = 500_000  # this many cells in all,
     results_ttl_s: float = 3600.0  # and this long
+
+    def __post_init__(self) -> None:
+        """A setting out of range fails the deployment with one line (``k: -5`` failed each
+        request instead, and ``tick_s: 0`` spun every ingress's sync thread)."""
+        for name in ("max_cells", "results_kept", "results_max_cells"):
+            if not is_whole(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(
+                    f"serve setting {name}={getattr(self, name)!r}: a whole number >= 1"
+                )
+        for name in POSITIVE:
+            if not is_finite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"serve setting {name}={getattr(self, name)!r}: a number > 0")
+        if not is_finite(self.retire_after_s) or self.retire_after_s < 0:
+            raise ValueError(f"serve setting retire_after_s={self.retire_after_s!r}: seconds >= 0")
+        try:
+            check_transfer(self.k, self.unknown_threshold, self.method)
+        except ValueError as e:
+            raise ValueError(f"serve setting {e}") from None
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> Settings:

@@ -17,11 +17,12 @@ import torch
 
 from censusvi.data.cells import Cells
 from censusvi.data.source import CellSource
+from censusvi.model.device import check_local_device
 from censusvi.model.io import TrainedModel, save_model
 from censusvi.model.minibatch import DeviceCSR, Minibatch, minibatch_from_csr
 from censusvi.train import schedule
 from censusvi.train.checkpoint import CheckpointStore
-from censusvi.train.loop import EpochStats, History, TrainConfig, check_local_device, fit
+from censusvi.train.loop import EpochStats, History, TrainConfig, fit
 from censusvi.train.plan import RunPlan, plan_from, warn_if_undertrained  # noqa: F401
 from censusvi.train.run_config import (  # noqa: F401  (the public names of this module)
     DataConfig,

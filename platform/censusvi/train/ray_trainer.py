@@ -29,10 +29,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from censusvi.model.device import device_kind
 from censusvi.model.vae import VAE
 from censusvi.train import schedule
 from censusvi.train.checkpoint import CheckpointStore
-from censusvi.train.loop import EpochStats, device_kind, resume_from
+from censusvi.train.loop import EpochStats, resume_from
 from censusvi.train.plan import plan_from, warn_if_undertrained
 from censusvi.train.ray_worker import (  # noqa: F401  (STREAM_DEFAULTS: public here too)
     FINAL_ERRORS,
