@@ -23,7 +23,13 @@ from censusvi.registry.mlflow_store import (
     tracking_uri,
     use_tracking,
 )
-from censusvi.registry.versions import alias_holder, compare_metrics, fetch_version, resolve_version
+from censusvi.registry.versions import (
+    alias_holder,
+    compare_metrics,
+    fetch_version,
+    list_versions,
+    resolve_version,
+)
 from censusvi.train.loop import TrainConfig
 from censusvi.train.pretrain import DataConfig, ModelSettings, PretrainConfig, pretrain
 from conftest import simulated_adata
@@ -327,3 +333,36 @@ def test_an_alias_mlflow_would_refuse_is_blamed_on_its_name(tmp_path, monkeypatc
         rc, _, err = run_cli(capsys, "models", "promote", "censusvi-scvi", "1", "--alias", alias)
         assert rc == 2 and f"--alias {alias!r}:" in err and says in err, err
     assert alias_holder("censusvi-scvi", "production") is None
+
+
+def test_register_uploads_the_models_own_files_and_never_a_link(
+    tmp_path, monkeypatch, capsys, caplog
+):
+    """`register` uploaded the whole folder: a stray file, or a link to a secret placed in a
+    model directory someone handed over, went to the shared store. Now only the files of the
+    model and index formats go; a link among them is one line, and nothing is registered."""
+    import mlflow
+
+    model_dir, index_dir = small_model_and_index(tmp_path, "a", seed=0, epochs=1)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("api-key-123")
+    (model_dir / "notes.txt").symlink_to(secret)  # not a model file: left out
+    (index_dir / ".DS_Store").write_text("x")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    rc, out, err = run_cli(capsys, "models", "register", str(model_dir), "--index", str(index_dir))
+    assert rc == 0 and out.strip() == "1", err
+    assert "not registered (not part of a censusvi model): ['notes.txt']" in caplog.text
+    mlflow.set_tracking_uri(uri)
+    listed = {
+        f.path for d in ("model", "index") for f in mlflow.artifacts.list_artifacts(
+            artifact_uri=f"models:/censusvi-scvi/1/{d}")
+    }  # fmt: skip
+    assert listed == {"model/config.json", "model/weights.safetensors", "index/index.faiss",
+                      "index/index.json", "index/labels.parquet", "index/heads.safetensors"}  # fmt: skip
+    weights = model_dir / "weights.safetensors"
+    weights.rename(tmp_path / "w.safetensors")
+    weights.symlink_to(tmp_path / "w.safetensors")  # loads, but is a link
+    rc, _, err = run_cli(capsys, "models", "register", str(model_dir))
+    assert rc == 2 and f"{weights} is a link" in err, err
+    assert [v["version"] for v in list_versions("censusvi-scvi")] == ["1"]

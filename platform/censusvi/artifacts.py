@@ -56,6 +56,27 @@ DE_GENE, DE_GENE_ID = "gene", "gene_id"  # censusvi.generative.de: index (symbol
 DE_CSV_HEADERS = (f"{DE_GENE},{DE_GENE_ID},", "gene_id,gene_symbol,")  # now; older tables
 
 
+def artifact_files(folder: str | os.PathLike, kind: str) -> tuple[list[Path], list[str]]:
+    """(the files of a censusvi ``kind`` folder that make it up, the names of the other entries):
+    what the registry uploads. Each must be a regular file in the folder: a link is refused, as
+    registering would upload whatever it points at (a model directory someone handed over)."""
+    entries, _, _ = DIR_KINDS[kind]
+    allowed = entries | OPTIONAL_ENTRIES.get(kind, frozenset())
+    files, other = [], []
+    for path in sorted(Path(folder).iterdir()):
+        if path.name not in allowed:
+            other.append(path.name)
+        elif path.is_symlink() or not path.is_file():
+            what = "a link" if path.is_symlink() else "not a regular file"
+            raise ValueError(
+                f"{path} is {what}: a {kind}'s files must be plain files in its folder (the "
+                "registry would upload what a link points at); copy the file itself there"
+            )
+        else:
+            files.append(path)
+    return files, other
+
+
 class OutputRefused(ValueError):
     """An output would replace something censusvi did not write, or one of the run's inputs."""
 

@@ -337,7 +337,7 @@ def log_and_register(
         if isinstance(prov.get("schedule"), dict):  # the training schedule train/ chose
             run_tags["schedule"] = str(prov["schedule"].get("name"))
         mlflow.set_tags(run_tags)
-        mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    log_folder(client, run_id, model_dir, "model")
     from censusvi.registry.pyfunc import log_mlmodel
 
     log_mlmodel(client, run_id, None)  # an MLflow model; an index is attached later
@@ -354,6 +354,18 @@ def log_and_register(
     version = new_version(client, name, run, tags)
     client.set_tag(run_id, REGISTERED_TAG, f"{name}/{version}/{len(history.epochs)}")
     return run_id, version
+
+
+def log_folder(client, run_id: str, folder: str | os.PathLike, kind: str) -> None:
+    """Upload a censusvi model or index folder as the run's ``kind/`` artifacts: only the files
+    its format defines (``artifacts.artifact_files``); any other entry is left out, and said."""
+    from censusvi.artifacts import artifact_files
+
+    files, other = artifact_files(folder, kind)
+    if other:
+        log.warning("%s: not registered (not part of a censusvi %s): %s", folder, kind, other)
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path=kind)
 
 
 def new_version(client, name: str, run, tags: dict[str, str]) -> str:

@@ -21,6 +21,7 @@ from censusvi.registry.mlflow_store import (
     _experiment_id,
     git_commit,
     is_not_found,
+    log_folder,
     new_version,
     reaches_registry,
     use_tracking,
@@ -103,9 +104,9 @@ def register_version(
     client = _client(uri)
     metrics = {**evaluation_metrics(index_dir), **(extra_metrics or {})}
     with mlflow.start_run(experiment_id=_experiment_id(mlflow.get_tracking_uri())) as run:
-        mlflow.log_artifacts(str(model_dir), artifact_path="model")
+        log_folder(client, run.info.run_id, model_dir, "model")
         if index_dir is not None:
-            mlflow.log_artifacts(str(index_dir), artifact_path="index")
+            log_folder(client, run.info.run_id, index_dir, "index")
         if metrics:
             mlflow.log_metrics(metrics)
         run_tags = {"git_commit": git_commit(), "model_dir": str(Path(model_dir).resolve())}
@@ -337,7 +338,7 @@ def add_to_version(
     client = _client(uri)
     run_id = client.get_model_version(name, version).run_id
     if index_dir is not None:
-        client.log_artifacts(run_id, str(index_dir), artifact_path="index")
+        log_folder(client, run_id, index_dir, "index")
         log_mlmodel(client, run_id, index_dir)  # the output schema: the index's label columns
         client.set_model_version_tag(name, version, "has_index", "true")
     for key, value in metrics.items():
