@@ -196,6 +196,59 @@ def test_a_tampered_index_is_one_line_naming_the_file(files, tmp_path, capsys, d
     assert not (tmp_path / "o.h5ad").exists()
 
 
+def _head_classes(fn):
+    def edit(meta: dict) -> dict:
+        meta["heads"]["cell_type"]["classes"] = fn(meta["heads"]["cell_type"]["classes"])
+        return meta
+
+    return edit
+
+
+def _frequency_labels(meta: dict) -> dict:
+    stored = meta["label_frequency"]["cell_type"]
+    stored["labels"] = [f"x{i}" for i in range(len(stored["labels"]))]
+    return meta
+
+
+EDITED = {  # each was accepted, and answered wrong labels, or a traceback or a 5xx mid-request
+    "classes renamed": (_head_classes(lambda c: ["X", *c[1:]]), "heads.safetensors",
+                        "classes of the 'cell_type' head are not the sorted labels"),
+    "classes reordered": (_head_classes(lambda c: [c[-1], *c[1:-1], c[0]]), "heads.safetensors",
+                          "classes of the 'cell_type' head are not the sorted labels"),
+    "classes numbers": (_head_classes(lambda c: list(range(len(c)))), "heads.safetensors",
+                        "classes of the 'cell_type' head are not the sorted labels"),
+    "heads unlisted": (lambda m: {**m, "heads": None}, "heads.safetensors",
+                       "is present, but index.json lists no heads"),
+    "metric": (lambda m: {**m, "metric": "cosine"}, "index.faiss",
+               "was not built for the metric 'cosine'"),
+    "dim": (lambda m: {**m, "dim": "abc"}, "index.json", "dim 'abc' is not a whole number"),
+    "nprobe": (lambda m: {**m, "nprobe": "x"}, "index.json", "nprobe 'x' is not a whole number"),
+    "kind": (lambda m: {**m, "kind": "bogus"}, "index.json", "kind 'bogus' is not one of"),
+    "frequency labels": (_frequency_labels, "labels.parquet",
+                         "label_frequency of 'cell_type' names other labels"),
+    "frequency sum": (lambda m: {**m, "label_frequency": {"cell_type": {
+        **m["label_frequency"]["cell_type"],
+        "shares": [1e308] * len(m["label_frequency"]["cell_type"]["shares"])}}},
+        "index.json", "shares that sum to inf, not 1"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("edited", list(EDITED))
+def test_an_index_json_that_disagrees_with_its_files_is_one_line(files, tmp_path, capsys, edited):
+    import shutil
+
+    model, d, _ = files
+    ix = tmp_path / "ix"
+    shutil.copytree(d / "ix", ix)
+    edit, where, says = EDITED[edited]
+    _edit_json(ix, edit)
+    args = ["annotate", "--model", str(model), "--index", str(ix), "--query",
+            str(d / "ref.h5ad"), "--batch-key", "batch", "--out", str(tmp_path / "o.h5ad")]  # fmt: skip
+    code, err = run(args, capsys)
+    assert code == 2 and f"{ix}/{where}: " in err and says in err, err
+    assert not (tmp_path / "o.h5ad").exists()
+
+
 def test_a_query_cell_without_a_batch_is_refused(files, tmp_path, capsys):
     """A NaN batch is not a new batch called "nan": one line, nothing written."""
     model, d, a = files

@@ -213,3 +213,12 @@ def test_pretrain_on_a_device_this_machine_lacks_is_refused_first(tmp_path, caps
     rc, err = run(capsys, *argv)
     assert rc == 2 and f"device {device!r}: " in err and says in err, err
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.checkpoint").exists()
+
+
+@pytest.mark.parametrize("port, says", [("99999", "99999 is not a port"), ("x", "'x' is not")])
+def test_serve_port_out_of_range_is_an_argument_error(capsys, port, says):
+    """`serve --port 99999` started Ray and ended in a Serve traceback."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--model", "m", "--port", port])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument --port: {says}" in err, err

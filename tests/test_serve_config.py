@@ -126,6 +126,36 @@ def model_and_index(tmp_path_factory):
     return tmp
 
 
+def test_an_index_that_does_not_fit_the_model_stops_the_app_before_it_starts(
+    model_and_index, tmp_path
+):
+    """A model directory served with another model's index started, then answered every
+    annotate request with a 500 (FAISS asserting on the dimension); a missing index failed deep
+    inside Serve. build_app (and `censusvi serve`, before Ray starts) now refuses both."""
+    from censusvi.serving.app import build_app
+    from censusvi.train.loop import TrainConfig
+    from censusvi.train.pretrain import DataConfig, ModelSettings, PretrainConfig, pretrain
+
+    d = model_and_index
+    cfg = PretrainConfig(
+        DataConfig(source=str(d / "ref.h5ad"), batch_keys=("batch",), n_hvg=0),
+        ModelSettings(n_hidden=16, n_latent=6, encode_covariates=False),
+        TrainConfig(schedule="census", max_epochs=1, lr=1e-2, batch_size=64, seed=0),
+    )
+    pretrain(cfg, tmp_path / "m6", quiet=True)
+    with pytest.raises(ValueError, match=r"holds 4-d embeddings but .*m6's latent is 6-d"):
+        build_app({"model": str(tmp_path / "m6"), "index": str(d / "ix")})
+    with pytest.raises(FileNotFoundError, match="is not a censusvi index"):
+        build_app({"model": str(d / "m"), "index": str(tmp_path / "nope")})
+    rc = subprocess.run(
+        [sys.executable, "-m", "censusvi.cli", "serve", "--model", str(tmp_path / "m6"), "--index",
+         str(d / "ix"), "--port", "1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert rc.returncode == 2 and "6-d" in rc.stderr and "Traceback" not in rc.stderr
+    assert "ray" not in rc.stderr.lower()  # refused before Ray started
+
+
 def test_serve_run_of_the_shipped_config_serves_a_request(local_ray, model_and_index, tmp_path):
     """Serve's CLI against this session's Ray, with the shipped file's args pointed at a model
     directory, its port free, and no CPUs reserved (the session's Ray has 2): the replicas run

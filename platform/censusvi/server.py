@@ -57,7 +57,9 @@ def run_foreground(
     from ray import serve
 
     from censusvi.serving.app import build_app
+    from censusvi.serving.settings import Settings, check_servable
 
+    check_servable(Settings.from_args(settings))  # a bad model, index or setting: before Ray
     started_ray = not ray.is_initialized() and "RAY_ADDRESS" not in os.environ
     if not ray.is_initialized():
         ray.init(

@@ -27,7 +27,9 @@ import pandas as pd
 
 from censusvi import defaults
 from censusvi.annotate import faiss_index as fx
+from censusvi.annotate import index_checks as checks
 from censusvi.annotate.faiss_index import EXACT_MAX, RECALL_TARGET  # noqa: F401 (re-exported)
+from censusvi.annotate.index_checks import HEADS_FILE, IndexDamaged  # noqa: F401 (re-exported)
 from censusvi.atomic import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -102,9 +104,6 @@ def place_index(index: faiss.Index, device: str | None = None) -> tuple[faiss.In
     return faiss.index_cpu_to_gpu(resources, 0, index), resources
 
 
-HEADS_FILE = "heads.safetensors"  # the label heads' weights (annotate/head.py), no pickle
-
-
 @dataclass
 class LabelIndex:
     index: faiss.Index  # on a GPU when placed there (see ``gpu_resources``)
@@ -140,7 +139,7 @@ class LabelIndex:
         """Each label's share of the reference: from index.json where the build stored it
         (``label_shares``), else counted once (seconds for the first query at 10 M labels)."""
         if key not in self._frequency:
-            stored = self.meta.get("label_frequency", {}).get(key)
+            stored = (self.meta.get("label_frequency") or {}).get(key)
             self._frequency[key] = (
                 pd.Series(stored["shares"], index=stored["labels"], dtype=float)
                 if stored
@@ -249,13 +248,10 @@ def save_index(ix: LabelIndex, out: str | os.PathLike, overwrite: bool = False) 
     return Path(out)
 
 
-class IndexDamaged(ValueError):
-    """An index directory that cannot be what ``censusvi index`` wrote: which file, and why."""
-
-
 def load_index(path: str | os.PathLike, device: str | None = None) -> LabelIndex:
     """The index ``save_index`` wrote to ``path``; a damaged or edited directory is one
-    ``IndexDamaged`` line naming the file (never a FAISS, Arrow or safetensors traceback)."""
+    ``IndexDamaged`` line naming the file (never a FAISS, Arrow or safetensors traceback;
+    ``index_checks`` says what is checked)."""
     path = Path(path)
     if not (path / "index.json").is_file():
         raise FileNotFoundError(
@@ -264,14 +260,15 @@ def load_index(path: str | os.PathLike, device: str | None = None) -> LabelIndex
     step = "index.json"
     try:
         meta = json.loads((path / step).read_text())
-        _check_meta(meta)
+        checks.check_meta(meta)
         step = "index.faiss"
         index = faiss.read_index(str(path / step))
+        checks.check_faiss(index, meta)
         step = "labels.parquet"
         labels = pd.read_parquet(path / step)
-        _check_labels(labels, meta, index.ntotal)
+        held = checks.check_labels(labels, meta, index.ntotal)
         step = HEADS_FILE
-        heads = _load_heads(path, meta)
+        heads = checks.load_heads(path, meta, held)
     except IndexDamaged as e:
         raise IndexDamaged(f"{path}/{step}: {e}; rebuild the index with `censusvi index`") from None
     except MemoryError:
@@ -286,61 +283,3 @@ def load_index(path: str | os.PathLike, device: str | None = None) -> LabelIndex
     if fx.ivf_part(index) is not None:
         fx.apply_settings(index, {"nprobe": NPROBE, **fx.search_settings(index), **meta})
     return LabelIndex(index, labels, meta, gpu_resources=gpu_resources, heads=heads)
-
-
-def _check_meta(meta) -> None:
-    if not isinstance(meta, dict):
-        raise IndexDamaged(f"holds a {type(meta).__name__}, not an object")
-    if meta.get("metric", "l2") not in defaults.METRICS:
-        raise IndexDamaged(f"metric {meta.get('metric')!r} is not one of {list(defaults.METRICS)}")
-    for key, stored in (meta.get("label_frequency") or {}).items():
-        shares = np.asarray(stored.get("shares", []), dtype=float)
-        if not (np.isfinite(shares).all() and (shares > 0).all()):
-            raise IndexDamaged(f"label_frequency of {key!r} holds shares that are not all > 0")
-    _check_tables(meta)
-
-
-def _check_tables(meta: dict) -> None:
-    """The out-of-reference fit and the ontology entries hold together (``novelty.check_stored``,
-    ``LabelOntology.checked``): an edited table fails here, not in the middle of annotating."""
-    from censusvi.annotate import novelty
-    from censusvi.annotate.ontology import LabelOntology
-
-    try:
-        if meta.get("novelty"):
-            novelty.check_stored(meta["novelty"])
-        if meta.get("neighbour_distance"):
-            novelty.check_fit(novelty.legacy_fit(meta["neighbour_distance"]))
-    except (TypeError, KeyError, ValueError) as e:
-        raise IndexDamaged(str(e)) from None
-    if not isinstance(meta.get("ontology") or {}, dict):
-        raise IndexDamaged("ontology is not an object")
-    for key, d in (meta.get("ontology") or {}).items():
-        try:
-            LabelOntology.checked(d)
-        except (TypeError, ValueError) as e:
-            raise IndexDamaged(f"ontology of {key!r} {e}") from None
-
-
-def _check_labels(labels: pd.DataFrame, meta: dict, n_vectors: int) -> None:
-    if len(labels) != n_vectors:
-        raise IndexDamaged(f"{len(labels)} label rows for {n_vectors} indexed cells")
-    keys = meta.get("label_keys")
-    if keys is not None and list(labels.columns) != list(keys):
-        raise IndexDamaged(f"columns {list(labels.columns)}, but index.json names {keys}")
-
-
-def _load_heads(path: Path, meta: dict) -> dict:
-    listed = meta.get("heads") or {}
-    if not (path / HEADS_FILE).is_file():
-        if listed:
-            raise IndexDamaged(f"is missing, but index.json lists heads for {sorted(listed)}")
-        return {}
-    from safetensors.torch import load_file
-
-    from censusvi.annotate.head import LabelHead
-
-    tensors = load_file(str(path / HEADS_FILE))
-    return {
-        key: LabelHead.from_tensors(tensors, key, info["classes"]) for key, info in listed.items()
-    }

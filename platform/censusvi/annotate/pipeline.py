@@ -11,6 +11,7 @@ import pandas as pd
 
 from censusvi import defaults
 from censusvi.annotate.index import LabelIndex, build_index
+from censusvi.annotate.index_checks import check_fits
 from censusvi.annotate.majority import majority_vote, n_clusters, over_cluster
 from censusvi.annotate.method import check_settings, label_probabilities_by, resolve_method
 from censusvi.annotate.novelty import entropy, in_reference
@@ -280,20 +281,7 @@ def annotate(
     default, or knn for an index without a label head, logged once and recorded in
     ``uns["censusvi"]["method_note"]`` (``method.resolve_method``)."""
     check_settings(k, unknown_threshold, class_balance, ontology_threshold, latent_key)
-    if index.meta.get("dim") != model.config.n_latent:
-        raise ValueError(
-            f"the index holds {index.meta.get('dim')}-d embeddings but the model's latent is "
-            f"{model.config.n_latent}-d: build the index with this model"
-        )
-    built_with = index.meta.get("encoder_digest")  # None: an index older than the digest
-    if built_with and built_with != (own := model.encoder_digest()):
-        log.warning(
-            "the index was built with another model's encoder (%s, this model's is %s): its "
-            "reference latents may not match this model's; index the reference with this model "
-            "(a fine-tuned model and its base differ here)",
-            built_with,
-            own,
-        )
+    check_fits(model, index)
     method, note = resolve_method(index, method)  # before mapping: a wrong method fails fast
     if note:
         log.warning(note)

@@ -44,6 +44,17 @@ def latent_key_arg(s: argparse.ArgumentParser) -> None:
     )
 
 
+def port_number(text: str) -> int:
+    """A TCP port for ``serve --port`` (argparse names the flag when this refuses)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: choose 1 to 65535")
+    return port
+
+
 def faiss_device_arg(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--faiss-device",
@@ -313,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or DIR")
     s.add_argument("--index", help="with a model directory: its index directory")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=port_number, default=8000, help="1 to 65535 (default 8000)")
     s.add_argument(
         "--token-file",
         help="require 'Authorization: Bearer TOKEN' on every route but /healthz, TOKEN read from "

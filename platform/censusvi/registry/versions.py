@@ -64,24 +64,6 @@ def evaluation_metrics(index_dir: str | os.PathLike | None) -> dict[str, float]:
     }
 
 
-def _check_index_fits(model, model_dir, ix, index_dir) -> None:
-    """The index must hold the latents of ``model`` (loaded from ``model_dir``): its dimension,
-    and (for indexes that record it) the digest of the encoder that embedded the reference."""
-    n_latent = model.config.n_latent
-    if ix.meta.get("dim") != n_latent:
-        raise ValueError(
-            f"the index in {index_dir} holds {ix.meta.get('dim')}-d embeddings but the model's "
-            f"latent is {n_latent}-d: build the index with this model (`censusvi index`)"
-        )
-    built_with = ix.meta.get("encoder_digest")
-    if built_with and built_with != (own := model.encoder_digest()):
-        raise ValueError(
-            f"the index in {index_dir} was built with another model (encoder {built_with}; "
-            f"{model_dir}'s is {own}), e.g. the base of a fine-tuned model: build the index with "
-            f"this model (`censusvi index --model {model_dir}`)"
-        )
-
-
 @reaches_registry
 def register_version(
     model_dir: str | os.PathLike,
@@ -94,13 +76,14 @@ def register_version(
     import mlflow
 
     from censusvi.annotate.index import load_index
+    from censusvi.annotate.index_checks import check_fits
     from censusvi.model.io import load_model, read_config
     from censusvi.registry.pyfunc import log_mlmodel
 
     cfg = read_config(model_dir)  # refuses anything that is not a model directory
     model = load_model(model_dir)  # and one whose weights do not load (it must be servable)
     if index_dir is not None:
-        _check_index_fits(model, model_dir, load_index(index_dir), index_dir)
+        check_fits(model, load_index(index_dir), f"the index in {index_dir}", str(model_dir))
     client = _client(uri)
     metrics = {**evaluation_metrics(index_dir), **(extra_metrics or {})}
     with mlflow.start_run(experiment_id=_experiment_id(mlflow.get_tracking_uri())) as run:

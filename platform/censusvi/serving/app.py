@@ -40,7 +40,7 @@ from censusvi.serving.mapper import ModelHost
 from censusvi.serving.metrics import ReplicaMetrics, combine, node_exports
 from censusvi.serving.parsing import refusal, transfer_options
 from censusvi.serving.results import ResultStore, explorer_path, kept_result, new_result_id
-from censusvi.serving.settings import Settings, current_version
+from censusvi.serving.settings import Settings, check_servable, current_version
 from censusvi.serving.versions import HELD, VersionBoard, sync
 
 log = logging.getLogger("censusvi.serve")
@@ -366,6 +366,7 @@ def build_app(args: dict[str, Any]):
     import ray
 
     s = Settings.from_args(args)
+    check_servable(s)
     version = current_version(s)  # an unset alias or a missing model fails here, with its reason
     gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
     configured = configured_options(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 import typing
@@ -148,6 +149,27 @@ def _typed(name: str, value: Any, hint: Any) -> Any:
         return kind(value)
     except ValueError:
         raise ValueError(f"serve setting {name}={value!r} is not {kind.__name__}") from None
+
+
+def check_servable(s: Settings) -> None:
+    """Before any replica starts: a model directory loads, its index loads and holds this model's
+    latents (a missing or another model's index made every annotate request a 5xx). A registered
+    version was checked when it was registered."""
+    if not s.registered:
+        _check_local(s.model, s.index)
+
+
+@functools.lru_cache(maxsize=4)
+def _check_local(model_dir: str, index_dir: str | None) -> None:
+    """Once per pair in a process (``censusvi serve`` checks before Ray starts, then builds)."""
+    from censusvi.model.io import load_model
+
+    model = load_model(model_dir)
+    if index_dir is not None:
+        from censusvi.annotate.index import load_index
+        from censusvi.annotate.index_checks import check_fits
+
+        check_fits(model, load_index(index_dir, "cpu"), f"the index {index_dir}", model_dir)
 
 
 def current_version(s: Settings) -> str:

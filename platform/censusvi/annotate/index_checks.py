@@ -1,0 +1,167 @@
+"""What ``load_index`` checks before an index is used: each file holds what ``censusvi index``
+wrote, and index.json's tables agree with the FAISS index, the label table and the heads. An
+edited or damaged directory fails here in one ``IndexDamaged`` line, not mid-annotation (a
+traceback, a 5xx) nor, worse, as answers that are silently wrong (renamed or reordered head
+classes, a metric the index was not built with)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from censusvi import defaults
+from censusvi.annotate import faiss_index as fx
+from censusvi.numeric import is_finite, is_whole
+
+HEADS_FILE = "heads.safetensors"  # the label heads' weights (annotate/head.py), no pickle
+KINDS = tuple(k for k in defaults.INDEX_KINDS if k != "auto")  # what index.json's kind names
+
+
+class IndexDamaged(ValueError):
+    """An index directory that cannot be what ``censusvi index`` wrote: which file, and why."""
+
+
+def check_meta(meta) -> None:
+    """index.json alone: its types and ranges."""
+    if not isinstance(meta, dict):
+        raise IndexDamaged(f"holds a {type(meta).__name__}, not an object")
+    if meta.get("metric", "l2") not in defaults.METRICS:
+        raise IndexDamaged(f"metric {meta.get('metric')!r} is not one of {list(defaults.METRICS)}")
+    if "kind" in meta and meta["kind"] not in KINDS:
+        raise IndexDamaged(f"kind {meta['kind']!r} is not one of {list(KINDS)}")
+    if "dim" in meta and not (is_whole(meta["dim"]) and meta["dim"] >= 1):
+        raise IndexDamaged(f"dim {meta['dim']!r} is not a whole number >= 1")
+    if "nprobe" in meta and not (is_whole(meta["nprobe"]) and meta["nprobe"] >= 1):
+        raise IndexDamaged(f"nprobe {meta['nprobe']!r} is not a whole number >= 1")
+    if "k_factor" in meta and not (is_finite(meta["k_factor"]) and meta["k_factor"] >= 1):
+        raise IndexDamaged(f"k_factor {meta['k_factor']!r} is not a number >= 1")
+    for name in ("label_frequency", "heads"):
+        if not isinstance(meta.get(name) or {}, dict):
+            raise IndexDamaged(f"{name} is not an object")
+    for key, stored in (meta.get("label_frequency") or {}).items():
+        _check_frequency(key, stored)
+    _check_tables(meta)
+
+
+def _check_tables(meta: dict) -> None:
+    """The out-of-reference fit and the ontology entries hold together (``novelty.check_stored``,
+    ``LabelOntology.checked``)."""
+    from censusvi.annotate import novelty
+    from censusvi.annotate.ontology import LabelOntology
+
+    for name in ("novelty", "neighbour_distance"):
+        if not isinstance(meta.get(name) or {}, dict):
+            raise IndexDamaged(f"{name} is not an object")
+    try:
+        if meta.get("novelty"):
+            novelty.check_stored(meta["novelty"])
+        if meta.get("neighbour_distance"):
+            novelty.check_fit(novelty.legacy_fit(meta["neighbour_distance"]))
+    except (TypeError, KeyError, ValueError) as e:
+        raise IndexDamaged(str(e)) from None
+    if not isinstance(meta.get("ontology") or {}, dict):
+        raise IndexDamaged("ontology is not an object")
+    for key, d in (meta.get("ontology") or {}).items():
+        try:
+            LabelOntology.checked(d)
+        except (TypeError, ValueError) as e:
+            raise IndexDamaged(f"ontology of {key!r} {e}") from None
+
+
+def check_faiss(index: faiss.Index, meta: dict) -> None:
+    """index.faiss against index.json: the dimension and the metric it was built with."""
+    if "dim" in meta and index.d != meta["dim"]:
+        raise IndexDamaged(f"holds {index.d}-d vectors, but index.json says dim {meta['dim']}")
+    metric = meta.get("metric", "l2")
+    if index.metric_type != fx.faiss_metric(metric):
+        raise IndexDamaged(f"was not built for the metric {metric!r} that index.json names")
+
+
+def check_labels(labels: pd.DataFrame, meta: dict, n_vectors: int) -> dict[str, set[str]]:
+    """labels.parquet against the FAISS index and index.json; returns each key's labels."""
+    if len(labels) != n_vectors:
+        raise IndexDamaged(f"{len(labels)} label rows for {n_vectors} indexed cells")
+    keys = meta.get("label_keys")
+    if keys is not None and list(labels.columns) != list(keys):
+        raise IndexDamaged(f"columns {list(labels.columns)}, but index.json names {keys}")
+    held = {key: set(map(str, pd.unique(labels[key]))) for key in labels.columns}
+    for key, stored in (meta.get("label_frequency") or {}).items():
+        if set(map(str, stored["labels"])) != held.get(key):
+            raise IndexDamaged(
+                f"index.json's label_frequency of {key!r} names other labels than this table holds"
+            )
+    return held
+
+
+def _check_frequency(key: str, stored) -> None:
+    where = f"label_frequency of {key!r}"
+    if not isinstance(stored, dict):
+        raise IndexDamaged(f"{where} is not an object")
+    names, shares = stored.get("labels"), stored.get("shares")
+    if not isinstance(names, list) or not isinstance(shares, list) or len(names) != len(shares):
+        raise IndexDamaged(f"{where} needs lists 'labels' and 'shares' of one length")
+    if not all(is_finite(s) and s > 0 for s in shares):
+        raise IndexDamaged(f"{where} holds shares that are not all > 0")
+    if len(set(map(str, names))) != len(names):
+        raise IndexDamaged(f"{where} names a label twice")
+    if abs(sum(shares) - 1.0) > 1e-3:
+        raise IndexDamaged(f"{where} holds shares that sum to {sum(shares):g}, not 1")
+
+
+def load_heads(path: Path, meta: dict, held: dict[str, set[str]]) -> dict:
+    """heads.safetensors, each head's classes checked against the labels (a head's outputs are
+    its key's labels, sorted: a renamed or reordered class would answer another label)."""
+    listed = meta.get("heads") or {}
+    if not (path / HEADS_FILE).is_file():
+        if listed:
+            raise IndexDamaged(f"is missing, but index.json lists heads for {sorted(listed)}")
+        return {}
+    if not listed:
+        raise IndexDamaged("is present, but index.json lists no heads")
+    from safetensors.torch import load_file
+
+    from censusvi.annotate.head import LabelHead
+
+    tensors = load_file(str(path / HEADS_FILE))
+    heads = {}
+    for key, info in listed.items():
+        classes = info.get("classes") if isinstance(info, dict) else None
+        if key not in held or not isinstance(classes, list):
+            raise IndexDamaged(f"index.json lists a head for {key!r} without its classes")
+        if not all(isinstance(c, str) for c in classes) or classes != sorted(held[key]):
+            raise IndexDamaged(
+                f"index.json's classes of the {key!r} head are not the sorted labels of "
+                "labels.parquet"
+            )
+        out = tensors.get(f"{key}.2.bias")
+        if out is not None and out.shape[0] != len(classes):
+            raise IndexDamaged(
+                f"the {key!r} head has {out.shape[0]} outputs, but index.json lists "
+                f"{len(classes)} classes"
+            )
+        heads[key] = LabelHead.from_tensors(tensors, key, classes)
+        if not (np.isfinite(heads[key].temperature) and heads[key].temperature > 0):
+            raise IndexDamaged(f"the {key!r} head's temperature is not a number > 0")
+    return heads
+
+
+def check_fits(model, ix, index_name: str = "the index", model_name: str = "this model") -> None:
+    """The index must hold ``model``'s latents: its dimension, and (for indexes that record it)
+    the digest of the encoder that embedded the reference. An index of another model answers
+    wrong labels without any error of its own (a fine-tuned model and its base differ here)."""
+    n_latent = model.config.n_latent
+    if ix.meta.get("dim") != n_latent:
+        raise ValueError(
+            f"{index_name} holds {ix.meta.get('dim')}-d embeddings but {model_name}'s latent is "
+            f"{n_latent}-d: build the index with this model (`censusvi index`)"
+        )
+    built_with = ix.meta.get("encoder_digest")  # None: an index older than the digest
+    if built_with is not None and built_with != (own := model.encoder_digest()):
+        raise ValueError(
+            f"{index_name} was built with another model (encoder {built_with}; {model_name}'s is "
+            f"{own}), e.g. the base of a fine-tuned model: build the index with this model "
+            "(`censusvi index`)"
+        )
