@@ -185,6 +185,24 @@ def hostile_payloads(q, tmp: Path) -> dict[str, tuple[bytes, str, dict, int, str
             422,
             "a count of 1e+308 is above 1e+09",
         ),
+        "json counts as strings": (
+            *_json({**body, "data": [str(v) for v in body["data"]]}),
+            {},
+            422,
+            "data must hold numbers, got strings",
+        ),
+        "json counts as booleans": (
+            *_json({**body, "data": [True] * len(body["data"])}),
+            {},
+            422,
+            "data must hold numbers, got true/false",
+        ),
+        "json fractional gene index": (  # 0.5 was truncated to gene 0: a count moved genes
+            *_json({**body, "indices": [0.5] + body["indices"][1:]}),
+            {},
+            422,
+            "indices must hold whole numbers, got fractions",
+        ),
         "json 0 cells": (
             *_json({**body, "indptr": [0], "indices": [], "data": [], "batch": []}),
             {},
@@ -263,6 +281,12 @@ def hostile_payloads(q, tmp: Path) -> dict[str, tuple[bytes, str, dict, int, str
         ),
         "arrow zstd bomb": (*_arrow_bomb(genes), {}, 413, "would decode to"),
         "arrow garbage": (b"\xff\xff\xff\xff" + b"\x00" * 64, ARROW, {}, 422, "Arrow"),
+        "h5ad unknown layer": (  # the file is fine: the message is about ?layer=
+            *_h5ad_variant(q, tmp, "plain", lambda f: None),
+            {**h5, "layer": "spliced"},
+            422,
+            "?layer=spliced: layer 'spliced' not in the file",
+        ),
         "h5ad external storage": (
             *_h5ad_variant(q, tmp, "ext", _external_storage(secret)),
             h5,

@@ -187,3 +187,37 @@ def test_no_sys_path_manipulation_in_the_library():
     for path in (ROOT / "platform" / "censusvi").rglob("*.py"):
         assert "sys.path.insert" not in path.read_text(), path
     assert locate("local") == PACKAGED / "local.yaml"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "sets", "message"),
+    [
+        ('train:\n  max_epochs: "two"\n', [], "train.max_epochs='two': must be a whole number"),
+        ("", ["train.batch_size=[1]"], r"train.batch_size=\[1\]: must be a whole number"),
+        ("", ["train.lr=abc"], "train.lr='abc': must be a number"),
+        ("", ["train.early_stopping=maybe"], "train.early_stopping='maybe': must be true or false"),
+        ("", ["data.n_hvg=abc"], "data.n_hvg='abc': must be a whole number"),
+        ("data:\n  n_hvg: -10\n", [], "n_hvg=-10: a whole number of genes >= 0"),
+        ("train:\n  batch_size: 0\n", [], "batch_size=0: at least 3 cells"),
+        ("train:\n  seed: -3\n", [], "seed -3: a whole number from 0 to 4294967295"),
+        ("", ["train.lr=nan"], "lr=nan: must be a number > 0"),
+        ("", ["train.patience=0"], "patience=0: must be whole epochs >= 1"),
+        ("", ["model.n_latent=ten"], "model.n_latent='ten': must be a whole number"),
+        ("", ["data.batch_keys=[1, 2]"], r"data.batch_keys=\(1, 2\): must be a list of names"),
+    ],
+)
+def test_a_setting_of_the_wrong_type_or_range_is_one_line(tmp_path, yaml_text, sets, message):
+    """A config value YAML reads as another type (a string, a list, "maybe") reached the
+    dataclasses and failed in a TypeError traceback, or was taken as true; a negative n_hvg
+    trained on every gene in silence."""
+    (tmp_path / "c.yaml").write_text(yaml_text or "{}\n")
+    with pytest.raises(ValueError, match=message) as e:
+        load_pretrain_config(str(tmp_path / "c.yaml"), {}, sets)
+    assert "\n" not in str(e.value)
+
+
+def test_a_number_yaml_reads_as_text_is_taken_as_the_number(tmp_path):
+    """PyYAML reads `lr: 1e-3` as the string '1e-3' (YAML 1.1 wants 1.0e-3)."""
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 1e-3\n")
+    cfg = load_pretrain_config(str(tmp_path / "c.yaml"), {}, ["train.weight_decay=1e-5"])
+    assert (cfg.train.lr, cfg.train.weight_decay) == (0.001, 1e-5)

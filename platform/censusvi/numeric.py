@@ -1,4 +1,4 @@
-"""The two tests every setting's check uses: a whole number, and a finite real number.
+"""The tests every setting's check uses: a whole number, a finite real number, a seed.
 
 One definition for the command line, the Python API and hand-edited configs: ``True`` and
 ``False`` are neither (a flag typed where a count was meant); numpy's integers and floats are.
@@ -19,3 +19,12 @@ def is_whole(x) -> bool:
 def is_finite(x) -> bool:
     """A real number (int or float, Python's or numpy's), not a bool, not NaN or infinite."""
     return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+MAX_SEED = 2**32 - 1  # numpy's legacy and torch's generators both take seeds up to here
+
+
+def check_seed(seed) -> None:
+    """A ValueError unless ``seed`` is a whole number from 0 to ``MAX_SEED``."""
+    if not (is_whole(seed) and 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed {seed!r}: a whole number from 0 to {MAX_SEED}")

@@ -115,12 +115,23 @@ def _numbers(values, dtype, name: str) -> np.ndarray:
     if not isinstance(values, list):
         raise PayloadError(f"{name} must be a list of numbers")
     try:
-        a = np.asarray(values, dtype=dtype)
+        a = np.asarray(values)  # its own type first: "1" or true must not become 1
     except (TypeError, ValueError, OverflowError) as e:
         raise PayloadError(f"{name} must be a flat list of numbers ({e})") from None
     if a.ndim != 1:
         raise PayloadError(f"{name} must be a flat list of numbers, got shape {a.shape}")
-    return a
+    whole = np.issubdtype(dtype, np.integer)
+    if a.size and a.dtype.kind not in ("iu" if whole else "iuf"):
+        what = "whole numbers" if whole else "numbers"
+        raise PayloadError(
+            f"{name} must hold {what}, got {_shown_kind(a)} (e.g. {a[:1].tolist()[0]!r})"
+        )
+    return a.astype(dtype)
+
+
+def _shown_kind(a: np.ndarray) -> str:
+    kinds = {"b": "true/false", "U": "strings", "f": "fractions", "O": "mixed or huge values"}
+    return kinds.get(a.dtype.kind, str(a.dtype))
 
 
 def decode_json(body: bytes, limits: DecodeLimits = NO_LIMITS) -> QueryCells:
@@ -244,7 +255,10 @@ def decode_h5ad(
     try:
         adata = ad.read_h5ad(io.BytesIO(body))
         ids, symbols = gene_ids_and_symbols(adata.var)
-        x = counts_matrix(adata, layer)
+        try:
+            x = counts_matrix(adata, layer)
+        except ValueError as e:  # the file is fine; the ?layer= is not
+            raise PayloadError(f"?layer={layer}: {e}") from None
         if batch_key not in adata.obs.columns:
             raise PayloadError(
                 f"batch_key {batch_key!r} is not an obs column; obs has {sorted(map(str, adata.obs.columns))}"

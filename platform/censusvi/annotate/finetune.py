@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -41,6 +42,7 @@ from censusvi.inference import reference_cells
 from censusvi.model.device import check_local_device
 from censusvi.model.io import UNKNOWN_BATCH_FIX_REFERENCE, TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
+from censusvi.numeric import check_seed, is_finite, is_whole
 from censusvi.progress import bar
 from censusvi.train.schedule import ADAM_EPS, scvi_tools_max_epochs
 
@@ -60,14 +62,16 @@ class FinetuneConfig:
     device: str = "cpu"  # where the epochs run ("cuda" on a GPU); the result is on the CPU
 
     def __post_init__(self) -> None:
-        if self.max_epochs is not None and self.max_epochs < 1:
-            raise ValueError(f"max_epochs {self.max_epochs}: fine-tune for at least 1 epoch")
-        if not self.classification_ratio > 0:
-            raise ValueError(
-                f"classification_ratio {self.classification_ratio}: must be > 0 (scANVI uses 50)"
-            )
-        if self.batch_size < 3:
-            raise ValueError(f"batch_size {self.batch_size}: batch norm needs at least 3 cells")
+        if self.max_epochs is not None and not (is_whole(self.max_epochs) and self.max_epochs >= 1):
+            raise ValueError(f"max_epochs {self.max_epochs!r}: fine-tune for at least 1 epoch")
+        for name, low in (("classification_ratio", "> 0 (scANVI uses 50)"), ("lr", "> 0")):
+            if not (is_finite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} {getattr(self, name)!r}: must be a finite number {low}")
+        if not (is_finite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay {self.weight_decay!r}: must be a finite number >= 0")
+        if not (is_whole(self.batch_size) and self.batch_size >= 3):
+            raise ValueError(f"batch_size {self.batch_size!r}: batch norm needs at least 3 cells")
+        check_seed(self.seed)
         check_local_device(self.device)
 
 
@@ -183,6 +187,12 @@ def finetune(
     history = []
     for epoch in bar(range(epochs), desc="finetune", unit="epoch"):
         elbo, ce, acc = _epoch(vae, clf.train(), opt, cells, target, cfg, epoch)
+        if not (math.isfinite(elbo) and math.isfinite(ce)):
+            raise FloatingPointError(
+                f"fine-tuning diverged: the loss became {elbo + cfg.classification_ratio * ce} "
+                f"at epoch {epoch}; lower --classification-ratio ({cfg.classification_ratio:g}) "
+                f"or the learning rate (lr={cfg.lr:g}); nothing was written"
+            )
         history.append({"elbo": round(elbo, 3), "classification_loss": round(ce, 4),
                         "accuracy": round(acc, 4)})  # fmt: skip
         log.info("fine-tune epoch %d/%d: ELBO %.1f, cross-entropy %.3f, accuracy %.3f",

@@ -55,6 +55,19 @@ def port_number(text: str) -> int:
     return port
 
 
+def seed_number(text: str) -> int:
+    """A random seed for ``--seed``: 0 to ``MAX_SEED`` (argparse names the flag)."""
+    from censusvi.numeric import MAX_SEED
+
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{seed} is not a seed: choose 0 to {MAX_SEED}")
+    return seed
+
+
 def faiss_device_arg(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--faiss-device",
@@ -109,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="n_epochs_kl_warmup",
         help="epochs over which the KL weight ramps to 1 (Census 20; scvi-tools 400)",
     )
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=seed_number)
     s.add_argument("--device", help="cpu or cuda")
     s.add_argument("--n-hidden", type=int)
     s.add_argument("--n-latent", type=int)
@@ -227,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="decode each cell under its own batch instead of marginalising over the reference's",
     )
-    s.add_argument("--seed", type=int, default=defaults.DE_SEED)
+    s.add_argument("--seed", type=seed_number, default=defaults.DE_SEED)
     s.add_argument("--layer", help="where counts are: a layer name or 'raw'")
     s.add_argument("--train", action=argparse.BooleanOptionalAction, default=None)
     s.add_argument(

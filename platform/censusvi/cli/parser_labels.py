@@ -6,7 +6,7 @@ import argparse
 
 from censusvi import defaults
 from censusvi.cli import commands
-from censusvi.cli.parser import faiss_device_arg, latent_key_arg, out_args
+from censusvi.cli.parser import faiss_device_arg, latent_key_arg, out_args, seed_number
 
 
 def layer_arg(s: argparse.ArgumentParser) -> None:
@@ -35,7 +35,7 @@ def add_label_commands(sub, query_args) -> None:
         help="weight of the classifier's cross-entropy beside the ELBO "
         f"(default {defaults.CLASSIFICATION_RATIO:g}, scANVI's)",
     )
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed_number, default=0)
     s.add_argument("--device", default="cpu", help="where the epochs run, e.g. cuda (default cpu)")
     layer_arg(s)
     out_args(s, "model", ("model", "data"))

@@ -35,7 +35,7 @@ from censusvi.mapping.query import PreparedQuery, prepare_query
 from censusvi.mapping.surgery import SurgeryConfig
 from censusvi.model.io import TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
-from censusvi.numeric import is_finite, is_whole
+from censusvi.numeric import check_seed, is_finite, is_whole
 from censusvi.progress import bar
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class DEConfig:
             raise ValueError(f"fdr={self.fdr}: a target false discovery rate in (0, 1), e.g. 0.05")
         if not (is_finite(self.delta) and self.delta >= 0):
             raise ValueError(f"delta={self.delta}: a log fold-change threshold >= 0, e.g. 0.25")
+        check_seed(self.seed)
 
 
 @dataclass
