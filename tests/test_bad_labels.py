@@ -249,6 +249,18 @@ def test_an_index_json_that_disagrees_with_its_files_is_one_line(files, tmp_path
     assert not (tmp_path / "o.h5ad").exists()
 
 
+def test_an_index_of_an_older_censusvi_still_loads(files, tmp_path):
+    """IVF indexes written before the kinds were named say kind "ivf<nlist>": still accepted."""
+    import shutil
+
+    from censusvi.annotate.index import load_index
+
+    _, d, _ = files
+    shutil.copytree(d / "ix", tmp_path / "ix")
+    _edit_json(tmp_path / "ix", lambda m: {**m, "kind": "ivf447"})
+    assert load_index(tmp_path / "ix").meta["kind"] == "ivf447"
+
+
 def test_a_query_cell_without_a_batch_is_refused(files, tmp_path, capsys):
     """A NaN batch is not a new batch called "nan": one line, nothing written."""
     model, d, a = files

@@ -75,6 +75,14 @@ def test_surgery_trains_new_columns_only(tmp_path, prior_components):
     assert mq.latent.shape == (query.n_obs, 4) and np.isfinite(mq.nll_per_count).all()
     # so the reference's index still fits it: the encoder digests as the reference's
     assert mq.model.encoder_digest() == model.encoder_digest()
+    # and a second mapping, of yet another lab, onto the mapped model (the digest once left the
+    # first round's columns in, so the reference's index was refused)
+    again = query.copy()
+    again.obs["batch"] = "lab-y"
+    mq2 = map_query(mq.model, again, "batch", surgery=SurgeryConfig(max_epochs=2))
+    assert mq2.model.batch_categories == ("b0", "b1", "lab-x", "lab-y")
+    assert mq2.model.provenance["mapped_batches"] == ["lab-x", "lab-y"]
+    assert mq2.model.encoder_digest() == model.encoder_digest()
 
 
 def test_census_path_needs_no_training(tmp_path):

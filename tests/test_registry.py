@@ -28,6 +28,7 @@ from censusvi.registry.versions import (
     compare_metrics,
     fetch_version,
     list_versions,
+    register_version,
     resolve_version,
 )
 from censusvi.train.loop import TrainConfig
@@ -366,3 +367,18 @@ def test_register_uploads_the_models_own_files_and_never_a_link(
     rc, _, err = run_cli(capsys, "models", "register", str(model_dir))
     assert rc == 2 and f"{weights} is a link" in err, err
     assert [v["version"] for v in list_versions("censusvi-scvi")] == ["1"]
+
+
+def test_an_index_attached_later_must_fit_the_version(tmp_path, monkeypatch):
+    """add_to_version (the embedding job's attach step) uploaded any index: Serve trusts a
+    registered version's index, so another model's is refused here, as `register` refuses it."""
+    from censusvi.registry.versions import add_to_version
+
+    model_a, _ = small_model_and_index(tmp_path, "a", seed=0, epochs=1)
+    _, index_b = small_model_and_index(tmp_path, "b", seed=1, epochs=1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert register_version(model_a, None) == "1"
+    with pytest.raises(ValueError, match=r"was built with another model .*censusvi-scvi/1"):
+        add_to_version("models:/censusvi-scvi/1", {}, index_b, uri)
+    assert list_versions("censusvi-scvi")[0]["has_index"] == "false"

@@ -74,6 +74,9 @@ def all_strings(values) -> bool:
     return all(issubclass(t, str) for t in set(map(type, values)))
 
 
+MAX_NAME_CHARS = 1000  # a batch label, gene id or symbol; a batch is dataset+assay+...: < 200
+
+
 def _checked(parts: tuple, genes, batch, limits: DecodeLimits, symbols=None) -> QueryCells:
     """Query cells from CSR ``parts`` (data, indices, indptr) over ``genes``, checked in full:
     every label and gene name a string, the structure sound, the values raw counts."""
@@ -99,6 +102,11 @@ def _checked(parts: tuple, genes, batch, limits: DecodeLimits, symbols=None) -> 
         )
     if not all_strings(batch):
         raise PayloadError("batch labels must be strings")
+    for what, names in (("batch label", batch), ("gene id", genes), ("gene symbol", symbols)):
+        if names is not None and len(names) and max(map(len, names)) > MAX_NAME_CHARS:
+            raise PayloadError(  # each name becomes a fixed-width array entry as long as the longest
+                f"a {what} is longer than {MAX_NAME_CHARS} characters: send the names themselves"
+            )
     if not all(genes):
         raise PayloadError("gene ids must be non-empty strings: give every column its gene id")
     try:
@@ -111,27 +119,29 @@ def _checked(parts: tuple, genes, batch, limits: DecodeLimits, symbols=None) -> 
 
 
 def _numbers(values, dtype, name: str) -> np.ndarray:
-    """A flat JSON list of numbers as an array (nested lists, strings, bools are refused)."""
+    """A flat JSON list of numbers as an array. The element types are checked first, in one
+    pass: a string or a boolean is refused, not read as a number (nor built into a
+    fixed-width string array, which a list of one long string and many short ones makes
+    huge); a fraction is refused where a whole number is meant (3.0 is 3)."""
     if not isinstance(values, list):
         raise PayloadError(f"{name} must be a list of numbers")
-    try:
-        a = np.asarray(values)  # its own type first: "1" or true must not become 1
-    except (TypeError, ValueError, OverflowError) as e:
-        raise PayloadError(f"{name} must be a flat list of numbers ({e})") from None
-    if a.ndim != 1:
-        raise PayloadError(f"{name} must be a flat list of numbers, got shape {a.shape}")
     whole = np.issubdtype(dtype, np.integer)
-    if a.size and a.dtype.kind not in ("iu" if whole else "iuf"):
-        what = "whole numbers" if whole else "numbers"
-        raise PayloadError(
-            f"{name} must hold {what}, got {_shown_kind(a)} (e.g. {a[:1].tolist()[0]!r})"
-        )
-    return a.astype(dtype)
-
-
-def _shown_kind(a: np.ndarray) -> str:
-    kinds = {"b": "true/false", "U": "strings", "f": "fractions", "O": "mixed or huge values"}
-    return kinds.get(a.dtype.kind, str(a.dtype))
+    kinds = set(map(type, values))
+    if not kinds <= {int, float}:
+        odd = next(v for v in values if type(v) not in (int, float))
+        shown = repr(odd) if len(repr(odd)) <= 40 else repr(odd)[:40] + "..."
+        raise PayloadError(f"{name} must be a flat list of numbers, got {shown}")
+    try:
+        a = np.asarray(values, dtype=np.float64 if float in kinds else dtype)
+    except OverflowError:
+        raise PayloadError(f"{name} holds a number too large for a count or an index") from None
+    if whole and float in kinds:
+        if not np.all(np.isfinite(a) & (a == np.floor(a))):
+            bad = a[~(np.isfinite(a) & (a == np.floor(a)))][0]
+            raise PayloadError(f"{name} must hold whole numbers, got {float(bad)!r}")
+        if a.size and np.abs(a).max() >= 2**63:
+            raise PayloadError(f"{name} holds a number too large for an index")
+    return a.astype(dtype, copy=False)
 
 
 def decode_json(body: bytes, limits: DecodeLimits = NO_LIMITS) -> QueryCells:

@@ -253,15 +253,9 @@ def load_index(path: str | os.PathLike, device: str | None = None) -> LabelIndex
     ``IndexDamaged`` line naming the file (never a FAISS, Arrow or safetensors traceback;
     ``index_checks`` says what is checked)."""
     path = Path(path)
-    if not (path / "index.json").is_file():
-        raise FileNotFoundError(
-            f"{path} is not a censusvi index (built by `censusvi index`): index.json is missing"
-        )
-    step = "index.json"
+    meta = checks.read_meta(path)
+    step = "index.faiss"
     try:
-        meta = json.loads((path / step).read_text())
-        checks.check_meta(meta)
-        step = "index.faiss"
         index = faiss.read_index(str(path / step))
         checks.check_faiss(index, meta)
         step = "labels.parquet"
@@ -269,16 +263,10 @@ def load_index(path: str | os.PathLike, device: str | None = None) -> LabelIndex
         held = checks.check_labels(labels, meta, index.ntotal)
         step = HEADS_FILE
         heads = checks.load_heads(path, meta, held)
-    except IndexDamaged as e:
-        raise IndexDamaged(f"{path}/{step}: {e}; rebuild the index with `censusvi index`") from None
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever the reader raised, name the file instead
-        what = " ".join(str(e).split())[:160] or type(e).__name__
-        raise IndexDamaged(
-            f"{path}/{step} is damaged or not censusvi's ({what}); rebuild the index with "
-            "`censusvi index`"
-        ) from None
+        raise checks.damaged(path / step, e) from None
     index, gpu_resources = place_index(index, device)
     if fx.ivf_part(index) is not None:
         fx.apply_settings(index, {"nprobe": NPROBE, **fx.search_settings(index), **meta})

@@ -6,6 +6,8 @@ classes, a metric the index was not built with)."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import faiss
@@ -18,10 +20,38 @@ from censusvi.numeric import is_finite, is_whole
 
 HEADS_FILE = "heads.safetensors"  # the label heads' weights (annotate/head.py), no pickle
 KINDS = tuple(k for k in defaults.INDEX_KINDS if k != "auto")  # what index.json's kind names
+LEGACY_IVF = r"ivf\d+"  # IVF-Flat as indexes written before the kinds were named recorded it
 
 
 class IndexDamaged(ValueError):
     """An index directory that cannot be what ``censusvi index`` wrote: which file, and why."""
+
+
+REBUILD = "rebuild the index with `censusvi index`"
+
+
+def damaged(where: Path, e: Exception) -> IndexDamaged:
+    """The one line for a file of an index that a reader refused (``e``: ours or the reader's)."""
+    if isinstance(e, IndexDamaged):
+        return IndexDamaged(f"{where}: {e}; {REBUILD}")
+    what = " ".join(str(e).split())[:160] or type(e).__name__
+    return IndexDamaged(f"{where} is damaged or not censusvi's ({what}); {REBUILD}")
+
+
+def read_meta(path: str | Path) -> dict:
+    """The checked index.json of the index at ``path``: what a caller needs without the vectors
+    and labels (the Serve app's check before it starts)."""
+    path = Path(path)
+    if not (path / "index.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a censusvi index (built by `censusvi index`): index.json is missing"
+        )
+    try:
+        meta = json.loads((path / "index.json").read_text())
+        check_meta(meta)
+    except (ValueError, RecursionError, UnicodeDecodeError, OSError) as e:  # IndexDamaged too
+        raise damaged(path / "index.json", e) from None
+    return meta
 
 
 def check_meta(meta) -> None:
@@ -30,7 +60,9 @@ def check_meta(meta) -> None:
         raise IndexDamaged(f"holds a {type(meta).__name__}, not an object")
     if meta.get("metric", "l2") not in defaults.METRICS:
         raise IndexDamaged(f"metric {meta.get('metric')!r} is not one of {list(defaults.METRICS)}")
-    if "kind" in meta and meta["kind"] not in KINDS:
+    if "kind" in meta and not (
+        meta["kind"] in KINDS or re.fullmatch(LEGACY_IVF, str(meta["kind"]))
+    ):
         raise IndexDamaged(f"kind {meta['kind']!r} is not one of {list(KINDS)}")
     if "dim" in meta and not (is_whole(meta["dim"]) and meta["dim"] >= 1):
         raise IndexDamaged(f"dim {meta['dim']!r} is not a whole number >= 1")
@@ -148,17 +180,19 @@ def load_heads(path: Path, meta: dict, held: dict[str, set[str]]) -> dict:
     return heads
 
 
-def check_fits(model, ix, index_name: str = "the index", model_name: str = "this model") -> None:
+def check_fits(
+    model, meta: dict, index_name: str = "the index", model_name: str = "this model"
+) -> None:
     """The index must hold ``model``'s latents: its dimension, and (for indexes that record it)
-    the digest of the encoder that embedded the reference. An index of another model answers
+    the digest of the encoder that embedded the reference (``meta``: its index.json). An index of another model answers
     wrong labels without any error of its own (a fine-tuned model and its base differ here)."""
     n_latent = model.config.n_latent
-    if ix.meta.get("dim") != n_latent:
+    if meta.get("dim") != n_latent:
         raise ValueError(
-            f"{index_name} holds {ix.meta.get('dim')}-d embeddings but {model_name}'s latent is "
+            f"{index_name} holds {meta.get('dim')}-d embeddings but {model_name}'s latent is "
             f"{n_latent}-d: build the index with this model (`censusvi index`)"
         )
-    built_with = ix.meta.get("encoder_digest")  # None: an index older than the digest
+    built_with = meta.get("encoder_digest")  # None: an index older than the digest
     if built_with is not None and built_with != (own := model.encoder_digest()):
         raise ValueError(
             f"{index_name} was built with another model (encoder {built_with}; {model_name}'s is "

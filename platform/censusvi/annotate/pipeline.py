@@ -241,8 +241,8 @@ def in_reference_probability(
     index: LabelIndex, key: str, dist: np.ndarray, nll=None, p_head=None
 ) -> np.ndarray:
     """Per cell, the probability that it is of a kind the reference holds
-    (``annotate.novelty``), from its neighbour distances, its NLL (where given) and the head's
-    p(label | cell) (where the key has a head), by the index's fit; an index without one (built
+    (``annotate.novelty``), from the signals of ``novelty.COMBINED``: its neighbour distances and
+    the head's p(label | cell) (where the key has a head; ``nll`` is not read), by the index's fit; an index without one (built
     by an older censusvi, or ``novelty=False``): its neighbour-distance typicality, as before."""
     from censusvi.annotate import novelty
 
@@ -257,7 +257,7 @@ def in_reference_probability(
         "nll": nll,
         "entropy": None if p_head is None else entropy(p_head),
     }
-    return in_reference(signals, fitted)
+    return in_reference({s: v for s, v in signals.items() if s in novelty.COMBINED}, fitted)
 
 
 def annotate(
@@ -281,7 +281,7 @@ def annotate(
     default, or knn for an index without a label head, logged once and recorded in
     ``uns["censusvi"]["method_note"]`` (``method.resolve_method``)."""
     check_settings(k, unknown_threshold, class_balance, ontology_threshold, latent_key)
-    check_fits(model, index)
+    check_fits(model, index.meta)
     method, note = resolve_method(index, method)  # before mapping: a wrong method fails fast
     if note:
         log.warning(note)

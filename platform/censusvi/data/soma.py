@@ -8,7 +8,6 @@ suspension_type, donor_id, cell_type, tissue, is_primary_data, nnz, raw_sum; var
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -125,7 +124,7 @@ def ingest(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)) / "exp"
     # tiledbsoma writes from this pool's threads: on Ctrl-C they are waited for before the
     # temporary experiment is removed (else they wrote into it again after the removal)
-    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    pool = ThreadPoolExecutor()  # tiledbsoma's own default size
     try:
         adatas = [harmonise(f, layer) for f in bar(files, desc="read", unit="file")]
         context = soma_context().replace(threadpool=pool)
@@ -165,8 +164,10 @@ def ingest(
         _free_handles(e)
         raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(tmp.parent, ignore_errors=True)
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+        finally:  # a second Ctrl-C while the writers finish still removes the temporary
+            shutil.rmtree(tmp.parent, ignore_errors=True)
     return out
 
 
@@ -189,20 +190,26 @@ def soma_context():
     return tiledbsoma.SOMATileDBContext(tiledb_config=NO_SIGNAL_HANDLERS)
 
 
-@functools.cache
+_SIGINT_RESTORED: list[bool] = []  # once per process, from the main thread
+
+
 def _python_keeps_sigint() -> None:
     """tiledbsoma opens some objects with its own default context (``from_anndata`` asks
     ``Experiment.exists`` without ours), whose TileDB installs its SIGINT handler; that context is
-    built once per process: build it now, then give SIGINT back to Python."""
+    built once per process: build it now, then give SIGINT back to Python. Only the main thread
+    can set a handler: a first call from another (a Ray worker's) leaves it for a later one."""
     import signal
     import threading
 
     import tiledbsoma
 
+    if _SIGINT_RESTORED or threading.current_thread() is not threading.main_thread():
+        return
     previous = signal.getsignal(signal.SIGINT)
     tiledbsoma.SOMATileDBContext().native_context  # noqa: B018  (cached by tiledbsoma)
-    if previous is not None and threading.current_thread() is threading.main_thread():
+    if previous is not None:
         signal.signal(signal.SIGINT, previous)
+    _SIGINT_RESTORED.append(True)
 
 
 def open_experiment(uri: str):

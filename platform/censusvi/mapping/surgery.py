@@ -99,7 +99,10 @@ def extend_batches(
         ref.genes,
         ref.batch_keys,
         (*ref.batch_categories, *new_batches),
-        {**ref.provenance, "mapped_batches": list(new_batches)},
+        {  # every mapping's batches, in column order (a model mapped twice: both rounds')
+            **ref.provenance,
+            "mapped_batches": [*(ref.provenance.get("mapped_batches") or ()), *new_batches],
+        },
         ref.covariate_keys,
         ref.covariate_categories,
     )

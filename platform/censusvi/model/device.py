@@ -31,5 +31,5 @@ def check_local_device(device: str) -> None:
 
 
 def _available(kind: str) -> bool:
-    backend = getattr(torch, kind, None) or getattr(torch.backends, kind, None)
+    backend = getattr(torch.backends, kind, None) or getattr(torch, kind, None)
     return bool(backend is not None and getattr(backend, "is_available", lambda: False)())

@@ -83,7 +83,7 @@ def register_version(
     cfg = read_config(model_dir)  # refuses anything that is not a model directory
     model = load_model(model_dir)  # and one whose weights do not load (it must be servable)
     if index_dir is not None:
-        check_fits(model, load_index(index_dir), f"the index in {index_dir}", str(model_dir))
+        check_fits(model, load_index(index_dir).meta, f"the index in {index_dir}", str(model_dir))
     client = _client(uri)
     metrics = {**evaluation_metrics(index_dir), **(extra_metrics or {})}
     with mlflow.start_run(experiment_id=_experiment_id(mlflow.get_tracking_uri())) as run:
@@ -321,12 +321,28 @@ def add_to_version(
     client = _client(uri)
     run_id = client.get_model_version(name, version).run_id
     if index_dir is not None:
+        _check_fits_version(name, version, index_dir, uri)
         log_folder(client, run_id, index_dir, "index")
         log_mlmodel(client, run_id, index_dir)  # the output schema: the index's label columns
         client.set_model_version_tag(name, version, "has_index", "true")
     for key, value in metrics.items():
         client.log_metric(run_id, key, float(value))
     return name, version
+
+
+def _check_fits_version(name: str, version: str, index_dir, uri: str | None) -> None:
+    """An index attached to a registered version must load and hold that version's latents, as
+    ``register`` checks (Serve trusts a registered version's index)."""
+    import tempfile
+
+    from censusvi.annotate.index import load_index
+    from censusvi.annotate.index_checks import check_fits
+    from censusvi.model.io import load_model
+
+    meta = load_index(index_dir).meta
+    with tempfile.TemporaryDirectory(prefix="censusvi-version-") as tmp:
+        model_dir = fetch_version(name, version, tmp, uri, index=False).model_dir
+        check_fits(load_model(model_dir), meta, f"the index in {index_dir}", f"{name}/{version}")
 
 
 def fetch_version(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import types
 import typing
@@ -159,17 +158,16 @@ def check_servable(s: Settings) -> None:
         _check_local(s.model, s.index)
 
 
-@functools.lru_cache(maxsize=4)
 def _check_local(model_dir: str, index_dir: str | None) -> None:
-    """Once per pair in a process (``censusvi serve`` checks before Ray starts, then builds)."""
+    """The model loads; the index's index.json is read and checked, not its vectors and labels
+    (gigabytes at Census scale: each replica loads them, and refuses a damaged file itself)."""
     from censusvi.model.io import load_model
 
     model = load_model(model_dir)
     if index_dir is not None:
-        from censusvi.annotate.index import load_index
-        from censusvi.annotate.index_checks import check_fits
+        from censusvi.annotate.index_checks import check_fits, read_meta
 
-        check_fits(model, load_index(index_dir, "cpu"), f"the index {index_dir}", model_dir)
+        check_fits(model, read_meta(index_dir), f"the index {index_dir}", model_dir)
 
 
 def current_version(s: Settings) -> str:
