@@ -222,3 +222,13 @@ def test_serve_port_out_of_range_is_an_argument_error(capsys, port, says):
         cli.main(["serve", "--model", "m", "--port", port])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"argument --port: {says}" in err, err
+
+
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999", "abc"])
+def test_a_seed_out_of_range_names_the_flag(capsys, seed):
+    """`finetune --seed -1` said "expected non-negative integer", naming nothing."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["finetune", "--model", "m", "--data", "d", "--labels-key", "k", "--out", "o",
+                  "--seed", seed])  # fmt: skip
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --seed:" in err, err

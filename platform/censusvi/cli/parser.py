@@ -56,15 +56,16 @@ def port_number(text: str) -> int:
 
 
 def seed_number(text: str) -> int:
-    """A random seed for ``--seed``: 0 to ``MAX_SEED`` (argparse names the flag)."""
-    from censusvi.numeric import MAX_SEED
+    """A random seed for ``--seed``, by ``numeric.check_seed`` (argparse names the flag)."""
+    from censusvi.numeric import check_seed
 
     try:
         seed = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= seed <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{seed} is not a seed: choose 0 to {MAX_SEED}")
+        check_seed(seed)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            str(e) if "seed" in str(e) else f"{text!r}: not a seed"
+        ) from None
     return seed
 
 
