@@ -26,6 +26,10 @@ def query(tmp_path_factory):
     return d / "q.h5ad"
 
 
+def embed_args(model, data, out) -> list:
+    return ["embed", "--model", model, "--data", data, "--out", out]
+
+
 def map_args(model, query, out, *extra) -> list:
     return ["map", "--model", model, "--query", query, "--batch-key", "batch", "--max-epochs",
             "2", "--quiet", "--out", out, *extra]  # fmt: skip
@@ -248,16 +252,9 @@ def test_embed_names_the_model_batch_column_the_data_lack(sim_model, query, tmp_
     q = ad.read_h5ad(query)
     del q.obs["batch"]
     q.write_h5ad(tmp_path / "q.h5ad")
-    args = [
-        "embed",
-        "--model",
-        sim_model,
-        "--data",
-        tmp_path / "q.h5ad",
-        "--out",
-        tmp_path / "e.h5ad",
-    ]
-    code, err = run([*args, "--quiet"], capsys)
+    code, err = run(
+        [*embed_args(sim_model, tmp_path / "q.h5ad", tmp_path / "e.h5ad"), "--quiet"], capsys
+    )
     assert code == 2 and "obs lacks ['batch'], which the model's batch is built from" in err, err
     assert "--batch-keys" not in err
 
@@ -272,15 +269,6 @@ def test_an_uns_value_anndata_cannot_write_back_is_refused_before_work(sim_model
     q.write_h5ad(tmp_path / "q.h5ad")
     with h5py.File(tmp_path / "q.h5ad", "a") as f:
         f["uns"].create_dataset("blob", data=np.void(b"\x80\x04\x95pickle"))
-    args = [
-        "embed",
-        "--model",
-        sim_model,
-        "--data",
-        tmp_path / "q.h5ad",
-        "--out",
-        tmp_path / "o.h5ad",
-    ]
-    code, err = run(args, capsys)
+    code, err = run(embed_args(sim_model, tmp_path / "q.h5ad", tmp_path / "o.h5ad"), capsys)
     assert code == 2 and "uns['blob'] holds a value anndata cannot write back" in err, err
     assert not (tmp_path / "o.h5ad").exists()
