@@ -81,3 +81,27 @@ def test_registration_is_a_step_an_unreachable_store_cannot_lose_the_model_and_a
         "censusvi-job", register_version(tmp_path / "m", None, "censusvi-job", uri)
     )
     assert client.get_run(manual.run_id).data.tags["training_run_id"] == run.info.run_id
+
+
+def test_data_ingest_reads_the_counts_where_data_layer_says(tmp_path):
+    """A job whose .h5ad files keep log-normalised X and counts in a layer: data.ingest built
+    the experiment from X (refused, "pass --layer counts", a flag the job lacks); it now reads
+    data.layer, and the training reads the experiment's X layer, where ingest put them."""
+    import numpy as np
+    import tiledbsoma
+
+    from censusvi.jobs.pretrain import ingest_if_missing, job_from
+
+    a = simulated_adata(n_cells=40)
+    a.layers["counts"] = a.X.copy()
+    a.X = np.log1p(a.X.toarray() / 7.0)
+    (tmp_path / "raw").mkdir()
+    a.write_h5ad(tmp_path / "raw" / "d.h5ad")
+    doc = {"data": {"source": str(tmp_path / "x.soma"), "ingest": [str(tmp_path / "raw/*.h5ad")],
+                    "layer": "counts", "batch_keys": ["batch"]}, "out": str(tmp_path / "m")}  # fmt: skip
+    job = job_from(doc)
+    assert (job.ingest_layer, job.cfg.data.layer) == ("counts", None)  # training reads X raw
+    ingest_if_missing(job)
+    with tiledbsoma.Experiment.open(str(tmp_path / "x.soma")) as exp:
+        x = exp.ms["RNA"].X["raw"].read().tables().concat()
+    assert float(np.sum(x["soma_data"])) == float(a.layers["counts"].sum())

@@ -19,7 +19,7 @@ import glob
 import json
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ class PretrainJob:
     stream: dict[str, Any] = field(default_factory=dict)  # ray_trainer.STREAM_DEFAULTS' keys
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db
     model_name: str = DEFAULT_MODEL_NAME
+    ingest_layer: str | None = None  # data.layer with data.ingest: the .h5ad files' counts
 
 
 def _setting(doc: dict[str, Any], key: str, kind: type, default: Any) -> Any:
@@ -82,17 +83,22 @@ def job_from(doc: dict[str, Any]) -> PretrainJob:
     storage = doc.get("storage")
     if storage is not None and not isinstance(storage, str):
         raise ConfigError(f"storage: expected a URI or a path, got {storage!r}")
+    ingest = tuple((doc.get("data") or {}).get("ingest") or ())
+    ingest_layer = None
+    if ingest:  # data.layer is where the .h5ad files keep counts; the experiment's X holds them
+        ingest_layer, cfg = cfg.data.layer, replace(cfg, data=replace(cfg.data, layer=None))
     return PretrainJob(
         cfg,
         doc["out"],
         storage,
-        tuple((doc.get("data") or {}).get("ingest") or ()),
+        ingest,
         _setting(doc, "train.num_workers", int, 1),
         _setting(doc, "train.use_gpu", bool, False),
         _setting(doc, "train.max_failures", int, 2),
         dict(stream),
         _setting(doc, "mlflow.tracking_uri", str | None, None),
         _setting(doc, "mlflow.model_name", str, DEFAULT_MODEL_NAME),
+        ingest_layer,
     )
 
 
@@ -107,7 +113,7 @@ def ingest_if_missing(job: PretrainJob) -> None:
     if not files:
         raise ValueError(f"data.ingest: no file matches {list(job.ingest)} (to build {source})")
     print(f"ingesting {len(files)} files into {source}", flush=True)
-    ingest(files, source)
+    ingest(files, source, job.ingest_layer)
 
 
 class RegistrationFailed(RuntimeError):
