@@ -139,7 +139,7 @@ def test_the_job_and_the_cli_exit_2_with_one_line(tmp_path, capsys):
         (
             ["--config", "local", "--set", "data.source=/x.soma", "--set", "out=/o", "--set",
              "train.num_workers=two"],
-            "train.num_workers: expected int, got 'two'",
+            "train.num_workers='two': must be a whole number",
         ),
         (
             ["--config", "local", "--set", "data.source=/x.soma", "--set", "out=/o", "--set",

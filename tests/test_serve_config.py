@@ -63,7 +63,7 @@ def test_serve_run_args_as_strings_are_typed():
     """`serve run censusvi.serving.app:build_app max_cells=500 ...` passes strings."""
     s = Settings.from_args({"model": "m", "max_cells": "500", "allow_surgery": "true", "k": "7"})
     assert (s.max_cells, s.allow_surgery, s.k, s.max_request_mb) == (500, True, 7, 64.0)
-    with pytest.raises(ValueError, match="max_cells='many' is not int"):
+    with pytest.raises(ValueError, match="serve setting max_cells='many': must be a whole number"):
         Settings.from_args({"max_cells": "many"})
     with pytest.raises(ValueError, match="unknown serve settings \\['max_cell'\\]"):
         Settings.from_args({"max_cell": 5})
@@ -99,7 +99,7 @@ def test_query_options_follow_the_same_rules():
     for params, says in [
         ({"k": "0"}, "k 0: neighbours per cell must be an integer >= 1"),
         ({"k": "2000"}, "at most 1000"),
-        ({"k": "x" * 100}, "is not int"),
+        ({"k": "x" * 100}, "must be a whole number"),
         ({"unknown_threshold": "nan"}, "unknown_threshold nan: must be a number from 0 to 1"),
         ({"method": "m" * 100}, "choose one of knn, head, ensemble"),
     ]:

@@ -28,6 +28,7 @@ from censusvi.extras import MissingExtra, needs_extras
 from censusvi.registry.mlflow_store import DEFAULT_MODEL_NAME
 from censusvi.train.loop import EpochStats
 from censusvi.train.pretrain import PretrainConfig, pretrain_config_from
+from censusvi.typed import typed
 
 PROG = "python -m censusvi.jobs.pretrain"
 MLFLOW_KEYS = ("model_name", "tracking_uri")
@@ -54,10 +55,10 @@ class PretrainJob:
 def _setting(doc: dict[str, Any], key: str, kind: type, default: Any) -> Any:
     """``doc``'s ``section.key`` of type ``kind`` (``default`` when absent)."""
     section, name = key.split(".")
-    value = (doc.get(section) or {}).get(name, default)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
-    return value
+    try:
+        return typed(key, (doc.get(section) or {}).get(name, default), kind)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def job_from(doc: dict[str, Any]) -> PretrainJob:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from censusvi.serving.body import BadUpload, BodyTooLarge, too_large_message
 from censusvi.serving.settings import Settings, check_transfer
+from censusvi.typed import typed
 from censusvi.untrusted import PayloadTooLarge
 
 log = logging.getLogger("censusvi.serve")
@@ -14,12 +15,7 @@ log = logging.getLogger("censusvi.serve")
 
 def _option(value: str | None, default, kind: type, name: str):
     """A query-string option as ``kind`` (``default`` when absent)."""
-    if value is None:
-        return default
-    try:
-        return kind(value)
-    except ValueError:
-        raise ValueError(f"{name}={value[:40]!r} is not {kind.__name__}") from None
+    return default if value is None else typed(name, value, kind, text=True)
 
 
 def transfer_options(params: Mapping[str, str], s: Settings) -> tuple[int, float, str | None]:

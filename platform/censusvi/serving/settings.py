@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import types
 import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 from censusvi import defaults
 from censusvi.numeric import is_finite, is_whole
 from censusvi.serving.auth import token_digest
+from censusvi.typed import typed
 
 POSITIVE = (  # settings that must be finite numbers above 0
     "max_request_mb",
@@ -95,7 +95,11 @@ class Settings:
         if unknown:
             raise ValueError(f"unknown serve settings {unknown}; known: {sorted(accepted)}")
         hints = typing.get_type_hints(cls)
-        values = {k: _typed(k, v, hints[k]) for k, v in args.items() if k in known}
+        values = {
+            k: typed(f"serve setting {k}", v, hints[k], text=True)
+            for k, v in args.items()
+            if k in known
+        }
         tracking = values.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
         digest = token_digest(args.get("token"), args.get("token_file"))
         return cls(**{**values, "tracking_uri": tracking, "token_sha256": digest})
@@ -132,22 +136,6 @@ class Settings:
     @property
     def follows_alias(self) -> bool:
         return self.registered and "@" in self.model
-
-
-def _typed(name: str, value: Any, hint: Any) -> Any:
-    """``value`` as the field's type when it came as a string (``serve run ... max_cells=500``)."""
-    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if not isinstance(value, str) or str in kinds:
-        return value
-    (kind,) = [k for k in kinds if k is not type(None)]
-    if kind is bool:
-        if value.lower() not in ("true", "false"):
-            raise ValueError(f"serve setting {name}={value!r} is not a boolean: use true or false")
-        return value.lower() == "true"
-    try:
-        return kind(value)
-    except ValueError:
-        raise ValueError(f"serve setting {name}={value!r} is not {kind.__name__}") from None
 
 
 def check_servable(s: Settings) -> None:

@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 import os
-import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
-from numbers import Real
 from typing import Any
 
 from censusvi.config_files import read_config
 from censusvi.numeric import is_whole
 from censusvi.train.loop import TrainConfig
+from censusvi.typed import typed
 
 CENSUS_BATCH_KEYS = ("dataset_id", "assay", "suspension_type", "donor_id")
 CENSUS_HVG_KEYS = ("suspension_type", "assay")
@@ -83,46 +82,7 @@ def _section(cls, d: dict[str, Any] | None, name: str):
         elif isinstance(d.get(k), list):
             d[k] = tuple(d[k])
     hints = typing.get_type_hints(cls)
-    for key, value in d.items():
-        d[key] = value = _yaml_float(value, hints[key])
-        if (kind := _wrong_type(value, hints[key])) is not None:
-            raise ValueError(f"{name}.{key}={value!r}: must be {kind}")
-    return cls(**d)
-
-
-def _yaml_float(value, hint):
-    """YAML 1.1 (PyYAML) reads ``1e-3`` as a string (it wants ``1.0e-3``): a number field takes
-    such a string as the number it spells."""
-    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if float in kinds and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-_KINDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
-
-
-def _wrong_type(value, hint) -> str | None:
-    """What ``value`` should have been for a field typed ``hint`` (None: it is of that type). A
-    config file, or a --set item, can hold anything YAML reads: "two", [1], "maybe"."""
-    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if value is None and type(None) in kinds:
-        return None
-    for kind in kinds:
-        if kind is int and is_whole(value):
-            return None
-        if kind is float and isinstance(value, Real) and not isinstance(value, bool):
-            return None
-        if kind in (bool, str) and isinstance(value, kind):
-            return None
-        if typing.get_origin(kind) is tuple and isinstance(value, tuple):
-            if all(isinstance(v, str) for v in value):
-                return None
-    named = [_KINDS.get(k, "a list of names") for k in kinds if k is not type(None)]
-    return " or ".join(named) + (" (or null)" if type(None) in kinds else "")
+    return cls(**{key: typed(f"{name}.{key}", value, hints[key]) for key, value in d.items()})
 
 
 def pretrain_config_from(doc: dict[str, Any]) -> PretrainConfig:

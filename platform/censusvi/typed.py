@@ -1,0 +1,62 @@
+"""One rule for a setting's type, wherever settings come from: a config file (YAML reads
+anything: "two", [1], "maybe"), a ``--set`` item, ``serve run``'s ``key=value`` strings, or the
+Python API. ``typed`` returns the value (converted where the text spells the type) or raises a
+ValueError naming the setting and what it should have been."""
+
+from __future__ import annotations
+
+import types
+import typing
+from numbers import Real
+from typing import Any
+
+from censusvi.numeric import is_whole
+
+_KINDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _kinds(hint) -> tuple:
+    return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+
+
+def _from_text(value: str, kinds: tuple) -> Any:
+    """``value`` as the first of ``kinds`` it spells (YAML 1.1 reads ``1e-3`` as text; ``serve
+    run`` passes every value as text); the text itself where it spells none."""
+    for kind in kinds:
+        if kind is bool and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                continue
+    return value
+
+
+def _is(value, kind) -> bool:
+    if kind is int:
+        return is_whole(value)
+    if kind is float:
+        return isinstance(value, Real) and not isinstance(value, bool)
+    if kind in (bool, str):
+        return isinstance(value, kind)
+    if typing.get_origin(kind) is tuple:
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    return isinstance(value, kind)
+
+
+def typed(name: str, value: Any, hint: Any, text: bool = False) -> Any:
+    """``value`` for a setting typed ``hint`` (``int``, ``float | None``, ``tuple[str, ...]``,
+    ...). A string is read as a number where ``hint`` has one, and as anything when ``text``
+    (every value of ``serve run key=value`` is a string)."""
+    kinds = _kinds(hint)
+    if value is None and type(None) in kinds:
+        return None
+    if isinstance(value, str) and str not in kinds and (text or float in kinds):
+        value = _from_text(value, kinds)
+    if any(_is(value, kind) for kind in kinds if kind is not type(None)):
+        return value
+    named = [_KINDS.get(k, "a list of names") for k in kinds if k is not type(None)]
+    none = " (or null)" if type(None) in kinds else ""
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "..."
+    raise ValueError(f"{name}={shown}: must be {' or '.join(named)}{none}")
