@@ -15,6 +15,13 @@ from censusvi.numeric import is_whole
 _KINDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
 
 
+def shown(value: Any, limit: int = 40) -> str:
+    """``value``'s repr for an error line, cut at ``limit`` characters (a request or a config
+    may hold megabytes where a name was meant)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _kinds(hint) -> tuple:
     return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
 
@@ -58,5 +65,4 @@ def typed(name: str, value: Any, hint: Any, text: bool = False) -> Any:
         return value
     named = [_KINDS.get(k, "a list of names") for k in kinds if k is not type(None)]
     none = " (or null)" if type(None) in kinds else ""
-    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "..."
-    raise ValueError(f"{name}={shown}: must be {' or '.join(named)}{none}")
+    raise ValueError(f"{name}={shown(value, 60)}: must be {' or '.join(named)}{none}")

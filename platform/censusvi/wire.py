@@ -22,6 +22,7 @@ import scipy.sparse as sp
 from censusvi.data.counts import CountsError, check_counts, checked_csr, to_csr32
 from censusvi.data.vocabulary import SYMBOL_COLUMNS, check_unique_gene_ids
 from censusvi.outputs import TEXT_ANSWERS, answer_columns
+from censusvi.typed import shown
 from censusvi.untrusted import (
     DecodeLimits,
     PayloadError,
@@ -129,16 +130,14 @@ def _numbers(values, dtype, name: str) -> np.ndarray:
     kinds = set(map(type, values))
     if not kinds <= {int, float}:
         odd = next(v for v in values if type(v) not in (int, float))
-        shown = repr(odd) if len(repr(odd)) <= 40 else repr(odd)[:40] + "..."
-        raise PayloadError(f"{name} must be a flat list of numbers, got {shown}")
+        raise PayloadError(f"{name} must be a flat list of numbers, got {shown(odd)}")
     try:
         a = np.asarray(values, dtype=np.float64 if float in kinds else dtype)
     except OverflowError:
         raise PayloadError(f"{name} holds a number too large for a count or an index") from None
     if whole and float in kinds:
-        if not np.all(np.isfinite(a) & (a == np.floor(a))):
-            bad = a[~(np.isfinite(a) & (a == np.floor(a)))][0]
-            raise PayloadError(f"{name} must hold whole numbers, got {float(bad)!r}")
+        if not (ok := np.isfinite(a) & (a == np.floor(a))).all():
+            raise PayloadError(f"{name} must hold whole numbers, got {float(a[~ok][0])!r}")
         if a.size and np.abs(a).max() >= 2**63:
             raise PayloadError(f"{name} holds a number too large for an index")
     return a.astype(dtype, copy=False)

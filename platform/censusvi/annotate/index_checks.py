@@ -20,6 +20,7 @@ from censusvi.numeric import is_finite, is_whole
 
 HEADS_FILE = "heads.safetensors"  # the label heads' weights (annotate/head.py), no pickle
 KINDS = tuple(k for k in defaults.INDEX_KINDS if k != "auto")  # what index.json's kind names
+OBJECTS = ("label_frequency", "heads", "novelty", "neighbour_distance", "ontology")  # {} or null
 LEGACY_IVF = r"ivf\d+"  # IVF-Flat as indexes written before the kinds were named recorded it
 
 
@@ -70,7 +71,7 @@ def check_meta(meta) -> None:
         raise IndexDamaged(f"nprobe {meta['nprobe']!r} is not a whole number >= 1")
     if "k_factor" in meta and not (is_finite(meta["k_factor"]) and meta["k_factor"] >= 1):
         raise IndexDamaged(f"k_factor {meta['k_factor']!r} is not a number >= 1")
-    for name in ("label_frequency", "heads"):
+    for name in OBJECTS:
         if not isinstance(meta.get(name) or {}, dict):
             raise IndexDamaged(f"{name} is not an object")
     for key, stored in (meta.get("label_frequency") or {}).items():
@@ -79,14 +80,11 @@ def check_meta(meta) -> None:
 
 
 def _check_tables(meta: dict) -> None:
-    """The out-of-reference fit and the ontology entries hold together (``novelty.check_stored``,
-    ``LabelOntology.checked``)."""
+    """The out-of-reference fit and the ontology entries (objects: ``check_meta``) hold together
+    (``novelty.check_stored``, ``LabelOntology.checked``)."""
     from censusvi.annotate import novelty
     from censusvi.annotate.ontology import LabelOntology
 
-    for name in ("novelty", "neighbour_distance"):
-        if not isinstance(meta.get(name) or {}, dict):
-            raise IndexDamaged(f"{name} is not an object")
     try:
         if meta.get("novelty"):
             novelty.check_stored(meta["novelty"])
@@ -94,8 +92,6 @@ def _check_tables(meta: dict) -> None:
             novelty.check_fit(novelty.legacy_fit(meta["neighbour_distance"]))
     except (TypeError, KeyError, ValueError) as e:
         raise IndexDamaged(str(e)) from None
-    if not isinstance(meta.get("ontology") or {}, dict):
-        raise IndexDamaged("ontology is not an object")
     for key, d in (meta.get("ontology") or {}).items():
         try:
             LabelOntology.checked(d)

@@ -20,12 +20,12 @@ def check_local_device(device: str) -> None:
     if kind == "cuda" and not torch.cuda.is_available():
         build = "has no CUDA build" if torch.version.cuda is None else "sees no CUDA GPU"
         raise ValueError(f"device {device!r}: this machine's torch {build}; use cpu")
-    if kind == "cuda" and torch.device(device).index is not None:
-        if (index := torch.device(device).index) >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s), "
-                f"cuda:0 to cuda:{torch.cuda.device_count() - 1} (index {index} is past them)"
-            )
+    index, gpus = torch.device(device).index, torch.cuda.device_count()
+    if kind == "cuda" and index is not None and index >= gpus:
+        raise ValueError(
+            f"device {device!r}: this machine has {gpus} GPU(s), cuda:0 to cuda:{gpus - 1} "
+            f"(index {index} is past them)"
+        )
     if kind not in ("cpu", "cuda") and not _available(kind):
         raise ValueError(f"device {device!r}: torch cannot use {kind} here; use cpu or cuda")
 

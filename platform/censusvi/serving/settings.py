@@ -11,7 +11,7 @@ from typing import Any
 from censusvi import defaults
 from censusvi.numeric import is_finite, is_whole
 from censusvi.serving.auth import token_digest
-from censusvi.typed import typed
+from censusvi.typed import shown, typed
 
 POSITIVE = (  # settings that must be finite numbers above 0
     "max_request_mb",
@@ -32,8 +32,7 @@ def check_transfer(k, unknown_threshold, method: str | None) -> None:
     if k > MAX_K:
         raise ValueError(f"k {k}: this server answers at most {MAX_K} neighbours per cell")
     if method is not None and method not in defaults.METHODS:
-        shown = method if len(method) <= 40 else method[:40] + "..."
-        raise ValueError(f"method {shown!r}: choose one of {', '.join(defaults.METHODS)}")
+        raise ValueError(f"method {shown(method)}: choose one of {', '.join(defaults.METHODS)}")
 
 
 # Accepted by ``build_app`` beside the fields: per-deployment options, per-deployment Ray actor

@@ -56,9 +56,9 @@ def _config_dict(cfg: PretrainConfig) -> dict[str, Any]:
 def workers_device(device: str, use_gpu: bool) -> str:
     """The device kind Ray workers train on: ``use_gpu`` gives each its own GPU (Ray picks the
     index), so a CUDA ``train.device`` needs it; without it they train on the CPU."""
-    if device_kind(device) not in ("cpu", "cuda"):
+    if (kind := device_kind(device)) not in ("cpu", "cuda"):
         raise ValueError(f"train.device={device!r}: Ray workers train on cpu or cuda")
-    if device_kind(device) == "cuda" and not use_gpu:
+    if kind == "cuda" and not use_gpu:
         raise ValueError(
             f"train.device={device!r} but use_gpu is false: Ray gives the workers no GPU; set "
             "train.use_gpu: true (each worker then trains on its own GPU), or train.device: cpu"
