@@ -170,3 +170,38 @@ def test_ingest_stopped_midway_leaves_nothing_behind(shared_data, tmp_path, sig)
         p.kill()
     assert p.returncode == 130 and err.strip().splitlines()[-1] == "censusvi: interrupted", err
     assert not (tmp_path / "x.soma").exists() and not list(tmp_path.glob(".x.soma*"))
+
+
+def test_a_named_x_layer_is_read_in_process_as_on_a_ray_worker(tmp_path):
+    """``data.layer`` on a SOMA source names an X layer: the driver's in-process source read
+    the default layer whatever it said, while a Ray worker's reader read the named one (two
+    runs of one config trained on different counts). Both now read it; a layer the experiment
+    lacks is one line naming the layers it has."""
+    import pyarrow as pa
+    import tiledbsoma
+
+    from censusvi.data.shards import open_reader
+    from censusvi.data.soma import open_source
+    from censusvi.train.pretrain import DataConfig, PretrainConfig, plan_from
+    from conftest import simulated_adata
+
+    a = simulated_adata(n_cells=40, n_genes=30)
+    a.write_h5ad(tmp_path / "a.h5ad")
+    uri = str(ingest([tmp_path / "a.h5ad"], tmp_path / "e.soma"))
+    with tiledbsoma.Experiment.open(uri) as exp:
+        raw = exp.ms["RNA"].X["raw"]
+        table, shape = raw.read().tables().concat(), raw.shape
+    with tiledbsoma.Experiment.open(uri, "w") as exp:
+        doubled = exp.ms["RNA"].X.add_new_sparse_ndarray("doubled", type=pa.float32(), shape=shape)
+        doubled.write(table.set_column(2, "soma_data", pa.compute.multiply(table["soma_data"], 2)))
+    rows = np.arange(0, 40, 7)
+    x = open_source(uri).read_rows(rows).toarray()
+    assert x.sum() > 0
+    plan = plan_from(PretrainConfig(DataConfig(source=uri, layer="doubled", n_hvg=0)))
+    np.testing.assert_array_equal(plan.source.read_rows(rows).toarray(), 2 * x)
+    worker = open_reader(uri, None, "doubled", True)
+    np.testing.assert_array_equal(worker.read(plan.source.joinids(rows)).toarray(), 2 * x)
+    with pytest.raises(
+        ValueError, match=r"X layer 'counts' not in the experiment; it has \['doubled', 'raw'\]"
+    ):
+        open_source(uri, layer="counts")

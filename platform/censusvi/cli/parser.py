@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--n-hvg", type=int, help="highly variable genes to keep (0: all)")
     s.add_argument("--obs-filter", help="e.g. 'is_primary_data == True and nnz >= 300'")
-    s.add_argument("--layer", help="where counts are in an .h5ad: a layer name or 'raw'")
+    s.add_argument("--layer", help="an .h5ad's counts layer or 'raw'; a SOMA X layer")
     s.add_argument(
         "--schedule",
         choices=SCHEDULE_CHOICES,

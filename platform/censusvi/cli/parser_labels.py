@@ -10,7 +10,9 @@ from censusvi.cli.parser import faiss_device_arg, latent_key_arg, out_args, seed
 
 
 def layer_arg(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--layer", help="where an .h5ad's counts are: a layer name or 'raw' (default X)")
+    s.add_argument(
+        "--layer", help="an .h5ad's counts layer or 'raw' (default X); a SOMA X layer (default raw)"
+    )
 
 
 def add_label_commands(sub, query_args) -> None:

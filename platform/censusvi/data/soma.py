@@ -252,6 +252,11 @@ class SomaX:
         if not np.array_equal(self._var_joinids, np.arange(n_var)):
             self._col_of = np.full(int(self._var_joinids.max()) + 1, -1, dtype=np.int32)
             self._col_of[self._var_joinids] = np.arange(n_var, dtype=np.int32)
+        if x_layer not in ms.X:
+            raise ValueError(
+                f"{uri}: X layer {x_layer!r} not in the experiment; it has {sorted(ms.X.keys())}. "
+                f"Pass one of those with --layer (censusvi ingest writes {X_LAYER!r})"
+            )
         x = ms.X[x_layer]
         self._x = type(x).open(x.uri, context=x.context.replace(tiledb_config=X_READ_CONFIG))
 
@@ -376,7 +381,9 @@ def open_source(
     optional_obs_columns: tuple[str, ...] = (),
 ):
     """An ``H5adSource`` for ``*.h5ad`` paths, a ``SomaSource`` for anything else (which reads
-    only ``obs_columns`` and those ``optional_obs_columns`` it has, when given)."""
+    only ``obs_columns`` and those ``optional_obs_columns`` it has, when given). ``layer``: the
+    .h5ad's counts (X, ``layers[layer]`` or 'raw' for raw.X), or the SOMA X layer (default
+    ``X_LAYER``), as a Ray worker's ``open_reader`` reads it."""
     from censusvi.data.h5ad import H5adSource
 
     if str(path).endswith(".h5ad"):
@@ -384,6 +391,7 @@ def open_source(
     return SomaSource(
         path,
         obs_filter=obs_filter,
+        x_layer=layer or X_LAYER,
         obs_columns=obs_columns,
         optional_obs_columns=optional_obs_columns,
     )
