@@ -156,6 +156,22 @@ def test_an_index_that_does_not_fit_the_model_stops_the_app_before_it_starts(
     assert "ray" not in rc.stderr.lower()  # refused before Ray started
 
 
+def test_censusvi_serve_loads_the_model_once_in_the_driver(model_and_index, monkeypatch):
+    """`censusvi serve` checks the model and index before Ray starts, then built the app with
+    build_app, which loaded the model again (a Census model twice in the driver). Its
+    checked_app binds the same application without the second load; Serve's builder still
+    checks."""
+    from censusvi.model import io
+    from censusvi.serving.app import build_app, checked_app
+
+    loads = []
+    load = io.load_model
+    monkeypatch.setattr(io, "load_model", lambda *a, **kw: loads.append(a) or load(*a, **kw))
+    args = {"model": str(model_and_index / "m"), "index": str(model_and_index / "ix")}
+    assert type(checked_app(args)) is type(build_app(args))
+    assert len(loads) == 1
+
+
 def test_serve_run_of_the_shipped_config_serves_a_request(local_ray, model_and_index, tmp_path):
     """Serve's CLI against this session's Ray, with the shipped file's args pointed at a model
     directory, its port free, and no CPUs reserved (the session's Ray has 2): the replicas run

@@ -56,7 +56,7 @@ def run_foreground(
     import ray
     from ray import serve
 
-    from censusvi.serving.app import build_app
+    from censusvi.serving.app import checked_app
     from censusvi.serving.settings import Settings, check_servable
 
     check_servable(Settings.from_args(settings))  # a bad model, index or setting: before Ray
@@ -73,7 +73,7 @@ def run_foreground(
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
-        app = build_app({**settings, "deployments": deployment_options()})
+        app = checked_app({**settings, "deployments": deployment_options()})
         serve.run(app, name="censusvi", route_prefix="/", blocking=False)
         url = f"http://{host}:{port}"
         wait_healthy(url, 300)

@@ -362,11 +362,17 @@ class Ingress:
 def build_app(args: dict[str, Any]):
     """The application: ``args`` are ``Settings`` fields (strings from ``serve run`` are typed),
     ``token``/``token_file``, and ``deployments`` (name -> options merged over the code's:
-    ``deploy.deployment_options``)."""
+    ``deploy.deployment_options``). Serve's builder: one parameter."""
+    check_servable(Settings.from_args(args))
+    return checked_app(args)
+
+
+def checked_app(args: dict[str, Any]):
+    """``build_app`` for settings ``check_servable`` has passed already (``censusvi serve``
+    checks them before Ray starts), so the driver does not load the model twice."""
     import ray
 
     s = Settings.from_args(args)
-    check_servable(s)
     version = current_version(s)  # an unset alias or a missing model fails here, with its reason
     gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
     configured = configured_options(args)
