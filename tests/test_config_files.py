@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -198,9 +199,9 @@ def test_no_sys_path_manipulation_in_the_library():
         ("", ["train.early_stopping=maybe"], "train.early_stopping='maybe': must be true or false"),
         ("", ["data.n_hvg=abc"], "data.n_hvg='abc': must be a whole number"),
         ("data:\n  n_hvg: -10\n", [], "n_hvg=-10: a whole number of genes >= 0"),
-        ("train:\n  batch_size: 0\n", [], "batch_size=0: at least 3 cells"),
+        ("train:\n  batch_size: 0\n", [], "batch_size=0: must be a whole number of cells >= 3"),
         ("train:\n  seed: -3\n", [], "seed -3: a whole number from 0 to 4294967295"),
-        ("", ["train.lr=nan"], "lr=nan: must be a number > 0"),
+        ("", ["train.lr=nan"], "lr=nan: must be a finite number > 0"),
         ("", ["train.patience=0"], "patience=0: must be whole epochs >= 1"),
         ("", ["model.n_latent=ten"], "model.n_latent='ten': must be a whole number"),
         ("", ["data.batch_keys=[1, 2]"], r"data.batch_keys=\(1, 2\): must be a list of names"),
@@ -221,3 +222,25 @@ def test_a_number_yaml_reads_as_text_is_taken_as_the_number(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lr: 1e-3\n")
     cfg = load_pretrain_config(str(tmp_path / "c.yaml"), {}, ["train.weight_decay=1e-5"])
     assert (cfg.train.lr, cfg.train.weight_decay) == (0.001, 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("lr", float("nan"), "lr=nan: must be a finite number > 0"),
+        ("batch_size", 2, "batch_size=2: must be a whole number of cells >= 3"),
+        ("weight_decay", -1.0, "weight_decay=-1.0: must be a finite number >= 0"),
+        ("seed", -1, "seed -1: a whole number from 0 to 4294967295"),
+    ],
+)
+def test_pretraining_surgery_and_finetuning_refuse_a_setting_by_one_rule(field, value, message):
+    """The three training loops checked their shared settings with twin loops in two wordings,
+    and surgery not at all (lr=nan trained the query's batches into NaN). One table
+    (typed.RANGES) now refuses each, in one line of one shape."""
+    from censusvi.annotate.finetune import FinetuneConfig
+    from censusvi.mapping.surgery import SurgeryConfig
+    from censusvi.train.loop import TrainConfig
+
+    for config in (TrainConfig, SurgeryConfig, FinetuneConfig):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            config(**{field: value})

@@ -99,7 +99,7 @@ def test_the_cli_writes_a_model_that_indexes_registers_and_refuses_bad_input(
     assert len(err) == 1 and "label key 'cell_typo' is not in obs" in err[0], err
     assert not (tmp_path / "bad").exists()
     # a ratio of inf, or one so large that the loss overflows, wrote an all-NaN model and exited 0
-    for ratio, says in [("inf", "classification_ratio inf: must be a finite number > 0"),
+    for ratio, says in [("inf", "classification_ratio=inf: must be a finite number > 0"),
                         ("1e300", "fine-tuning diverged: the loss became nan at epoch 0")]:  # fmt: skip
         code = main([*args, "--labels-key", "cell_type", "--max-epochs", "1",
                      "--classification-ratio", ratio, "--out", str(tmp_path / "bad")])  # fmt: skip

@@ -10,7 +10,7 @@ import typing
 from numbers import Real
 from typing import Any
 
-from censusvi.numeric import is_whole
+from censusvi.numeric import check_seed, is_finite, is_whole
 
 _KINDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
 
@@ -66,3 +66,42 @@ def typed(name: str, value: Any, hint: Any, text: bool = False) -> Any:
     named = [_KINDS.get(k, "a list of names") for k in kinds if k is not type(None)]
     none = " (or null)" if type(None) in kinds else ""
     raise ValueError(f"{name}={shown(value, 60)}: must be {' or '.join(named)}{none}")
+
+
+def _positive(v) -> bool:
+    return is_finite(v) and v > 0
+
+
+def _non_negative(v) -> bool:
+    return is_finite(v) and v >= 0
+
+
+# The range of each optimiser setting that pretraining, surgery and fine-tuning share: one rule,
+# one wording (test, what it must be)
+RANGES = {
+    "max_epochs": (lambda v: is_whole(v) and v >= 1, "whole epochs >= 1"),
+    "batch_size": (
+        lambda v: is_whole(v) and v >= 3,
+        "a whole number of cells >= 3 (batch normalisation needs them)",
+    ),
+    "lr": (_positive, "a finite number > 0"),
+    "weight_decay": (_non_negative, "a finite number >= 0"),
+    "adam_eps": (_positive, "a finite number > 0"),
+    "min_delta": (_non_negative, "a finite number >= 0"),
+    "patience": (lambda v: is_whole(v) and v >= 1, "whole epochs >= 1"),
+    "n_epochs_kl_warmup": (lambda v: is_whole(v) and v >= 0, "whole epochs >= 0"),
+    "classification_ratio": (_positive, "a finite number > 0 (scANVI uses 50)"),
+}
+
+
+def check_ranges(settings: Any, names: tuple[str, ...], unset: tuple[str, ...] = ()) -> None:
+    """A ValueError ``NAME=VALUE: must be ...`` for the first of ``names`` whose value on
+    ``settings`` breaks its ``RANGES`` rule; those in ``unset`` may be None (a schedule's or a
+    default's to fill), and a ``seed`` is checked too where ``settings`` has one."""
+    for name in names:
+        value = getattr(settings, name)
+        ok, rule = RANGES[name]
+        if not (value is None and name in unset) and not ok(value):
+            raise ValueError(f"{name}={shown(value, 60)}: must be {rule}")
+    if hasattr(settings, "seed"):
+        check_seed(settings.seed)

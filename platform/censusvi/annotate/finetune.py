@@ -42,9 +42,9 @@ from censusvi.inference import reference_cells
 from censusvi.model.device import check_local_device
 from censusvi.model.io import UNKNOWN_BATCH_FIX_REFERENCE, TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
-from censusvi.numeric import check_seed, is_finite, is_whole
 from censusvi.progress import bar
 from censusvi.train.schedule import ADAM_EPS, scvi_tools_max_epochs
+from censusvi.typed import check_ranges
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # torch's cross-entropy ignore_index
@@ -62,16 +62,8 @@ class FinetuneConfig:
     device: str = "cpu"  # where the epochs run ("cuda" on a GPU); the result is on the CPU
 
     def __post_init__(self) -> None:
-        if self.max_epochs is not None and not (is_whole(self.max_epochs) and self.max_epochs >= 1):
-            raise ValueError(f"max_epochs {self.max_epochs!r}: fine-tune for at least 1 epoch")
-        for name, low in (("classification_ratio", "> 0 (scANVI uses 50)"), ("lr", "> 0")):
-            if not (is_finite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"{name} {getattr(self, name)!r}: must be a finite number {low}")
-        if not (is_finite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay {self.weight_decay!r}: must be a finite number >= 0")
-        if not (is_whole(self.batch_size) and self.batch_size >= 3):
-            raise ValueError(f"batch_size {self.batch_size!r}: batch norm needs at least 3 cells")
-        check_seed(self.seed)
+        names = ("max_epochs", "classification_ratio", "lr", "weight_decay", "batch_size")
+        check_ranges(self, names, unset=("max_epochs",))
         check_local_device(self.device)
 
 

@@ -25,6 +25,7 @@ from censusvi.model.io import TrainedModel
 from censusvi.model.layers import InjectedLinear
 from censusvi.model.vae import VAE
 from censusvi.numeric import is_whole
+from censusvi.typed import check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class SurgeryConfig:
                 f"max_epochs={self.max_epochs!r}: surgery needs at least 1 epoch (default "
                 f"{SURGERY_MAX_EPOCHS}); without training new batches, pass --no-train"
             )
+        check_ranges(self, ("lr", "batch_size", "patience", "min_delta", "weight_decay"))
 
 
 def _batch_linears(vae: VAE) -> list[InjectedLinear]:

@@ -20,7 +20,6 @@ import torch
 
 from censusvi.model.minibatch import Minibatch
 from censusvi.model.vae import VAE
-from censusvi.numeric import check_seed, is_finite, is_whole
 from censusvi.train.checkpoint import CheckpointStore
 from censusvi.train.host_memory import keep_freed_memory
 from censusvi.train.schedule import (
@@ -34,11 +33,15 @@ from censusvi.train.schedule import (
 )
 from censusvi.train.schedule import check_name as check_schedule
 from censusvi.train.schedule import pick as pick_schedule
+from censusvi.typed import check_ranges
 
 log = logging.getLogger(__name__)
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# the fields whose ranges ``typed.RANGES`` holds (those in ``SCHEDULED`` may be None: unset)
+TRAIN_RANGES = ("max_epochs", "batch_size", "lr", "weight_decay", "adam_eps", "min_delta",
+                "patience", "n_epochs_kl_warmup")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -71,26 +74,9 @@ class TrainConfig:
         check_schedule(self.schedule)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}: choose one of {PRECISIONS}")
-        if self.max_epochs is not None and self.max_epochs < 1:
-            raise ValueError(f"max_epochs={self.max_epochs}: train for at least 1 epoch")
-        if self.batch_size is not None and self.batch_size < 3:
-            raise ValueError(
-                f"batch_size={self.batch_size}: at least 3 cells (batch normalisation needs them)"
-            )
         if not 0.0 < self.train_fraction <= 1.0:
             raise ValueError(f"train_fraction={self.train_fraction} must be in (0, 1]")
-        check_seed(self.seed)
-        for name, ok, rule in (
-            ("lr", self.lr is None or (is_finite(self.lr) and self.lr > 0), "a number > 0"),
-            ("weight_decay", is_finite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
-            ("adam_eps", is_finite(self.adam_eps) and self.adam_eps > 0, "a number > 0"),
-            ("min_delta", is_finite(self.min_delta) and self.min_delta >= 0, "a number >= 0"),
-            ("patience", is_whole(self.patience) and self.patience >= 1, "whole epochs >= 1"),
-            ("n_epochs_kl_warmup", self.n_epochs_kl_warmup is None
-             or (is_whole(self.n_epochs_kl_warmup) and self.n_epochs_kl_warmup >= 0), ">= 0"),
-        ):  # fmt: skip
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be {rule}")
+        check_ranges(self, TRAIN_RANGES, unset=SCHEDULED)
 
     def explicit(self) -> tuple[str, ...]:
         """The schedule-decided fields set here (they win over the schedule)."""
