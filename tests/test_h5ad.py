@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from censusvi import cli
 from censusvi.data.h5ad import H5adSource
 from conftest import simulated_adata
 
@@ -29,3 +31,38 @@ def test_genes_without_ensembl_id_keep_their_symbol(shared_data):
     src = H5adSource(shared_data / "pbmc_3chem_symphony_small.h5ad")
     assert len(set(src.var_ids)) == len(src.var_ids) == 1767
     assert sum(not i.startswith("ENSG") for i in src.var_ids) == 344
+
+
+def test_an_obs_filter_is_parsed_never_run(tmp_path, capsys):
+    """pandas' DataFrame.eval resolved '@os' to the caller's module and ran the shell command; the
+    filter is now walked by one grammar on every source, and anything else is one line, exit 2."""
+    path = tmp_path / "x.h5ad"
+    adata = simulated_adata()
+    adata.obs["assay"] = np.where(np.arange(adata.n_obs) % 3 == 0, "10x 3' v3", "Drop-seq")
+    adata.write_h5ad(path)
+    marker = tmp_path / "pwned"
+    for payload in (
+        f"@os.system('touch {marker}')",
+        f"__import__('os').system('touch {marker}') == 0",
+        f"nnz.__class__.__init__.__globals__['os'].system('touch {marker}')",
+    ):
+        rc = cli.main(
+            [
+                "pretrain",
+                "--source",
+                str(path),
+                "--out",
+                str(tmp_path / "m"),
+                "--obs-filter",
+                payload,
+                "--max-epochs",
+                "1",
+            ]
+        )
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "obs filter" in err, err
+        assert not marker.exists() and not (tmp_path / "m").exists()
+    with pytest.raises(ValueError, match="'nope' is not an obs column"):
+        H5adSource(path, obs_filter="nope == 1")
+    src = H5adSource(path, obs_filter='assay in ["10x 3\' v3"] and not (nnz < 0) or raw_sum < 0')
+    assert len(src.obs) == (adata.n_obs + 2) // 3 and (src.obs["assay"] == "10x 3' v3").all()

@@ -105,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--covariate-keys", help="extra categorical obs columns injected beside the batch"
     )
     s.add_argument("--n-hvg", type=int, help="highly variable genes to keep (0: all)")
-    s.add_argument("--obs-filter", help="e.g. 'is_primary_data == True and nnz >= 300'")
+    s.add_argument(
+        "--obs-filter",
+        help="obs columns compared with literals, joined by and/or/not, e.g. 'is_primary_data == True and nnz >= 300'",
+    )
     s.add_argument("--layer", help="an .h5ad's counts layer or 'raw'; a SOMA X layer")
     s.add_argument(
         "--schedule",

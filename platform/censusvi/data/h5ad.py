@@ -12,6 +12,7 @@ import scipy.sparse as sp
 from anndata.abc import CSCDataset, CSRDataset
 
 from censusvi.data.counts import CountsError, check_csr, check_indptr, to_csr32
+from censusvi.data.obs_filter import mask as obs_filter_mask
 from censusvi.data.vocabulary import ID_COLUMNS, SYMBOL_COLUMNS, VAR_NAMES, var_column_key
 
 BACKED_ABOVE_BYTES = 4 << 30  # files over 4 GiB are read row-block by row-block, not loaded
@@ -197,12 +198,10 @@ class H5adSource:
         self._rows = np.arange(adata.n_obs)
         if obs_filter:
             try:
-                mask = obs.eval(obs_filter).to_numpy(dtype=bool)
-            except Exception as e:
-                raise ValueError(
-                    f"obs filter {obs_filter!r} failed on {self.uri}: {e}; obs has {sorted(obs.columns)}"
-                ) from e
-            self._rows = self._rows[mask]
+                keep = obs_filter_mask(obs, obs_filter)
+            except ValueError as e:
+                raise ValueError(f"{self.uri}: {e}") from None
+            self._rows = self._rows[keep]
             obs = obs.iloc[self._rows]
         self.obs = obs
         self.var_ids, self.var_symbols = gene_ids_and_symbols(adata.var)
