@@ -156,6 +156,28 @@ def test_an_index_that_does_not_fit_the_model_stops_the_app_before_it_starts(
     assert "ray" not in rc.stderr.lower()  # refused before Ray started
 
 
+def test_censusvi_serve_refuses_a_busy_port_a_bad_host_or_an_empty_token_in_one_line(
+    model_and_index,
+):
+    """A port another process holds, or a --host that does not resolve, ended in a page of Ray
+    traceback (exit 1); --token "" (a variable left unset) served with no authentication."""
+    d = model_and_index
+    serve = [sys.executable, "-m", "censusvi.cli", "serve", "--model", str(d / "m"), "--index",
+             str(d / "ix")]  # fmt: skip
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        for extra, says in [
+            (["--port", port], f"cannot listen on 127.0.0.1:{port} (Address already in use)"),
+            (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' does not resolve"),
+            (["--port", str(free_port()), "--token", ""], "the token is empty"),
+        ]:
+            rc = subprocess.run(serve + extra, capture_output=True, text=True, timeout=120)
+            assert rc.returncode == 2 and says in rc.stderr, rc.stderr
+            assert rc.stderr.count("\n") == 1 and "ray" not in rc.stderr.lower(), rc.stderr
+
+
 def test_censusvi_serve_loads_the_model_once_in_the_driver(model_and_index, monkeypatch):
     """`censusvi serve` checks the model and index before Ray starts, then built the app with
     build_app, which loaded the model again (a Census model twice in the driver). Its
@@ -170,6 +192,29 @@ def test_censusvi_serve_loads_the_model_once_in_the_driver(model_and_index, monk
     args = {"model": str(model_and_index / "m"), "index": str(model_and_index / "ix")}
     assert type(checked_app(args)) is type(build_app(args))
     assert len(loads) == 1
+
+
+def test_a_request_without_counts_is_refused_joined_as_it_is_alone(model_and_index):
+    """Requests arriving together (@serve.batch) map as one: a request whose cells all have zero
+    counts came back 200 with no cells (and its explorer link a 500), though alone it is a 422."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from censusvi.serving.mapper import ModelHost
+    from censusvi.serving.settings import Settings
+    from censusvi.wire import QueryCells
+
+    host = ModelHost(Settings.from_args({"model": str(model_and_index / "m")}))
+    q = ad.read_h5ad(model_and_index / "ref.h5ad")[:20]
+    genes, batch = list(q.var["gene_ids"]), q.obs["batch"].to_numpy(dtype=str)
+    good = QueryCells(sp.csr_matrix(q.X), genes, batch)
+    zero = QueryCells(sp.csr_matrix(q.X.shape, dtype=np.float32), genes, batch)
+    lone = host.map_all([(zero, "local")])[0]
+    assert lone["status"] == 422 and "zero counts" in lone["error"]
+    answers = host.map_all([(good, "local"), (zero, "local"), (good, "local")])
+    assert answers[1] == lone
+    for answer in (answers[0], answers[2]):
+        assert answer["report"]["cells_mapped"] == 20 and len(answer["positions"]) == 20
 
 
 def test_serve_run_of_the_shipped_config_serves_a_request(local_ray, model_and_index, tmp_path):

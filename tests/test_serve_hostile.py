@@ -4,6 +4,7 @@ no server file leaks, and the same replicas answer the next honest request (no r
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
 
@@ -171,8 +172,21 @@ def test_token_file_and_environment_give_the_same_digest(tmp_path, monkeypatch):
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(TokenError, match="is empty"):
         token_digest(token_file=str(tmp_path / "empty"))
-    with pytest.raises(TokenError, match="cannot read the token file"):
+    with pytest.raises(TokenError, match="missing does not exist"):
         token_digest(token_file=str(tmp_path / "missing"))
+    os.mkfifo(tmp_path / "fifo")  # read forever (/dev/zero) or hang (a pipe): refused unread
+    for odd in ("/dev/zero", str(tmp_path / "fifo"), str(tmp_path)):
+        with pytest.raises(TokenError, match="is not a regular file"):
+            token_digest(token_file=odd)
+    (tmp_path / "big").write_text("x" * 5000)
+    with pytest.raises(TokenError, match="is over 4096 bytes"):
+        token_digest(token_file=str(tmp_path / "big"))
+    (tmp_path / "latin1").write_bytes(b"caf\xe9")
+    with pytest.raises(TokenError, match="is not UTF-8 text"):
+        token_digest(token_file=str(tmp_path / "latin1"))
+    for empty in ("", "  "):  # --token "$TOKEN" with TOKEN unset: not "no authentication"
+        with pytest.raises(TokenError, match="the token is empty"):
+            token_digest(token=empty)
     monkeypatch.delenv("CENSUSVI_TOKEN")
     assert token_digest() is None and authorised(None, None)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -50,6 +51,29 @@ def wait_healthy(url: str, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
+def check_listenable(host: str, port: int) -> None:
+    """One line (a ValueError) where ``host:port`` cannot be listened on -- a name that does not
+    resolve, an address not on this machine, a port another process holds -- before Ray starts:
+    Serve's proxy would otherwise fail inside Ray with a page of traceback."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(
+            f"--host {host!r} does not resolve ({getattr(e, 'strerror', None) or e}): give an "
+            "address of this machine, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (all)"
+        ) from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy's server does
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise ValueError(
+                f"cannot listen on {host}:{port} ({e.strerror}): another process may hold the "
+                "port; choose another --port, or --host an address of this machine"
+            ) from None
+
+
 def run_foreground(
     settings: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, quiet: bool = False
 ) -> int:
@@ -61,6 +85,8 @@ def run_foreground(
 
     check_servable(Settings.from_args(settings))  # a bad model, index or setting: before Ray
     started_ray = not ray.is_initialized() and "RAY_ADDRESS" not in os.environ
+    if started_ray:  # a running cluster's proxy may already hold the port: Serve reuses it
+        check_listenable(host, port)
     if not ray.is_initialized():
         ray.init(
             address=None if "RAY_ADDRESS" in os.environ else "local",

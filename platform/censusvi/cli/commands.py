@@ -325,10 +325,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     settings: dict[str, Any] = {"model": a.model, "max_cells": a.max_cells}
     if a.token_file:
         settings["token_file"] = a.token_file
-    elif a.token:
-        logging.getLogger("censusvi").warning(
-            "--token is visible to every user of this machine (ps): prefer --token-file"
-        )
+    elif a.token is not None:  # "" too: refused as empty, never read as "no authentication"
+        if a.token.strip():
+            logging.getLogger("censusvi").warning(
+                "--token is visible to every user of this machine (ps): prefer --token-file"
+            )
         settings["token"] = a.token
     if a.index:
         settings["index"] = a.index

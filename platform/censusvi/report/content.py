@@ -98,7 +98,7 @@ def report_content(
         .sort_values("size", ascending=False)
     )
     qc = None
-    if NLL_COLUMN in cells:
+    if NLL_COLUMN in cells and len(cells):
         nll = cells[NLL_COLUMN].to_numpy(dtype=float)
         qc = {q: float(np.quantile(nll, float(q))) for q in ("0.05", "0.5", "0.95")}
     content: dict[str, Any] = {

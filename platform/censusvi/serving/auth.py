@@ -21,18 +21,49 @@ class TokenError(ValueError):
     """The token file cannot be read or is empty; the message says which and how to fix it."""
 
 
+MAX_TOKEN_BYTES = 4096
+
+
+def _read_token_file(token_file: str) -> str:
+    """The token in ``token_file``: a regular file of at most 4 KB of UTF-8 text (a device or a
+    pipe named by mistake would be read forever or hang the start)."""
+    path = Path(token_file).expanduser()
+    try:
+        if not path.is_file():
+            what = "does not exist" if not path.exists() else "is not a regular file"
+            raise TokenError(f"the token file {path} {what}: name the file holding the token")
+        with path.open("rb") as f:
+            raw = f.read(MAX_TOKEN_BYTES + 1)
+    except OSError as e:
+        raise TokenError(f"cannot read the token file {path}: {e.strerror}") from None
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise TokenError(
+            f"the token file {path} is over {MAX_TOKEN_BYTES} bytes: is it the token's file?"
+        )
+    try:
+        token = raw.decode().strip()
+    except UnicodeDecodeError:
+        raise TokenError(
+            f"the token file {path} is not UTF-8 text: write the token in it"
+        ) from None
+    if not token:
+        raise TokenError(f"the token file {path} is empty: write the token in it")
+    return token
+
+
 def token_digest(token: str | None = None, token_file: str | None = None) -> str | None:
-    """SHA-256 (hex) of the configured token, or None for no authentication."""
+    """SHA-256 (hex) of the configured token, or None for no authentication (no token given at
+    all). A token given empty -- ``--token "$TOKEN"`` with TOKEN unset -- is refused rather than
+    read as "no authentication"."""
     if token_file:
-        path = Path(token_file).expanduser()
-        try:
-            token = path.read_text().strip()
-        except OSError as e:
-            raise TokenError(f"cannot read the token file {path}: {e.strerror}") from None
-        if not token:
-            raise TokenError(f"the token file {path} is empty: write the token in it")
+        token = _read_token_file(token_file)
+    elif token is not None and not str(token).strip():
+        raise TokenError(
+            'the token is empty (--token "$VAR" with VAR unset?): give the token, '
+            "or leave --token out to serve without authentication"
+        )
     token = token or os.environ.get(TOKEN_ENV) or None
-    return hashlib.sha256(token.encode()).hexdigest() if token else None
+    return hashlib.sha256(str(token).strip().encode()).hexdigest() if token else None
 
 
 def presented_digest(authorization: str | None) -> str | None:

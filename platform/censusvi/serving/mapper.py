@@ -97,7 +97,12 @@ class ModelHost:
             whole = self._map_one(version, join_cells(parts))
         except ValueError:  # one part's fault: map each alone to say whose
             return [self._map_safely(version, p) for p in parts]
-        return split_mapped(whole, parts)
+        answers = split_mapped(whole, parts)
+        # A part none of whose cells has counts is an error alone (422), so it is one joined too.
+        return [
+            self._map_safely(version, p) if len(a["positions"]) == 0 else a
+            for p, a in zip(parts, answers)
+        ]
 
     def _map_safely(self, version: str, cells) -> dict:
         try:
