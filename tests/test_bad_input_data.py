@@ -265,6 +265,27 @@ def test_model_config_without_a_key(drop, message, sim_model, tmp_path, capsys):
     assert_nothing_written(tmp_path, "o.h5ad")
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"provenance": "x"}, "'provenance' must be a JSON object, got str"),
+        ({"covariates": ["x"]}, "'covariates' must be a JSON object, got list"),
+        ({"batch_keys": "batch"}, "'batch_keys' must be a JSON list, got str"),
+        ({"batch_keys": [""]}, "'batch_keys' must be a list of obs column names"),
+    ],
+)
+def test_model_config_of_the_wrong_shape(edit, message, sim_model, tmp_path, capsys):
+    """An edited section of the wrong JSON type failed in whatever read it first (info: an
+    AttributeError traceback)."""
+    model = shutil.copytree(sim_model, tmp_path / "m")
+    d = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**d, **edit}))
+    src = write(simulated_adata(seed=1), tmp_path / "q.h5ad")
+    for argv in (["info", str(model)], embed_args(model, src, tmp_path / "o.h5ad")):
+        code, err = run_cli(argv, capsys)
+        assert (code, err) == (2, f"censusvi: error: {model}/config.json: {message}\n")
+
+
 @pytest.mark.parametrize("command", ["pretrain", "pretrain with HVG", "embed", "map"])
 def test_absurd_counts(command, sim_model, tmp_path, capsys):
     """A count of 1e30 is finite (even in float32) yet no UMI count: refused above 1e9."""

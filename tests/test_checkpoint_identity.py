@@ -60,6 +60,45 @@ def test_unchanged_source_resumes(kept_checkpoint, tmp_path, capsys):
     assert main(pretrain_args(kept_checkpoint, tmp_path / "m")) == 0
 
 
+class Payload:
+    """Unpickled, it would run a shell command (``torch.load`` without weights_only did)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(kept_checkpoint, tmp_path, capsys):
+    """An interrupted copy or a full disk damages a file of MODEL.checkpoint/; the rerun that
+    resumes from it ended in a traceback from safetensors, json or torch."""
+    import pickle
+    import shutil
+
+    ck = tmp_path / "m.checkpoint"
+    shutil.copytree(ck, tmp_path / "good")
+    marker = tmp_path / "pwned"
+    cases = [
+        ("state.json", b"[]"), ("state.json", b'{"fingerprint": '), ("state.json", b"\xff\xfe"),
+        ("weights.safetensors", b"[]"), ("optimizer.pt", b"[]"),
+        ("optimizer.pt", pickle.dumps(Payload(marker))),
+    ]  # fmt: skip
+    for name, damage in cases:
+        shutil.rmtree(ck)
+        shutil.copytree(tmp_path / "good", ck)
+        (ck / name).write_bytes(damage)
+        assert main(pretrain_args(kept_checkpoint, tmp_path / "m")) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"checkpoint {ck} is damaged ({name}: " in err, err
+        assert f"delete {ck} to start over" in err and not marker.exists()
+    state = (tmp_path / "good" / "state.json").read_text().replace('"history"', '"h"')
+    (ck / "state.json").write_text(state)
+    (ck / "optimizer.pt").write_bytes((tmp_path / "good" / "optimizer.pt").read_bytes())
+    assert main(pretrain_args(kept_checkpoint, tmp_path / "m")) == 2
+    assert "is damaged (state.json: " in capsys.readouterr().err
+
+
 class FakeSoma:
     """The parts of a SomaSource that identify it."""
 

@@ -139,7 +139,8 @@ def test_scvi_tools_weights_of_another_shape_or_no_model_at_all(tmp_path, capsys
     rc, err = run(
         capsys, "import-scvi-tools", str(tmp_path / "scvi2"), "--out", str(tmp_path / "m")
     )
-    assert rc == 2 and "1000000000000" in err and "wrong shapes" in err, err
+    assert rc == 2 and f"{tmp_path / 'scvi2' / 'model.pt'}: its attr_dict: " in err, err
+    assert "n_latent=1000000000000" in err and "parameters" in err and "over the 1e+09" in err
     (tmp_path / "x.h5ad").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
     rc, err = run(
         capsys, "import-scvi-tools", str(tmp_path / "x.h5ad"), "--out", str(tmp_path / "m")
@@ -232,3 +233,15 @@ def test_a_seed_out_of_range_names_the_flag(capsys, seed):
                   "--seed", seed])  # fmt: skip
     err = capsys.readouterr().err
     assert e.value.code == 2 and "argument --seed:" in err, err
+
+
+def test_a_symbolic_link_loop_is_one_line_as_input_or_output(tmp_path, capsys):
+    """Python 3.11's pathlib raises RuntimeError on a link loop: a traceback from the check that
+    --out is not an input."""
+    loop = tmp_path / "loop.h5ad"
+    loop.symlink_to(loop.name)
+    for data, out in ((loop, tmp_path / "o.h5ad"), (tmp_path / "x.h5ad", loop)):
+        rc, err = run(capsys, "embed", "--model", str(tmp_path / "m"), "--data", str(data), "--out",
+                      str(out))  # fmt: skip
+        assert (rc, err) == (2, f"censusvi: error: {loop}: cannot follow its symbolic links "
+                             f"(Symlink loop from '{loop}'): name the file itself\n")  # fmt: skip

@@ -136,8 +136,12 @@ def test_de_takes_a_group_whose_name_has_a_comma_whole(sim_model, query, tmp_pat
 @pytest.mark.parametrize(
     "extra, says",
     [
-        (["--library-size", "nan"], "library_size=nan: counts per this many, a positive"),
+        (["--library-size", "nan"], "library_size=nan: counts per this many, a number in"),
         (["--library-size", "0"], "library_size=0.0"),
+        (
+            ["--library-size", "1e308"],
+            "library_size=1e+308: counts per this many, a number in (0, 1e+09]",
+        ),
         (["--genes", ""], "no genes to impute"),
     ],
 )

@@ -105,3 +105,23 @@ def test_vamp_prior_kl_is_log_q_minus_the_mixture_of_pseudo_cell_posteriors():
     assert vae.pseudo_inputs_kg.grad.abs().sum() > 0  # the pseudo-cells learn
     with pytest.raises(ValueError, match="prior_components=-1"):
         ModelConfig(n_genes=30, n_batches=2, prior_components=-1)
+
+
+def test_a_model_too_large_to_build_is_refused_before_any_allocation():
+    """`pretrain --n-hidden 10000000000` ended in torch's allocator traceback; the config's own
+    parameter count (within 5% of the built model's) now refuses it in one line."""
+    from censusvi.model.config import MAX_PARAMETERS
+    from censusvi.model.vae import n_parameters
+
+    for cfg in (
+        ModelConfig(n_genes=8000, n_batches=300),
+        ModelConfig(n_genes=500, n_batches=4, n_hidden=64, n_latent=10, n_layers=3),
+        ModelConfig(n_genes=2000, n_batches=2, extra_categories=(40,), encode_covariates=True),
+        ModelConfig(n_genes=3000, n_batches=20, likelihood="zinb", latent_library=True),
+    ):
+        exact = n_parameters(VAE(cfg))
+        assert abs(cfg.approx_parameters - exact) < 0.05 * exact, (cfg, exact)
+    with pytest.raises(ValueError, match=r"n_hidden=10000000000.* over the 1e\+09 allowed"):
+        ModelConfig(n_genes=1767, n_batches=3, n_hidden=10**10)
+    with pytest.raises(ValueError, match="over the 1e"):
+        ModelConfig(n_genes=8000, n_batches=MAX_PARAMETERS // 100)

@@ -63,7 +63,7 @@ def check_folder(
     one of ``inputs`` nor inside an input directory, is not a file, and can be written (it
     may hold other files, the inputs among them: nothing in it is replaced but its own)."""
     out = _target(out)
-    target = out.resolve()
+    target = resolved(out)
     for given, p in _local(inputs):
         if p == target or (p.is_dir() and p in target.parents):
             raise OutputRefused(
@@ -75,16 +75,27 @@ def check_folder(
     _check_writable(out / "file" if out.is_dir() else out, flag)  # in the folder itself
 
 
+def resolved(path: str | os.PathLike) -> Path:
+    """``path`` made absolute with links followed; a link loop is one line (Python 3.11's
+    pathlib raises RuntimeError for it, later ones OSError)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as e:
+        raise ValueError(
+            f"{path}: cannot follow its symbolic links ({e}): name the file itself"
+        ) from None
+
+
 def _local(inputs) -> Iterator[tuple[str | os.PathLike, Path]]:
     """(as given, resolved) for each input that is a local path (not a URI, not models:/)."""
     for given in inputs:
         if given and "://" not in str(given) and not str(given).startswith("models:/"):
-            yield given, Path(given).resolve()
+            yield given, resolved(given)
 
 
 def _check_not_input(out: Path, inputs, flag: str = "--out") -> None:
     here = Path.cwd().resolve()
-    target = out.resolve()
+    target = resolved(out)
     for given, p in _local([*inputs, here]):
         if p == target or target in p.parents:
             what = "the current directory" if given is here else f"the input {given}"

@@ -23,6 +23,8 @@ from censusvi.model.minibatch import minibatch_from_csr
 from censusvi.numeric import is_finite
 from censusvi.progress import bar
 
+MAX_LIBRARY_SIZE = 1e9  # counts per cell; a cell's whole library is far smaller
+
 LAYER = "censusvi_imputed"
 
 
@@ -72,10 +74,10 @@ def impute(
     """
     if not genes:
         raise ValueError("no genes to impute: give Ensembl ids or symbols, e.g. --genes CD3E,MS4A1")
-    if not (is_finite(library_size) and library_size > 0):
-        raise ValueError(
-            f"library_size={library_size}: counts per this many, a positive finite number "
-            f"(default {defaults.IMPUTE_LIBRARY_SIZE:g})"
+    if not (is_finite(library_size) and 0 < library_size <= MAX_LIBRARY_SIZE):
+        raise ValueError(  # above it, float32 layers overflow to inf long before 1e308
+            f"library_size={library_size}: counts per this many, a number in (0, "
+            f"{MAX_LIBRARY_SIZE:g}] (default {defaults.IMPUTE_LIBRARY_SIZE:g})"
         )
     names = _names(model, adata)  # before surgery: an unknown gene fails at once
     cols = np.array(list(dict.fromkeys(gene_columns(model, genes, names).tolist())), dtype=np.int64)

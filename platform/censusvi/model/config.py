@@ -16,6 +16,9 @@ LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch")
 
 
+MAX_PARAMETERS = 1_000_000_000  # 4 GB of float32 weights; the Census model has 5.2 M
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild the network (not the weights, not the training schedule)."""
@@ -61,6 +64,23 @@ class ModelConfig:
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1)")
         object.__setattr__(self, "extra_categories", tuple(int(c) for c in self.extra_categories))
+        if self.approx_parameters > MAX_PARAMETERS:
+            raise ValueError(
+                f"n_genes={self.n_genes}, n_hidden={self.n_hidden}, n_latent={self.n_latent}, "
+                f"n_layers={self.n_layers} and {sum(self.covariate_sizes)} covariate levels make "
+                f"about {self.approx_parameters:.2g} parameters ({4 * self.approx_parameters / 1e9:.3g} "
+                f"GB as float32, 4x that to train), over the {MAX_PARAMETERS:.0e} allowed: "
+                "choose smaller sizes (the Census model: 8,000 genes, 2 x 128 hidden, 50 latent)"
+            )
+
+    @property
+    def approx_parameters(self) -> int:
+        """The weights' count to within the biases: the encoder's (and a latent library
+        encoder's) first layer, the decoder's gene heads (scale; ZINB's dropout), the hidden
+        layers, the covariates' one-hot columns (exact count: vae.n_parameters)."""
+        g, h, k, n = self.n_genes, self.n_hidden, self.n_latent, self.n_layers
+        gene_layers = 2 + (self.likelihood == "zinb") + self.latent_library
+        return h * (gene_layers * g + 2 * h * (n - 1) + 3 * k + 2 * sum(self.covariate_sizes))
 
     @property
     def covariate_sizes(self) -> tuple[int, ...]:

@@ -34,6 +34,7 @@ UNKNOWN_BATCH_FIX_REFERENCE = (
     "annotate` itself."
 )
 REQUIRED_KEYS = {"model": dict, "genes": dict, "batch_keys": list, "batch_categories": list}
+OPTIONAL_KEYS = {"provenance": dict, "covariates": dict}  # may be absent
 
 
 @dataclass
@@ -193,17 +194,20 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
             f"{cfg_file}: format {d.get('format')!r} v{d.get('format_version')} is not a "
             f"{FORMAT} v<={FORMAT_VERSION} model"
         )
-    for key, kind in REQUIRED_KEYS.items():
+    for key in REQUIRED_KEYS:
         if key not in d:
             raise ValueError(
                 f"{cfg_file}: the key {key!r} is missing; the file is damaged or hand-edited "
                 f"(a {FORMAT} config holds {sorted(REQUIRED_KEYS)})"
             )
-        if not isinstance(d[key], kind):
+    for key, kind in {**REQUIRED_KEYS, **OPTIONAL_KEYS}.items():
+        if key in d and not isinstance(d[key], kind):
             raise ValueError(
                 f"{cfg_file}: {key!r} must be a JSON {'object' if kind is dict else 'list'}, "
                 f"got {type(d[key]).__name__}"
             )
+    if not all(isinstance(k, str) and k for k in d["batch_keys"]):
+        raise ValueError(f"{cfg_file}: 'batch_keys' must be a list of obs column names")
     if not isinstance(d["genes"].get("ids"), list):
         raise ValueError(f"{cfg_file}: 'genes' needs 'ids', the list of the model's gene ids")
     return d

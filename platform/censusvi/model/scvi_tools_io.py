@@ -237,8 +237,11 @@ def import_scvi_tools(
             f"{path}: {MODEL_FILE} lacks {sorted(missing)}; not an scvi-tools model directory"
         )
     var_names = [str(v) for v in np.asarray(d["var_names"])]
-    cfg, meta = model_config_from_scvi_tools(d["attr_dict"], len(var_names))
     where = Path(path) / MODEL_FILE if Path(path).is_dir() else path
+    try:
+        cfg, meta = model_config_from_scvi_tools(d["attr_dict"], len(var_names))
+    except ValueError as e:
+        raise ValueError(f"{where}: its attr_dict: {e}") from None
     with torch.device("meta"):  # shapes only: an attr_dict naming 1e12 latents allocates nothing
         expected = VAE(cfg).state_dict()
     state = state_dict_from_scvi_tools(d["model_state_dict"], expected)

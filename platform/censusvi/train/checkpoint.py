@@ -80,27 +80,51 @@ class CheckpointStore:
 
     def read_state(self) -> dict[str, Any]:
         """The checkpoint's JSON state as written (no weights loaded, no fingerprint check)."""
-        return json.loads((self.path / "state.json").read_text())
+        try:
+            state = json.loads((self.path / "state.json").read_text())
+        except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError included
+            raise self.damaged("state.json", e) from None
+        if not isinstance(state, dict) or not isinstance(state.get("history", {}), dict):
+            raise self.damaged("state.json", TypeError("not the JSON object a run writes"))
+        return state
 
     def load(self, vae: VAE, opt: torch.optim.Optimizer | None) -> dict[str, Any]:
         """The JSON state, with the weights loaded into ``vae`` and the optimiser state into
-        ``opt`` (None: weights only); ValueError when the checkpoint is another run's."""
+        ``opt`` (None: weights only); ValueError when the checkpoint is another run's or one of
+        its files is damaged (an interrupted copy, a full disk)."""
         state = self.read_state()
         if state.get("fingerprint") != self.fingerprint:
             raise ValueError(self.refusal(state.get("fingerprint", {})))
         device = next(vae.parameters()).device
-        vae.load_state_dict(load_file(str(self.path / "weights.safetensors"), device=str(device)))
+        try:
+            vae.load_state_dict(load_file(str(self.path / "weights.safetensors"), str(device)))
+        except Exception as e:  # safetensors' header errors, missing or misshapen tensors
+            raise self.damaged("weights.safetensors", e) from None
         if opt is not None:
-            opt.load_state_dict(
-                torch.load(self.path / "optimizer.pt", weights_only=True, map_location=device)
-            )
+            try:  # weights_only: tensors and numbers, never an object's code
+                saved = torch.load(
+                    self.path / "optimizer.pt", weights_only=True, map_location=device
+                )
+                opt.load_state_dict(saved)
+            except Exception as e:
+                raise self.damaged("optimizer.pt", e) from None
         return state
+
+    def damaged(self, name: str, e: Exception) -> ValueError:
+        """A file of the checkpoint cannot be read back: which, why, and how to start afresh."""
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        return ValueError(
+            f"checkpoint {self.path} is damaged ({name}: {why}); {self.fresh()}, or restore it"
+        )
+
+    def fresh(self) -> str:
+        return self.start_over or (
+            f"delete {self.path} to start over (or pass --no-resume: no checkpoints)"
+        )
 
     def refusal(self, theirs: dict[str, Any]) -> str:
         """Why the checkpoint's fingerprint ``theirs`` is not this run's, and what to do."""
-        fresh = self.start_over or (
-            f"delete {self.path} to start over (or pass --no-resume: no checkpoints)"
-        )
+        fresh = self.fresh()
         ours = self.fingerprint
         then, now = theirs.get("data"), ours.get("data")
         if isinstance(then, dict) and isinstance(now, dict) and then != now:

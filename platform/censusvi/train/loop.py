@@ -268,7 +268,11 @@ def resume_from(
     ``vae`` and ``opt`` (a checkpoint of another run is refused); a new History without one."""
     if store is None or not store.exists():
         return History()
-    history = History.from_dict(store.load(vae, opt)["history"])
+    state = store.load(vae, opt)
+    try:
+        history = History.from_dict(state["history"])
+    except (KeyError, TypeError) as e:
+        raise store.damaged("state.json", KeyError(f"history: {e}")) from None
     log.info("resuming from %s at epoch %d", store.path, len(history.epochs))
     return history
 
