@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import requests
 import scipy.sparse as sp
@@ -138,6 +139,45 @@ def test_client_annotate_equals_in_process_annotate(served, registry):
     knn = Client(served).annotate(q, batch_key="batch", method="knn")
     assert knn.uns["censusvi"]["method"] == "knn"
     assert_same_annotation(knn, in_process(registry, "1", q, method="knn"))
+
+
+def test_client_chunks_of_cells_without_counts_leave_those_cells_out(served, registry):
+    """A chunk of cells with no counts over the model's genes was a 422 that failed the whole
+    call, where `censusvi annotate` leaves such cells out: so does the Client now."""
+    import anndata as ad
+
+    q = query(30, seed=6)
+    extra = ad.AnnData(  # a gene the model lacks: cells 10-19 count only there
+        sp.csr_matrix(np.r_[np.zeros(10), np.full(10, 5.0), np.zeros(10)].reshape(-1, 1)),
+        obs=q.obs[[]], var=pd.DataFrame({"gene_ids": ["ENSG99999999999"]}, index=["NEW"]),
+    )  # fmt: skip
+    x = q.X.toarray()
+    x[10:] = 0  # cells 20-29: no counts at all
+    q.X = sp.csr_matrix(x)
+    q = ad.concat([q, extra], axis=1, merge="first")
+    out = Client(served, chunk_size=10).annotate(q, batch_key="batch")
+    assert (
+        list(out.obs_names) == list(q.obs_names[:10]) and out.uns["censusvi"]["cells_mapped"] == 10
+    )
+    assert_same_annotation(out, in_process(registry, "1", q[:10].copy()))
+    with pytest.raises(ValueError, match="all 20 query cells have zero counts over the model"):
+        Client(served).annotate(q[10:].copy(), batch_key="batch")
+
+
+def test_a_repeated_gene_id_beside_unique_symbols_maps_as_in_the_cli(served, registry):
+    """Genes are aligned by whichever names match most, and only those must be unique (as
+    `censusvi annotate` does): one repeated id beside unique symbols was a 422 over HTTP."""
+    q = query(40, seed=7)
+    ids = list(q.var["gene_ids"])
+    ids[1] = ids[0]
+    r = post_json(served, csr_body(q, genes=ids, symbols=list(q.var_names)))
+    assert r.status_code == 200, r.text
+    local = q.copy()
+    local.var["gene_ids"] = ids
+    expected = in_process(registry, "1", local)
+    np.testing.assert_allclose(r.json()["latent"], expected.obsm["X_scvi"], atol=1e-5)
+    r = post_json(served, csr_body(q, genes=ids))  # ids alone: the repeat is the matched key
+    assert r.status_code == 422 and f"1 repeat, e.g. {ids[0]}" in r.json()["error"], r.text
 
 
 def test_json_and_h5ad_bodies_answer_like_arrow(served, registry, tmp_path):

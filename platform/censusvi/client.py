@@ -20,7 +20,7 @@ from urllib3.util.retry import Retry
 
 from censusvi.data.counts import to_csr32
 from censusvi.data.h5ad import counts_matrix, gene_ids_and_symbols
-from censusvi.outputs import LATENT_KEY, NLL_COLUMN, UNS_KEY, write_answers
+from censusvi.outputs import LATENT_KEY, NLL_COLUMN, NO_COUNTS, UNS_KEY, write_answers
 from censusvi.wire import ARROW, decode_result, encode_arrow_request
 
 RETRY_STATUS = (502, 503, 504)
@@ -153,19 +153,31 @@ class Client:
         x = to_csr32(counts_matrix(adata, layer), "the query")
         genes, symbols = gene_ids_and_symbols(adata.var)
         batch = adata.obs[batch_key].astype(str).to_numpy()
+        # Cells without counts never map (as `censusvi annotate` leaves them out): a chunk of
+        # only such cells would be refused, failing the whole call.
+        rows = np.flatnonzero(np.asarray(x.sum(axis=1)).ravel() > 0)
+        if len(rows) < x.shape[0]:
+            x, batch = x[rows], batch[rows]
         answers = []
         for start, stop in chunks(x.indptr, self.chunk_size, self.chunk_nnz):
             body = encode_arrow_request(x[start:stop], genes, batch[start:stop], symbols)
-            r = self._call(
-                "POST",
-                path,
-                data=body,
-                params=params or {},
-                headers={"Content-Type": ARROW, "Accept": ARROW},
-            )
+            try:
+                r = self._call(
+                    "POST",
+                    path,
+                    data=body,
+                    params=params or {},
+                    headers={"Content-Type": ARROW, "Accept": ARROW},
+                )
+            except ServiceError as e:
+                if e.status == 422 and NO_COUNTS in str(e):
+                    continue  # counts only over genes the model lacks: none of these map
+                raise
             res = decode_result(r.content, r.headers.get("content-type", ""))
-            res["positions"] = res["positions"] + start
+            res["positions"] = rows[res["positions"] + start]
             answers.append(res)
+        if not answers:
+            raise ValueError(f"all {adata.n_obs} query cells {NO_COUNTS}: nothing mapped")
         return _annotated_copy(adata, answers)
 
 

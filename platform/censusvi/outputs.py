@@ -10,6 +10,7 @@ from __future__ import annotations
 LATENT_KEY = "X_scvi"  # obsm: latent means; scvi-tools writes "X_scVI", the Census "scvi"
 UMAP_KEY = "X_umap"  # obsm: the report's 2-D layout, when asked for
 UNS_KEY = "censusvi"  # uns: mapping report, annotate settings, evaluation
+NO_COUNTS = "have zero counts over the model's genes"  # mapping's refusal; the Client reads it
 NLL_COLUMN = "censusvi_nll_per_count"  # obs: reconstruction QC, -log p(x | z) per count
 OVER_CLUSTERING_COLUMN = "censusvi_over_clustering"  # obs: clusters majority voting used
 

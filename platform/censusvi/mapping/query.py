@@ -17,7 +17,7 @@ from censusvi.defaults import EMBED_BATCH_SIZE
 from censusvi.mapping.surgery import SurgeryConfig, extend_batches, query_batches, train_new_columns
 from censusvi.model.io import TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
-from censusvi.outputs import LATENT_KEY, NLL_COLUMN, UNS_KEY, cells_per_batch
+from censusvi.outputs import LATENT_KEY, NLL_COLUMN, NO_COUNTS, UNS_KEY, cells_per_batch
 from censusvi.progress import bar
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def prepare_query(
     x, _ = cells.read(np.arange(len(cells)))  # preloaded: read once here, kept for what follows
     if x.nnz == 0:
         raise ValueError(
-            f"all {adata.n_obs} query cells have zero counts over the model's genes "
+            f"all {adata.n_obs} query cells {NO_COUNTS} "
             f"({alignment.n_matched} matched); none is left to map"
         )
     needs_training = surgery.train if surgery.train is not None else model.config.encode_covariates
