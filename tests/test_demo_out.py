@@ -105,11 +105,10 @@ def test_an_earlier_demo_output_is_replaced(tmp_path, data, monkeypatch):
     assert artifact_kind(out) == "demo"  # a run killed now is still the demo's to replace
 
 
-def test_overwrite_replaces_a_folder_the_demo_did_not_write(tmp_path, data, monkeypatch):
+def test_overwrite_never_deletes_a_folder_censusvi_did_not_write(tmp_path, data, capsys):
     out = tmp_path / "elsewhere"
     out.mkdir()
     (out / "old.txt").write_text("x")
-    stop_at_first_step(monkeypatch)
-    with pytest.raises(SystemExit, match="censusvi ingest failed"):
-        demo.main(["--data", str(data), "--out", str(out), "--overwrite"])
-    assert sorted(p.name for p in out.iterdir()) == [MARKER]
+    assert demo.main(["--data", str(data), "--out", str(out), "--overwrite"]) == 2
+    assert "replaces only what censusvi wrote" in capsys.readouterr().err
+    assert (out / "old.txt").read_text() == "x"

@@ -81,8 +81,14 @@ def test_unrelated_out_needs_overwrite(src, tmp_path, capsys, kind):
         "mine",
     )
     assert not out.with_name("notes.checkpoint").exists()
-    assert run_cli(pretrain_args(src, out, "--overwrite"), capsys)[0] == 0
-    assert artifact_kind(out) == "model"
+    # A model folder never deletes a user's file or folder, even with --overwrite (a data file
+    # passed as --out by mistake was replaced by the model).
+    code, err = run_cli(pretrain_args(src, out, "--overwrite"), capsys)
+    assert code == 2 and f"{found}; a model folder replaces only what censusvi wrote" in err
+    assert (out.read_text() if kind == "file" else (out / "a.txt").read_text()) in (
+        "my notes",
+        "mine",
+    )
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -209,7 +215,9 @@ def test_library_writers_refuse_too(tmp_path):
     (tmp_path / "page.html").write_text("<html>someone's page</html>")
     with pytest.raises(OutputRefused, match=r"page.html exists and is a file of 27 bytes"):
         write_atomic(tmp_path / "page.html", lambda p: p.write_text("x"), ".html")
-    with pytest.raises(OutputRefused, match="not a censusvi scvi-tools directory"):
+    with pytest.raises(
+        OutputRefused, match="a scvi-tools folder replaces only what censusvi wrote"
+    ):
         with atomic_directory(tmp_path, "scvi-tools"):
             pass
     with atomic_directory(tmp_path / "export", "scvi-tools") as tmp:

@@ -188,6 +188,13 @@ def check_replaceable(
             f"{out} exists and is {describe(out)}; a file output never replaces a folder, even "
             f"with --overwrite: choose another {flag}"
         )
+    if is_dir_kind(kind) and not out.is_symlink() and out.exists() and not _replaceable(out, kind):
+        if not out.is_dir() or artifact_kind(out) is None:  # a user's data: never deleted
+            raise OutputRefused(
+                f"{out} exists and is {describe(out)}; a {kind} folder replaces only what "
+                f"censusvi wrote, even with --overwrite: choose another {flag} (or remove it "
+                "yourself)"
+            )
     if overwrite or _replaceable(out, kind):
         return
     what = f"a censusvi {kind} {'directory' if is_dir_kind(kind) else 'file'}"

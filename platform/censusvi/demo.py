@@ -5,7 +5,8 @@ architecture and batch definition) -> info -> embed each dataset -> per-dataset 
 and silhouette of the latent space.
 
 ``--out`` is replaced only when it is absent, empty or an earlier demo's output (the ``.censusvi``
-marker says so); anything else needs ``--overwrite``.
+marker says so); another censusvi output needs ``--overwrite``; a file or folder of the user's is
+never replaced.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def run(data: Path, out: Path, max_epochs: int | None = None, overwrite: bool = 
     check_output(out, "demo", overwrite, (data, *files))  # OutputRefused before any change
     if out.is_dir() and not out.is_symlink():
         shutil.rmtree(out)
-    elif os.path.lexists(out):  # a file or a link (--overwrite): the link, not what it names
+    elif os.path.lexists(out):  # a link (--overwrite): the link, not what it names
         out.unlink()
     out.mkdir(parents=True)
     (out / MARKER).write_text(json.dumps({"kind": "demo"}))  # what makes it the demo's to replace
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--max-epochs", type=int)
     p.add_argument(
-        "--overwrite", action="store_true", help="replace --out even if the demo did not write it"
+        "--overwrite",
+        action="store_true",
+        help="replace --out if another censusvi command wrote it (never a folder of yours)",
     )
     a = p.parse_args(argv)
     try:
