@@ -245,3 +245,13 @@ def test_a_symbolic_link_loop_is_one_line_as_input_or_output(tmp_path, capsys):
                       str(out))  # fmt: skip
         assert (rc, err) == (2, f"censusvi: error: {loop}: cannot follow its symbolic links "
                              f"(Symlink loop from '{loop}'): name the file itself\n")  # fmt: skip
+
+
+def test_pretrain_batch_keys_given_empty_are_refused_not_defaulted(tmp_path, capsys):
+    """`--batch-keys "$KEYS"` with KEYS unset trained with the Census's four batch keys."""
+    from conftest import simulated_adata
+
+    simulated_adata(n_cells=60, n_genes=20).write_h5ad(tmp_path / "x.h5ad")
+    rc, err = run(capsys, "pretrain", "--source", str(tmp_path / "x.h5ad"), "--batch-keys", "",
+                  "--out", str(tmp_path / "m"))  # fmt: skip
+    assert rc == 2 and "batch_keys is empty" in err and not (tmp_path / "m").exists()

@@ -205,6 +205,14 @@ def test_no_sys_path_manipulation_in_the_library():
         ("", ["train.patience=0"], "patience=0: must be whole epochs >= 1"),
         ("", ["model.n_latent=ten"], "model.n_latent='ten': must be a whole number"),
         ("", ["data.batch_keys=[1, 2]"], r"data.batch_keys=\(1, 2\): must be a list of names"),
+        # an unset variable (--batch-keys "$KEYS") trained with the Census's four keys
+        ("data:\n  batch_keys: []\n", [], "batch_keys is empty: name the obs column"),
+        ("", ["data.batch_keys=a,b,a"], r"batch_keys names \['a'\] more than once"),
+        (
+            "",
+            ["data.batch_keys=a,b", "data.categorical_covariate_keys=b"],
+            r"\['b'\] is both a batch key and a covariate key",
+        ),
     ],
 )
 def test_a_setting_of_the_wrong_type_or_range_is_one_line(tmp_path, yaml_text, sets, message):

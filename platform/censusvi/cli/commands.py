@@ -86,7 +86,8 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     if a.early_stopping:
         settings["early_stopping"] = True
     model = api.pretrain(
-        a.source, None, batch_keys=keys(a.batch_keys) or None, out=a.out, config=a.config,
+        a.source, None, batch_keys=None if a.batch_keys is None else keys(a.batch_keys),
+        out=a.out, config=a.config,
         overrides=a.set, overwrite=a.overwrite, quiet=a.quiet, resume=not a.no_resume, **settings,
     )  # fmt: skip
     p = model.provenance

@@ -135,7 +135,7 @@ def highly_variable_genes(
     if n_top > n_genes:
         raise ValueError(f"--n-hvg {n_top} is more than the {n_genes} genes in {source.uri}")
     if strata_keys:
-        strata, code = batch_categories(source.obs, list(strata_keys), source.uri)
+        strata, code = batch_categories(source.obs, list(strata_keys), source.uri, "HVG")
     else:
         strata, code = np.array(["0"]), np.zeros(len(source.obs), dtype=np.int64)
     n_s = np.bincount(code, minlength=len(strata)).astype(np.float64)

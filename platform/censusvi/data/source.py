@@ -46,7 +46,7 @@ def check_batch_given(obs: pd.DataFrame, batch_key: str, what: str = "query cell
 
 
 def batch_categories(
-    obs: pd.DataFrame, keys: list[str] | tuple[str, ...], where: str
+    obs: pd.DataFrame, keys: list[str] | tuple[str, ...], where: str, role: str = "batch"
 ) -> tuple[np.ndarray, np.ndarray]:
     """(the distinct batch labels, sorted; each cell's index into them), as ``np.unique`` of
     ``batch_labels`` gives, without building a string per cell: at Census scale that is 74 M
@@ -55,8 +55,8 @@ def batch_categories(
     missing = [k for k in keys if k not in obs.columns]
     if missing:
         raise ValueError(
-            f"{where}: batch column(s) {missing} not in obs; obs has {sorted(obs.columns)}. "
-            "Choose the batch columns from those."
+            f"{where}: {role} column(s) {missing} not in obs; obs has {sorted(obs.columns)}. "
+            f"Choose the {role} columns from those."
         )
     combined = np.zeros(len(obs), dtype=np.int64)  # codes in order of first appearance
     for k in keys:

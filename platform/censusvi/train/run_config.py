@@ -43,6 +43,22 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not (is_whole(self.n_hvg) and self.n_hvg >= 0):
             raise ValueError(f"n_hvg={self.n_hvg!r}: a whole number of genes >= 0 (0: every gene)")
+        if not self.batch_keys:
+            raise ValueError(
+                "batch_keys is empty: name the obs column(s) whose values make the batch, "
+                f"e.g. --batch-keys batch (default: {','.join(CENSUS_BATCH_KEYS)})"
+            )
+        for name in ("batch_keys", "hvg_keys", "categorical_covariate_keys"):
+            given = getattr(self, name) or ()
+            repeated = sorted({k for k in given if list(given).count(k) > 1})
+            if repeated:
+                raise ValueError(f"{name} names {repeated} more than once: name each column once")
+        both = sorted(set(self.batch_keys) & set(self.categorical_covariate_keys))
+        if both:
+            raise ValueError(
+                f"{both} is both a batch key and a covariate key: the batch already holds it; "
+                "drop it from the covariate keys"
+            )
 
 
 @dataclass(frozen=True)
