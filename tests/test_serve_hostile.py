@@ -110,6 +110,46 @@ def test_bodies_over_the_limit_are_refused_while_they_stream(served):  # noqa: F
     honest(served)
 
 
+def answer_of(sock: socket.socket) -> bytes:
+    """What the server sends until it closes the connection (or stops for 5 s after a reply)."""
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+        sock.settimeout(5)
+        if b"}" in answer.partition(b"\r\n\r\n")[2]:
+            break
+    return answer
+
+
+def test_a_stalled_body_is_a_408_and_frees_its_slot(served):  # noqa: F811
+    """Uploads that declare a body and send one byte held the ingress's request slots until
+    Serve's 300 s timeout: more of them than max_ongoing_requests kept /healthz from answering."""
+    import time
+
+    from censusvi.serving.body import IDLE_S
+
+    host, port = served.removeprefix("http://").split(":")
+    socks, t0 = [], time.monotonic()
+    try:
+        for _ in range(12):
+            sock = socket.create_connection((host, int(port)), timeout=IDLE_S + 30)
+            sock.sendall(
+                b"POST /v1/annotate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n\r\n{"
+            )
+            socks.append(sock)
+        answers = [answer_of(sock) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+    waited = time.monotonic() - t0  # 8 slots (max_ongoing_requests): two rounds of IDLE_S
+    assert all(a.startswith(b"HTTP/1.1 408") for a in answers), answers[0][:300]
+    assert all(b"stopped arriving for" in a for a in answers), answers[0]
+    assert IDLE_S - 1 < waited < 2 * IDLE_S + 20, waited
+    assert requests.get(f"{served}/healthz", timeout=10).status_code == 200
+    honest(served)
+
+
 def test_token_guards_every_route_but_healthz(secure):
     assert requests.get(f"{secure}/healthz", timeout=10).status_code == 200
     for route in ("/v1/models", "/metrics", "/docs", "/openapi.json", "/explorer/abc"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.requests import Request
 
 
@@ -20,13 +22,37 @@ def too_large_message(limit_mb: float) -> str:
     )
 
 
-async def read_body(request: Request, limit_bytes: int) -> bytes:
-    """The body, refused as soon as its declared length or the bytes received pass the limit."""
+class BodyStalled(ValueError):
+    """The body stopped arriving: the client is gone, or holds the request slot on purpose."""
+
+
+IDLE_S = 10.0  # the longest wait for the next part of a body (slow links send far more often)
+
+
+def stalled_message(idle_s: float = IDLE_S) -> str:
+    return (
+        f"the request body stopped arriving for {idle_s:g} s: send it whole, without pauses "
+        "(a slot stays taken while a body trickles in)"
+    )
+
+
+async def read_body(request: Request, limit_bytes: int, idle_s: float = IDLE_S) -> bytes:
+    """The body, refused as soon as its declared length or the bytes received pass the limit,
+    or when no part of it arrives for ``idle_s``: a client that declares a body and sends a byte
+    held one of the ingress's few request slots until Serve's 300 s request timeout, and 16 such
+    connections kept /healthz from answering."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit_bytes:
         raise BodyTooLarge()
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), idle_s)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise BodyStalled(stalled_message(idle_s)) from None
         size += len(chunk)
         if size > limit_bytes:
             raise BodyTooLarge()

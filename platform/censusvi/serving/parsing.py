@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from censusvi.serving.body import BadUpload, BodyTooLarge, too_large_message
+from censusvi.serving.body import BadUpload, BodyStalled, BodyTooLarge, too_large_message
 from censusvi.serving.settings import Settings, check_transfer
 from censusvi.typed import typed
 from censusvi.untrusted import PayloadTooLarge
@@ -35,6 +35,8 @@ def refusal(e: Exception, s: Settings) -> tuple[int, str]:
         return 413, too_large_message(s.max_request_mb)
     if isinstance(e, PayloadTooLarge):
         return 413, str(e)
+    if isinstance(e, BodyStalled):
+        return 408, str(e)
     if isinstance(e, (ValueError, BadUpload)):
         return 422, str(e)
     # Whatever a decoder missed is the body's fault, not the server's; the log keeps the trace.
