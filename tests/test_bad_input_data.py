@@ -272,6 +272,14 @@ def test_model_config_without_a_key(drop, message, sim_model, tmp_path, capsys):
         ({"covariates": ["x"]}, "'covariates' must be a JSON object, got list"),
         ({"batch_keys": "batch"}, "'batch_keys' must be a JSON list, got str"),
         ({"batch_keys": [""]}, "'batch_keys' must be a list of obs column names"),
+        (
+            "latent_library",
+            "'model' does not describe a model: model.latent_library='yes': must be true or false",
+        ),
+        (
+            "extra_categories",
+            "'model' does not describe a model: model.extra_categories=('x',): must be a list of whole numbers",
+        ),
     ],
 )
 def test_model_config_of_the_wrong_shape(edit, message, sim_model, tmp_path, capsys):
@@ -279,6 +287,8 @@ def test_model_config_of_the_wrong_shape(edit, message, sim_model, tmp_path, cap
     AttributeError traceback)."""
     model = shutil.copytree(sim_model, tmp_path / "m")
     d = json.loads((model / "config.json").read_text())
+    if isinstance(edit, str):  # a setting of the model section
+        edit = {"model": {**d["model"], edit: {"latent_library": "yes"}.get(edit, ["x"])}}
     (model / "config.json").write_text(json.dumps({**d, **edit}))
     src = write(simulated_adata(seed=1), tmp_path / "q.h5ad")
     for argv in (["info", str(model)], embed_args(model, src, tmp_path / "o.h5ad")):

@@ -47,9 +47,16 @@ def _is(value, kind) -> bool:
         return isinstance(value, Real) and not isinstance(value, bool)
     if kind in (bool, str):
         return isinstance(value, kind)
-    if typing.get_origin(kind) is tuple:
-        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    if typing.get_origin(kind) is tuple:  # tuple[str, ...], tuple[int, ...]
+        item = typing.get_args(kind)[0]
+        return isinstance(value, tuple) and all(_is(v, item) for v in value)
     return isinstance(value, kind)
+
+
+def _named(kind) -> str:
+    if typing.get_origin(kind) is tuple and typing.get_args(kind)[0] is int:
+        return "a list of whole numbers"
+    return _KINDS.get(kind, "a list of names")
 
 
 def typed(name: str, value: Any, hint: Any, text: bool = False) -> Any:
@@ -63,7 +70,7 @@ def typed(name: str, value: Any, hint: Any, text: bool = False) -> Any:
         value = _from_text(value, kinds)
     if any(_is(value, kind) for kind in kinds if kind is not type(None)):
         return value
-    named = [_KINDS.get(k, "a list of names") for k in kinds if k is not type(None)]
+    named = [_named(k) for k in kinds if k is not type(None)]
     none = " (or null)" if type(None) in kinds else ""
     raise ValueError(f"{name}={shown(value, 60)}: must be {' or '.join(named)}{none}")
 

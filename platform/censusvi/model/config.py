@@ -7,10 +7,12 @@ rest. Its config file says ``n_hidden: 512`` but the script never passes it, so 
 
 from __future__ import annotations
 
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from censusvi.numeric import is_whole
+from censusvi.typed import typed
 
 LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch")
@@ -100,4 +102,6 @@ class ModelConfig:
             raise ValueError(
                 f"unknown model settings {unknown}; this censusvi knows {sorted(known)}"
             )
-        return cls(**d)
+        hints = typing.get_type_hints(cls)
+        lists = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # JSON lists
+        return cls(**{k: typed(f"model.{k}", v, hints[k]) for k, v in lists.items()})
