@@ -64,6 +64,11 @@ def _h5ad_variant(q, tmp: Path, name: str, change) -> tuple[bytes, str]:
     return path.read_bytes(), H5AD
 
 
+def _halved_counts(f) -> None:
+    """X of a log-normalised file: fractions where counts were."""
+    f["X/data"][...] = f["X/data"][...] / 2 + 0.25
+
+
 def _external_storage(secret: Path):
     def change(f):
         n = f["obs"]["_index"].shape[0]
@@ -298,6 +303,12 @@ def hostile_payloads(q, tmp: Path) -> dict[str, tuple[bytes, str, dict, int, str
             {**h5, "layer": "spliced"},
             422,
             "?layer=spliced: layer 'spliced' not in the file",
+        ),
+        "h5ad log-normalised X": (  # the advice is a request's ?layer=, not the CLI's --layer
+            *_h5ad_variant(q, tmp, "lognorm", _halved_counts),
+            h5,
+            422,
+            "pass ?layer=counts (or ?layer=raw)",
         ),
         "h5ad external storage": (
             *_h5ad_variant(q, tmp, "ext", _external_storage(secret)),

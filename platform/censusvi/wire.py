@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,8 +115,14 @@ def _checked(parts: tuple, genes, batch, limits: DecodeLimits, symbols=None) -> 
         x = checked_csr(data, indices, indptr, (n, len(genes)), "request")
         check_counts(x, "request")
     except ValueError as e:  # CountsError
-        raise PayloadError(str(e)) from None
+        raise PayloadError(over_http(str(e))) from None
     return QueryCells(x, list(genes), np.asarray(batch, dtype=str), symbols)
+
+
+def over_http(message: str) -> str:
+    """A shared error's advice in the words of a request: the command line's ``--layer X`` is
+    an upload's ``?layer=X``."""
+    return re.sub(r"--layer (?!to )(\S+)", r"?layer=\1", message).replace("--layer", "?layer=")
 
 
 def _numbers(values, dtype, name: str) -> np.ndarray:
@@ -266,7 +273,7 @@ def decode_h5ad(
         try:
             x = counts_matrix(adata, layer)
         except ValueError as e:  # the file is fine; the ?layer= is not
-            raise PayloadError(f"?layer={layer}: {e}") from None
+            raise PayloadError(f"?layer={layer}: {over_http(str(e))}") from None
         if batch_key not in adata.obs.columns:
             raise PayloadError(
                 f"batch_key {batch_key!r} is not an obs column; obs has {sorted(map(str, adata.obs.columns))}"
