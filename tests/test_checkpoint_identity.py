@@ -119,3 +119,18 @@ def test_soma_identity_is_the_uri_and_the_cells():
         != (a["cells_sha1"])
     )
     assert source_identity(FakeSoma("census://2024-07-01", np.arange(10)))["uri"] != a["uri"]
+
+
+def test_a_checkpoint_past_max_epochs_says_so(kept_checkpoint, tmp_path, caplog):
+    """Rerun with fewer --max-epochs than the checkpoint holds: the model is the checkpoint's,
+    and the log says so rather than a silent model trained longer than asked."""
+    import json
+    import logging
+
+    args = pretrain_args(kept_checkpoint, tmp_path / "m")
+    at = args.index("--max-epochs") + 1
+    assert main([*args[:at], "2", *args[at + 1 :]]) == 0  # the checkpoint now holds 2 epochs
+    with caplog.at_level(logging.WARNING, logger="censusvi.train.loop"):
+        assert main(args) == 0  # --max-epochs 1
+    assert "holds 2 epochs, more than max_epochs=1: the model is that of epoch 2" in caplog.text
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["provenance"]["epochs"] == 2

@@ -375,6 +375,13 @@ def fit(
     cfg.check_resolved()
     opt = make_optimizer(vae, cfg)
     history = resume_from(checkpoint, vae, opt)
+    if len(history.epochs) > cfg.max_epochs:
+        log.warning(
+            "the checkpoint %s holds %d epochs, more than max_epochs=%d: the model is that of "
+            "epoch %d (delete the checkpoint, or pass --no-resume, to train %d)",
+            checkpoint.path, len(history.epochs), cfg.max_epochs, len(history.epochs),
+            cfg.max_epochs,
+        )  # fmt: skip
     save = (lambda h: save_to(checkpoint, vae, opt, h)) if checkpoint is not None else None
     return run_epochs(
         vae, opt, train_batches, val_batches, cfg, history, save=save, on_epoch_end=on_epoch_end
