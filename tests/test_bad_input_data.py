@@ -156,6 +156,13 @@ def query_commands(model, index, src: str, out) -> dict[str, list[str]]:
                 "left to embed"
             },
         ),
+        (
+            "all zero, counts in a layer",
+            {
+                "embed": "none is left to embed; the matrix read is empty, but layers['counts'] "
+                "holds values: pass --layer counts"
+            },
+        ),
     ],
 )
 def test_query_without_counts(cells, message, sim_model, sim_index, tmp_path, capsys):
@@ -164,12 +171,14 @@ def test_query_without_counts(cells, message, sim_model, sim_index, tmp_path, ca
         a = a[:0].copy()
         expected = {**message, "map": "the query has 0 cells; there is nothing to map"}
     else:
+        if cells == "all zero, counts in a layer":
+            a.layers["counts"] = a.X.copy()
         a.X = a.X.copy()
         a.X.data[:] = 0  # stored zeros are no counts either
         expected = {
             **message,
             "map": "all 300 query cells have zero counts over the model's genes (200 matched); "
-            "none is left to map",
+            "none is left to map" + message["embed"].partition("to embed")[2],
         }
     expected["annotate"] = expected["map"]
     src = write(a, tmp_path / "q.h5ad")

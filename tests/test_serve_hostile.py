@@ -152,6 +152,7 @@ def test_a_stalled_body_is_a_408_and_frees_its_slot(served):  # noqa: F811
 
 def test_token_guards_every_route_but_healthz(secure):
     assert requests.get(f"{secure}/healthz", timeout=10).status_code == 200
+    assert requests.head(f"{secure}/healthz", timeout=10).status_code == 200  # probes send HEAD too
     for route in ("/v1/models", "/metrics", "/docs", "/openapi.json", "/explorer/abc"):
         r = requests.get(f"{secure}{route}", timeout=10)
         assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", route

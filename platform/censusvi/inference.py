@@ -64,7 +64,7 @@ def _stream(
     if not pos_out:
         raise ValueError(
             f"{cells.source.uri}: all {len(cells)} cells have zero counts over the model's genes; "
-            "none is left to embed"
+            f"none is left to embed{getattr(cells.source, 'elsewhere', '')}"
         )
     return np.concatenate(pos_out), np.concatenate(rows_out)
 

@@ -164,6 +164,21 @@ def counts_matrix(adata: ad.AnnData, layer: str | None) -> object:
     return adata.layers[layer]
 
 
+def counts_elsewhere(adata: ad.AnnData, layer: str | None) -> str:
+    """Where else ``adata`` holds counts when the matrix read (X, or ``layer``) is all zeros:
+    advice for the 'zero counts' error ("" when nowhere)."""
+    places = [(f"layers[{k!r}]", f"pass --layer {k}", v) for k, v in adata.layers.items()]
+    places = [p for p in places if p[0] != f"layers[{layer!r}]"]
+    if adata.raw is not None and layer != "raw":
+        places.append(("raw.X", "pass --layer raw", adata.raw.X))
+    if layer is not None:
+        places.append(("X", "drop --layer", adata.X))
+    for where, advice, m in places:
+        if m is not None and (m.count_nonzero() if sp.issparse(m) else np.count_nonzero(m)):
+            return f"; the matrix read is empty, but {where} holds values: {advice}"
+    return ""
+
+
 class H5adSource:
     """Cells of one .h5ad file, optionally filtered by a pandas query on obs."""
 
@@ -208,6 +223,8 @@ class H5adSource:
         self.var_keys = gene_keys(adata.var)
         if not self.backed:
             self._x = to_csr32(self._x, self.uri)
+        empty = not self.backed and not self._x.count_nonzero()
+        self.elsewhere = counts_elsewhere(adata, layer) if empty else ""
 
     def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
         file_rows = self._rows[rows]

@@ -86,7 +86,7 @@ def prepare_query(
     if x.nnz == 0:
         raise ValueError(
             f"all {adata.n_obs} query cells {NO_COUNTS} "
-            f"({alignment.n_matched} matched); none is left to map"
+            f"({alignment.n_matched} matched); none is left to map{source.elsewhere}"
         )
     needs_training = surgery.train if surgery.train is not None else model.config.encode_covariates
     losses: list[float] = []

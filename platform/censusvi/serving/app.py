@@ -260,7 +260,7 @@ class Ingress:
         denied = self._denied(request)
         return denied or get_swagger_ui_html(openapi_url="openapi.json", title="censusvi")
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])  # probes send either
     async def healthz(self) -> dict:
         return {"status": "ok", "model": self.name, "version": self.version}
 
