@@ -66,3 +66,35 @@ def test_an_obs_filter_is_parsed_never_run(tmp_path, capsys):
         H5adSource(path, obs_filter="nope == 1")
     src = H5adSource(path, obs_filter='assay in ["10x 3\' v3"] and not (nnz < 0) or raw_sum < 0')
     assert len(src.obs) == (adata.n_obs + 2) // 3 and (src.obs["assay"] == "10x 3' v3").all()
+
+
+def test_a_file_that_reads_other_files_is_refused_before_anndata_opens_it(tmp_path, capsys):
+    """An .h5ad handed over whose obs names are an external link, external storage or a virtual
+    dataset over a file of the reader's machine: the CLI copied that file into its output."""
+    from hostile import (
+        _external_link,
+        _external_storage,
+        _h5ad_variant,
+        _virtual,
+        server_secrets,
+    )
+
+    secret, secret_h5 = server_secrets(tmp_path)
+    q = simulated_adata(n_cells=40)
+    for name, change in [
+        ("link", _external_link(secret_h5)),
+        ("ext", _external_storage(secret)),
+        ("virtual", _virtual(secret_h5)),
+    ]:
+        _h5ad_variant(q, tmp_path, name, change)
+        out = tmp_path / f"{name}.out.h5ad"
+        rc = cli.main(["ingest", str(tmp_path / f"{name}.h5ad"), "--out", str(tmp_path / "x.soma")])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"{name}.h5ad reaches outside itself" in err, err
+        assert cli.main(["pretrain", "--source", str(tmp_path / f"{name}.h5ad"), "--batch-keys",
+                         "batch", "--out", str(out)]) == 2  # fmt: skip
+        assert "write it anew with anndata's write_h5ad" in capsys.readouterr().err
+        assert not out.exists() and not (tmp_path / "x.soma").exists()
+    q.obs_names = [f"c{i}" for i in range(q.n_obs)]
+    q.write_h5ad(tmp_path / "plain.h5ad")
+    assert len(H5adSource(tmp_path / "plain.h5ad").obs) == 40

@@ -119,33 +119,45 @@ def check_arrow(body: bytes, limits: DecodeLimits) -> None:
 # --- HDF5 (.h5ad uploads) ---------------------------------------------------------------------
 
 
-def check_hdf5(body: bytes, limits: DecodeLimits) -> None:
-    """Refuse an .h5ad that reaches outside itself, or whose datasets would decode too large."""
+def outside_references(f, soft_links: bool = True) -> list[str]:
+    """What in the open HDF5 file ``f`` points outside it: external links, external storage,
+    virtual datasets (and, with ``soft_links``, links within it, which anndata never writes)."""
     import h5py
 
     problems: list[str] = []
-    size = 0
 
     def visit(name: str, link) -> None:
         if isinstance(link, h5py.ExternalLink):
             problems.append(f"'{name}' is an external link to {link.filename!r}")
-        elif isinstance(link, h5py.SoftLink):
+        elif soft_links and isinstance(link, h5py.SoftLink):
             problems.append(f"'{name}' is a soft link")
 
     def dataset(name: str, obj) -> None:
-        nonlocal size
-        if not isinstance(obj, h5py.Dataset):
-            return
-        if obj.is_virtual:
+        if isinstance(obj, h5py.Dataset) and obj.is_virtual:
             problems.append(f"'{name}' is a virtual dataset")
-        elif obj.external:
+        elif isinstance(obj, h5py.Dataset) and obj.external:
             problems.append(f"'{name}' keeps its data in external file(s)")
-        elif obj.shape is not None:
+
+    f.visititems_links(visit)
+    if not problems:  # visiting the objects follows the links
+        f.visititems(dataset)
+    return problems
+
+
+def check_hdf5(body: bytes, limits: DecodeLimits) -> None:
+    """Refuse an .h5ad that reaches outside itself, or whose datasets would decode too large."""
+    import h5py
+
+    size = 0
+
+    def dataset(name: str, obj) -> None:
+        nonlocal size
+        if isinstance(obj, h5py.Dataset) and obj.shape is not None:
             size += int(np.prod(obj.shape, dtype=np.float64)) * max(obj.dtype.itemsize, 1)
 
     try:
         with h5py.File(io.BytesIO(body), "r") as f:
-            f.visititems_links(visit)
+            problems = outside_references(f)
             if not problems:
                 f.visititems(dataset)
             n_obs = _n_obs(f)

@@ -14,6 +14,7 @@ from anndata.abc import CSCDataset, CSRDataset
 from censusvi.data.counts import CountsError, check_csr, check_indptr, to_csr32
 from censusvi.data.obs_filter import mask as obs_filter_mask
 from censusvi.data.vocabulary import ID_COLUMNS, SYMBOL_COLUMNS, VAR_NAMES, var_column_key
+from censusvi.untrusted import outside_references
 
 BACKED_ABOVE_BYTES = 4 << 30  # files over 4 GiB are read row-block by row-block, not loaded
 SCAN_CHUNK = 1 << 24  # stored values per read when a backed CSC matrix's indices are scanned
@@ -28,6 +29,7 @@ def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
         )
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    check_self_contained(path)
     try:
         adata = ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as e:  # h5py and anndata raise many types for one cause
@@ -37,6 +39,24 @@ def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
         ) from e
     check_structure(adata, str(path))
     return adata
+
+
+def check_self_contained(path: Path) -> None:
+    """Refuse a file that reads other files when opened (an HDF5 external link or external
+    storage, a virtual dataset): a file handed over could copy the reader's files into the
+    outputs it gets back. Soft links stay within the file and are read."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            problems = outside_references(f, soft_links=False)
+    except OSError:
+        return  # not HDF5 at all: anndata's error says what the file is
+    if problems:
+        raise ValueError(
+            f"{path} reaches outside itself ({problems[0]}); censusvi reads self-contained "
+            ".h5ad files: write it anew with anndata's write_h5ad"
+        )
 
 
 def check_uns_writable(adata: ad.AnnData, where: str) -> None:
