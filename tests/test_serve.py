@@ -495,5 +495,8 @@ def test_cli_serve_with_token_until_sigterm(registry, tmp_path):
         out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-2000:]
     assert "ready at" in out and "stopping" in out
+    # --quiet: no Ray or Serve INFO lines, and no Ray noise from a normal stop
+    assert " INFO " not in out and "INFO " not in out.split("ready at")[0], out[-2000:]
+    assert "graceful_shutdown" not in out and "Traceback" not in out, out[-2000:]
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/healthz", timeout=5)

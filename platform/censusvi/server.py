@@ -9,6 +9,7 @@ serve/config.yaml`` reads in a checkout, so both ways of starting serve the same
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -22,6 +23,9 @@ from typing import Any
 import yaml
 
 CONFIG = files("censusvi.serving") / "serve_config.yaml"
+
+
+APP_NAME = "censusvi"  # the application's name in Serve, as in the shipped serve_config.yaml
 
 
 def deployment_options(config: Path | Any = CONFIG) -> dict[str, dict[str, Any]]:
@@ -92,7 +96,10 @@ def run_foreground(
             address=None if "RAY_ADDRESS" in os.environ else "local",
             include_dashboard=False,
             log_to_driver=not quiet,
+            logging_level=logging.WARNING if quiet else logging.INFO,
         )
+    if quiet:  # Serve's own start and readiness lines: ours says where the app is
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -100,7 +107,7 @@ def run_foreground(
     try:
         serve.start(http_options={"host": host, "port": port})
         app = checked_app({**settings, "deployments": deployment_options()})
-        serve.run(app, name="censusvi", route_prefix="/", blocking=False)
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://{host}:{port}"
         wait_healthy(url, 300)
         print(f"censusvi serve: ready at {url} (model {settings['model']})", flush=True)
@@ -108,7 +115,9 @@ def run_foreground(
             pass
         print("censusvi serve: stopping", flush=True)
     finally:
-        serve.shutdown()
-        if started_ray:
+        # Our application only, its requests drained: on a cluster given by RAY_ADDRESS other
+        # applications keep running (serve.shutdown would stop Serve for all of them).
+        serve.delete(APP_NAME)
+        if started_ray:  # Serve's controller and proxy end with the Ray this command started
             ray.shutdown()
     return 0
