@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
+import pandas as pd
 import pytest
 
 from censusvi import cli
@@ -66,6 +69,41 @@ def test_an_obs_filter_is_parsed_never_run(tmp_path, capsys):
         H5adSource(path, obs_filter="nope == 1")
     src = H5adSource(path, obs_filter='assay in ["10x 3\' v3"] and not (nnz < 0) or raw_sum < 0')
     assert len(src.obs) == (adata.n_obs + 2) // 3 and (src.obs["assay"] == "10x 3' v3").all()
+
+
+def test_an_obs_filter_reads_as_pandas_query_read_it():
+    """What pandas' query accepted for plain comparisons still selects the same cells: & and |
+    bind looser than comparisons (pandas rewrites them), == with a list is isin, NaN compares
+    false, categorical columns compare by value."""
+    from censusvi.data.obs_filter import mask
+
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame({
+        "nnz": rng.integers(0, 1000, 200),
+        "is_primary_data": rng.random(200) < 0.5,
+        "code": rng.integers(-2, 3, 200),
+        "assay": pd.Categorical(rng.choice(["10x 3' v3", "Drop-seq", "Smart-seq2"], 200)),
+        "score": np.where(rng.random(200) < 0.2, np.nan, rng.random(200)),
+    })  # fmt: skip
+    for text in [
+        "is_primary_data == True & nnz >= 300",
+        "nnz > 800 | nnz < 100 & is_primary_data",
+        "code in [-2, 0] and assay != 'Drop-seq'",
+        "assay == ['Drop-seq', 'Smart-seq2']",
+        "assay != ['Drop-seq'] or ~is_primary_data",
+        "score > 0.5",
+        "not (score <= 0.5) and 100 < nnz <= 900",
+        "is_primary_data",
+    ]:
+        np.testing.assert_array_equal(mask(obs, text), obs.eval(text).to_numpy(), err_msg=text)
+    for text, says in [
+        ("x & nnz > 1", "'x' is not an obs column"),
+        ("~" * 5000 + "is_primary_data", "it nests too deeply"),
+        ("nnz in nnz", "'in' takes a [list]"),
+        ("nnz + 1 > 2", "'nnz + 1' is neither a column nor a literal"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            mask(obs, text)
 
 
 def test_a_file_that_reads_other_files_is_refused_before_anndata_opens_it(tmp_path, capsys):
