@@ -84,7 +84,12 @@ def test_unrelated_out_needs_overwrite(src, tmp_path, capsys, kind):
     # A model folder never deletes a user's file or folder, even with --overwrite (a data file
     # passed as --out by mistake was replaced by the model).
     code, err = run_cli(pretrain_args(src, out, "--overwrite"), capsys)
-    assert code == 2 and f"{found}; a model folder replaces only what censusvi wrote" in err
+    says = (
+        "a folder output never replaces a file"
+        if kind == "file"
+        else ("a model folder replaces only what censusvi wrote")
+    )
+    assert code == 2 and f"{found}; {says}" in err, err
     assert (out.read_text() if kind == "file" else (out / "a.txt").read_text()) in (
         "my notes",
         "mine",

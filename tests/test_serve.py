@@ -34,6 +34,7 @@ from hostile import csr_body
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "censusvi-test"
 POOL = simulated_adata(n_cells=1400, n_batches=3, seed=1)  # one draw: same cell-type programs
+BODY_IDLE_S = 3.0  # a stalled body's wait, short for the test that stalls bodies
 NO_CPU = {"ray_actor_options": {"num_cpus": 0}}  # share the session's 2-CPU Ray with Ray Train
 
 
@@ -83,6 +84,7 @@ def app_args(uri: str, replicas: int = 1) -> dict:
         "tick_s": 0.25,
         "max_cells": 500,
         "max_request_mb": 1,
+        "body_idle_s": BODY_IDLE_S,
         "deployments": deployments,
     }
 

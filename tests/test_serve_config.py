@@ -172,6 +172,7 @@ def test_censusvi_serve_refuses_a_busy_port_a_bad_host_or_an_empty_token_in_one_
             (["--port", port], f"cannot listen on 127.0.0.1:{port} (Address already in use)"),
             (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' does not resolve"),
             (["--port", str(free_port()), "--token", ""], "the token is empty"),
+            (["--port", str(free_port()), "--token-file", ""], "the token file is named empty"),
         ]:
             rc = subprocess.run(serve + extra, capture_output=True, text=True, timeout=120)
             assert rc.returncode == 2 and says in rc.stderr, rc.stderr

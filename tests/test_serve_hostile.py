@@ -126,7 +126,7 @@ def test_a_stalled_body_is_a_408_and_frees_its_slot(served):  # noqa: F811
     Serve's 300 s timeout: more of them than max_ongoing_requests kept /healthz from answering."""
     import time
 
-    from censusvi.serving.body import IDLE_S
+    from test_serve import BODY_IDLE_S as IDLE_S
 
     host, port = served.removeprefix("http://").split(":")
     socks, t0 = [], time.monotonic()
@@ -228,6 +228,13 @@ def test_token_file_and_environment_give_the_same_digest(tmp_path, monkeypatch):
     for empty in ("", "  "):  # --token "$TOKEN" with TOKEN unset: not "no authentication"
         with pytest.raises(TokenError, match="the token is empty"):
             token_digest(token=empty)
+        with pytest.raises(TokenError, match="the token file is named empty"):
+            token_digest(token_file=empty)
+        monkeypatch.setenv("CENSUSVI_TOKEN", empty)
+        with pytest.raises(TokenError, match="CENSUSVI_TOKEN is set but empty"):
+            token_digest()
+    with pytest.raises(TokenError, match="the token is not text"):
+        token_digest(token=0)  # `token: 0` in a Serve config's YAML
     monkeypatch.delenv("CENSUSVI_TOKEN")
     assert token_digest() is None and authorised(None, None)
 

@@ -118,10 +118,16 @@ def test_a_model_too_large_to_build_is_refused_before_any_allocation():
         ModelConfig(n_genes=500, n_batches=4, n_hidden=64, n_latent=10, n_layers=3),
         ModelConfig(n_genes=2000, n_batches=2, extra_categories=(40,), encode_covariates=True),
         ModelConfig(n_genes=3000, n_batches=20, likelihood="zinb", latent_library=True),
+        ModelConfig(n_genes=2000, n_batches=300, dispersion="gene-batch", prior_components=50),
     ):
         exact = n_parameters(VAE(cfg))
         assert abs(cfg.approx_parameters - exact) < 0.05 * exact, (cfg, exact)
     with pytest.raises(ValueError, match=r"n_hidden=10000000000.* over the 1e\+09 allowed"):
         ModelConfig(n_genes=1767, n_batches=3, n_hidden=10**10)
-    with pytest.raises(ValueError, match="over the 1e"):
-        ModelConfig(n_genes=8000, n_batches=MAX_PARAMETERS // 100)
+    for big in (  # terms beside the layers: the review found each let a huge model through
+        {"n_batches": MAX_PARAMETERS // 100},
+        {"n_batches": 1, "prior_components": 10**7},
+        {"n_batches": 200_000, "dispersion": "gene-batch"},
+    ):
+        with pytest.raises(ValueError, match="over the 1e"):
+            ModelConfig(n_genes=8000, **big)

@@ -150,6 +150,8 @@ def pretrain(
     )
     from censusvi.train.pretrain import pretrain as train
 
+    if isinstance(batch_keys, str):  # "dataset_id,assay" as on the command line, not letters
+        batch_keys = [k.strip() for k in batch_keys.split(",")]
     keys = tuple(batch_keys) if batch_keys is not None else (batch_key,) if batch_key else None
     sections: dict[str, dict[str, Any]] = {"data": {}, "model": {}, "train": {}}
     if keys is not None:

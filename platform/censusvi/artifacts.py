@@ -189,7 +189,12 @@ def check_replaceable(
             f"with --overwrite: choose another {flag}"
         )
     if is_dir_kind(kind) and not out.is_symlink() and out.exists() and not _replaceable(out, kind):
-        if not out.is_dir() or artifact_kind(out) is None:  # a user's data: never deleted
+        if not out.is_dir():
+            raise OutputRefused(
+                f"{out} exists and is {describe(out)}; a folder output never replaces a file, "
+                f"even with --overwrite: choose another {flag}"
+            )
+        if artifact_kind(out) is None:  # a user's folder: never deleted
             raise OutputRefused(
                 f"{out} exists and is {describe(out)}; a {kind} folder replaces only what "
                 f"censusvi wrote, even with --overwrite: choose another {flag} (or remove it "

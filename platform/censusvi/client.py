@@ -23,7 +23,7 @@ from censusvi.data.h5ad import counts_matrix, gene_ids_and_symbols
 from censusvi.outputs import LATENT_KEY, NLL_COLUMN, NO_COUNTS, UNS_KEY, write_answers
 from censusvi.wire import ARROW, decode_result, encode_arrow_request
 
-RETRY_STATUS = (502, 503, 504)
+RETRY_STATUS = (408, 502, 503, 504)  # 408: the body stalled on its way (a network pause)
 BACKOFF_S, BACKOFF_MAX_S = 0.5, 8.0  # retry 1 at once, retry n after BACKOFF_S * 2**(n - 1) s
 
 
@@ -40,7 +40,7 @@ class _Retry(Retry):
 
 
 def retry_policy(retries: int) -> Retry:
-    """``retries`` more tries after a connection error or a 502/503/504 (any method: the calls
+    """``retries`` more tries after a connection error or a 408/502/503/504 (any method: the calls
     are pure); the last answer is returned rather than raised, for ``Client`` to report."""
     return _Retry(
         total=retries,
@@ -155,7 +155,7 @@ class Client:
         batch = adata.obs[batch_key].astype(str).to_numpy()
         # Cells without counts never map (as `censusvi annotate` leaves them out): a chunk of
         # only such cells would be refused, failing the whole call.
-        rows = np.flatnonzero(np.asarray(x.sum(axis=1)).ravel() > 0)
+        rows = np.flatnonzero((x != 0).getnnz(axis=1))  # NaN, negative: the server says why
         if len(rows) < x.shape[0]:
             x, batch = x[rows], batch[rows]
         answers = []

@@ -25,6 +25,7 @@ import yaml
 CONFIG = files("censusvi.serving") / "serve_config.yaml"
 
 
+log = logging.getLogger(__name__)
 APP_NAME = "censusvi"  # the application's name in Serve, as in the shipped serve_config.yaml
 
 
@@ -117,7 +118,11 @@ def run_foreground(
     finally:
         # Our application only, its requests drained: on a cluster given by RAY_ADDRESS other
         # applications keep running (serve.shutdown would stop Serve for all of them).
-        serve.delete(APP_NAME)
-        if started_ray:  # Serve's controller and proxy end with the Ray this command started
-            ray.shutdown()
+        try:
+            serve.delete(APP_NAME)
+        except Exception as e:  # Serve never started (the error that stopped it goes on)
+            log.debug("no application to delete: %s", e)
+        finally:
+            if started_ray:  # Serve's controller and proxy end with the Ray this command started
+                ray.shutdown()
     return 0

@@ -324,9 +324,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from censusvi.server import run_foreground
 
     settings: dict[str, Any] = {"model": a.model, "max_cells": a.max_cells}
-    if a.token_file:
+    if a.token_file is not None:  # "" too: refused as empty, never read as "no authentication"
         settings["token_file"] = a.token_file
-    elif a.token is not None:  # "" too: refused as empty, never read as "no authentication"
+    elif a.token is not None:
         if a.token.strip():
             logging.getLogger("censusvi").warning(
                 "--token is visible to every user of this machine (ps): prefer --token-file"

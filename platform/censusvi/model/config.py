@@ -79,10 +79,14 @@ class ModelConfig:
     def approx_parameters(self) -> int:
         """The weights' count to within the biases: the encoder's (and a latent library
         encoder's) first layer, the decoder's gene heads (scale; ZINB's dropout), the hidden
-        layers, the covariates' one-hot columns (exact count: vae.n_parameters)."""
+        layers, the covariates' one-hot columns, a VampPrior's pseudo-cells and the dispersion
+        (exact count: vae.n_parameters)."""
         g, h, k, n = self.n_genes, self.n_hidden, self.n_latent, self.n_layers
         gene_layers = 2 + (self.likelihood == "zinb") + self.latent_library
-        return h * (gene_layers * g + 2 * h * (n - 1) + 3 * k + 2 * sum(self.covariate_sizes))
+        layers = h * (gene_layers * g + 2 * h * (n - 1) + 3 * k + 2 * sum(self.covariate_sizes))
+        pseudo_cells = self.prior_components * g  # a VampPrior's pseudo-inputs
+        dispersion = g * self.n_batches if self.dispersion == "gene-batch" else g
+        return layers + pseudo_cells + dispersion
 
     @property
     def covariate_sizes(self) -> tuple[int, ...]:

@@ -318,7 +318,7 @@ class Ingress:
             return denied, 0
         q = request.query_params
         try:
-            body = await read_body(request, int(self.s.max_request_mb * 2**20))
+            body = await read_body(request, int(self.s.max_request_mb * 2**20), self.s.body_idle_s)
             ctype = request.headers.get("content-type", "")
             if ctype.startswith("multipart/form-data"):
                 body, ctype = await upload_file(request, body), "application/x-hdf5"

@@ -53,17 +53,29 @@ def _read_token_file(token_file: str) -> str:
 
 def token_digest(token: str | None = None, token_file: str | None = None) -> str | None:
     """SHA-256 (hex) of the configured token, or None for no authentication (no token given at
-    all). A token given empty -- ``--token "$TOKEN"`` with TOKEN unset -- is refused rather than
-    read as "no authentication"."""
-    if token_file:
-        token = _read_token_file(token_file)
-    elif token is not None and not str(token).strip():
+    all). A token given empty -- ``--token "$T"`` or ``--token-file "$F"`` with the variable
+    unset, ``CENSUSVI_TOKEN=`` -- is refused rather than read as "no authentication"."""
+    if token_file is not None:
+        if not str(token_file).strip():
+            raise TokenError(
+                'the token file is named empty (--token-file "$VAR" with VAR unset?): name the '
+                "file holding the token, or leave --token-file out to serve without authentication"
+            )
+        token = _read_token_file(str(token_file))
+    elif token is None:
+        token = os.environ.get(TOKEN_ENV)
+        if token is not None and not token.strip():
+            raise TokenError(
+                f"{TOKEN_ENV} is set but empty: give it the token, or unset it to serve "
+                "without authentication"
+            )
+    elif not isinstance(token, str) or not token.strip():
         raise TokenError(
-            'the token is empty (--token "$VAR" with VAR unset?): give the token, '
-            "or leave --token out to serve without authentication"
+            f'the token is {"empty" if isinstance(token, str) else "not text"} (--token "$VAR" '
+            "with VAR unset?): give the token, or leave --token out to serve without "
+            "authentication"
         )
-    token = token or os.environ.get(TOKEN_ENV) or None
-    return hashlib.sha256(str(token).strip().encode()).hexdigest() if token else None
+    return hashlib.sha256(token.strip().encode()).hexdigest() if token is not None else None
 
 
 def presented_digest(authorization: str | None) -> str | None:

@@ -26,17 +26,14 @@ class BodyStalled(ValueError):
     """The body stopped arriving: the client is gone, or holds the request slot on purpose."""
 
 
-IDLE_S = 10.0  # the longest wait for the next part of a body (slow links send far more often)
-
-
-def stalled_message(idle_s: float = IDLE_S) -> str:
+def stalled_message(idle_s: float) -> str:
     return (
         f"the request body stopped arriving for {idle_s:g} s: send it whole, without pauses "
         "(a slot stays taken while a body trickles in)"
     )
 
 
-async def read_body(request: Request, limit_bytes: int, idle_s: float = IDLE_S) -> bytes:
+async def read_body(request: Request, limit_bytes: int, idle_s: float) -> bytes:
     """The body, refused as soon as its declared length or the bytes received pass the limit,
     or when no part of it arrives for ``idle_s``: a client that declares a body and sends a byte
     held one of the ingress's few request slots until Serve's 300 s request timeout, and 16 such

@@ -15,6 +15,7 @@ from censusvi.typed import shown, typed
 
 POSITIVE = (  # settings that must be finite numbers above 0
     "max_request_mb",
+    "body_idle_s",
     "ingress_memory_mb",
     "registry_poll_s",
     "tick_s",
@@ -52,6 +53,7 @@ class Settings:
     )
     max_cells: int = defaults.SERVE_MAX_CELLS  # per request (413 above)
     max_request_mb: float = 64.0  # per request body (413 above)
+    body_idle_s: float = 30.0  # the longest pause while a body arrives (408 after: slot freed)
     ingress_memory_mb: float = 6144.0  # an ingress replica's budget: max ongoing x request memory
     registry_poll_s: float = 10.0  # how often an alias is re-resolved
     tick_s: float = 1.0  # how often replicas and ingresses sync with the version board

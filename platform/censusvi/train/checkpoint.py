@@ -57,6 +57,11 @@ def _shown(key: str, value: Any) -> str:
     return str(value)
 
 
+def _no_memory(e: BaseException) -> bool:
+    """Out of (GPU) memory while loading is not a damaged file: it passes on as it is."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError))
+
+
 class CheckpointStore:
     """One run's checkpoint at ``path``; ``start_over``: how to start afresh, for the refusal
     (None: delete ``path``, or ``--no-resume``, as ``censusvi pretrain``)."""
@@ -99,6 +104,8 @@ class CheckpointStore:
         try:
             vae.load_state_dict(load_file(str(self.path / "weights.safetensors"), str(device)))
         except Exception as e:  # safetensors' header errors, missing or misshapen tensors
+            if _no_memory(e):
+                raise
             raise self.damaged("weights.safetensors", e) from None
         if opt is not None:
             try:  # weights_only: tensors and numbers, never an object's code
@@ -107,12 +114,17 @@ class CheckpointStore:
                 )
                 opt.load_state_dict(saved)
             except Exception as e:
+                if _no_memory(e):
+                    raise
                 raise self.damaged("optimizer.pt", e) from None
         return state
 
-    def damaged(self, name: str, e: Exception) -> ValueError:
-        """A file of the checkpoint cannot be read back: which, why, and how to start afresh."""
+    def damaged(self, name: str, e: Exception) -> Exception:
+        """A file of the checkpoint cannot be read back: which, why, and how to start afresh
+        (a file the OS will not give, e.g. no permission, is said as such: it may be fine)."""
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            return OSError(f"cannot read checkpoint file {self.path / name} ({why})")
         return ValueError(
             f"checkpoint {self.path} is damaged ({name}: {why}); {self.fresh()}, or restore it"
         )

@@ -272,7 +272,7 @@ def resume_from(
     try:
         history = History.from_dict(state["history"])
     except (KeyError, TypeError) as e:
-        raise store.damaged("state.json", KeyError(f"history: {e}")) from None
+        raise store.damaged("state.json", ValueError(f"its history lacks {e}")) from None
     log.info("resuming from %s at epoch %d", store.path, len(history.epochs))
     return history
 

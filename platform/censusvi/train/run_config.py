@@ -53,7 +53,7 @@ class DataConfig:
             repeated = sorted({k for k in given if list(given).count(k) > 1})
             if repeated:
                 raise ValueError(f"{name} names {repeated} more than once: name each column once")
-        both = sorted(set(self.batch_keys) & set(self.categorical_covariate_keys))
+        both = sorted(set(self.batch_keys) & set(self.categorical_covariate_keys or ()))
         if both:
             raise ValueError(
                 f"{both} is both a batch key and a covariate key: the batch already holds it; "
