@@ -33,12 +33,16 @@ def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
     try:
         adata = ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as e:  # h5py and anndata raise many types for one cause
-        raise ValueError(
-            f"cannot read {path} as .h5ad ({type(e).__name__}: {e}); the file is truncated, "
-            "damaged or not an AnnData file"
-        ) from e
+        raise damaged(path, e) from e
     check_structure(adata, str(path))
     return adata
+
+
+def damaged(path: Path, e: Exception) -> ValueError:
+    return ValueError(
+        f"cannot read {path} as .h5ad ({type(e).__name__}: {e}); the file is truncated, "
+        "damaged or not an AnnData file"
+    )
 
 
 def check_self_contained(path: Path) -> None:
@@ -48,10 +52,14 @@ def check_self_contained(path: Path) -> None:
     import h5py
 
     try:
-        with h5py.File(path, "r") as f:
-            problems = outside_references(f, soft_links=False)
+        f = h5py.File(path, "r")
     except OSError:
         return  # not HDF5 at all: anndata's error says what the file is
+    with f:
+        try:
+            problems = outside_references(f, soft_links=False)
+        except Exception as e:  # h5py raises RuntimeError, SystemError... for a damaged file
+            raise damaged(path, e) from None
     if problems:
         raise ValueError(
             f"{path} reaches outside itself ({problems[0]}); censusvi reads self-contained "
