@@ -17,7 +17,7 @@ demo: setup
 	$(PY) -m censusvi.demo --data $(DATA) --out $(DEMO_OUT)
 
 test: setup browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: setup
 	$(PY) bench/train_throughput.py
