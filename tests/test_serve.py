@@ -164,6 +164,11 @@ def test_client_chunks_of_cells_without_counts_leave_those_cells_out(served, reg
     assert_same_annotation(out, in_process(registry, "1", q[:10].copy()))
     with pytest.raises(ValueError, match="all 20 query cells have zero counts over the model"):
         Client(served).annotate(q[10:].copy(), batch_key="batch")
+    bad = query(10, seed=6)  # a NaN count is the server's to refuse, not a cell to drop
+    bad.X = bad.X.toarray()
+    bad.X[3] = np.nan
+    with pytest.raises(ServiceError, match="NaN"):
+        Client(served).annotate(bad, batch_key="batch")
 
 
 def test_a_repeated_gene_id_beside_unique_symbols_maps_as_in_the_cli(served, registry):
