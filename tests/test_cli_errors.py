@@ -141,6 +141,17 @@ def test_scvi_tools_weights_of_another_shape_or_no_model_at_all(tmp_path, capsys
     )
     assert rc == 2 and f"{tmp_path / 'scvi2' / 'model.pt'}: its attr_dict: " in err, err
     assert "n_latent=1000000000000" in err and "parameters" in err and "over the 1e+09" in err
+    for odd, says in [(5, "it holds a int"), ({**d, "attr_dict": [1]}, "its attr_dict is a list")]:
+        torch.save(odd, tmp_path / "scvi2" / "model.pt")  # tracebacks before
+        rc, err = run(
+            capsys, "import-scvi-tools", str(tmp_path / "scvi2"), "--out", str(tmp_path / "m")
+        )
+        assert rc == 2 and says in err, err
+    (tmp_path / "scvi2" / "model.pt").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    rc, err = run(
+        capsys, "import-scvi-tools", str(tmp_path / "scvi2"), "--out", str(tmp_path / "m")
+    )
+    assert rc == 2 and "the file is truncated or not a torch file" in err, err
     (tmp_path / "x.h5ad").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
     rc, err = run(
         capsys, "import-scvi-tools", str(tmp_path / "x.h5ad"), "--out", str(tmp_path / "m")

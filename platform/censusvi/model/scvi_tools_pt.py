@@ -102,7 +102,15 @@ def read_model_pt(path: str | os.PathLike) -> dict[str, Any]:
     for _ in range(200):
         try:
             with torch.serialization.safe_globals(allowed):
-                return torch.load(f, weights_only=True, map_location="cpu")
+                d = torch.load(f, weights_only=True, map_location="cpu")
+            odd = d if not isinstance(d, dict) else d.get("attr_dict", {})
+            if not isinstance(odd, dict):
+                what = "its attr_dict is" if isinstance(d, dict) else "it holds"
+                raise ValueError(
+                    f"{f}: {what} a {type(odd).__name__}, not the dict scvi-tools saves (of "
+                    "model_state_dict, var_names and attr_dict): give a directory scvi-tools saved"
+                )
+            return d
         except pickle.UnpicklingError as e:
             m = _REFUSED.search(str(e))
             if m is None:  # not a pickle at all (torch's own text advises unsafe loading)
@@ -128,8 +136,9 @@ def read_model_pt(path: str | os.PathLike) -> dict[str, Any]:
                     "allowlisted type, and censusvi does not run pickled code. Load it in scvi-tools "
                     "and re-save it, or export its weights to safetensors."
                 ) from e
-        except (RuntimeError, EOFError, OSError) as e:
-            raise ValueError(
-                f"cannot read {f} ({e}); the file is truncated or not a torch file"
+        except (RuntimeError, EOFError, OSError, IndexError, KeyError, TypeError) as e:
+            raise ValueError(  # torch's loader raises these on text or a damaged archive
+                f"cannot read {f} ({type(e).__name__}: {e}); the file is truncated or not a "
+                "torch file"
             ) from e
     raise ValueError(f"{f}: too many distinct types to allowlist; refusing to load it")
