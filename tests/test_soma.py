@@ -205,3 +205,21 @@ def test_a_named_x_layer_is_read_in_process_as_on_a_ray_worker(tmp_path):
         ValueError, match=r"X layer 'counts' not in the experiment; it has \['doubled', 'raw'\]"
     ):
         open_source(uri, layer="counts")
+
+
+def test_is_primary_data_written_as_text_is_read_as_the_words_say(tmp_path):
+    """A cast made every non-empty string True ("False" too), so the Census filter
+    `is_primary_data == True` kept duplicate cells."""
+    from conftest import simulated_adata
+
+    a = simulated_adata(n_cells=40, n_genes=20)
+    a.obs["is_primary_data"] = ["False"] * 10 + ["True"] * 30
+    a.write_h5ad(tmp_path / "a.h5ad")
+    ingest([tmp_path / "a.h5ad"], tmp_path / "a.soma")
+    src = SomaSource(str(tmp_path / "a.soma"), obs_filter=CENSUS_FILTER.split(" and ")[0])
+    assert len(src.obs) == 30
+    a.obs["is_primary_data"] = ["maybe"] * 40
+    a.write_h5ad(tmp_path / "b.h5ad")
+    with pytest.raises(ValueError, match=r"obs\['is_primary_data'\] holds \['maybe'\], not True"):
+        ingest([tmp_path / "b.h5ad"], tmp_path / "b.soma")
+    assert not (tmp_path / "b.soma").exists()

@@ -68,12 +68,29 @@ def census_obs(adata: ad.AnnData, dataset_id: str, x: sp.csr_matrix) -> pd.DataF
         obs[col] = src[found].astype(str).to_numpy() if found else default
         if found and found != col:
             log.info("%s: obs[%r] filled from obs[%r]", dataset_id, col, found)
-    primary = src["is_primary_data"].to_numpy(dtype=bool) if "is_primary_data" in src else True
-    obs["is_primary_data"] = primary
+    obs["is_primary_data"] = primary_flags(src, dataset_id) if "is_primary_data" in src else True
     obs["nnz"] = np.diff(x.indptr).astype(np.int64)
     obs["raw_sum"] = np.asarray(x.sum(1)).ravel().astype(np.float64)
     obs.index.name = "obs_id"
     return obs
+
+
+def primary_flags(obs: pd.DataFrame, where: str) -> np.ndarray:
+    """obs['is_primary_data'] as booleans: True/False, 1/0, or the text of those (a cast made
+    every non-empty string, "False" too, True); anything else is refused."""
+    col = obs["is_primary_data"]
+    if pd.api.types.is_bool_dtype(col):
+        return col.to_numpy(dtype=bool)
+    words = col.astype(str).str.strip().str.lower()
+    read = words.map(
+        {"true": True, "1": True, "1.0": True, "false": False, "0": False, "0.0": False}
+    )
+    if read.isna().any():
+        odd = sorted(set(col[read.isna()].astype(str)))[:3]
+        raise ValueError(
+            f"{where}: obs['is_primary_data'] holds {odd}, not True/False: write it as booleans"
+        )
+    return read.to_numpy(dtype=bool)
 
 
 def dataset_id_of(path: str | os.PathLike) -> str:
