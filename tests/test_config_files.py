@@ -252,3 +252,25 @@ def test_pretraining_surgery_and_finetuning_refuse_a_setting_by_one_rule(field, 
     for config in (TrainConfig, SurgeryConfig, FinetuneConfig):
         with pytest.raises(ValueError, match=re.escape(message)):
             config(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["train.num_workers=0"], r"train.num_workers=0: a whole number of workers >= 1"),
+        (["stream.mode=bogus"], r"stream.mode='bogus': choose auto, ray_data or memory"),
+        (["train.device=cuda"], r"train.device='cuda' but use_gpu is false"),
+        (["train.max_failures=-3"], r"train.max_failures=-3: -1 \(no limit\) or more"),
+        (["mlflow.model_name=a/b"], r"model name 'a/b' holds \['/'\]: models:/NAME/VERSION"),
+        (["mlflow.model_name=a@b"], r"model name 'a@b' holds \['@'\]"),
+    ],
+)
+def test_a_ray_job_is_refused_while_its_config_is_read(sets, message):
+    """train.num_workers=0 was a ZeroDivisionError after Ray started; a model name no URI can
+    address failed only at registration, after the whole training."""
+    from censusvi.jobs.pretrain import job_from
+
+    doc = read_config("local", ["data.source=x.h5ad", "out=/tmp/m", *sets])
+    with pytest.raises(ConfigError, match=message) as e:
+        job_from(doc)
+    assert "\n" not in str(e.value)

@@ -63,7 +63,8 @@ def _setting(doc: dict[str, Any], key: str, kind: type, default: Any) -> Any:
 
 def job_from(doc: dict[str, Any]) -> PretrainJob:
     """The job a config document (``read_config``) describes; ConfigError names what is wrong."""
-    from censusvi.train.ray_trainer import STREAM_DEFAULTS
+    from censusvi.registry.versions import check_model_name
+    from censusvi.train.ray_trainer import STREAM_DEFAULTS, check_job
 
     cfg = pretrain_config_from(doc)
     if not cfg.data.source:
@@ -88,7 +89,7 @@ def job_from(doc: dict[str, Any]) -> PretrainJob:
     ingest_layer = None
     if ingest:  # data.layer is where the .h5ad files keep counts; the experiment's X holds them
         ingest_layer, cfg = cfg.data.layer, replace(cfg, data=replace(cfg.data, layer=None))
-    return PretrainJob(
+    job = PretrainJob(
         cfg,
         doc["out"],
         storage,
@@ -101,6 +102,14 @@ def job_from(doc: dict[str, Any]) -> PretrainJob:
         _setting(doc, "mlflow.model_name", str, DEFAULT_MODEL_NAME),
         ingest_layer,
     )
+    try:  # before Ray starts and hours of training: not at the end, when registering
+        check_job(cfg.train.device, job.num_workers, job.use_gpu, job.stream)
+        check_model_name(job.model_name)
+        if job.max_failures < -1:
+            raise ValueError(f"train.max_failures={job.max_failures}: -1 (no limit) or more")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return job
 
 
 def ingest_if_missing(job: PretrainJob) -> None:

@@ -80,6 +80,7 @@ def register_version(
     from censusvi.model.io import load_model, read_config
     from censusvi.registry.pyfunc import log_mlmodel
 
+    check_model_name(name)
     cfg = read_config(model_dir)  # refuses anything that is not a model directory
     model = load_model(model_dir)  # and one whose weights do not load (it must be servable)
     if index_dir is not None:
@@ -174,6 +175,19 @@ def _append_history(client, name: str, alias: str, version: str) -> None:
     client.set_registered_model_tag(
         name, key, ",".join([*filter(None, history.split(",")), version])
     )
+
+
+def check_model_name(name: str) -> None:
+    """A registered model's name that ``models:/NAME/VERSION`` and ``models:/NAME@ALIAS`` can
+    address: not empty, no '/' nor '@' (MLflow registered 'a@b', which no URI could then name)."""
+    if not isinstance(name, str) or not name.strip() or name != name.strip():
+        raise ValueError(f"model name {name!r}: give a name without leading or trailing spaces")
+    bad = sorted({c for c in name if c in "/@"})
+    if bad:
+        raise ValueError(
+            f"model name {name!r} holds {bad}: models:/NAME/VERSION and models:/NAME@ALIAS could "
+            "not address it; choose a name without them (e.g. censusvi-scvi)"
+        )
 
 
 def check_alias(alias: str) -> None:

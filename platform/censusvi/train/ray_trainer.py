@@ -66,6 +66,15 @@ def workers_device(device: str, use_gpu: bool) -> str:
     return "cuda" if use_gpu else "cpu"
 
 
+def check_job(device: str, num_workers: Any, use_gpu: bool, stream: dict[str, Any]) -> str:
+    """What a Ray pretraining job can be refused for before Ray starts (``python -m
+    censusvi.jobs.pretrain`` checks it while reading its config); the workers' device kind."""
+    if not (isinstance(num_workers, int) and num_workers >= 1):
+        raise ValueError(f"train.num_workers={num_workers!r}: a whole number of workers >= 1")
+    _check_stream(stream)
+    return workers_device(device, use_gpu)
+
+
 def _check_stream(stream: dict[str, Any]) -> None:
     unknown = sorted(set(stream) - set(STREAM_DEFAULTS))
     if unknown:
@@ -134,7 +143,7 @@ def pretrain_distributed(
     statistics (summed over ranks) after its checkpoint; they travel to the workers, so they must
     pickle (cloudpickle: a function or a class instance). ``tracker``: rank 0 logs the run to it
     (``censusvi.registry.mlflow_store.MlflowTracker``)."""
-    _check_stream(stream or {})
+    device = check_job(cfg.train.device, num_workers, use_gpu, stream or {})
     import ray
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -144,7 +153,7 @@ def pretrain_distributed(
     from censusvi.model.io import save_model
 
     target = storage_target(storage_path or DEFAULT_STORAGE)
-    t = replace(cfg.train, device=workers_device(cfg.train.device, use_gpu))
+    t = replace(cfg.train, device=device)
     cfg = replace(cfg, train=t)
     source = cfg.data.source
     if "://" not in source and Path(source).exists():  # workers run in another directory
