@@ -107,3 +107,12 @@ def test_scib_table_appears_when_evaluation_ran():
     assert "<td>X_scvi</td><td>0.710</td><td>0.620</td>" in page
     content["scib"] = None
     assert "scib-metrics" not in render_page(content)
+    # An undefined metric (NaN) or a NaN probability: json.dumps wrote NaN, on which the
+    # browser's JSON.parse stops, and the page drew nothing.
+    content["scib"] = [{"embedding": "X_scvi", "kbet": float("nan"), "ilisi": float("inf")}]
+    content["query"]["probability"] = [float("nan")]
+    data = render_page(content).split('type="application/json"', 1)[1]
+    data = data.split(">", 1)[1].split("</script>", 1)[0]
+    assert "NaN" not in data and "Infinity" not in data  # JSON.parse refuses them
+    parsed = json.loads(data)
+    assert parsed["scib"][0]["kbet"] is None and parsed["query"]["probability"] == [None]

@@ -28,3 +28,13 @@ def check_seed(seed) -> None:
     """A ValueError unless ``seed`` is a whole number from 0 to ``MAX_SEED``."""
     if not (is_whole(seed) and 0 <= seed <= MAX_SEED):
         raise ValueError(f"seed {seed!r}: a whole number from 0 to {MAX_SEED}")
+
+
+def json_safe(x):
+    """``x`` with every NaN or infinite float as None: JSON has no such numbers, and a browser's
+    ``JSON.parse`` stops at the first ``NaN`` that ``json.dumps`` writes by default."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [json_safe(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x

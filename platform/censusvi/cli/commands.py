@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from censusvi.numeric import json_safe
 from censusvi.outputs import UNS_KEY, label_keys_of, predicted_column
 from censusvi.train.schedule import describe as describe_schedule
 
@@ -270,7 +271,7 @@ def cmd_report(a: argparse.Namespace) -> int:
     summary |= {k: e[k] for k in ("accuracy", "macro_f1", "ece") if k in e}
     summary |= {"png_dir": str(a.png_dir)} if a.png_dir else {}
     summary |= {"umap_out": str(a.umap_out), "umap_key": a.umap_key} if a.umap_out else {}
-    print(json.dumps(summary))
+    print(json.dumps(json_safe(summary), allow_nan=False))
     return 0
 
 
@@ -358,7 +359,7 @@ def model_info(model_dir: str) -> dict[str, Any]:
 def cmd_info(a: argparse.Namespace) -> int:
     info = model_info(a.model)
     if a.json:  # strict JSON: a NaN figure is null
-        print(json.dumps(_without_nan(info), indent=1, allow_nan=False))
+        print(json.dumps(json_safe(info), indent=1, allow_nan=False))
         return 0
     arch, prov = info["architecture"], info["provenance"]
     prior = f"VampPrior ({k} pseudo-cells)" if (k := arch.get("prior_components")) else "N(0, I)"
@@ -381,17 +382,6 @@ def cmd_info(a: argparse.Namespace) -> int:
         if k != "schedule":  # a model's provenance is text its maker chose: shown, not obeyed
             print(f"  {k}: {_printable(v)}")
     return 0
-
-
-def _without_nan(x):
-    """``x`` with every NaN or infinite float as None (JSON has no such numbers)."""
-    import math
-
-    if isinstance(x, dict):
-        return {k: _without_nan(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_without_nan(v) for v in x]
-    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def _printable(v) -> str:

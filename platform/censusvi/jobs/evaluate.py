@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from censusvi.evaluate.scib import harmony_baseline, integration_benchmark, pca_baseline
+from censusvi.numeric import json_safe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         {"embedding": name, **{k: float(v) for k, v in row.items()}}
         for name, row in table.iterrows()
     ]
-    write_atomic(out / "scib.json", lambda tmp: tmp.write_text(json.dumps(rows, indent=1)))
+    write_atomic(
+        out / "scib.json",
+        lambda tmp: tmp.write_text(json.dumps(json_safe(rows), indent=1, allow_nan=False)),
+    )
     print(table[["Batch correction", "Bio conservation", "Total"]].round(3).to_string())
     if a.model.startswith("models:/"):
         from censusvi.registry.versions import add_to_version

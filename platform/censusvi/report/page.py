@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from censusvi.numeric import json_safe
+
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:20px}h2{font-size:16px;margin-top:28px}
@@ -191,7 +193,10 @@ def render_page(content: dict[str, Any]) -> str:
         )
     # In a script element only "</script" or "<!--" could end the data early: no raw <, >, & at all.
     data = (
-        json.dumps(content).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+        json.dumps(json_safe(content), allow_nan=False)
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
     )
     title = html.escape(content["title"])
     return f"""<!doctype html>
