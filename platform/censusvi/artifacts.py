@@ -188,7 +188,8 @@ def check_replaceable(
             f"{out} exists and is {describe(out)}; a file output never replaces a folder, even "
             f"with --overwrite: choose another {flag}"
         )
-    if is_dir_kind(kind) and not out.is_symlink() and out.exists() and not _replaceable(out, kind):
+    replaceable = _replaceable(out, kind)
+    if is_dir_kind(kind) and not out.is_symlink() and out.exists() and not replaceable:
         if not out.is_dir():
             raise OutputRefused(
                 f"{out} exists and is {describe(out)}; a folder output never replaces a file, "
@@ -200,7 +201,7 @@ def check_replaceable(
                 f"censusvi wrote, even with --overwrite: choose another {flag} (or remove it "
                 "yourself)"
             )
-    if overwrite or _replaceable(out, kind):
+    if overwrite or replaceable:
         return
     what = f"a censusvi {kind} {'directory' if is_dir_kind(kind) else 'file'}"
     raise OutputRefused(

@@ -119,9 +119,10 @@ def check_arrow(body: bytes, limits: DecodeLimits) -> None:
 # --- HDF5 (.h5ad uploads) ---------------------------------------------------------------------
 
 
-def outside_references(f, soft_links: bool = True) -> list[str]:
+def outside_references(f, soft_links: bool = True, on_dataset=None) -> list[str]:
     """What in the open HDF5 file ``f`` points outside it: external links, external storage,
-    virtual datasets (and, with ``soft_links``, links within it, which anndata never writes)."""
+    virtual datasets (and, with ``soft_links``, links within it, which anndata never writes).
+    ``on_dataset`` is called with every self-contained dataset, in the same walk."""
     import h5py
 
     problems: list[str] = []
@@ -133,10 +134,14 @@ def outside_references(f, soft_links: bool = True) -> list[str]:
             problems.append(f"'{name}' is a soft link")
 
     def dataset(name: str, obj) -> None:
-        if isinstance(obj, h5py.Dataset) and obj.is_virtual:
+        if not isinstance(obj, h5py.Dataset):
+            return
+        if obj.is_virtual:
             problems.append(f"'{name}' is a virtual dataset")
-        elif isinstance(obj, h5py.Dataset) and obj.external:
+        elif obj.external:
             problems.append(f"'{name}' keeps its data in external file(s)")
+        elif on_dataset is not None:
+            on_dataset(obj)
 
     f.visititems_links(visit)
     if not problems:  # visiting the objects follows the links
@@ -150,16 +155,14 @@ def check_hdf5(body: bytes, limits: DecodeLimits) -> None:
 
     size = 0
 
-    def dataset(name: str, obj) -> None:
+    def add(obj) -> None:
         nonlocal size
-        if isinstance(obj, h5py.Dataset) and obj.shape is not None:
+        if obj.shape is not None:
             size += int(np.prod(obj.shape, dtype=np.float64)) * max(obj.dtype.itemsize, 1)
 
     try:
         with h5py.File(io.BytesIO(body), "r") as f:
-            problems = outside_references(f)
-            if not problems:
-                f.visititems(dataset)
+            problems = outside_references(f, on_dataset=add)
             n_obs = _n_obs(f)
     except Exception as e:  # h5py raises OSError, RuntimeError, KeyError... for damaged files
         raise PayloadError(

@@ -251,8 +251,15 @@ class H5adSource:
         self.var_keys = gene_keys(adata.var)
         if not self.backed:
             self._x = to_csr32(self._x, self.uri)
-        empty = not self.backed and not self._x.count_nonzero()
-        self.elsewhere = counts_elsewhere(adata, layer) if empty else ""
+        self._layer = layer
+
+    @property
+    def elsewhere(self) -> str:
+        """Advice for the 'zero counts' error, computed when it is raised (not at every open):
+        where else the file holds counts when the matrix read is all zeros."""
+        if self.backed or self._x.count_nonzero():
+            return ""
+        return counts_elsewhere(self.adata, self._layer)
 
     def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
         file_rows = self._rows[rows]
