@@ -266,3 +266,16 @@ def test_pretrain_batch_keys_given_empty_are_refused_not_defaulted(tmp_path, cap
     rc, err = run(capsys, "pretrain", "--source", str(tmp_path / "x.h5ad"), "--batch-keys", "",
                   "--out", str(tmp_path / "m"))  # fmt: skip
     assert rc == 2 and "batch_keys is empty" in err and not (tmp_path / "m").exists()
+
+
+def test_an_output_given_empty_is_refused_not_skipped(sim_model, tmp_path, capsys, monkeypatch):
+    """`--save-model "$DIR"` with DIR unset mapped and saved nothing, silently; an empty --out
+    was read as the current directory and refused for holding an input."""
+    monkeypatch.chdir(tmp_path)
+    ref = sim_model.parent / "ref.h5ad"
+    rc, err = run(capsys, "map", "--model", str(sim_model), "--query", str(ref), "--batch-key",
+                  "batch", "--out", "q.h5ad", "--save-model", "")  # fmt: skip
+    assert (rc, err) == (2, "censusvi: error: --save-model is empty: give the path to write\n")
+    rc, err = run(capsys, "embed", "--model", str(sim_model), "--data", str(ref), "--out", " ")
+    assert (rc, err) == (2, "censusvi: error: --out is empty: give the path to write\n")
+    assert list(tmp_path.iterdir()) == []

@@ -209,3 +209,37 @@ def test_a_block_of_cells_without_counts_is_skipped(tiny_model):
     )  # fmt: skip
     assert res["n_cells1"].iloc[0] + res["n_cells2"].iloc[0] == a.n_obs
     assert np.isfinite(res["lfc_mean"]).all()
+
+
+def test_a_missing_group_is_no_group_and_a_missing_batch_no_batch(tiny_model, tmp_path, caplog):
+    """A NaN groupby value became a group called 'nan' (compared, and counted in the rest); a
+    NaN batch became a batch 'nan' the model trained on. Now such cells are in no group (a
+    warning counts them), and a NaN batch is refused with the count of cells."""
+    model, a = tiny_model
+    q = a.copy()
+    q.obs["cell_type"] = q.obs["cell_type"].astype(object)
+    q.obs.iloc[:20, q.obs.columns.get_loc("cell_type")] = np.nan
+    labelled = q.obs["cell_type"].notna()
+    res = differential_expression(
+        model, q, "cell_type", "t0", batch_key="batch", config=DEConfig(n_samples=50), quiet=True
+    )
+    assert res["n_cells2"].iloc[0] == (labelled & (q.obs["cell_type"] != "t0")).sum()
+    assert res["n_cells1"].iloc[0] + res["n_cells2"].iloc[0] == labelled.sum()
+    assert "20 cells have no obs['cell_type'] (NaN)" in caplog.text
+    with pytest.raises(ValueError, match=r"group 'nan' is not in obs\['cell_type'\]"):
+        differential_expression(model, q, "cell_type", "nan", batch_key="batch", quiet=True)
+    q.obs["one"] = "x"
+    with pytest.raises(ValueError, match="the rest has no cells with counts; every labelled"):
+        differential_expression(model, q, "one", "x", batch_key="batch", quiet=True)
+    bad = a.copy()
+    bad.obs["batch"] = bad.obs["batch"].astype(object)
+    bad.obs.iloc[:3, bad.obs.columns.get_loc("batch")] = np.nan
+    bad.write_h5ad(tmp_path / "nan_batch.h5ad")
+    cfg = PretrainConfig(
+        DataConfig(source=str(tmp_path / "nan_batch.h5ad"), batch_keys=("batch",), n_hvg=0),
+        ModelSettings(n_hidden=16, n_latent=4),
+        TrainConfig(schedule="census", max_epochs=1, batch_size=64),
+    )
+    with pytest.raises(ValueError, match="3 cells have no 'batch' \\(NaN\\)"):
+        pretrain(cfg, tmp_path / "m", quiet=True)
+    assert not (tmp_path / "m").exists()

@@ -136,3 +136,20 @@ def test_a_file_that_reads_other_files_is_refused_before_anndata_opens_it(tmp_pa
     q.obs_names = [f"c{i}" for i in range(q.n_obs)]
     q.write_h5ad(tmp_path / "plain.h5ad")
     assert len(H5adSource(tmp_path / "plain.h5ad").obs) == 40
+
+
+def test_a_bool_mask_layer_beside_the_counts_is_read_and_x_names_the_default(tmp_path):
+    """A layer the user does not read (a bool mask) made every command refuse the file
+    ("CSR data must hold numbers"); only the matrix read as counts must hold numbers. And the
+    help names X as the default layer, so '--layer X' reads X."""
+    a = simulated_adata()
+    a.layers["counts"] = a.X.copy()
+    a.layers["mask"] = (a.X > 0).astype(bool)
+    path = tmp_path / "mask.h5ad"
+    a.write_h5ad(path)
+    ref = a.X.toarray()
+    for layer in (None, "X", "counts"):
+        src = H5adSource(path, layer=layer)
+        np.testing.assert_array_equal(src.read_rows(np.arange(a.n_obs)).toarray(), ref)
+    with pytest.raises(ValueError, match="must hold numbers"):
+        H5adSource(path, layer="mask")  # the mask itself is not counts

@@ -11,7 +11,8 @@ from censusvi.data.source import batch_categories, batch_labels
 
 def test_batch_categories_equal_unique_of_concatenated_labels():
     """Categorical, string, integer and float keys with missing values: the same sorted labels
-    and per-cell codes as ``np.unique`` over the per-cell concatenation the Census uses."""
+    and per-cell codes as ``np.unique`` over the per-cell concatenation the Census uses (HVG
+    strata keep a missing value as 'nan'; a batch refuses it)."""
     obs = pd.DataFrame(
         {
             "dataset": pd.Categorical(["d2", "d1", "d2", None, "d1", "d10"]),
@@ -25,9 +26,13 @@ def test_batch_categories_equal_unique_of_concatenated_labels():
         for k in keys[1:]:
             per_cell = per_cell + obs[k].astype(str).to_numpy(dtype=object)
         expected, expected_codes = np.unique(per_cell.astype(str), return_inverse=True)
-        labels, codes = batch_categories(obs, keys, "obs")
+        labels, codes = batch_categories(obs, keys, "obs", "HVG")
         assert labels.tolist() == expected.tolist()
         assert np.array_equal(codes, expected_codes)
-        assert batch_labels(obs, keys, "obs").tolist() == per_cell.tolist()
+        with pytest.raises(ValueError, match=r"obs: 1 cells have no '(dataset|age)' \(NaN\)"):
+            batch_labels(obs, keys, "obs")
+    full = obs.iloc[[0, 1, 2, 5]]
+    per_cell = full["dataset"].astype(str) + full["assay"].astype(str)
+    assert batch_labels(full, ["dataset", "assay"], "obs").tolist() == per_cell.tolist()
     with pytest.raises(ValueError, match=r"\['donor_id'\] not in obs; obs has"):
         batch_categories(obs, ["dataset", "donor_id"], "obs")

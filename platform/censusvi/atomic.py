@@ -44,7 +44,7 @@ def check_output(
     """Before any work: refuse an ``out`` that is (or holds) one of ``inputs`` or the current
     directory, repair a killed swap at ``out``, ``check_replaceable``, and refuse a file
     ``out`` whose suffix is not its ``kind``'s; ``flag`` names it in the errors."""
-    out = _target(out)
+    out = _target(out, flag)
     _check_not_input(out, inputs, flag)
     _check_writable(out, flag)
     recover(out)
@@ -62,7 +62,7 @@ def check_folder(
     """Before any work: a folder the command adds files to (``flag``, e.g. --png-dir) is not
     one of ``inputs`` nor inside an input directory, is not a file, and can be written (it
     may hold other files, the inputs among them: nothing in it is replaced but its own)."""
-    out = _target(out)
+    out = _target(out, flag)
     target = resolved(out)
     for given, p in _local(inputs):
         if p == target or (p.is_dir() and p in target.parents):
@@ -133,12 +133,14 @@ def _check_writable(out: Path, flag: str = "--out") -> None:
     os.unlink(scratch)
 
 
-def _target(out: str | os.PathLike) -> Path:
+def _target(out: str | os.PathLike, flag: str = "--out") -> Path:
+    if not os.fspath(out).strip():  # Path("") is the current directory
+        raise OutputRefused(f"{flag} is empty: give the path to write")
     out = Path(out)
     if out.name in ("", ".", ".."):
         out = out.resolve()
     if not out.name:
-        raise OutputRefused(f"--out {out} is the file system's root: choose another --out")
+        raise OutputRefused(f"{flag} {out} is the file system's root: choose another {flag}")
     return out
 
 

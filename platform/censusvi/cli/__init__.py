@@ -39,11 +39,11 @@ def _check_outputs(args) -> None:
     inputs = [getattr(args, k) for k in args.out_inputs]
     check_output(args.out, args.out_kind, args.overwrite, inputs)
     for flag, kind in getattr(args, "extra_outs", ()):
-        if getattr(args, flag):
+        if getattr(args, flag) is not None:  # given empty: refused, not skipped
             name = "--" + flag.replace("_", "-")
             check_output(getattr(args, flag), kind, args.overwrite, [*inputs, args.out], name)
     for flag in getattr(args, "extra_folders", ()):
-        if getattr(args, flag):
+        if getattr(args, flag) is not None:
             check_folder(getattr(args, flag), "--" + flag.replace("_", "-"), [*inputs, args.out])
 
 

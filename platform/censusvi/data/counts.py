@@ -62,11 +62,13 @@ def check_csr(
     where: str,
     csc: bool = False,
     axes: tuple[str, str] = ("cell", "gene"),
+    numbers: bool = True,
 ) -> None:
     """Raise ``CountsError`` unless the three arrays are a sound CSR matrix of ``shape`` (for
     CSC, pass the transposed shape and ``csc``); copies nothing, so a file's matrices can be
     checked as read. ``axes`` names the stored matrix's rows and columns (a count matrix's are
-    cells and genes, obsp's cells and cells), so the errors speak of what the file holds."""
+    cells and genes, obsp's cells and cells), so the errors speak of what the file holds.
+    ``numbers=False`` checks the structure alone (a bool mask layer is sound, just not counts)."""
     n, g = int(shape[0]), int(shape[1])
     index, major, minor = ("row", axes[1], axes[0]) if csc else ("column", *axes)
     data, indices, indptr = (np.asarray(a) for a in (data, indices, indptr))
@@ -75,7 +77,9 @@ def check_csr(
             raise CountsError(f"{where}: CSR {name} must be a flat array, got shape {a.shape}")
     if indices.size and not np.issubdtype(indices.dtype, np.integer):  # indptr: check_indptr
         raise CountsError(f"{where}: CSR indices must hold integers, got {indices.dtype}")
-    if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
+    if numbers and (
+        not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating)
+    ):
         raise CountsError(f"{where}: CSR data must hold numbers, got {data.dtype}")
     if n < 0 or g < 0:
         raise CountsError(f"{where}: a matrix of shape {(n, g)}; both sides must be >= 0")

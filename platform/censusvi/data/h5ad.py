@@ -120,7 +120,8 @@ def check_structure(adata: ad.AnnData, where: str) -> None:
             _check_backed(m, name, axes)
         elif sp.issparse(m) and m.format in ("csr", "csc"):
             shape = m.shape if m.format == "csr" else m.shape[::-1]  # CSC: CSR of the transpose
-            check_csr(m.data, m.indices, m.indptr, shape, name, m.format == "csc", axes)
+            # the structure alone: only the matrix read as counts must hold numbers (to_csr32)
+            check_csr(m.data, m.indices, m.indptr, shape, name, m.format == "csc", axes, False)
 
 
 def _check_backed(
@@ -174,9 +175,16 @@ def gene_keys(var: pd.DataFrame) -> dict[str, list[str]]:
     return keys
 
 
+def main_matrix(adata: ad.AnnData, layer: str | None) -> bool:
+    """Whether ``layer`` names X itself: none given, or 'X' (the help's name for the default)
+    where the file has no layer of that name."""
+    return layer is None or (layer == "X" and "X" not in adata.layers)
+
+
 def counts_matrix(adata: ad.AnnData, layer: str | None) -> object:
-    """Where the counts are: X, ``layers[layer]``, or ``raw.X`` for ``layer='raw'``."""
-    if layer is None:
+    """Where the counts are: X (``layer`` None or 'X'), ``layers[layer]``, or ``raw.X`` for
+    ``layer='raw'``."""
+    if main_matrix(adata, layer):
         return adata.X
     if layer == "raw":
         if adata.raw is None:
@@ -199,7 +207,7 @@ def counts_elsewhere(adata: ad.AnnData, layer: str | None) -> str:
     places = [p for p in places if p[0] != f"layers[{layer!r}]"]
     if adata.raw is not None and layer != "raw":
         places.append(("raw.X", "pass --layer raw", adata.raw.X))
-    if layer is not None:
+    if not main_matrix(adata, layer):
         places.append(("X", "drop --layer", adata.X))
     for where, advice, m in places:
         if m is not None and (m.count_nonzero() if sp.issparse(m) else np.count_nonzero(m)):

@@ -35,13 +35,15 @@ def batch_labels(obs: pd.DataFrame, keys: list[str] | tuple[str, ...], where: st
     return labels.astype(object)[codes]
 
 
-def check_batch_given(obs: pd.DataFrame, batch_key: str, what: str = "query cells") -> None:
+def check_batch_given(
+    obs: pd.DataFrame, batch_key: str, what: str = "query cells", where: str = ""
+) -> None:
     """A ValueError counting the cells whose batch is missing (NaN): a NaN is not a batch
     called "nan". One rule for the command line, the Python API and the server's uploads."""
     if missing := int(obs[batch_key].isna().sum()):
         raise ValueError(
-            f"{missing} {what} have no {batch_key!r} (NaN): give every cell its batch (e.g. its "
-            "sample or library), or one shared value"
+            f"{where}{': ' if where else ''}{missing} {what} have no {batch_key!r} (NaN): give every cell its batch (e.g. its "
+            "sample or library), or one shared value, or leave those cells out"
         )
 
 
@@ -51,13 +53,18 @@ def batch_categories(
     """(the distinct batch labels, sorted; each cell's index into them), as ``np.unique`` of
     ``batch_labels`` gives, without building a string per cell: at Census scale that is 74 M
     strings for a few thousand batches. Each key is factorised, the codes combined, and only
-    the combinations that occur are spelled out."""
+    the combinations that occur are spelled out. A missing value (NaN) in a batch or covariate
+    column is refused, not made a batch called "nan"; HVG strata (``role='HVG'``) keep it as
+    one more stratum."""
     missing = [k for k in keys if k not in obs.columns]
     if missing:
         raise ValueError(
             f"{where}: {role} column(s) {missing} not in obs; obs has {sorted(obs.columns)}. "
             f"Choose the {role} columns from those."
         )
+    if role != "HVG":
+        for k in keys:
+            check_batch_given(obs, k, "cells", where)
     combined = np.zeros(len(obs), dtype=np.int64)  # codes in order of first appearance
     for k in keys:
         codes, uniques = pd.factorize(obs[k], use_na_sentinel=False)

@@ -81,6 +81,24 @@ class GroupCounts:
     normalized_mean: np.ndarray
 
 
+UNGROUPED = "\x00ungrouped"  # the label of cells whose groupby value is missing (NaN)
+
+
+def group_labels(column: pd.Series, groupby: str) -> np.ndarray:
+    """Each cell's group as text; a missing value (NaN) is no group, not one called "nan":
+    such cells are in neither side of a comparison, the rest included (a warning counts them)."""
+    missing = column.isna().to_numpy()
+    labels = column.astype(str).to_numpy(dtype=object)
+    if missing.any():
+        labels[missing] = UNGROUPED
+        log.warning(
+            "%d cells have no obs[%r] (NaN): they are left out of every group",
+            missing.sum(),
+            groupby,
+        )
+    return labels.astype(str)
+
+
 @dataclass
 class LabelSums:
     """Per-label sums over the cells with counts, from one pass: counts, non-zeros and
@@ -115,8 +133,8 @@ class LabelSums:
             i = int(np.searchsorted(self.names, label))
             s, n = self.sums[i], self.n_cells[i]
         else:
-            i = int(np.searchsorted(self.names, rest_of))
-            s, n = self.sums.sum(0) - self.sums[i], self.n_cells.sum() - self.n_cells[i]
+            out = np.isin(self.names, [rest_of, UNGROUPED])  # the rest: labelled cells only
+            s, n = self.sums[~out].sum(0), self.n_cells[~out].sum()
         return GroupCounts(*(s / max(int(n), 1)))
 
 
@@ -315,17 +333,16 @@ def differential_expression(
         raise ValueError(
             f"groupby {groupby!r} is not an obs column; obs has {sorted(adata.obs.columns)}"
         )
-    labels = adata.obs[groupby].astype(str).to_numpy()
+    labels = group_labels(adata.obs[groupby], groupby)
     groups1 = [group1] if isinstance(group1, str) else list(group1)
     if not groups1 or "" in groups1:
         raise ValueError(f"group1 {group1!r}: name a group of obs[{groupby!r}] (or A,B,...)")
     if group2 is not None and group2 in groups1:
         raise ValueError(f"group {group2!r} is both group1 and group2: compare two groups")
+    named = sorted(str(v) for v in set(labels) - {UNGROUPED})
     for g in [*groups1, *([group2] if group2 is not None else [])]:
-        if g not in set(labels):
-            raise ValueError(
-                f"group {g!r} is not in obs[{groupby!r}]; it has {sorted(set(labels))[:20]}"
-            )
+        if g not in named:
+            raise ValueError(f"group {g!r} is not in obs[{groupby!r}]; it has {named[:20]}")
     if batch_key is None:
         adata = ad.AnnData(adata.X, obs=adata.obs.copy(), var=adata.var, layers=dict(adata.layers))
         adata.obs["_censusvi_batch"] = batch_labels(adata.obs, model.batch_keys, "data")
@@ -343,9 +360,14 @@ def differential_expression(
     with bar(total=total, desc="DE draws", unit="draw", quiet=quiet) as progress:
         for g1 in groups1:
             m1 = (labels == g1) & nonempty
-            m2 = ((labels == group2) if group2 is not None else (labels != g1)) & nonempty
-            if not m1.any() or not m2.any():
-                raise ValueError(f"{g1} vs {group2 or 'rest'}: a group has no cells with counts")
+            rest = (labels != g1) & (labels != UNGROUPED)
+            m2 = ((labels == group2) if group2 is not None else rest) & nonempty
+            for name, m in ((g1, m1), (group2 or "the rest", m2)):
+                if not m.any():
+                    raise ValueError(
+                        f"{g1} vs {group2 or 'rest'}: {name} has no cells with counts"
+                        + ("" if group2 or rest.any() else f"; every labelled cell is {g1!r}")
+                    )
             c1, c2 = label_sums.group(g1), label_sums.group(group2, rest_of=g1)
             s1 = _draw_scales(q, np.flatnonzero(m1), codes, n_per_batch, rng, gen, cfg, progress)
             s2 = _draw_scales(q, np.flatnonzero(m2), codes, n_per_batch, rng, gen, cfg, progress)
