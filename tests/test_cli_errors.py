@@ -279,3 +279,12 @@ def test_an_output_given_empty_is_refused_not_skipped(sim_model, tmp_path, capsy
     rc, err = run(capsys, "embed", "--model", str(sim_model), "--data", str(ref), "--out", " ")
     assert (rc, err) == (2, "censusvi: error: --out is empty: give the path to write\n")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("uri", ["models:/m1", "models:/m1/", "models:/@prod", "models:/m1@"])
+def test_a_registry_uri_of_another_form_says_which_forms_there_are(capsys, uri):
+    """MLflow 3 reads models:/m1 as a logged model's id: "Logged model with ID 'm1' not found"
+    said nothing of the NAME/VERSION the user left out. The form is checked before MLflow."""
+    rc, err = run(capsys, "info", uri)
+    assert (rc, err) == (2, f"censusvi: error: {uri!r} is not models:/NAME/VERSION or "
+                         "models:/NAME@ALIAS: e.g. models:/censusvi-scvi/1\n")  # fmt: skip

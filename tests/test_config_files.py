@@ -96,6 +96,7 @@ def test_set_takes_top_level_and_section_keys_and_paths_from_the_cwd(tmp_path, m
     [
         ("nope", [], r"--config nope: no packaged config of that name; packaged: census, demo"),
         ("/no/such.yaml", [], r"--config /no/such.yaml: no such file"),
+        ("DIR", [], r"--config .* is a folder: give the YAML file itself \(it holds c.yaml\)"),
         ("BAD", [], r"not valid YAML: .*line 1"),
         ("LIST", [], r"expected a mapping of data, model, .*got a list"),
         ("UNKNOWN", [], r"unknown key\(s\) \['trian'\]; known: data, model, train"),
@@ -120,6 +121,9 @@ def test_errors_are_one_line(tmp_path, spec, sets, message):
     if spec in files:
         (tmp_path / "c.yaml").write_text(files[spec])
         spec = str(tmp_path / "c.yaml")
+    elif spec == "DIR":  # a job's --config given the configs' folder
+        (tmp_path / "c.yaml").write_text("out: x\n")
+        spec = str(tmp_path)
     with pytest.raises(ConfigError, match=message) as e:
         read_config(spec, sets)
     assert "\n" not in str(e.value)

@@ -116,3 +116,26 @@ def test_scib_table_appears_when_evaluation_ran():
     assert "NaN" not in data and "Infinity" not in data  # JSON.parse refuses them
     parsed = json.loads(data)
     assert parsed["scib"][0]["kbet"] is None and parsed["query"]["probability"] == [None]
+
+
+def test_cells_without_a_latent_are_left_out_of_the_report(annotated, tmp_path, caplog):
+    """The Python API's annotate keeps cells without counts as NaN rows; the report stopped at
+    'Input contains NaN' (UMAP's check). Now they are left out, counted in a warning, and have
+    no place (NaN) in the UMAP coordinates written back."""
+    from censusvi.report.build import build_report
+
+    d = annotated
+    a = ad.read_h5ad(d / "annotated.h5ad")
+    latent_key = a.uns["censusvi"].get("latent_key", "X_scvi")
+    a.obsm[latent_key][:5] = np.nan
+    for c in ("cell_type_probability", "cell_type_uncertainty"):
+        a.obs.iloc[:5, a.obs.columns.get_loc(c)] = np.nan
+    build_report(a, d / "ix-report", tmp_path / "r.html", umap_key="X_umap")
+    q = report_data((tmp_path / "r.html").read_text())["query"]
+    assert len(q["x"]) == a.n_obs - 5 and np.isfinite(q["probability"]).all()
+    assert "5 cells have no latent (NaN: no counts); left out of the report" in caplog.text
+    assert np.isnan(a.obsm["X_umap"][:5]).all() and np.isfinite(a.obsm["X_umap"][5:]).all()
+    a.obsm[latent_key][:] = np.nan
+    with pytest.raises(ValueError, match="no cell has a latent"):
+        build_report(a, d / "ix-report", tmp_path / "r2.html")
+    assert not (tmp_path / "r2.html").exists()

@@ -56,6 +56,12 @@ def locate(spec: str | os.PathLike) -> Path:
             )
         return path
     path = Path(spec).expanduser()
+    if path.is_dir():
+        yamls = sorted(p.name for p in path.glob("*.y*ml"))[:5]
+        raise ConfigError(
+            f"--config {spec} is a folder: give the YAML file itself"
+            + (f" (it holds {', '.join(yamls)})" if yamls else "")
+        )
     if not path.is_file():
         raise ConfigError(f"--config {spec}: no such file")
     return path

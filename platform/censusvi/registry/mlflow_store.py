@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from censusvi.registry.uris import parse_model_uri
+
 log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "censusvi-scvi"
 DEFAULT_ALIAS = "production"  # the alias promote moves and serving follows
@@ -389,6 +391,7 @@ def download_model(
     folder of it) from ``tracking`` (default ``tracking_uri()``)."""
     import mlflow
 
+    parse_model_uri(uri)  # its form first: MLflow reads models:/m1 as a logged model's id
     use_tracking(tracking)
     return Path(
         mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None)
@@ -400,5 +403,6 @@ def artifact_names(uri: str, tracking: str | None = None) -> set[str]:
     """The top-level artifact names of ``models:/NAME/VERSION``, without downloading them."""
     import mlflow
 
+    parse_model_uri(uri)
     use_tracking(tracking)
     return {Path(f.path).name for f in mlflow.artifacts.list_artifacts(artifact_uri=uri)}

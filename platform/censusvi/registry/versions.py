@@ -26,6 +26,7 @@ from censusvi.registry.mlflow_store import (
     reaches_registry,
     use_tracking,
 )
+from censusvi.registry.uris import check_model_name, parse_model_uri
 
 EVAL_PREFIX = "eval."
 LOWER_IS_BETTER = ("ece", "elbo", "nll", "loss")  # metric-name endings; the rest: higher is better
@@ -177,19 +178,6 @@ def _append_history(client, name: str, alias: str, version: str) -> None:
     )
 
 
-def check_model_name(name: str) -> None:
-    """A registered model's name that ``models:/NAME/VERSION`` and ``models:/NAME@ALIAS`` can
-    address: not empty, no '/' nor '@' (MLflow registered 'a@b', which no URI could then name)."""
-    if not isinstance(name, str) or not name.strip() or name != name.strip():
-        raise ValueError(f"model name {name!r}: give a name without leading or trailing spaces")
-    bad = sorted({c for c in name if c in "/@"})
-    if bad:
-        raise ValueError(
-            f"model name {name!r} holds {bad}: models:/NAME/VERSION and models:/NAME@ALIAS could "
-            "not address it; choose a name without them (e.g. censusvi-scvi)"
-        )
-
-
 def check_alias(alias: str) -> None:
     """MLflow's rules for an alias name (letters, digits, _ and -; not 'latest' nor 'v3'),
     checked before the store is asked, so that the error is about the name."""
@@ -290,18 +278,6 @@ def list_versions(name: str | None = None, uri: str | None = None) -> list[dict]
                 }
             )
     return rows
-
-
-def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` -> (name, version, alias)."""
-    rest = uri.removeprefix("models:/")
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        return name, None, alias
-    name, _, version = rest.partition("/")
-    if not name or not version:
-        raise ValueError(f"{uri!r} is not models:/NAME/VERSION or models:/NAME@ALIAS")
-    return name, version, None
 
 
 def resolve_version(uri: str, tracking: str | None = None) -> str:

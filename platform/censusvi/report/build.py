@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from censusvi.progress import bar
 from censusvi.report.content import report_content
 from censusvi.report.layout import fit_reference_layout
 from censusvi.report.page import render_page
+
+log = logging.getLogger(__name__)
 
 
 def latent_key_of(adata: ad.AnnData, latent_key: str | None = None) -> str:
@@ -51,6 +54,21 @@ def mapped_cells_table(
     cells = adata.obs.copy()
     cells["batch"] = adata.obs[key].astype(str)
     return cells
+
+
+def placed_cells(latent: np.ndarray) -> np.ndarray:
+    """Positions of the cells the report can place: the Python API's ``annotate`` keeps cells
+    without counts as NaN rows (the command line leaves them out); they are left out here too,
+    with a warning that counts them."""
+    finite = np.isfinite(latent).all(axis=1)
+    if not finite.any():
+        raise ValueError(
+            "no cell has a latent (every row is NaN: cells without counts); annotate cells "
+            "with counts, then report"
+        )
+    if n := int((~finite).sum()):
+        log.warning("%d cells have no latent (NaN: no counts); left out of the report", n)
+    return np.flatnonzero(finite)
 
 
 def build_report(
@@ -92,7 +110,9 @@ def build_report(
         k: uns[k] for k in ("genes", "cells_per_batch", "new_batches", "cells_mapped") if k in uns
     }
     name = "AnnData" if isinstance(mapped, ad.AnnData) else Path(mapped).name
-    latent = adata.obsm[latent_key_of(adata, latent_key)]
+    latent = np.asarray(adata.obsm[latent_key_of(adata, latent_key)])
+    placed = placed_cells(latent)
+    cells, latent = cells.iloc[placed], latent[placed]
     with bar(total=2, desc="report", unit="step") as progress:
         layout = fit_reference_layout(index, key, per_type)  # the UMAP: most of the time
         xy = layout.place(latent)
@@ -109,8 +129,10 @@ def build_report(
         from censusvi.report.figures import write_pngs
 
         write_pngs(content, png_dir)
-    if umap_key:
-        adata.obsm[umap_key] = np.asarray(xy, dtype=np.float32)
+    if umap_key:  # cells left out of the report have no place: NaN, as their latent
+        full = np.full((adata.n_obs, 2), np.nan, dtype=np.float32)
+        full[placed] = xy
+        adata.obsm[umap_key] = full
         if umap_out:
             from censusvi.inference import write_h5ad_atomic
 
