@@ -39,7 +39,7 @@ def prepare(out: Path, data_dir: Path, n_cells: int, n_genes: int, reps: int, se
 
     from censusvi.data.h5ad import H5adSource
     from censusvi.data.hvg import highly_variable_genes
-    from censusvi.data.soma import harmonise
+    from censusvi.data.ingest import harmonise
 
     parts = [harmonise(f) for f in sorted(data_dir.glob("*.h5ad"))]
     pool = ad.concat(parts, join="outer", merge="first")

@@ -110,7 +110,7 @@ def local_ray():
 @pytest.fixture(scope="session")
 def soma_exp(shared_data, tmp_path_factory):
     """Two real datasets ingested into one SOMA experiment (built once per test session)."""
-    from censusvi.data.soma import ingest
+    from censusvi.data.ingest import ingest
 
     out = tmp_path_factory.mktemp("soma") / "ref.soma"
     files = [

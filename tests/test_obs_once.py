@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from censusvi.data.soma import SomaSource, ingest
+from censusvi.data.ingest import ingest
+from censusvi.data.soma import SomaSource
 from censusvi.train.loop import TrainConfig
 from censusvi.train.pretrain import DataConfig, ModelSettings, PretrainConfig
 from conftest import simulated_adata

@@ -11,7 +11,8 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from censusvi.data.soma import CENSUS_FILTER, SomaSource, ingest
+from censusvi.data.ingest import ingest
+from censusvi.data.soma import CENSUS_FILTER, SomaSource
 
 CENSUS_OBS = {
     "dataset_id",

@@ -142,29 +142,16 @@ def pretrain(
     import anndata as ad
 
     from censusvi.data.h5ad import H5adSource
-    from censusvi.train.loop import TrainConfig
-    from censusvi.train.pretrain import (
-        DataConfig,
-        ModelSettings,
-        load_pretrain_config,
-    )
+    from censusvi.train.pretrain import load_pretrain_config
     from censusvi.train.pretrain import pretrain as train
+    from censusvi.train.run_config import settings_sections
 
     if isinstance(batch_keys, str):  # "dataset_id,assay" as on the command line, not letters
         batch_keys = [k.strip() for k in batch_keys.split(",")]
     keys = tuple(batch_keys) if batch_keys is not None else (batch_key,) if batch_key else None
-    sections: dict[str, dict[str, Any]] = {"data": {}, "model": {}, "train": {}}
+    sections = settings_sections(settings)
     if keys is not None:
         sections["data"]["batch_keys"] = keys
-    for name, cls in (("data", DataConfig), ("model", ModelSettings), ("train", TrainConfig)):
-        for f in fields(cls):
-            if f.name in settings:
-                sections[name][f.name] = settings.pop(f.name)
-    if settings:
-        raise ValueError(
-            f"unknown pretrain setting(s) {sorted(settings)}: use fields of DataConfig, "
-            "ModelSettings or TrainConfig (censusvi.train.pretrain, censusvi.train.loop)"
-        )
     in_memory = isinstance(adata_or_path, ad.AnnData)
     if adata_or_path is not None:
         sections["data"]["source"] = IN_MEMORY if in_memory else str(adata_or_path)

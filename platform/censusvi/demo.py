@@ -24,7 +24,7 @@ import anndata as ad
 from censusvi.artifacts import MARKER, OutputRefused
 from censusvi.atomic import check_output
 from censusvi.cli import main as cli
-from censusvi.data.soma import harmonise
+from censusvi.data.ingest import harmonise
 from censusvi.evaluate.latent import per_group_scores
 from censusvi.outputs import LATENT_KEY
 

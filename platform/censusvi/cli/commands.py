@@ -60,7 +60,7 @@ def _read(path):
 
 
 def cmd_ingest(a: argparse.Namespace) -> int:
-    from censusvi.data.soma import ingest
+    from censusvi.data.ingest import ingest
 
     print(f"wrote SOMA experiment {ingest(a.files, a.out, a.layer)}")
     return 0

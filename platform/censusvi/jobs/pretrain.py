@@ -114,7 +114,7 @@ def job_from(doc: dict[str, Any]) -> PretrainJob:
 
 def ingest_if_missing(job: PretrainJob) -> None:
     """Build the SOMA experiment ``data.source`` from ``data.ingest`` unless it exists."""
-    from censusvi.data.soma import ingest
+    from censusvi.data.ingest import ingest
 
     source = job.cfg.data.source
     if not job.ingest or is_uri(source) or Path(source).exists():

@@ -223,7 +223,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
     if str(path).startswith("models:/"):  # a registered version: read from a scratch copy
         import tempfile
 
-        from censusvi.registry.mlflow_store import download_model
+        from censusvi.registry.fetch import download_model
 
         with tempfile.TemporaryDirectory(prefix="censusvi-model-") as tmp:
             files = download_model(str(path), tmp)  # the registry's own errors pass on

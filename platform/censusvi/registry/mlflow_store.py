@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from censusvi.registry.uris import parse_model_uri
-
 log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "censusvi-scvi"
 DEFAULT_ALIAS = "production"  # the alias promote moves and serving follows
@@ -381,28 +379,3 @@ def new_version(client, name: str, run, tags: dict[str, str]) -> str:
         client.create_registered_model(name)
     source, run_id = run.info.artifact_uri, run.info.run_id
     return str(client.create_model_version(name, source=source, run_id=run_id, tags=tags).version)
-
-
-@reaches_registry
-def download_model(
-    uri: str, dst: str | os.PathLike | None = None, tracking: str | None = None
-) -> Path:
-    """A local copy of ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` (``/SUBPATH`` for one
-    folder of it) from ``tracking`` (default ``tracking_uri()``)."""
-    import mlflow
-
-    parse_model_uri(uri)  # its form first: MLflow reads models:/m1 as a logged model's id
-    use_tracking(tracking)
-    return Path(
-        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None)
-    )
-
-
-@reaches_registry
-def artifact_names(uri: str, tracking: str | None = None) -> set[str]:
-    """The top-level artifact names of ``models:/NAME/VERSION``, without downloading them."""
-    import mlflow
-
-    parse_model_uri(uri)
-    use_tracking(tracking)
-    return {Path(f.path).name for f in mlflow.artifacts.list_artifacts(artifact_uri=uri)}

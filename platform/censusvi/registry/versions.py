@@ -346,7 +346,7 @@ def fetch_version(
     """Download one version's model and its index (when it has one) under ``dst``, or only the
     part a caller reads: a replica that maps needs no index (gigabytes at Census scale) and one
     that searches needs no weights."""
-    from censusvi.registry.mlflow_store import artifact_names, download_model
+    from censusvi.registry.fetch import artifact_names, download_model
 
     base = f"models:/{name}/{version}"
     names = artifact_names(base, uri)

@@ -62,7 +62,7 @@ def held_bytes(s: Settings, version: str) -> dict[str, int]:
     """Bytes of the files each holding deployment loads for ``version``."""
     if not s.registered:
         return {"Mapper": files_bytes(s.model), "Annotator": files_bytes(s.index)}
-    from censusvi.registry.mlflow_store import artifact_names
+    from censusvi.registry.fetch import artifact_names
     from censusvi.registry.versions import parse_model_uri
 
     base = f"models:/{parse_model_uri(s.model)[0]}/{version}"

@@ -126,3 +126,18 @@ def load_pretrain_config(
     for name in ("data", "model", "train"):
         doc[name] = {**(doc.get(name) or {}), **overrides.get(name, {})}
     return pretrain_config_from(doc)
+
+
+def settings_sections(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Flat keyword settings (``n_hvg=2000``, ``max_epochs=50``) as the ``data``, ``model`` and
+    ``train`` overrides ``load_pretrain_config`` takes; a name no section has is refused."""
+    sections: dict[str, dict[str, Any]] = {"data": {}, "model": {}, "train": {}}
+    left = dict(settings)
+    for name, cls in (("data", DataConfig), ("model", ModelSettings), ("train", TrainConfig)):
+        sections[name] = {f.name: left.pop(f.name) for f in fields(cls) if f.name in left}
+    if left:
+        raise ValueError(
+            f"unknown pretrain setting(s) {sorted(left)}: use fields of DataConfig, "
+            "ModelSettings or TrainConfig (censusvi.train.pretrain, censusvi.train.loop)"
+        )
+    return sections
