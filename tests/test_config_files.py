@@ -278,3 +278,24 @@ def test_a_ray_job_is_refused_while_its_config_is_read(sets, message):
     with pytest.raises(ConfigError, match=message) as e:
         job_from(doc)
     assert "\n" not in str(e.value)
+
+
+def test_a_yaml_alias_bomb_is_refused_without_being_expanded(tmp_path):
+    """Eight levels of ten aliases each: 500 bytes naming 10^8 values. Loading shares them, but
+    the error message's repr expanded every one (a MemoryError, or tens of GB without a limit)."""
+    from censusvi.typed import shown
+
+    levels = "".join(f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 8))
+    for tail in ("train: *a7\n", "data: {source: *a7}\n"):
+        (tmp_path / "bomb.yaml").write_text("out:\n  - &a0 [x,x,x,x,x,x,x,x,x,x]\n" + levels + tail)
+        with pytest.raises(ConfigError, match=r"expand to more than 10,000 values \(YAML alias"):
+            read_config(str(tmp_path / "bomb.yaml"))
+    with pytest.raises(ConfigError, match=r"--set 'train.lr=.*expand to more than 10,000"):
+        read_config(
+            None, ["train.lr=[&a [1,1,1,1,1,1,1,1,1,1], " + ", ".join(["*a"] * 20000) + "]"]
+        )
+    deep: list = ["x"] * 10
+    for _ in range(8):
+        deep = [deep] * 10
+    assert len(shown(deep)) <= 43  # reprlib: no expansion to cut
+    assert shown({"a": 1}) == "{'a': 1}" and len(shown("x" * 10**6)) == 43

@@ -23,6 +23,10 @@ from typing import Any
 
 import yaml
 
+from censusvi.typed import shown
+
+MAX_VALUES = 10_000  # values a config document may expand to (check_size)
+
 PACKAGED = Path(__file__).resolve().with_name("configs")
 # The keys a config document may hold at the top level.
 TOP_LEVEL = ("data", "model", "train", "stream", "out", "storage", "mlflow")
@@ -88,11 +92,11 @@ def _path_value(value: Any, base: Path | None, where: str, name: str) -> Any:
         if isinstance(patterns, list) and all(isinstance(v, str) for v in patterns):
             return [resolve_path(v, base) for v in patterns]
         raise ConfigError(
-            f"{where}: {name} must be a glob pattern or a list of them, got {value!r}"
+            f"{where}: {name} must be a glob pattern or a list of them, got {shown(value)}"
         )
     if isinstance(value, str):
         return resolve_path(value, base)
-    raise ConfigError(f"{where}: {name} must be a path or URI (a string), got {value!r}")
+    raise ConfigError(f"{where}: {name} must be a path or URI (a string), got {shown(value)}")
 
 
 def _resolve_paths(doc: dict[str, Any], base: Path, where: str) -> None:
@@ -101,6 +105,27 @@ def _resolve_paths(doc: dict[str, Any], base: Path, where: str) -> None:
         if isinstance(node, dict) and key in node:
             name = key if section is None else f"{section}.{key}"
             node[key] = _path_value(node[key], base, where, name)
+
+
+def check_size(doc: Any, where: str, limit: int = MAX_VALUES) -> None:
+    """Refuse a document that expands to more than ``limit`` values. YAML's aliases let a few
+    hundred bytes name 10^8 values (a list of ten copies of a list of ten copies...); loading
+    shares them, but printing or saving the settings expands them all. The walk stops at the
+    limit."""
+    stack, seen = [doc], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > limit:
+            raise ConfigError(
+                f"{where}: the settings expand to more than {limit:,} values (YAML aliases "
+                "repeating one another?); a config holds a few dozen: write them out"
+            )
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
 
 
 def _check_schema(doc: Any, where: str) -> dict[str, Any]:
@@ -113,7 +138,7 @@ def _check_schema(doc: Any, where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {', '.join(TOP_LEVEL)}")
     for section in SECTIONS:
         if doc.get(section) is not None and not isinstance(doc[section], dict):
-            raise ConfigError(f"{where}: {section} must be a mapping, got {doc[section]!r}")
+            raise ConfigError(f"{where}: {section} must be a mapping, got {shown(doc[section])}")
     return doc
 
 
@@ -125,6 +150,7 @@ def read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
+    check_size(doc, str(path))
     doc = _check_schema(doc, str(path))
     _resolve_paths(doc, path.absolute().parent, str(path))
     return doc
@@ -145,6 +171,7 @@ def apply_set(doc: dict[str, Any], item: str) -> None:
         raise ConfigError(
             f"--set {item!r}: VALUE is not valid YAML: {' '.join(str(e).split())}"
         ) from e
+    check_size(value, f"--set {item!r}")
     if parts[0] not in TOP_LEVEL:
         raise ConfigError(
             f"--set {item!r}: unknown key {parts[0]!r}; known: {', '.join(TOP_LEVEL)}"

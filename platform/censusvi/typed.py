@@ -5,6 +5,7 @@ ValueError naming the setting and what it should have been."""
 
 from __future__ import annotations
 
+import reprlib
 import types
 import typing
 from numbers import Real
@@ -12,13 +13,16 @@ from typing import Any
 
 from censusvi.numeric import check_seed, is_finite, is_whole
 
+_SHORT = reprlib.Repr()  # at most 6 items of a list, 4 of a dict (Python 3.11: no arguments)
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 200, 200
 _KINDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
 
 
 def shown(value: Any, limit: int = 40) -> str:
     """``value``'s repr for an error line, cut at ``limit`` characters (a request or a config
-    may hold megabytes where a name was meant)."""
-    text = repr(value)
+    may hold megabytes where a name was meant). ``reprlib`` never spells out more than a few
+    items per level, so a value nested deep (YAML aliases) is not expanded to be cut."""
+    text = _SHORT.repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
 
