@@ -180,12 +180,18 @@ def _append_history(client, name: str, alias: str, version: str) -> None:
 
 def check_alias(alias: str) -> None:
     """MLflow's rules for an alias name (letters, digits, _ and -; not 'latest' nor 'v3'),
-    checked before the store is asked, so that the error is about the name."""
+    checked before the store is asked, so that the error is about the name. MLflow's own
+    validators, not a copy of its rules; they are private, so a release without them leaves the
+    check to the store (whose error is one line too)."""
     from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import (
-        _validate_model_alias_name,
-        _validate_model_alias_name_reserved,
-    )
+
+    try:
+        from mlflow.utils.validation import (
+            _validate_model_alias_name,
+            _validate_model_alias_name_reserved,
+        )
+    except ImportError:
+        return
 
     try:
         _validate_model_alias_name(alias)
