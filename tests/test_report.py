@@ -139,3 +139,47 @@ def test_cells_without_a_latent_are_left_out_of_the_report(annotated, tmp_path, 
     with pytest.raises(ValueError, match="no cell has a latent"):
         build_report(a, d / "ix-report", tmp_path / "r2.html")
     assert not (tmp_path / "r2.html").exists()
+
+
+def test_odd_uns_entries_and_labels_are_drawn_not_a_traceback(annotated, tmp_path, caplog):
+    """An annotated file edited, or written by another tool: uns entries of other types were
+    tracebacks; they are left out with a warning. Labels are drawn as given: a '$\\frac{$' batch
+    stopped the PNGs after the page was written (a half set), '$5 and $6' was drawn as math, a
+    label starting with '_' was left out of the legend."""
+    from censusvi.report.build import build_report
+    from censusvi.report.figures import _legend_text
+
+    d = annotated
+    base = ad.read_h5ad(d / "annotated.h5ad")
+    for key, value in [("scib", {"x": 1}), ("scib", "abc"), ("new_batches", 5), ("genes", "x"),
+                       ("cells_per_batch", {"batch": 3, "cells": "x"})]:  # fmt: skip
+        a = base.copy()
+        a.uns["censusvi"][key] = value
+        build_report(a, d / "ix-report", tmp_path / "r.html", overwrite=True)
+        assert f"entries ['{key}'] are not as annotate writes them" in caplog.text
+    a = base.copy()
+    a.uns["censusvi"] = "hello"
+    with pytest.raises(ValueError, match="the file records no batch column: pass --batch-key"):
+        build_report(a, d / "ix-report", tmp_path / "r.html", overwrite=True)
+    a = base.copy()
+    batch = np.array(["$\\frac{$", "cost $5 and $6", "__proto__"], dtype=object)
+    a.obs["batch"] = batch[np.arange(a.n_obs) % 3]
+    build_report(a, d / "ix-report", tmp_path / "m.html", png_dir=tmp_path / "png")
+    assert sorted(p.name for p in (tmp_path / "png").iterdir())[-1] == "umap_uncertainty.png"
+    assert report_data((tmp_path / "m.html").read_text())["query"]["batch"][:3] == batch.tolist()
+    assert _legend_text("_hidden") == " _hidden" and _legend_text("B") == "B"
+
+
+def test_a_figure_that_fails_leaves_neither_page_nor_pngs(annotated, tmp_path, monkeypatch):
+    from censusvi.report import figures
+    from censusvi.report.build import build_report
+
+    def fail(content, out):
+        (out / "umap_predicted.png").write_bytes(b"half")
+        raise RuntimeError("a figure failed")
+
+    monkeypatch.setattr(figures, "_draw", fail)
+    with pytest.raises(RuntimeError, match="a figure failed"):
+        build_report(annotated / "annotated.h5ad", annotated / "ix-report", tmp_path / "r.html",
+                     png_dir=tmp_path / "png")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []

@@ -171,12 +171,14 @@ def test_token_guards_every_route_but_healthz(secure):
 
 def test_explorer_shows_hostile_labels_as_text(secure, tmp_path):
     """A batch label that is HTML: the page (saved as a user would, then opened in Chromium)
-    shows it as text on hover, and its script never runs."""
+    shows it as text on hover, and its script never runs. A batch named "__proto__" gets its
+    colour (the page's colour map was a plain object, whose "__proto__" key is its prototype:
+    those cells were drawn in the previous cell's colour, their legend swatch blank)."""
     from test_serve import chromium
 
     label = '<img src=x onerror="window.pwned=1">'
     q = query(30, seed=23)
-    body = csr_body(q, batch=[label] * 30)
+    body = csr_body(q, batch=[label] * 15 + ["__proto__"] * 15)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     r = requests.post(f"{secure}/v1/annotate", json=body, headers=auth, timeout=60)
     assert r.status_code == 200, r.text
@@ -197,6 +199,14 @@ def test_explorer_shows_hostile_labels_as_text(secure, tmp_path):
         assert any(label in t for t in hovered), hovered[:3]
         assert browser.execute_script("return window.pwned === undefined")
         assert not browser.find_elements("css selector", "#tip img")
+        swatches = browser.execute_script(
+            """const s = document.getElementById('view'); s.value = 'batch';
+            s.dispatchEvent(new Event('change'));
+            return [...document.querySelectorAll('#legend li.legend-item')].map(
+              li => [li.dataset.label, li.querySelector('.swatch').style.background]);"""
+        )
+        assert sorted(b for b, _ in swatches) == sorted([label, "__proto__"]), swatches
+        assert all(colour.startswith("rgb(") for _, colour in swatches), swatches
     finally:
         browser.quit()
 

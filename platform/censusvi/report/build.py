@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import anndata as ad
@@ -25,31 +26,80 @@ from censusvi.outputs import (
 from censusvi.progress import bar
 from censusvi.report.content import report_content
 from censusvi.report.layout import fit_reference_layout
-from censusvi.report.page import render_page
+from censusvi.report.page import batch_counts, render_page
 
 log = logging.getLogger(__name__)
 
 
-def latent_key_of(adata: ad.AnnData, latent_key: str | None = None) -> str:
-    """The obsm key of the latent: ``latent_key``, else the one annotate recorded in uns."""
-    return latent_key or adata.uns.get(UNS_KEY, {}).get("latent_key", LATENT_KEY)
+def _is_table(rows) -> bool:
+    """A list of objects with the same columns: what jobs/evaluate.py writes as scib.json."""
+    return (
+        isinstance(rows, list | tuple)
+        and len(rows) > 0
+        and all(isinstance(r, Mapping) for r in rows)
+        and all(set(r) == set(rows[0]) for r in rows)
+    )
+
+
+def _is_batch_counts(stored) -> bool:
+    try:
+        return isinstance(stored, Mapping) and bool(batch_counts(stored))
+    except (TypeError, ValueError):
+        return False
+
+
+RECORDED = {  # what annotate writes in uns["censusvi"], and how to tell it is that
+    "latent_key": lambda v: isinstance(v, str),
+    "batch_key": lambda v: isinstance(v, str),
+    "genes": lambda v: isinstance(v, Mapping),
+    "cells_per_batch": _is_batch_counts,
+    "new_batches": lambda v: np.ndim(v) == 1,
+    "cells_mapped": lambda v: np.isscalar(v) and is_whole(v),
+    "scib": _is_table,
+}
+
+
+def recorded(adata: ad.AnnData) -> dict:
+    """What annotate recorded in ``uns["censusvi"]``, each entry as annotate writes it; an entry
+    of another type (the file edited, or written by another tool) is left out with a warning,
+    where it was a traceback."""
+    uns = adata.uns.get(UNS_KEY, {})
+    if not isinstance(uns, Mapping):
+        log.warning("uns[%r] is a %s, not annotate's record: not read", UNS_KEY, type(uns).__name__)
+        return {}
+    kept = {k: uns[k] for k, ok in RECORDED.items() if k in uns and ok(uns[k])}
+    if odd := sorted(set(uns) & set(RECORDED) - set(kept)):
+        log.warning("uns[%r] entries %s are not as annotate writes them: not read", UNS_KEY, odd)
+    return kept
+
+
+def latent_key_of(uns: dict, latent_key: str | None = None) -> str:
+    """The obsm key of the latent: ``latent_key``, else the one annotate recorded (``uns``)."""
+    return latent_key or uns.get("latent_key", LATENT_KEY)
 
 
 def mapped_cells_table(
-    adata: ad.AnnData, label_key: str, batch_key: str | None, latent_key: str | None = None
+    adata: ad.AnnData,
+    uns: dict,
+    label_key: str,
+    batch_key: str | None,
+    latent_key: str | None = None,
 ):
-    """The per-cell columns a report draws, with the batch under a fixed name."""
+    """The per-cell columns a report draws, with the batch under a fixed name; ``uns``: what
+    annotate recorded (``recorded``)."""
     needed = [predicted_column(label_key), probability_column(label_key)]
     needed.append(uncertainty_column(label_key))
     missing = [c for c in needed if c not in adata.obs.columns]
-    latent = latent_key_of(adata, latent_key)
+    latent = latent_key_of(uns, latent_key)
     if missing or latent not in adata.obsm:
         raise ValueError(
             f"{missing or [f'obsm {latent}']} missing: the report reads the output of "
             "`censusvi annotate` (or the Serve app), which writes them"
         )
-    key = batch_key or adata.uns.get(UNS_KEY, {}).get("batch_key")
-    if key is None or key not in adata.obs.columns:
+    key = batch_key or uns.get("batch_key")
+    if key is None:
+        raise ValueError("the file records no batch column: pass --batch-key")
+    if key not in adata.obs.columns:
         raise ValueError(f"batch column {key!r} not in obs: pass --batch-key")
     cells = adata.obs.copy()
     cells["batch"] = adata.obs[key].astype(str)
@@ -98,19 +148,19 @@ def build_report(
         check_uns_writable(adata, str(mapped) if not isinstance(mapped, ad.AnnData) else "mapped")
     index = index_dir if isinstance(index_dir, LabelIndex) else load_index(index_dir)
     key = label_key or index.labels.columns[0]
-    cells = mapped_cells_table(adata, key, batch_key, latent_key)
+    uns = recorded(adata)
+    cells = mapped_cells_table(adata, uns, key, batch_key, latent_key)
     if truth_key is not None and truth_key not in adata.obs.columns:
         raise ValueError(
             f"truth key {truth_key!r} is not an obs column of the mapped file; it has "
             f"{sorted(adata.obs.columns)[:20]}"
         )
     truth = truth_key or (key if key in adata.obs.columns else None)
-    uns = adata.uns.get(UNS_KEY, {})
     mapping = {
         k: uns[k] for k in ("genes", "cells_per_batch", "new_batches", "cells_mapped") if k in uns
     }
     name = "AnnData" if isinstance(mapped, ad.AnnData) else Path(mapped).name
-    latent = np.asarray(adata.obsm[latent_key_of(adata, latent_key)])
+    latent = np.asarray(adata.obsm[latent_key_of(uns, latent_key)])
     placed = placed_cells(latent)
     cells, latent = cells.iloc[placed], latent[placed]
     with bar(total=2, desc="report", unit="step") as progress:
@@ -124,11 +174,11 @@ def build_report(
         )  # fmt: skip
         progress.update(1)
     page = render_page(content)
-    write_atomic(out, lambda tmp: tmp.write_text(page), suffix=".html", overwrite=overwrite)
-    if png_dir:
+    if png_dir:  # drawn before the page is written: a figure that fails leaves no page either
         from censusvi.report.figures import write_pngs
 
         write_pngs(content, png_dir)
+    write_atomic(out, lambda tmp: tmp.write_text(page), suffix=".html", overwrite=overwrite)
     if umap_key:  # cells left out of the report have no place: NaN, as their latent
         full = np.full((adata.n_obs, 2), np.nan, dtype=np.float32)
         full[placed] = xy
@@ -149,9 +199,7 @@ def read_scib(path: str | os.PathLike) -> list[dict]:
         raise ValueError(
             f"--scib {path} is not JSON ({e}): give the scib.json jobs/evaluate.py wrote"
         ) from None
-    if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)) or any(
-        set(r) != set(rows[0]) for r in rows
-    ):
+    if not _is_table(rows):
         raise ValueError(
             f"--scib {path} is not a table (a JSON list of objects with the same columns): give "
             "the scib.json jobs/evaluate.py wrote"

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+def _legend_text(label: str) -> str:
+    """A label as the legend shows it: matplotlib leaves out of the legend any label that starts
+    with '_' (its mark for helper artists); a leading space keeps it in."""
+    return f" {label}" if str(label).startswith("_") else str(label)
 
 
 def _scatter(ax, content: dict, values: list, title: str, continuous: bool = False) -> None:
@@ -23,7 +30,7 @@ def _scatter(ax, content: dict, values: list, title: str, continuous: bool = Fal
         for k, cat in enumerate(cats):
             sel = np.array(values) == cat
             ax.scatter(np.array(q["x"])[sel], np.array(q["y"])[sel], s=5, color=cmap(k % 20),
-                       label=cat, linewidths=0)  # fmt: skip
+                       label=_legend_text(cat), linewidths=0)  # fmt: skip
         ax.legend(
             markerscale=3, fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False
         )
@@ -33,13 +40,27 @@ def _scatter(ax, content: dict, values: list, title: str, continuous: bool = Fal
 
 
 def write_pngs(content: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
+    """The PNGs, drawn into a scratch folder first and moved into ``out_dir`` only when all are
+    drawn: a figure that fails leaves no half set behind. Text is drawn as given: '$' in a label
+    or batch is not read as matplotlib's math notation (a '$\\frac{$' batch stopped the drawing)."""
+    import tempfile
+
     import matplotlib
 
     matplotlib.use("Agg")
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="censusvi-png-") as tmp:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            names = _draw(content, Path(tmp))
+        out.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.move(Path(tmp) / name, out / name)
+    return [out / name for name in names]
+
+
+def _draw(content: dict[str, Any], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     q, key = content["query"], content["label_key"]
     written = []
     for name, values, title, continuous in (
@@ -51,7 +72,7 @@ def write_pngs(content: dict[str, Any], out_dir: str | os.PathLike) -> list[Path
         _scatter(ax, content, values, title, continuous)
         fig.savefig(out / f"{name}.png", dpi=150, bbox_inches="tight")
         plt.close(fig)
-        written.append(out / f"{name}.png")
+        written.append(f"{name}.png")
     e = content.get("evaluation")
     if e:
         conf = e["confusion"]
@@ -76,5 +97,5 @@ def write_pngs(content: dict[str, Any], out_dir: str | os.PathLike) -> list[Path
         ax.set_title(f"calibration (ECE {e['ece']:.3f})")
         fig.savefig(out / "calibration.png", dpi=150, bbox_inches="tight")
         plt.close(fig)
-        written += [out / "confusion.png", out / "calibration.png"]
+        written += ["confusion.png", "calibration.png"]
     return written

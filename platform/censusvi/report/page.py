@@ -36,7 +36,9 @@ const PAL = ['#1f77b4','#ff7f0e','#2ca02c','#d62728','#9467bd','#8c564b','#e377c
   '#9edae5','#dbdb8d','#393b79'];
 const cv = document.getElementById('plot'), ctx = cv.getContext('2d');
 const xs = R.x.concat(Q.x), ys = R.y.concat(Q.y);
-const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+// a loop, not Math.min(...xs): spreading 200,000 cells as arguments overflows the call stack
+const lo = a => a.reduce((m, v) => v < m ? v : m, Infinity), hi = a => a.reduce((m, v) => v > m ? v : m, -Infinity);
+const x0 = lo(xs), x1 = hi(xs), y0 = lo(ys), y1 = hi(ys);
 const pad = 12, W = cv.width, H = cv.height;
 const px = x => pad + (x - x0) / ((x1 - x0) || 1) * (W - 2 * pad);
 const py = y => H - pad - (y - y0) / ((y1 - y0) || 1) * (H - 2 * pad);
@@ -44,9 +46,11 @@ function categories(values) { return [...new Set(values)].sort(); }
 function heat(u) { const r = Math.round(40 + 215 * u), b = Math.round(220 - 200 * u); return `rgb(${r},60,${b})`; }
 function colourer(view) {
   if (view === 'uncertainty') return {f: i => heat(Q.uncertainty[i]), legend: null};
-  const values = Q[view], cats = categories(values), map = {};
-  cats.forEach((c, k) => map[c] = PAL[k % PAL.length]);
-  return {f: i => map[values[i]], legend: cats.map(c => [c, map[c], values.filter(v => v === c).length])};
+  // a Map, not {}: a label named "__proto__" or "constructor" is a key like any other
+  const values = Q[view], cats = categories(values), map = new Map(), n = new Map();
+  cats.forEach((c, k) => { map.set(c, PAL[k % PAL.length]); n.set(c, 0); });
+  values.forEach(v => n.set(v, n.get(v) + 1));
+  return {f: i => map.get(values[i]), legend: cats.map(c => [c, map.get(c), n.get(c)])};
 }
 function draw() {
   const view = document.getElementById('view').value, col = colourer(view);
