@@ -183,3 +183,40 @@ def test_a_figure_that_fails_leaves_neither_page_nor_pngs(annotated, tmp_path, m
         build_report(annotated / "annotated.h5ad", annotated / "ix-report", tmp_path / "r.html",
                      png_dir=tmp_path / "png")  # fmt: skip
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_latent_of_another_width_or_the_umap_slot_is_refused(annotated, tmp_path):
+    """A latent of another width (another model's, a UMAP) was placed on the reference's UMAP
+    as if it were this index's; --umap-key naming the latent replaced it with the UMAP."""
+    from censusvi.report.build import build_report
+
+    d = annotated
+    a = ad.read_h5ad(d / "annotated.h5ad")
+    key = a.uns["censusvi"]["latent_key"]
+    width = a.obsm[key].shape[1]
+    a.obsm["other"] = np.zeros((a.n_obs, width + 3), dtype=np.float32)
+    with pytest.raises(ValueError, match=rf"obsm\['other'\] is float32 of shape \({a.n_obs}, "
+                       rf"{width + 3}\), but the index's latent has {width} columns"):  # fmt: skip
+        build_report(a, d / "ix-report", tmp_path / "r.html", latent_key="other")
+    with pytest.raises(ValueError, match=f"--umap-key {key} is the latent the report reads"):
+        build_report(a, d / "ix-report", tmp_path / "r.html", umap_key=key)
+    assert a.obsm[key].shape[1] == width and list(tmp_path.iterdir()) == []
+
+
+def test_a_scib_file_is_read_only_if_it_is_a_small_table(tmp_path):
+    """--scib /dev/zero was read until memory ran out; the table check then named the file."""
+    from censusvi.report.build import MAX_SCIB_BYTES, read_scib
+
+    rows = [{"embedding": "X_scvi", "ilisi": 0.3}, {"embedding": "X_pca", "ilisi": 0.1}]
+    (tmp_path / "scib.json").write_text(json.dumps(rows))
+    assert read_scib(tmp_path / "scib.json") == rows
+    for path, says in [("/dev/zero", "is not a regular file"), (tmp_path, "is not a regular file"),
+                       (tmp_path / "no.json", "does not exist")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"--scib {path} {says}: give the scib.json"):
+            read_scib(path)
+    (tmp_path / "big.json").write_bytes(b" " * (MAX_SCIB_BYTES + 1))
+    with pytest.raises(ValueError, match=f"is over {MAX_SCIB_BYTES} bytes"):
+        read_scib(tmp_path / "big.json")
+    (tmp_path / "dict.json").write_text('{"x": 1}')
+    with pytest.raises(ValueError, match="is not a table"):
+        read_scib(tmp_path / "dict.json")

@@ -4,15 +4,36 @@ A 10 KB zstd Arrow stream can hold 20 M entries, and a 66 KB gzip-compressed .h5
 MiB, so the body limit alone bounds nothing: each decoder first sums the sizes its format
 declares and refuses above ``DecodeLimits``. An .h5ad may also point outside itself (HDF5
 external storage, external links, virtual datasets): reading it would read the server's files,
-so such uploads are refused before anndata opens them.
+so such uploads are refused before anndata opens them. A small file a user names (a token,
+a scib table) is read only if it is a regular file, and only up to its limit.
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+
+def read_small_file(
+    path: Path, limit: int, what: str, hint: str, error: type[ValueError] = ValueError
+) -> bytes:
+    """The bytes of ``path``: a regular file of at most ``limit`` bytes. A device or a pipe
+    named by mistake (/dev/zero, a FIFO) would be read forever or hang: refused unread.
+    ``error`` says ``what`` is wrong with it, then ``hint``."""
+    try:
+        if not path.is_file():
+            state = "does not exist" if not path.exists() else "is not a regular file"
+            raise error(f"{what} {path} {state}: {hint}")
+        with path.open("rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror}") from None
+    if len(raw) > limit:
+        raise error(f"{what} {path} is over {limit} bytes: {hint}")
+    return raw
 
 
 class PayloadError(ValueError):

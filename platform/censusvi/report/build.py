@@ -27,8 +27,10 @@ from censusvi.progress import bar
 from censusvi.report.content import report_content
 from censusvi.report.layout import fit_reference_layout
 from censusvi.report.page import batch_counts, render_page
+from censusvi.untrusted import read_small_file
 
 log = logging.getLogger(__name__)
+MAX_SCIB_BYTES = 16 << 20  # an scib table is a few KB: a row per method
 
 
 def _is_table(rows) -> bool:
@@ -106,6 +108,24 @@ def mapped_cells_table(
     return cells
 
 
+def checked_latent(adata: ad.AnnData, key: str, width: int, umap_key: str | None) -> np.ndarray:
+    """``obsm[key]`` as the index's latent: as many columns (a latent of another model, or a
+    UMAP, was placed on the reference's UMAP as if it were one), numbers, and not the slot the
+    report's UMAP is written to (``umap_key``), which would replace it."""
+    if umap_key == key:
+        raise ValueError(
+            f"--umap-key {key} is the latent the report reads: the UMAP would replace it; "
+            "choose another key (e.g. X_umap)"
+        )
+    latent = np.asarray(adata.obsm[key])
+    if latent.ndim != 2 or latent.shape[1] != width or latent.dtype.kind not in "fiu":
+        raise ValueError(
+            f"obsm[{key!r}] is {latent.dtype} of shape {latent.shape}, but the index's latent "
+            f"has {width} columns: give the latent annotate wrote with this index (--latent-key)"
+        )
+    return latent
+
+
 def placed_cells(latent: np.ndarray) -> np.ndarray:
     """Positions of the cells the report can place: the Python API's ``annotate`` keeps cells
     without counts as NaN rows (the command line leaves them out); they are left out here too,
@@ -160,7 +180,7 @@ def build_report(
         k: uns[k] for k in ("genes", "cells_per_batch", "new_batches", "cells_mapped") if k in uns
     }
     name = "AnnData" if isinstance(mapped, ad.AnnData) else Path(mapped).name
-    latent = np.asarray(adata.obsm[latent_key_of(uns, latent_key)])
+    latent = checked_latent(adata, latent_key_of(uns, latent_key), index.index.d, umap_key)
     placed = placed_cells(latent)
     cells, latent = cells.iloc[placed], latent[placed]
     with bar(total=2, desc="report", unit="step") as progress:
@@ -193,8 +213,10 @@ def build_report(
 def read_scib(path: str | os.PathLike) -> list[dict]:
     """The integration table ``jobs/evaluate.py`` writes (scib.json): a JSON list of rows, each
     an object with the same columns; anything else is a ValueError naming the file."""
+    hint = "give the scib.json jobs/evaluate.py wrote"
+    raw = read_small_file(Path(path), MAX_SCIB_BYTES, "--scib", hint)
     try:
-        rows = json.loads(Path(path).read_text())
+        rows = json.loads(raw.decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(
             f"--scib {path} is not JSON ({e}): give the scib.json jobs/evaluate.py wrote"

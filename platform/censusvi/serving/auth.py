@@ -14,6 +14,8 @@ import hmac
 import os
 from pathlib import Path
 
+from censusvi.untrusted import read_small_file
+
 TOKEN_ENV = "CENSUSVI_TOKEN"
 
 
@@ -28,18 +30,8 @@ def _read_token_file(token_file: str) -> str:
     """The token in ``token_file``: a regular file of at most 4 KB of UTF-8 text (a device or a
     pipe named by mistake would be read forever or hang the start)."""
     path = Path(token_file).expanduser()
-    try:
-        if not path.is_file():
-            what = "does not exist" if not path.exists() else "is not a regular file"
-            raise TokenError(f"the token file {path} {what}: name the file holding the token")
-        with path.open("rb") as f:
-            raw = f.read(MAX_TOKEN_BYTES + 1)
-    except OSError as e:
-        raise TokenError(f"cannot read the token file {path}: {e.strerror}") from None
-    if len(raw) > MAX_TOKEN_BYTES:
-        raise TokenError(
-            f"the token file {path} is over {MAX_TOKEN_BYTES} bytes: is it the token's file?"
-        )
+    hint = "name the file holding the token"
+    raw = read_small_file(path, MAX_TOKEN_BYTES, "the token file", hint, TokenError)
     try:
         token = raw.decode().strip()
     except UnicodeDecodeError:
