@@ -336,6 +336,29 @@ def test_an_alias_mlflow_would_refuse_is_blamed_on_its_name(tmp_path, monkeypatc
     assert alias_holder("censusvi-scvi", "production") is None
 
 
+def test_a_retried_promote_leaves_rollback_its_previous_version(tmp_path, monkeypatch, capsys):
+    """A promote retried (a CI step run twice), or given '01' for 1, appended the holder to the
+    alias history again: the next rollback moved production from 2 to 2 and said it had. And a
+    model named with an apostrophe broke `models list` for the whole registry."""
+    model_dir, index_dir = small_model_and_index(tmp_path, "a", seed=0, epochs=1)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for _ in range(2):
+        assert run_cli(capsys, "models", "register", str(model_dir), "--index", str(index_dir))[0] == 0  # fmt: skip
+    for version in ("1", "01", "2", "2"):
+        rc, _, err = run_cli(capsys, "models", "promote", "censusvi-scvi", version, "--force")
+        assert rc == 0, err
+    assert alias_holder("censusvi-scvi", "production") == "2"
+    rc, out, _ = run_cli(capsys, "models", "rollback", "censusvi-scvi")
+    assert rc == 0 and alias_holder("censusvi-scvi", "production") == "1", out
+    assert run_cli(capsys, "models", "rollback", "censusvi-scvi")[0] == 2  # 1 was the first
+    for name in ("bob's-model", 'say "hi"', "both'\""):
+        assert run_cli(capsys, "models", "register", str(model_dir), "--name", name)[0] == 0
+    rc, out, err = run_cli(capsys, "models", "list")
+    assert rc == 0, err
+    listed = [line.split("\t")[:2] for line in out.splitlines()]
+    assert {"bob's-model", 'say "hi"', "both'\"", "censusvi-scvi"} <= {n for n, _ in listed}
+
+
 def test_the_alias_check_leaves_the_name_to_the_store_when_mlflow_moves_its_validators(
     monkeypatch,
 ):

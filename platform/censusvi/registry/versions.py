@@ -170,12 +170,18 @@ def _check_loads(name: str, version: str, uri: str | None) -> None:
             ) from None
 
 
+def _history(tag: str) -> list[str]:
+    """An alias's history tag as versions, a version promoted again while it held the alias
+    (a retried promote) kept once: rollback goes to the version before, not to itself."""
+    versions = [v for v in tag.split(",") if v]
+    return [v for i, v in enumerate(versions) if i == 0 or v != versions[i - 1]]
+
+
 def _append_history(client, name: str, alias: str, version: str) -> None:
     key = f"alias_history.{alias}"
-    history = client.get_registered_model(name).tags.get(key, "")
-    client.set_registered_model_tag(
-        name, key, ",".join([*filter(None, history.split(",")), version])
-    )
+    history = _history(client.get_registered_model(name).tags.get(key, ""))
+    if history[-1:] != [version]:
+        client.set_registered_model_tag(name, key, ",".join([*history, version]))
 
 
 def check_alias(alias: str) -> None:
@@ -219,7 +225,8 @@ def promote(
         )
     check_alias(alias)
     client = _client(uri)
-    client.get_model_version(name, version)  # raises with MLflow's message if it does not exist
+    # raises with MLflow's message if it does not exist; "01" is version "1"
+    version = str(client.get_model_version(name, version).version)
     try:
         holder = alias_holder(name, alias, uri)
     except Exception as e:
@@ -248,7 +255,7 @@ def rollback(name: str, alias: str = DEFAULT_ALIAS, uri: str | None = None) -> s
     """Move ``alias`` back to the version it pointed at before the last promotion."""
     client = _client(uri)
     key = f"alias_history.{alias}"
-    history = [v for v in client.get_registered_model(name).tags.get(key, "").split(",") if v]
+    history = _history(client.get_registered_model(name).tags.get(key, ""))
     if len(history) < 2:
         raise ValueError(
             f"{name}@{alias} has no earlier version to roll back to (history: {history})"
@@ -270,10 +277,10 @@ def list_versions(name: str | None = None, uri: str | None = None) -> list[dict]
     if absent_sqlite_store(uri) is not None:
         return []
     client = _client(uri)
-    names = [name] if name else [m.name for m in client.search_registered_models()]
+    names = [name] if name else [m.name for m in _every(client.search_registered_models)]
     rows = []
     for n in names:
-        for mv in sorted(client.search_model_versions(f"name='{n}'"), key=lambda m: int(m.version)):
+        for mv in sorted(_versions_of(client, n), key=lambda m: int(m.version)):
             rows.append(
                 {
                     "name": n,
@@ -284,6 +291,27 @@ def list_versions(name: str | None = None, uri: str | None = None) -> list[dict]
                 }
             )
     return rows
+
+
+def _every(search, filter_string: str | None = None) -> list:
+    """Every page of an MLflow search (registered models come 100 to a page)."""
+    found, token = [], None
+    while True:
+        page = search(filter_string=filter_string, page_token=token)
+        found += list(page)
+        token = page.token
+        if not token:
+            return found
+
+
+def _versions_of(client, name: str) -> list:
+    """The versions of ``name``. MLflow's filter has no escape: a name holding one kind of
+    quote is quoted with the other ("bob's-model" broke the listing of the whole registry); one
+    holding both is found among all versions."""
+    for quote in ("'", '"'):
+        if quote not in name:
+            return _every(client.search_model_versions, f"name={quote}{name}{quote}")
+    return [mv for mv in _every(client.search_model_versions) if mv.name == name]
 
 
 def resolve_version(uri: str, tracking: str | None = None) -> str:
