@@ -288,3 +288,25 @@ def test_a_registry_uri_of_another_form_says_which_forms_there_are(capsys, uri):
     rc, err = run(capsys, "info", uri)
     assert (rc, err) == (2, f"censusvi: error: {uri!r} is not models:/NAME/VERSION or "
                          "models:/NAME@ALIAS: e.g. models:/censusvi-scvi/1\n")  # fmt: skip
+
+
+def test_a_file_uri_output_is_written_at_its_path_another_scheme_refused(
+    sim_model, tmp_path, capsys, monkeypatch
+):
+    """Inputs take file:// URIs (tiledbsoma reads them); --out file:///x.h5ad was written to
+    ./file:/x.h5ad under the current directory, and ingest's --out left such a tree and a
+    TileDB traceback. A file:// output is now its path; s3:// is refused in one line."""
+    monkeypatch.chdir(tmp_path)
+    ref = sim_model.parent / "ref.h5ad"
+    out = tmp_path / "sub" / "e.h5ad"
+    out.parent.mkdir()
+    rc, err = run(capsys, "embed", "--model", str(sim_model), "--data", str(ref), "--out",
+                  out.as_uri(), "--quiet")  # fmt: skip
+    assert rc == 0 and out.is_file(), err
+    rc, err = run(capsys, "ingest", str(ref), "--out", (tmp_path / "x.soma").as_uri(), "--quiet")
+    assert rc == 0 and (tmp_path / "x.soma").is_dir(), err
+    rc, err = run(capsys, "embed", "--model", str(sim_model), "--data", str(ref), "--out",
+                  "s3://bucket/e.h5ad")  # fmt: skip
+    assert (rc, err) == (2, "censusvi: error: --out s3://bucket/e.h5ad: the command line writes "
+                         "local files; give a path here, then copy the output where it should go\n")  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub", "x.soma"]

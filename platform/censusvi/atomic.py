@@ -133,6 +133,24 @@ def _check_writable(out: Path, flag: str = "--out") -> None:
     os.unlink(scratch)
 
 
+def local_output(out: str | os.PathLike | None, flag: str = "--out") -> str | os.PathLike | None:
+    """An output the command line writes, as a local path: a ``file://`` URI becomes its path
+    (it was written to ./file:/... under the current directory); another scheme is refused,
+    since the commands write local files."""
+    if out is None or "://" not in str(out):
+        return out
+    from urllib.parse import urlsplit
+    from urllib.request import url2pathname
+
+    parts = urlsplit(str(out))
+    if parts.scheme == "file" and parts.netloc in ("", "localhost"):
+        return url2pathname(parts.path)
+    raise OutputRefused(
+        f"{flag} {out}: the command line writes local files; give a path here, then copy the "
+        "output where it should go"
+    )
+
+
 def _target(out: str | os.PathLike, flag: str = "--out") -> Path:
     if not os.fspath(out).strip():  # Path("") is the current directory
         raise OutputRefused(f"{flag} is empty: give the path to write")

@@ -11,7 +11,7 @@ import logging
 import sys
 from contextlib import contextmanager
 
-from censusvi.atomic import check_folder, check_output
+from censusvi.atomic import check_folder, check_output, local_output
 from censusvi.cli import commands
 from censusvi.cli.parser import build_parser
 from censusvi.extras import MissingExtra, needs_extras
@@ -35,16 +35,20 @@ USER_ERRORS = (
 
 
 def _check_outputs(args) -> None:
-    """Before any work: what --out (and the command's other outputs) may replace."""
+    """Before any work: each output as a local path (``file://`` URIs read as theirs), and what
+    --out (and the command's other outputs) may replace."""
     inputs = [getattr(args, k) for k in args.out_inputs]
     check_output(args.out, args.out_kind, args.overwrite, inputs)
     for flag, kind in getattr(args, "extra_outs", ()):
         if getattr(args, flag) is not None:  # given empty: refused, not skipped
             name = "--" + flag.replace("_", "-")
+            setattr(args, flag, local_output(getattr(args, flag), name))
             check_output(getattr(args, flag), kind, args.overwrite, [*inputs, args.out], name)
     for flag in getattr(args, "extra_folders", ()):
         if getattr(args, flag) is not None:
-            check_folder(getattr(args, flag), "--" + flag.replace("_", "-"), [*inputs, args.out])
+            name = "--" + flag.replace("_", "-")
+            setattr(args, flag, local_output(getattr(args, flag), name))
+            check_folder(getattr(args, flag), name, [*inputs, args.out])
 
 
 @contextmanager
@@ -99,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # faiss logs each loader it tries (AVX512, AVX2, ...) at INFO
         logging.getLogger("faiss").setLevel(logging.WARNING)
     try:
+        if getattr(args, "out", None) is not None:  # ingest's too, which checks its own --out
+            args.out = local_output(args.out)
         if getattr(args, "out_kind", None):
             _check_outputs(args)
         command = " ".join(filter(None, (args.command, getattr(args, "models_command", None))))
