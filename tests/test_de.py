@@ -226,6 +226,16 @@ def test_a_missing_group_is_no_group_and_a_missing_batch_no_batch(tiny_model, tm
     assert res["n_cells2"].iloc[0] == (labelled & (q.obs["cell_type"] != "t0")).sum()
     assert res["n_cells1"].iloc[0] + res["n_cells2"].iloc[0] == labelled.sum()
     assert "20 cells have no obs['cell_type'] (NaN)" in caplog.text
+    twice = differential_expression(
+        model,
+        q,
+        "cell_type",
+        ["t0", "t0"],
+        batch_key="batch",
+        config=DEConfig(n_samples=50),
+        quiet=True,
+    )  # --group1 t0,t0: one comparison, each gene once
+    assert len(twice) == len(res) and twice.index.is_unique
     with pytest.raises(ValueError, match=r"group 'nan' is not in obs\['cell_type'\]"):
         differential_expression(model, q, "cell_type", "nan", batch_key="batch", quiet=True)
     q.obs["one"] = "x"

@@ -22,6 +22,7 @@ from censusvi.serving.deploy import (
 )
 from censusvi.serving.settings import Settings
 from censusvi.serving.versions import VersionBoard, VersionStore, sync
+from censusvi.wire import ARROW
 
 
 class Clock:
@@ -270,3 +271,22 @@ def test_a_replica_removes_the_downloads_of_replicas_whose_process_is_gone(tmp_p
     assert not dead.exists() and living.exists() and other.exists()
     assert os.path.basename(mine).startswith(f"{SCRATCH_PREFIX}{os.getpid()}-")
     assert os.path.isdir(mine)
+
+
+@pytest.mark.parametrize(
+    "accept, arrow",
+    [
+        (ARROW, True),  # what the Client sends
+        (f"{ARROW};q=0, application/json", False),  # "not Arrow": answered in Arrow before
+        (f"application/json;q=0.5, {ARROW};q=0.9", True),
+        (f"{ARROW};q=0.4, application/json", False),
+        (f"{ARROW}, application/json", True),
+        (f"{ARROW};q=nope", False),
+        ("*/*", False),
+        (None, False),
+    ],
+)
+def test_the_answer_is_arrow_only_where_accept_prefers_it(accept, arrow):
+    from censusvi.serving.parsing import wants_arrow
+
+    assert wants_arrow(accept) is arrow

@@ -9,6 +9,7 @@ import time
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
 from censusvi.data.ingest import ingest
@@ -224,3 +225,7 @@ def test_is_primary_data_written_as_text_is_read_as_the_words_say(tmp_path):
     with pytest.raises(ValueError, match=r"obs\['is_primary_data'\] holds \['maybe'\], not True"):
         ingest([tmp_path / "b.h5ad"], tmp_path / "b.soma")
     assert not (tmp_path / "b.soma").exists()
+    a.obs["is_primary_data"] = pd.array([True] * 37 + [None] * 3, dtype="boolean")
+    a.write_h5ad(tmp_path / "c.h5ad")  # pandas' nullable booleans: "cannot convert to 'bool'"
+    with pytest.raises(ValueError, match=r"c.h5ad: obs\['is_primary_data'\] is missing for 3 c"):
+        ingest([tmp_path / "c.h5ad"], tmp_path / "c.soma")

@@ -131,3 +131,6 @@ def test_a_model_too_large_to_build_is_refused_before_any_allocation():
     ):
         with pytest.raises(ValueError, match="over the 1e"):
             ModelConfig(n_genes=8000, **big)
+    with pytest.raises(ValueError, match="n_layers=100000: at most 32 hidden layers"):
+        ModelConfig(n_genes=100, n_batches=1, n_hidden=16, n_layers=100_000)  # 50 M parameters
+    assert ModelConfig(n_genes=100, n_batches=1, n_hidden=16, n_layers=32).n_layers == 32

@@ -35,8 +35,11 @@ OBS_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
-def census_obs(adata: ad.AnnData, dataset_id: str, x: sp.csr_matrix) -> pd.DataFrame:
-    """The Census obs columns for one file's cells, filled from aliases or defaults."""
+def census_obs(
+    adata: ad.AnnData, dataset_id: str, x: sp.csr_matrix, where: str | None = None
+) -> pd.DataFrame:
+    """The Census obs columns for one file's cells, filled from aliases or defaults; ``where``
+    names the file in errors (default: the dataset id)."""
     obs = pd.DataFrame(index=[f"{dataset_id}:{n}" for n in adata.obs_names])
     src = adata.obs
     obs["dataset_id"] = (
@@ -48,7 +51,9 @@ def census_obs(adata: ad.AnnData, dataset_id: str, x: sp.csr_matrix) -> pd.DataF
         obs[col] = src[found].astype(str).to_numpy() if found else default
         if found and found != col:
             log.info("%s: obs[%r] filled from obs[%r]", dataset_id, col, found)
-    obs["is_primary_data"] = primary_flags(src, dataset_id) if "is_primary_data" in src else True
+    obs["is_primary_data"] = (
+        primary_flags(src, where or dataset_id) if "is_primary_data" in src else True
+    )
     obs["nnz"] = np.diff(x.indptr).astype(np.int64)
     obs["raw_sum"] = np.asarray(x.sum(1)).ravel().astype(np.float64)
     obs.index.name = "obs_id"
@@ -59,6 +64,11 @@ def primary_flags(obs: pd.DataFrame, where: str) -> np.ndarray:
     """obs['is_primary_data'] as booleans: True/False, 1/0, or the text of those (a cast made
     every non-empty string, "False" too, True); anything else is refused."""
     col = obs["is_primary_data"]
+    if missing := int(col.isna().sum()):
+        raise ValueError(
+            f"{where}: obs['is_primary_data'] is missing for {missing} cells: give each cell "
+            "True or False"
+        )
     if pd.api.types.is_bool_dtype(col):
         return col.to_numpy(dtype=bool)
     words = col.astype(str).str.strip().str.lower()
@@ -95,7 +105,7 @@ def harmonise(path: str | os.PathLike, layer: str | None = None) -> ad.AnnData:
         )
     var = pd.DataFrame({"feature_name": symbols}, index=pd.Index(ids, name="feature_id"))
     dataset_id = dataset_id_of(path)
-    return ad.AnnData(X=x, obs=census_obs(adata, dataset_id, x), var=var)
+    return ad.AnnData(X=x, obs=census_obs(adata, dataset_id, x, str(path)), var=var)
 
 
 def ingest(

@@ -334,7 +334,8 @@ def differential_expression(
             f"groupby {groupby!r} is not an obs column; obs has {sorted(adata.obs.columns)}"
         )
     labels = group_labels(adata.obs[groupby], groupby)
-    groups1 = [group1] if isinstance(group1, str) else list(group1)
+    # each group once: --group1 B,B ran B vs rest twice (each gene twice in the table)
+    groups1 = list(dict.fromkeys([group1] if isinstance(group1, str) else group1))
     if not groups1 or "" in groups1:
         raise ValueError(f"group1 {group1!r}: name a group of obs[{groupby!r}] (or A,B,...)")
     if group2 is not None and group2 in groups1:

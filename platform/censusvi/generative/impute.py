@@ -24,6 +24,7 @@ from censusvi.numeric import is_finite
 from censusvi.progress import bar
 
 MAX_LIBRARY_SIZE = 1e9  # counts per cell; a cell's whole library is far smaller
+MIN_LIBRARY_SIZE = 1.0  # scvi-tools' normalised scale; 1e-320 made every imputed value 0.0
 
 LAYER = "censusvi_imputed"
 
@@ -74,9 +75,9 @@ def impute(
     """
     if not genes:
         raise ValueError("no genes to impute: give Ensembl ids or symbols, e.g. --genes CD3E,MS4A1")
-    if not (is_finite(library_size) and 0 < library_size <= MAX_LIBRARY_SIZE):
-        raise ValueError(  # above it, float32 layers overflow to inf long before 1e308
-            f"library_size={library_size}: counts per this many, a number in (0, "
+    if not (is_finite(library_size) and MIN_LIBRARY_SIZE <= library_size <= MAX_LIBRARY_SIZE):
+        raise ValueError(  # float32 layers overflow to inf above, underflow to 0 far below
+            f"library_size={library_size}: counts per this many, a number in [{MIN_LIBRARY_SIZE:g}, "
             f"{MAX_LIBRARY_SIZE:g}] (default {defaults.IMPUTE_LIBRARY_SIZE:g})"
         )
     names = _names(model, adata)  # before surgery: an unknown gene fails at once

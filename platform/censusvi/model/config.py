@@ -19,6 +19,7 @@ DISPERSIONS = ("gene", "gene-batch")
 
 
 MAX_PARAMETERS = 1_000_000_000  # 4 GB of float32 weights; the Census model has 5.2 M
+MAX_LAYERS = 32  # hidden layers per network; 100,000 ran for minutes, then out of memory
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ class ModelConfig:
                 raise ValueError(f"{name}={v!r} must be a whole number")
             if name != "prior_components" and v < 1:
                 raise ValueError(f"{name}={v} must be at least 1")
+        if self.n_layers > MAX_LAYERS:
+            raise ValueError(
+                f"n_layers={self.n_layers}: at most {MAX_LAYERS} hidden layers (scVI uses 1, the "
+                "Census model 2); each one is run in turn, per cell, in both networks"
+            )
         if self.prior_components < 0:
             raise ValueError(f"prior_components={self.prior_components}: 0 (N(0, I)) or K > 0")
         if not 0.0 <= self.dropout_rate < 1.0:

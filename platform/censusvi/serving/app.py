@@ -38,7 +38,7 @@ from censusvi.serving.deploy import (
 )
 from censusvi.serving.mapper import ModelHost
 from censusvi.serving.metrics import ReplicaMetrics, combine, node_exports
-from censusvi.serving.parsing import refusal, transfer_options
+from censusvi.serving.parsing import refusal, transfer_options, wants_arrow
 from censusvi.serving.results import ResultStore, explorer_path, kept_result, new_result_id
 from censusvi.serving.settings import Settings, check_servable, current_version
 from censusvi.serving.versions import HELD, VersionBoard, sync
@@ -332,7 +332,7 @@ class Ingress:
     async def _answer_cells(self, request: Request, endpoint: str, cells, options: tuple):
         """Map, then annotate: the Mapper's answer goes to the Annotator as an object reference
         (not through this replica), which also keeps the explorer's copy (``Results``)."""
-        from censusvi.wire import ARROW, encode_result
+        from censusvi.wire import encode_result
 
         version = self.version  # one version answers the whole request
         mapping = self.mapper.map.remote((cells, version))
@@ -353,7 +353,7 @@ class Ingress:
             served_by.append(f"Annotator#{labelled['replica']}")
             result.update(labels=labelled["labels"], method=labelled.get("method"))
             result.update(result_id=rid, explorer=explorer_path(rid))
-        arrow = ARROW in request.headers.get("accept", "")
+        arrow = wants_arrow(request.headers.get("accept"))
         payload, media = await asyncio.to_thread(encode_result, result, arrow)
         headers = {SERVED_BY: " ".join(served_by)}
         return Response(payload, media_type=media, headers=headers), len(mapped["positions"])

@@ -9,6 +9,7 @@ from censusvi.serving.body import BadUpload, BodyStalled, BodyTooLarge, too_larg
 from censusvi.serving.settings import Settings, check_transfer
 from censusvi.typed import typed
 from censusvi.untrusted import PayloadTooLarge
+from censusvi.wire import ARROW, JSON
 
 log = logging.getLogger("censusvi.serve")
 
@@ -42,3 +43,19 @@ def refusal(e: Exception, s: Settings) -> tuple[int, str]:
     # Whatever a decoder missed is the body's fault, not the server's; the log keeps the trace.
     log.error("request decoding failed", exc_info=e)
     return 422, f"the body cannot be decoded ({type(e).__name__}: {e})"
+
+
+def wants_arrow(accept: str | None) -> bool:
+    """Whether an Accept header asks for the Arrow stream before JSON, by its q-values (RFC
+    9110): ``arrow;q=0`` is "not Arrow", where the media type's mere presence had answered in
+    Arrow. Equal weights go to Arrow, which the Client asks for."""
+    weights: dict[str, float] = {}
+    for part in (accept or "").split(","):
+        media, *params = (p.strip().lower() for p in part.split(";"))
+        q = next((v for k, _, v in (p.partition("=") for p in params) if k.strip() == "q"), "1")
+        try:
+            weights[media] = max(float(q), weights.get(media, 0.0))
+        except ValueError:
+            continue  # a q that is not a number: that range is left out
+    arrow = weights.get(ARROW, 0.0)
+    return arrow > 0 and arrow >= weights.get(JSON, 0.0)
