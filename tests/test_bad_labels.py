@@ -271,7 +271,7 @@ def test_a_query_cell_without_a_batch_is_refused(files, tmp_path, capsys):
     args = ["annotate", "--model", str(model), "--index", str(d / "ix"), "--query",
             str(tmp_path / "q.h5ad"), "--batch-key", "batch", "--out", str(tmp_path / "o.h5ad")]  # fmt: skip
     code, err = run(args, capsys)
-    assert code == 2 and "7 query cells have no 'batch' (NaN)" in err, err
+    assert code == 2 and f"7 of {a.n_obs} query cells have no 'batch' (NaN)" in err, err
     assert not (tmp_path / "o.h5ad").exists()
 
 

@@ -309,4 +309,10 @@ def test_a_file_uri_output_is_written_at_its_path_another_scheme_refused(
                   "s3://bucket/e.h5ad")  # fmt: skip
     assert (rc, err) == (2, "censusvi: error: --out s3://bucket/e.h5ad: the command line writes "
                          "local files; give a path here, then copy the output where it should go\n")  # fmt: skip
+    rc, err = run(capsys, "embed", "--model", str(sim_model), "--data", str(ref), "--out",
+                  "file://host/e.h5ad")  # fmt: skip
+    assert rc == 2 and "a file URI names a path on this machine, file:///PATH" in err
+    rc, err = run(capsys, "embed", "--model", str(sim_model), "--data",
+                  (tmp_path / "x.soma").as_uri(), "--out", str(tmp_path / "x.soma" / "e.h5ad"))  # fmt: skip
+    assert rc == 2 and "is inside the input file://" in err, err  # a file:// input is a path too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub", "x.soma"]

@@ -250,6 +250,6 @@ def test_a_missing_group_is_no_group_and_a_missing_batch_no_batch(tiny_model, tm
         ModelSettings(n_hidden=16, n_latent=4),
         TrainConfig(schedule="census", max_epochs=1, batch_size=64),
     )
-    with pytest.raises(ValueError, match="3 cells have no 'batch' \\(NaN\\)"):
+    with pytest.raises(ValueError, match="3 of 120 cells have no 'batch' \\(NaN\\)"):
         pretrain(cfg, tmp_path / "m", quiet=True)
     assert not (tmp_path / "m").exists()

@@ -181,5 +181,5 @@ def test_an_h5ad_upload_with_cells_without_a_batch_is_refused(tmp_path):
     q.obs["batch"] = q.obs["batch"].astype(object)
     q.obs.iloc[:3, q.obs.columns.get_loc("batch")] = np.nan
     q.write_h5ad(tmp_path / "q.h5ad")
-    with pytest.raises(PayloadError, match="3 cells have no 'batch' \\(NaN\\)"):
+    with pytest.raises(PayloadError, match=r"3 of \d+ cells have no 'batch' \(NaN\)"):
         decode_request((tmp_path / "q.h5ad").read_bytes(), H5AD, "batch")

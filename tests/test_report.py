@@ -155,8 +155,14 @@ def test_odd_uns_entries_and_labels_are_drawn_not_a_traceback(annotated, tmp_pat
                        ("cells_per_batch", {"batch": 3, "cells": "x"})]:  # fmt: skip
         a = base.copy()
         a.uns["censusvi"][key] = value
+        caplog.clear()
         build_report(a, d / "ix-report", tmp_path / "r.html", overwrite=True)
         assert f"entries ['{key}'] are not as annotate writes them" in caplog.text
+    from censusvi.report.build import recorded
+
+    caplog.clear()
+    assert set(recorded(base)) >= {"latent_key", "batch_key", "genes", "cells_per_batch"}
+    assert "not as annotate writes them" not in caplog.text  # annotate's own record is read
     a = base.copy()
     a.uns["censusvi"] = "hello"
     with pytest.raises(ValueError, match="the file records no batch column: pass --batch-key"):
@@ -183,6 +189,12 @@ def test_a_figure_that_fails_leaves_neither_page_nor_pngs(annotated, tmp_path, m
         build_report(annotated / "annotated.h5ad", annotated / "ix-report", tmp_path / "r.html",
                      png_dir=tmp_path / "png")  # fmt: skip
     assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    (tmp_path / "mine.html").write_text("a page of the user's")  # not censusvi's: refused first
+    with pytest.raises(ValueError, match="mine.html exists and is a file of 20 bytes censusvi"):
+        build_report(annotated / "annotated.h5ad", annotated / "ix-report", tmp_path / "mine.html",
+                     png_dir=tmp_path / "png")  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.html"]
 
 
 def test_a_latent_of_another_width_or_the_umap_slot_is_refused(annotated, tmp_path):
@@ -204,19 +216,28 @@ def test_a_latent_of_another_width_or_the_umap_slot_is_refused(annotated, tmp_pa
 
 
 def test_a_scib_file_is_read_only_if_it_is_a_small_table(tmp_path):
-    """--scib /dev/zero was read until memory ran out; the table check then named the file."""
+    """--scib /dev/zero was read until memory ran out; a pipe (--scib <(jq ...)) is read."""
     from censusvi.report.build import MAX_SCIB_BYTES, read_scib
 
     rows = [{"embedding": "X_scvi", "ilisi": 0.3}, {"embedding": "X_pca", "ilisi": 0.1}]
     (tmp_path / "scib.json").write_text(json.dumps(rows))
     assert read_scib(tmp_path / "scib.json") == rows
-    for path, says in [("/dev/zero", "is not a regular file"), (tmp_path, "is not a regular file"),
+    for path, says in [("/dev/zero", f"is over {MAX_SCIB_BYTES} bytes"),
+                       (tmp_path, "is not a regular file"),
                        (tmp_path / "no.json", "does not exist")]:  # fmt: skip
         with pytest.raises(ValueError, match=f"--scib {path} {says}: give the scib.json"):
             read_scib(path)
     (tmp_path / "big.json").write_bytes(b" " * (MAX_SCIB_BYTES + 1))
     with pytest.raises(ValueError, match=f"is over {MAX_SCIB_BYTES} bytes"):
         read_scib(tmp_path / "big.json")
+    import os
+    import threading
+
+    os.mkfifo(tmp_path / "pipe")
+    writer = threading.Thread(target=(tmp_path / "pipe").write_text, args=(json.dumps(rows),))
+    writer.start()
+    assert read_scib(tmp_path / "pipe") == rows
+    writer.join()
     (tmp_path / "dict.json").write_text('{"x": 1}')
     with pytest.raises(ValueError, match="is not a table"):
         read_scib(tmp_path / "dict.json")

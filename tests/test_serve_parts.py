@@ -283,6 +283,8 @@ def test_a_replica_removes_the_downloads_of_replicas_whose_process_is_gone(tmp_p
         (f"{ARROW}, application/json", True),
         (f"{ARROW};q=nope", False),
         ("*/*", False),
+        (f"{ARROW};q=0.5, */*", False),  # the wildcard ranks JSON higher
+        (f"{ARROW}, application/*;q=0.8", True),
         (None, False),
     ],
 )

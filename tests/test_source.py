@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from censusvi.data.source import batch_categories, batch_labels
+from censusvi.data.source import batch_categories, batch_labels, codes_in
 
 
 def test_batch_categories_equal_unique_of_concatenated_labels():
@@ -29,8 +29,15 @@ def test_batch_categories_equal_unique_of_concatenated_labels():
         labels, codes = batch_categories(obs, keys, "obs", "HVG")
         assert labels.tolist() == expected.tolist()
         assert np.array_equal(codes, expected_codes)
-        with pytest.raises(ValueError, match=r"obs: 1 cells have no '(dataset|age)' \(NaN\)"):
+        with pytest.raises(ValueError, match=r"obs: 1 of 6 cells have no '(dataset|age)' \(NaN\)"):
             batch_labels(obs, keys, "obs")
+    # a model an older censusvi trained with NaN read as a batch "nan" still maps such cells
+    codes, unknown = codes_in(obs, ["age"], ("1.0", "2.0", "nan"), "obs")
+    assert codes.tolist() == [0, 1, 0, 0, 2, 1] and unknown == []
+    with pytest.raises(
+        ValueError, match=r"1 of 6 cells have no 'age' \(NaN\): give every cell a value"
+    ):
+        codes_in(obs, ["age"], ("1.0", "2.0"), "obs", "covariate")
     full = obs.iloc[[0, 1, 2, 5]]
     per_cell = full["dataset"].astype(str) + full["assay"].astype(str)
     assert batch_labels(full, ["dataset", "assay"], "obs").tolist() == per_cell.tolist()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import tempfile
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +67,6 @@ def _model_and_index(model, index, faiss_device: str | None) -> tuple[TrainedMod
     """The model and index to annotate with; a registered model without ``index`` brings the
     index registered with the same version (the alias is resolved once, for both)."""
     from censusvi.annotate.index import LabelIndex, load_index
-    from censusvi.model.io import load_model
 
     if isinstance(index, LabelIndex):
         return _model(model), index
@@ -79,18 +77,9 @@ def _model_and_index(model, index, faiss_device: str | None) -> tuple[TrainedMod
             "no index: pass index= (a LabelIndex from censusvi.build_index or an index "
             "directory), or a registered model (models:/NAME@ALIAS) that holds one"
         )
-    from censusvi.registry.versions import fetch_version, parse_model_uri, resolve_version
+    from censusvi.registry.fetch import load_version
 
-    name = parse_model_uri(str(model))[0]
-    version = resolve_version(str(model))
-    with tempfile.TemporaryDirectory(prefix="censusvi-") as tmp:
-        files = fetch_version(name, version, tmp)
-        if files.index_dir is None:
-            raise ValueError(
-                f"{model} (version {version}) has no index: pass index=, or register one "
-                "(`censusvi models register MODEL_DIR --index INDEX_DIR`)"
-            )
-        return load_model(files.model_dir), load_index(files.index_dir, faiss_device)
+    return load_version(str(model), faiss_device)
 
 
 def _surgery(train: bool | None, max_epochs: int):

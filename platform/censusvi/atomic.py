@@ -87,10 +87,19 @@ def resolved(path: str | os.PathLike) -> Path:
 
 
 def _local(inputs) -> Iterator[tuple[str | os.PathLike, Path]]:
-    """(as given, resolved) for each input that is a local path (not a URI, not models:/)."""
+    """(as given, resolved) for each input that is a local path or a file:// URI (not another
+    scheme's URI, not models:/)."""
     for given in inputs:
-        if given and "://" not in str(given) and not str(given).startswith("models:/"):
+        if not given or str(given).startswith("models:/"):
+            continue
+        scheme = uri_scheme(given)
+        if scheme is None:
             yield given, resolved(given)
+        elif scheme == "file":  # an output may be written inside it: compare its path
+            try:
+                yield given, resolved(file_uri_path(given, "input"))
+            except OutputRefused:
+                continue  # not a local file: the command's reader says so
 
 
 def _check_not_input(out: Path, inputs, flag: str = "--out") -> None:
@@ -133,18 +142,37 @@ def _check_writable(out: Path, flag: str = "--out") -> None:
     os.unlink(scratch)
 
 
+def uri_scheme(value: str | os.PathLike) -> str | None:
+    """The scheme of a URI (``file``, ``s3``, ...); None for a local path ('runs/a://b' is
+    one, and so is a Windows drive, 'C:/x')."""
+    scheme, sep, _ = str(value).partition("://")
+    return scheme.lower() if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]+", scheme) else None
+
+
+def file_uri_path(value: str | os.PathLike, flag: str) -> str:
+    """The local path a ``file://`` URI names; one on another host, or with a query or a
+    fragment, is refused (``flag`` names the option)."""
+    from urllib.parse import urlsplit
+    from urllib.request import url2pathname
+
+    parts = urlsplit(str(value))
+    if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+        raise OutputRefused(
+            f"{flag} {value}: a file URI names a path on this machine, file:///PATH (no host, "
+            "query or fragment)"
+        )
+    return url2pathname(parts.path)
+
+
 def local_output(out: str | os.PathLike | None, flag: str = "--out") -> str | os.PathLike | None:
     """An output the command line writes, as a local path: a ``file://`` URI becomes its path
     (it was written to ./file:/... under the current directory); another scheme is refused,
     since the commands write local files."""
-    if out is None or "://" not in str(out):
+    scheme = None if out is None else uri_scheme(out)
+    if scheme is None:
         return out
-    from urllib.parse import urlsplit
-    from urllib.request import url2pathname
-
-    parts = urlsplit(str(out))
-    if parts.scheme == "file" and parts.netloc in ("", "localhost"):
-        return url2pathname(parts.path)
+    if scheme == "file":
+        return file_uri_path(out, flag)
     raise OutputRefused(
         f"{flag} {out}: the command line writes local files; give a path here, then copy the "
         "output where it should go"

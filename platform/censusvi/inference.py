@@ -21,6 +21,7 @@ from censusvi.data.vocabulary import DEFAULT_MIN_OVERLAP
 from censusvi.defaults import EMBED_BATCH_SIZE
 from censusvi.model.io import UNKNOWN_BATCH_FIX, TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
+from censusvi.numeric import check_library_size
 from censusvi.progress import bar
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ def get_normalized_expression(
     Each cell is decoded under its own batch at the posterior mean of z. ``library_size`` scales
     the gene fractions (e.g. 1e4); None gives fractions summing to 1 per cell.
     """
+    if library_size is not None:
+        check_library_size(library_size)
     source = H5adSource("<AnnData>", adata=adata, layer=layer)
     cells, _ = reference_cells(model, source)
     pos, scale = _stream(

@@ -38,3 +38,18 @@ def json_safe(x):
     if isinstance(x, list | tuple):
         return [json_safe(v) for v in x]
     return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+# Counts per cell an expression is scaled to: float32 overflows to inf above the top and
+# underflows to 0 far below the floor (1e-320 made every imputed value 0.0); scvi-tools' own
+# normalised scale is 1.
+LIBRARY_SIZE_RANGE = (1e-6, 1e9)
+
+
+def check_library_size(value) -> None:
+    """A ValueError unless ``value`` is a number in ``LIBRARY_SIZE_RANGE``."""
+    low, high = LIBRARY_SIZE_RANGE
+    if not (is_finite(value) and low <= value <= high):
+        raise ValueError(
+            f"library_size={value}: counts per this many, a number in [{low:g}, {high:g}]"
+        )

@@ -33,9 +33,11 @@ def deployment_options(config: Path | Any = CONFIG) -> dict[str, dict[str, Any]]
     """The Serve config's per-deployment options, keyed by deployment name, with the actor
     options of its ``args.actor_options`` as their ``ray_actor_options`` (``build_app`` merges
     them over the code's)."""
+    from censusvi.config_files import check_size
     from censusvi.serving.deploy import configured_options
 
     d = yaml.safe_load(config.read_text())
+    check_size(d, str(config))  # the one YAML reader an alias bomb could expand
     (application,) = d["applications"]
     deployments = {dep.pop("name"): dep for dep in application.get("deployments", [])}
     actor = (application.get("args") or {}).get("actor_options")

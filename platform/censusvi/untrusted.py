@@ -18,13 +18,19 @@ import numpy as np
 
 
 def read_small_file(
-    path: Path, limit: int, what: str, hint: str, error: type[ValueError] = ValueError
+    path: Path,
+    limit: int,
+    what: str,
+    hint: str,
+    error: type[ValueError] = ValueError,
+    regular: bool = True,
 ) -> bytes:
-    """The bytes of ``path``: a regular file of at most ``limit`` bytes. A device or a pipe
-    named by mistake (/dev/zero, a FIFO) would be read forever or hang: refused unread.
-    ``error`` says ``what`` is wrong with it, then ``hint``."""
+    """The bytes of ``path``, at most ``limit`` of them (/dev/zero named by mistake was read
+    until memory ran out). ``regular``: only a regular file (a pipe would hang a server's start
+    unread); else a pipe is read too (``--scib <(jq ...)``), a folder never. ``error`` says
+    ``what`` is wrong with it, then ``hint``."""
     try:
-        if not path.is_file():
+        if not path.exists() or path.is_dir() or (regular and not path.is_file()):
             state = "does not exist" if not path.exists() else "is not a regular file"
             raise error(f"{what} {path} {state}: {hint}")
         with path.open("rb") as f:

@@ -36,35 +36,40 @@ def batch_labels(obs: pd.DataFrame, keys: list[str] | tuple[str, ...], where: st
 
 
 def check_batch_given(
-    obs: pd.DataFrame, batch_key: str, what: str = "query cells", where: str = ""
+    obs: pd.DataFrame, key: str, what: str = "query cells", where: str = "", role: str = "batch"
 ) -> None:
-    """A ValueError counting the cells whose batch is missing (NaN): a NaN is not a batch
+    """A ValueError counting the cells whose ``key`` is missing (NaN): a NaN is not a batch
     called "nan". One rule for the command line, the Python API and the server's uploads."""
-    if missing := int(obs[batch_key].isna().sum()):
+    if missing := int(obs[key].isna().sum()):
+        give = "its batch (e.g. its sample or library)" if role == "batch" else "a value"
         raise ValueError(
-            f"{where}{': ' if where else ''}{missing} {what} have no {batch_key!r} (NaN): give every cell its batch (e.g. its "
-            "sample or library), or one shared value, or leave those cells out"
+            f"{where}{': ' if where else ''}{missing} of {len(obs)} {what} have no {key!r} "
+            f"(NaN): give every cell {give}, or one shared value, or leave those cells out"
         )
 
 
 def batch_categories(
-    obs: pd.DataFrame, keys: list[str] | tuple[str, ...], where: str, role: str = "batch"
+    obs: pd.DataFrame,
+    keys: list[str] | tuple[str, ...],
+    where: str,
+    role: str = "batch",
+    nan_known: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(the distinct batch labels, sorted; each cell's index into them), as ``np.unique`` of
     ``batch_labels`` gives, without building a string per cell: at Census scale that is 74 M
     strings for a few thousand batches. Each key is factorised, the codes combined, and only
     the combinations that occur are spelled out. A missing value (NaN) in a batch or covariate
-    column is refused, not made a batch called "nan"; HVG strata (``role='HVG'``) keep it as
-    one more stratum."""
+    column is refused, not made a batch called "nan"; HVG strata (``role='HVG'``), and a model
+    an older censusvi trained with such a "nan" batch (``nan_known``), keep it as a category."""
     missing = [k for k in keys if k not in obs.columns]
     if missing:
         raise ValueError(
             f"{where}: {role} column(s) {missing} not in obs; obs has {sorted(obs.columns)}. "
             f"Choose the {role} columns from those."
         )
-    if role != "HVG":
+    if role != "HVG" and not nan_known:
         for k in keys:
-            check_batch_given(obs, k, "cells", where)
+            check_batch_given(obs, k, "cells", where, role)
     combined = np.zeros(len(obs), dtype=np.int64)  # codes in order of first appearance
     for k in keys:
         codes, uniques = pd.factorize(obs[k], use_na_sentinel=False)
@@ -80,12 +85,17 @@ def batch_categories(
 
 
 def codes_in(
-    obs: pd.DataFrame, keys: list[str] | tuple[str, ...], known: tuple[str, ...], where: str
+    obs: pd.DataFrame,
+    keys: list[str] | tuple[str, ...],
+    known: tuple[str, ...],
+    where: str,
+    role: str = "batch",
 ) -> tuple[np.ndarray, list[str]]:
     """(each cell's index into ``known``, a model's categories, for the label ``keys`` spell;
     the labels ``known`` lacks, sorted). Cells with such a label get -1: the caller says what
     that means (map the batch, or refuse). One dictionary lookup per distinct label."""
-    labels, codes = batch_categories(obs, keys, where)
+    nan_known = any("nan" in str(c) for c in known)  # trained before NaN was refused
+    labels, codes = batch_categories(obs, keys, where, role, nan_known)
     lookup = {c: i for i, c in enumerate(known)}
     per_label = np.array([lookup.get(v, -1) for v in labels.tolist()], dtype=np.int64)
     return per_label[codes], labels[per_label < 0].tolist()

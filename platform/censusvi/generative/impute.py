@@ -20,11 +20,8 @@ from censusvi.mapping.query import prepare_query
 from censusvi.mapping.surgery import SurgeryConfig
 from censusvi.model.io import TrainedModel
 from censusvi.model.minibatch import minibatch_from_csr
-from censusvi.numeric import is_finite
+from censusvi.numeric import check_library_size
 from censusvi.progress import bar
-
-MAX_LIBRARY_SIZE = 1e9  # counts per cell; a cell's whole library is far smaller
-MIN_LIBRARY_SIZE = 1.0  # scvi-tools' normalised scale; 1e-320 made every imputed value 0.0
 
 LAYER = "censusvi_imputed"
 
@@ -75,11 +72,7 @@ def impute(
     """
     if not genes:
         raise ValueError("no genes to impute: give Ensembl ids or symbols, e.g. --genes CD3E,MS4A1")
-    if not (is_finite(library_size) and MIN_LIBRARY_SIZE <= library_size <= MAX_LIBRARY_SIZE):
-        raise ValueError(  # float32 layers overflow to inf above, underflow to 0 far below
-            f"library_size={library_size}: counts per this many, a number in [{MIN_LIBRARY_SIZE:g}, "
-            f"{MAX_LIBRARY_SIZE:g}] (default {defaults.IMPUTE_LIBRARY_SIZE:g})"
-        )
+    check_library_size(library_size)
     names = _names(model, adata)  # before surgery: an unknown gene fails at once
     cols = np.array(list(dict.fromkeys(gene_columns(model, genes, names).tolist())), dtype=np.int64)
     q = prepare_query(model, adata, batch_key, layer, surgery)

@@ -63,7 +63,7 @@ def _setting(doc: dict[str, Any], key: str, kind: type, default: Any) -> Any:
 
 def job_from(doc: dict[str, Any]) -> PretrainJob:
     """The job a config document (``read_config``) describes; ConfigError names what is wrong."""
-    from censusvi.registry.versions import check_model_name
+    from censusvi.registry.uris import check_model_name
     from censusvi.train.ray_trainer import STREAM_DEFAULTS, check_job
 
     cfg = pretrain_config_from(doc)

@@ -130,7 +130,7 @@ class TrainedModel:
                 raise ValueError(
                     f"{where}: covariate column {key!r} (used by the model) is not in obs"
                 )
-            codes, unknown = codes_in(obs, [key], cats, where)
+            codes, unknown = codes_in(obs, [key], cats, where, "covariate")
             if unknown:
                 raise ValueError(
                     f"{where}: obs[{key!r}] has values the model never saw: {unknown[:3]}; "

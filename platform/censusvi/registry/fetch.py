@@ -32,3 +32,23 @@ def artifact_names(uri: str, tracking: str | None = None) -> set[str]:
     parse_model_uri(uri)
     use_tracking(tracking)
     return {Path(f.path).name for f in mlflow.artifacts.list_artifacts(artifact_uri=uri)}
+
+
+def load_version(uri: str, faiss_device: str | None = None):
+    """(TrainedModel, LabelIndex) of the version ``uri`` names (an alias resolved once, for
+    both), read from a scratch copy; a version registered without an index is one line."""
+    import tempfile
+
+    from censusvi.annotate.index import load_index
+    from censusvi.model.io import load_model
+    from censusvi.registry.versions import fetch_version, resolve_version
+
+    name, version = parse_model_uri(uri)[0], resolve_version(uri)
+    with tempfile.TemporaryDirectory(prefix="censusvi-") as tmp:
+        files = fetch_version(name, version, tmp)
+        if files.index_dir is None:
+            raise ValueError(
+                f"{uri} (version {version}) has no index: pass index=, or register one "
+                "(`censusvi models register MODEL_DIR --index INDEX_DIR`)"
+            )
+        return load_model(files.model_dir), load_index(files.index_dir, faiss_device)

@@ -12,7 +12,7 @@ import anndata as ad
 import numpy as np
 
 from censusvi.annotate.index import LabelIndex, load_index
-from censusvi.atomic import write_atomic
+from censusvi.atomic import check_folder, check_output, write_atomic
 from censusvi.data.h5ad import check_uns_writable, read_h5ad
 from censusvi.defaults import REPORT_PER_TYPE
 from censusvi.numeric import is_whole
@@ -163,6 +163,12 @@ def build_report(
     if not (is_whole(per_type) and per_type >= 1):
         raise ValueError(f"per_type={per_type!r}: reference cells drawn per label, an integer >= 1")
     scib_rows = read_scib(scib) if scib else None
+    # what the page may replace, before the work (the command line asked already; the Python
+    # API had not, and a page refused at the end left the PNGs without it)
+    inputs = [p for p in (mapped, index_dir, scib) if isinstance(p, str | os.PathLike)]
+    check_output(out, ".html", overwrite, inputs)
+    if png_dir:
+        check_folder(png_dir, "png_dir", [*inputs, out])
     adata = mapped if isinstance(mapped, ad.AnnData) else read_h5ad(mapped)  # names the file
     if umap_out:  # the AnnData is written back: refuse what would fail there, before the work
         check_uns_writable(adata, str(mapped) if not isinstance(mapped, ad.AnnData) else "mapped")
@@ -214,7 +220,7 @@ def read_scib(path: str | os.PathLike) -> list[dict]:
     """The integration table ``jobs/evaluate.py`` writes (scib.json): a JSON list of rows, each
     an object with the same columns; anything else is a ValueError naming the file."""
     hint = "give the scib.json jobs/evaluate.py wrote"
-    raw = read_small_file(Path(path), MAX_SCIB_BYTES, "--scib", hint)
+    raw = read_small_file(Path(path), MAX_SCIB_BYTES, "--scib", hint, regular=False)
     try:
         rows = json.loads(raw.decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -63,7 +63,7 @@ def held_bytes(s: Settings, version: str) -> dict[str, int]:
     if not s.registered:
         return {"Mapper": files_bytes(s.model), "Annotator": files_bytes(s.index)}
     from censusvi.registry.fetch import artifact_names
-    from censusvi.registry.versions import parse_model_uri
+    from censusvi.registry.uris import parse_model_uri
 
     base = f"models:/{parse_model_uri(s.model)[0]}/{version}"
     names = artifact_names(base, s.tracking_uri)

@@ -48,7 +48,8 @@ def refusal(e: Exception, s: Settings) -> tuple[int, str]:
 def wants_arrow(accept: str | None) -> bool:
     """Whether an Accept header asks for the Arrow stream before JSON, by its q-values (RFC
     9110): ``arrow;q=0`` is "not Arrow", where the media type's mere presence had answered in
-    Arrow. Equal weights go to Arrow, which the Client asks for."""
+    Arrow. JSON's weight is its own, else a wildcard's (``*/*``); equal weights go to Arrow,
+    which the Client asks for."""
     weights: dict[str, float] = {}
     for part in (accept or "").split(","):
         media, *params = (p.strip().lower() for p in part.split(";"))
@@ -57,5 +58,6 @@ def wants_arrow(accept: str | None) -> bool:
             weights[media] = max(float(q), weights.get(media, 0.0))
         except ValueError:
             continue  # a q that is not a number: that range is left out
-    arrow = weights.get(ARROW, 0.0)
-    return arrow > 0 and arrow >= weights.get(JSON, 0.0)
+    arrow = weights.get(ARROW, 0.0)  # named: a wildcard alone keeps the default, JSON
+    json = next((weights[m] for m in (JSON, "application/*", "*/*") if m in weights), 0.0)
+    return arrow > 0 and arrow >= json

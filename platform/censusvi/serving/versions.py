@@ -203,7 +203,8 @@ class VersionFetcher:
         self.scratch = replica_scratch() if s.registered else None
 
     def __call__(self, version: str):
-        from censusvi.registry.versions import VersionFiles, fetch_version, parse_model_uri
+        from censusvi.registry.uris import parse_model_uri
+        from censusvi.registry.versions import VersionFiles, fetch_version
 
         if not self.s.registered:
             return VersionFiles(self.s.model, "local", self.s.model, self.s.index)

@@ -229,19 +229,19 @@ def plan_from(
         raise ValueError(f"{d.source}: no cells pass the filter {d.obs_filter!r}")
 
     def codes_of(
-        keys: list[str], known: tuple[str, ...] | None
+        keys: list[str], known: tuple[str, ...] | None, role: str = "batch"
     ) -> tuple[tuple[str, ...], np.ndarray]:
         if known is None:
-            labels, codes = batch_categories(source.obs, keys, d.source)
+            labels, codes = batch_categories(source.obs, keys, d.source, role)
             return tuple(labels.tolist()), codes
-        codes, unknown = codes_in(source.obs, keys, known, d.source)
+        codes, unknown = codes_in(source.obs, keys, known, d.source, role)
         if unknown:  # a worker must see the driver's cells
             raise ValueError(f"{d.source}: {keys} labels {unknown[:3]} not among {known[:3]}...")
         return known, codes
 
     categories, codes = codes_of(list(d.batch_keys), categories)
     extra = [
-        codes_of([k], extra_cats[i] if extra_cats else None)
+        codes_of([k], extra_cats[i] if extra_cats else None, "covariate")
         for i, k in enumerate(d.categorical_covariate_keys)
     ]
     if genes is None:
