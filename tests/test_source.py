@@ -34,6 +34,9 @@ def test_batch_categories_equal_unique_of_concatenated_labels():
     # a model an older censusvi trained with NaN read as a batch "nan" still maps such cells
     codes, unknown = codes_in(obs, ["age"], ("1.0", "2.0", "nan"), "obs")
     assert codes.tolist() == [0, 1, 0, 0, 2, 1] and unknown == []
+    hernandez = pd.DataFrame({"donor": ["Hernandez", "x", np.nan]})  # "nan" inside a name
+    with pytest.raises(ValueError, match=r"1 of 3 cells have no 'donor' \(NaN\)"):
+        codes_in(hernandez, ["donor"], ("Hernandez", "x"), "obs")
     with pytest.raises(
         ValueError, match=r"1 of 6 cells have no 'age' \(NaN\): give every cell a value"
     ):

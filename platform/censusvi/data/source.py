@@ -53,21 +53,21 @@ def batch_categories(
     keys: list[str] | tuple[str, ...],
     where: str,
     role: str = "batch",
-    nan_known: bool = False,
+    missing_ok: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(the distinct batch labels, sorted; each cell's index into them), as ``np.unique`` of
     ``batch_labels`` gives, without building a string per cell: at Census scale that is 74 M
     strings for a few thousand batches. Each key is factorised, the codes combined, and only
     the combinations that occur are spelled out. A missing value (NaN) in a batch or covariate
-    column is refused, not made a batch called "nan"; HVG strata (``role='HVG'``), and a model
-    an older censusvi trained with such a "nan" batch (``nan_known``), keep it as a category."""
+    column is refused, not made a batch called "nan"; HVG strata (``role='HVG'``) keep it as a
+    category, and ``missing_ok`` leaves the refusal to the caller (``codes_in``)."""
     missing = [k for k in keys if k not in obs.columns]
     if missing:
         raise ValueError(
             f"{where}: {role} column(s) {missing} not in obs; obs has {sorted(obs.columns)}. "
             f"Choose the {role} columns from those."
         )
-    if role != "HVG" and not nan_known:
+    if role != "HVG" and not missing_ok:
         for k in keys:
             check_batch_given(obs, k, "cells", where, role)
     combined = np.zeros(len(obs), dtype=np.int64)  # codes in order of first appearance
@@ -93,12 +93,19 @@ def codes_in(
 ) -> tuple[np.ndarray, list[str]]:
     """(each cell's index into ``known``, a model's categories, for the label ``keys`` spell;
     the labels ``known`` lacks, sorted). Cells with such a label get -1: the caller says what
-    that means (map the batch, or refuse). One dictionary lookup per distinct label."""
-    nan_known = any("nan" in str(c) for c in known)  # trained before NaN was refused
-    labels, codes = batch_categories(obs, keys, where, role, nan_known)
+    that means (map the batch, or refuse). One dictionary lookup per distinct label. A cell with
+    a missing value (NaN) is refused as such, unless ``known`` holds the label it spells (an
+    older censusvi trained such cells as a batch "nan")."""
+    labels, codes = batch_categories(obs, keys, where, role, missing_ok=True)
     lookup = {c: i for i, c in enumerate(known)}
     per_label = np.array([lookup.get(v, -1) for v in labels.tolist()], dtype=np.int64)
-    return per_label[codes], labels[per_label < 0].tolist()
+    cell = per_label[codes]
+    if (cell < 0).any():  # only then can a NaN be what the model lacks
+        missing = obs[list(keys)].isna().to_numpy().any(axis=1)
+        if (cell[missing] < 0).any():
+            for k in keys:
+                check_batch_given(obs, k, "cells", where, role)
+    return cell, labels[per_label < 0].tolist()
 
 
 def select_genes(x: sp.csr_matrix, alignment: GeneAlignment) -> sp.csr_matrix:
