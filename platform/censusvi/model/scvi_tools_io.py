@@ -181,6 +181,18 @@ def _unused_heads(cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 def export_scvi_tools(m: TrainedModel, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``out/model.pt`` that ``scvi.model.SCVI.load(out, adata)`` opens."""
+    genes = np.array(m.genes.ids, dtype=object)
+    attr = _attr_dict(m, _registry(m, genes))
+    with atomic_directory(out, "scvi-tools", overwrite) as tmp:
+        torch.save(
+            {"model_state_dict": _scvi_state(m), "var_names": genes, "attr_dict": attr},
+            tmp / MODEL_FILE,
+        )
+    return Path(out)
+
+
+def _scvi_state(m: TrainedModel) -> dict:
+    """The weights under scvi-tools' names, with the buffers its module registers."""
     cfg = m.config
     state = {scvi_tools_name(k): v.detach().cpu().clone() for k, v in m.vae.state_dict().items()}
     if cfg.prior_components:  # the encoder and decoder are scVI's; only training reads the prior
@@ -194,28 +206,34 @@ def export_scvi_tools(m: TrainedModel, out: str | os.PathLike, overwrite: bool =
             state[name] = state[name].reshape(1, -1)
         else:
             del state[name]  # scvi-tools registers them only for a latent library
-    state |= _unused_heads(cfg)
-    genes = np.array(m.genes.ids, dtype=object)
-    batch_key = m.batch_keys[0] if len(m.batch_keys) == 1 else "batch"
-    extra = {
-        "data_registry": {},
-        "state_registry": {},
-        "summary_stats": {"n_extra_categorical_covs": 0},
-    }
-    if m.covariate_keys:
-        extra = {
-            "data_registry": {"attr_key": "_scvi_extra_categorical_covs", "attr_name": "obsm"},
-            "state_registry": {
-                "mappings": {
-                    k: np.array(c, dtype=object)
-                    for k, c in zip(m.covariate_keys, m.covariate_categories)
-                },
-                "field_keys": list(m.covariate_keys),
-                "n_cats_per_key": [len(c) for c in m.covariate_categories],
-            },
-            "summary_stats": {"n_extra_categorical_covs": len(m.covariate_keys)},
+    return state | _unused_heads(cfg)
+
+
+def _covariates_registry(m: TrainedModel) -> dict:
+    if not m.covariate_keys:
+        return {
+            "data_registry": {},
+            "state_registry": {},
+            "summary_stats": {"n_extra_categorical_covs": 0},
         }
-    registry = {
+    return {
+        "data_registry": {"attr_key": "_scvi_extra_categorical_covs", "attr_name": "obsm"},
+        "state_registry": {
+            "mappings": {
+                k: np.array(c, dtype=object)
+                for k, c in zip(m.covariate_keys, m.covariate_categories)
+            },
+            "field_keys": list(m.covariate_keys),
+            "n_cats_per_key": [len(c) for c in m.covariate_categories],
+        },
+        "summary_stats": {"n_extra_categorical_covs": len(m.covariate_keys)},
+    }
+
+
+def _registry(m: TrainedModel, genes: np.ndarray) -> dict:
+    """scvi-tools' AnnData registry for ``setup_anndata`` with this model's batch and covariates."""
+    batch_key = m.batch_keys[0] if len(m.batch_keys) == 1 else "batch"
+    return {
         "scvi_version": "1.4.2",
         "model_name": "SCVI",
         "setup_method_name": "setup_anndata",
@@ -250,7 +268,7 @@ def export_scvi_tools(m: TrainedModel, out: str | os.PathLike, overwrite: bool =
                 "summary_stats": {"n_labels": 1},
             },
             "size_factor": {"data_registry": {}, "state_registry": {}, "summary_stats": {}},
-            "extra_categorical_covs": extra,
+            "extra_categorical_covs": _covariates_registry(m),
             "extra_continuous_covs": {
                 "data_registry": {},
                 "state_registry": {},
@@ -258,6 +276,11 @@ def export_scvi_tools(m: TrainedModel, out: str | os.PathLike, overwrite: bool =
             },
         },
     }
+
+
+def _attr_dict(m: TrainedModel, registry: dict) -> dict:
+    """The model's attributes as ``SCVI.save`` writes them: init parameters and the registry."""
+    cfg = m.config
     non_kwargs = {
         "n_hidden": cfg.n_hidden,
         "n_latent": cfg.n_latent,
@@ -268,7 +291,7 @@ def export_scvi_tools(m: TrainedModel, out: str | os.PathLike, overwrite: bool =
         "use_observed_lib_size": not cfg.latent_library,
         "latent_distribution": "normal",
     }
-    attr = {
+    return {
         "init_params_": {
             "non_kwargs": non_kwargs,
             "kwargs": {"kwargs": {"encode_covariates": cfg.encode_covariates}},
@@ -283,8 +306,3 @@ def export_scvi_tools(m: TrainedModel, out: str | os.PathLike, overwrite: bool =
         "run_name_": None,
         "get_normalized_function_name_": "get_normalized_expression",
     }
-    with atomic_directory(out, "scvi-tools", overwrite) as tmp:
-        torch.save(
-            {"model_state_dict": state, "var_names": genes, "attr_dict": attr}, tmp / MODEL_FILE
-        )
-    return Path(out)
