@@ -100,6 +100,9 @@ def test_query_options_follow_the_same_rules():
         ({"k": "0"}, "k 0: neighbours per cell must be an integer >= 1"),
         ({"k": "2000"}, "at most 1000"),
         ({"k": "x" * 100}, "must be a whole number"),
+        ({"k": "\uff11\uff15"}, "k='\uff11\uff15': must be a whole number"),  # int() reads 15
+        ({"k": "1_5"}, "k='1_5': must be a whole number"),
+        ({"unknown_threshold": "0_5"}, "unknown_threshold='0_5': must be a number"),
         ({"unknown_threshold": "nan"}, "unknown_threshold nan: must be a number from 0 to 1"),
         ({"method": "m" * 100}, "choose one of knn, head, ensemble"),
     ]:

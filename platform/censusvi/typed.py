@@ -37,6 +37,8 @@ def _from_text(value: str, kinds: tuple) -> Any:
         if kind is bool and value.lower() in ("true", "false"):
             return value.lower() == "true"
         if kind in (int, float):
+            if not value.isascii() or "_" in value:  # int() also reads "１５" and "1_5" as 15
+                continue
             try:
                 return kind(value)
             except ValueError:
