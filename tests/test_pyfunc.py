@@ -109,6 +109,18 @@ def test_pyfunc_predict_equals_annotate_and_refuses_bad_input(version, monkeypat
     unknown = counts_frame(q).rename(columns=lambda c: c if c == "batch" else f"X{c}")
     with pytest.raises(MlflowException, match="only 0 of the model's 200 genes"):
         model.predict(unknown)
+    # The rules of every server: a missing batch is not a batch called "nan", k is capped as
+    # the Serve app caps it (each neighbour is a row of the search), a column is sent once.
+    no_batch = counts_frame(q)
+    no_batch.loc[no_batch.index[:3], "batch"] = np.nan
+    with pytest.raises(MlflowException, match=r"3 of \d+ query cells have no 'batch' \(NaN\)"):
+        model.predict(no_batch)
+    with pytest.raises(MlflowException, match="this server answers at most 1000 neighbours"):
+        model.predict(counts_frame(q), params={"k": 10**9})
+    twice = counts_frame(q)
+    twice = pd.concat([twice, twice.iloc[:, :2]], axis=1)
+    with pytest.raises(MlflowException, match=r"appear more than once; send each gene"):
+        model.predict(twice)
 
     # A version registered without an index is an MLflow model that says what it lacks.
     assert register_version(model_dir, None, NAME, uri) == "2"
@@ -138,9 +150,11 @@ def stop_group(proc: subprocess.Popen, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
-def invoke(url: str, frame: pd.DataFrame) -> requests.Response:
-    split = frame.to_dict(orient="split")
-    return requests.post(f"{url}/invocations", json={"dataframe_split": split}, timeout=120)
+def invoke(url: str, frame: pd.DataFrame, params: dict | None = None) -> requests.Response:
+    body = {"dataframe_split": frame.to_dict(orient="split")} | (
+        {"params": params} if params else {}
+    )
+    return requests.post(f"{url}/invocations", json=body, timeout=120)
 
 
 def test_mlflow_models_serve_answers_annotate_labels(version, tmp_path):
@@ -178,6 +192,9 @@ def test_mlflow_models_serve_answers_annotate_labels(version, tmp_path):
         r = invoke(url, bad)
         assert r.status_code == 400 and r.json()["error_code"] == "INVALID_PARAMETER_VALUE"
         assert "negative values" in r.json()["message"]
+        r = invoke(url, counts_frame(q).reset_index(drop=True), {"k": 5000})
+        assert r.status_code == 400, r.text[:500]
+        assert "at most 1000 neighbours per cell" in r.json()["message"]
     finally:
         stop_group(proc)
         log.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 IN_MEMORY = "<AnnData>"  # how an in-memory AnnData is named in provenance, metadata and errors
 BATCH_KEY = "batch"  # the API's default obs column of batches (the shared data's)
 K = 15  # neighbours per query cell in label transfer (scArches' default)
+MAX_K = 1000  # neighbours per cell a server (Serve app, MLflow model) answers: each is a search row
 CLASS_BALANCE = 0.5  # votes divided by reference label frequency to this power (transfer.py)
 UNKNOWN_THRESHOLD = 1.0  # uncertainty above which a cell is "Unknown" (1.0: never)
 METHODS = ("knn", "head", "ensemble")  # label transfer: weighted kNN, the label head, their mean

@@ -15,6 +15,7 @@ from censusvi import defaults
 from censusvi.annotate.index import LabelIndex
 from censusvi.annotate.transfer import label_probabilities
 from censusvi.numeric import is_finite, is_whole
+from censusvi.typed import shown
 
 NEEDS_HEAD = ("head", "ensemble")
 
@@ -75,6 +76,16 @@ def check_settings(
         raise ValueError(
             f"latent key {latent_key!r}: must be a non-empty obsm name without '/' (e.g. X_scVI)"
         )
+
+
+def check_served(k, unknown_threshold, class_balance, method: str | None) -> None:
+    """A server's request options (the Serve app's, the MLflow model's): ``check_settings``'s
+    rules, at most ``defaults.MAX_K`` neighbours (each is a row of the search), a known method."""
+    check_settings(k, unknown_threshold, class_balance, defaults.ONTOLOGY_THRESHOLD)
+    if k > defaults.MAX_K:
+        raise ValueError(f"k {k}: this server answers at most {defaults.MAX_K} neighbours per cell")
+    if method is not None and method not in defaults.METHODS:
+        raise ValueError(f"method {shown(method)}: choose one of {', '.join(defaults.METHODS)}")
 
 
 def label_probabilities_by(

@@ -136,20 +136,9 @@ def predict_labels(model, index, frame, params: dict | None = None) -> pd.DataFr
             "with --model models:/NAME/VERSION) or register the model with "
             "`censusvi models register MODEL --index DIR`"
         )
-    options = {"k": defaults.K, "unknown_threshold": defaults.UNKNOWN_THRESHOLD}
-    options |= {"class_balance": defaults.CLASS_BALANCE, "method": None}
-    options |= params or {}
+    options = request_options(params)
     adata = counts_anndata(model, frame)
-    out, _ = annotate(
-        model,
-        index,
-        adata,
-        BATCH_COLUMN,
-        k=int(options["k"]),
-        unknown_threshold=float(options["unknown_threshold"]),
-        class_balance=float(options["class_balance"]),
-        method=None if options["method"] is None else str(options["method"]),
-    )
+    out, _ = annotate(model, index, adata, BATCH_COLUMN, **options)
     columns = label_columns_of(index)
     labels = out.obs[[name for name, _ in columns]].reindex(adata.obs_names)
     for name, t in columns:  # categories do not travel as JSON; strings do
@@ -157,6 +146,42 @@ def predict_labels(model, index, frame, params: dict | None = None) -> pd.DataFr
             labels[name] = labels[name].astype(object).where(labels[name].notna(), None)
     labels.index = frame.index
     return labels
+
+
+def request_options(params: dict | None) -> dict:
+    """``annotate``'s options from MLflow's params (its schema: ``_params_schema``), by the
+    rules of every server (``check_served``: the Serve app's): a number spelled as text is
+    read, a fraction of a neighbour or k above ``defaults.MAX_K`` is refused."""
+    from censusvi.annotate.method import check_served
+    from censusvi.typed import typed
+
+    given = dict(params or {})
+    options = {
+        "k": typed("k", given.pop("k", defaults.K), int, text=True),
+        "unknown_threshold": typed(
+            "unknown_threshold",
+            given.pop("unknown_threshold", defaults.UNKNOWN_THRESHOLD),
+            float,
+            text=True,
+        ),
+        "class_balance": typed(
+            "class_balance", given.pop("class_balance", defaults.CLASS_BALANCE), float, text=True
+        ),
+        "method": typed("method", given.pop("method", None), str | None),
+    }
+    if given:
+        raise ValueError(
+            f"unknown parameter(s) {sorted(map(str, given))}: this model takes k, "
+            "unknown_threshold, class_balance and method"
+        )
+    check_served(**options)
+    return options
+
+
+def _obs_column(values: pd.Series) -> pd.Series:
+    """A batch or covariate column as text, a missing value left missing (annotate refuses it:
+    a NaN is not a batch called "nan")."""
+    return values.astype(str).where(values.notna(), None).to_numpy()
 
 
 def counts_anndata(model, frame):
@@ -173,6 +198,10 @@ def counts_anndata(model, frame):
         )
     obs_keys = [BATCH_COLUMN, *model.covariate_keys]
     genes = [c for c in frame.columns if c not in obs_keys]
+    if repeated := sorted({str(c) for c in frame.columns[frame.columns.duplicated()]}):
+        raise ValueError(
+            f"column(s) {repeated[:5]} appear more than once; send each gene and obs column once"
+        )
     if len(frame) == 0 or not genes:
         raise ValueError(
             f"the input has {len(frame)} rows and {len(genes)} gene columns; send one row per "
@@ -186,11 +215,9 @@ def counts_anndata(model, frame):
     x = to_csr32(frame[genes].to_numpy(), "the input's counts")
     check_counts(x, "the input's counts")
     obs = pd.DataFrame(index=[str(i) for i in range(len(frame))])
-    obs[BATCH_COLUMN] = (
-        frame[BATCH_COLUMN].astype(str).to_numpy() if BATCH_COLUMN in frame else DEFAULT_BATCH
-    )
+    obs[BATCH_COLUMN] = _obs_column(frame[BATCH_COLUMN]) if BATCH_COLUMN in frame else DEFAULT_BATCH
     for key in model.covariate_keys:
         if key in frame:
-            obs[key] = frame[key].astype(str).to_numpy()
+            obs[key] = _obs_column(frame[key])
     var = pd.DataFrame({"gene_ids": var_ids}, index=[str(j) for j in range(len(var_ids))])
     return ad.AnnData(x, obs=obs, var=var)

@@ -11,7 +11,7 @@ from typing import Any
 from censusvi import defaults
 from censusvi.numeric import is_finite, is_whole
 from censusvi.serving.auth import token_digest
-from censusvi.typed import shown, typed
+from censusvi.typed import typed
 
 POSITIVE = (  # settings that must be finite numbers above 0
     "max_request_mb",
@@ -21,19 +21,13 @@ POSITIVE = (  # settings that must be finite numbers above 0
     "tick_s",
     "results_ttl_s",
 )
-MAX_K = 1000  # neighbours per cell a request may ask for (each is a row of the search)
 
 
 def check_transfer(k, unknown_threshold, method: str | None) -> None:
-    """Label transfer's options, by the rules of the command line (``check_settings``), and the
-    server's own cap on ``k``."""
-    from censusvi.annotate.method import check_settings
+    """Label transfer's options, by the rules of every server (``method.check_served``)."""
+    from censusvi.annotate.method import check_served
 
-    check_settings(k, unknown_threshold, defaults.CLASS_BALANCE, defaults.ONTOLOGY_THRESHOLD)
-    if k > MAX_K:
-        raise ValueError(f"k {k}: this server answers at most {MAX_K} neighbours per cell")
-    if method is not None and method not in defaults.METHODS:
-        raise ValueError(f"method {shown(method)}: choose one of {', '.join(defaults.METHODS)}")
+    check_served(k, unknown_threshold, defaults.CLASS_BALANCE, method)
 
 
 # Accepted by ``build_app`` beside the fields: per-deployment options, per-deployment Ray actor
