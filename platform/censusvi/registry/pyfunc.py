@@ -21,6 +21,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from censusvi import defaults
@@ -178,7 +179,7 @@ def request_options(params: dict | None) -> dict:
     return options
 
 
-def _obs_column(values: pd.Series) -> pd.Series:
+def _obs_column(values: pd.Series) -> np.ndarray:
     """A batch or covariate column as text, a missing value left missing (annotate refuses it:
     a NaN is not a batch called "nan")."""
     return values.astype(str).where(values.notna(), None).to_numpy()
