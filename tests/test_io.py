@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -103,3 +104,29 @@ def test_unknown_batch_points_to_mapping():
         small_model().covariate_codes(pd.DataFrame({"batch": ["b0", "new-lab"]}), "q.h5ad")
     codes = small_model().covariate_codes(pd.DataFrame({"batch": ["b2", "b0", "b2"]}), "q.h5ad")
     assert codes.tolist() == [[2], [0], [2]]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda f: f.write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
+        (lambda f: f.write_bytes(b'{"format": "\xff"}'), "is not UTF-8 text"),
+        (lambda f: f.write_text('{"format": 1'), "is not valid JSON"),
+        (lambda f: os.truncate(f, 300 * 2**20), "is over 268435456 bytes"),  # sparse: no disk
+        (lambda f: _set(f, "format_version", "1"), "v1 is not a censusvi-model v<=1 model"),
+        (lambda f: _set(f, "format_version", [1]), r"v\[1\] is not a censusvi-model"),
+    ],
+)
+def test_a_hostile_config_json_is_one_line_naming_it(tmp_path, edit, message):
+    """A config.json someone handed over: a RecursionError, a MemoryError (a sparse file of
+    terabytes, read whole) or a TypeError (format_version "1" > 1) were tracebacks."""
+    save_model(small_model(), tmp_path / "m")
+    edit(tmp_path / "m" / "config.json")
+    with pytest.raises(ValueError, match=message) as e:
+        load_model(tmp_path / "m")
+    assert "\n" not in str(e.value) and "config.json" in str(e.value)
+
+
+def _set(f, key, value):
+    cfg = json.loads(f.read_text())
+    f.write_text(json.dumps({**cfg, key: value}))

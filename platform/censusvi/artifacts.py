@@ -8,11 +8,12 @@ is ``censusvi.atomic``'s.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+
+from censusvi.untrusted import read_json_file
 
 MARKER = ".censusvi"
 """JSON ``{"kind": ...}`` in a directory whose own files do not say censusvi wrote it."""
@@ -123,14 +124,14 @@ def artifact_kind(path: Path) -> str | None:
         for kind, (files, named_in, test) in DIR_KINDS.items():
             if files <= names <= files | OPTIONAL_ENTRIES.get(kind, frozenset()):
                 try:
-                    if test(json.loads((path / named_in).read_text())):
+                    if test(read_json_file(path / named_in, named_in)):
                         return kind
                 except (OSError, ValueError, AttributeError):
                     pass
         for kind, entry in MARKED_DIR_KINDS.items():
             if MARKER in names and all(n == MARKER or entry.fullmatch(n) for n in names):
                 try:
-                    if json.loads((path / MARKER).read_text()).get("kind") == kind:
+                    if read_json_file(path / MARKER, MARKER).get("kind") == kind:
                         return kind
                 except (OSError, ValueError, AttributeError):
                     pass

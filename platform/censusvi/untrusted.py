@@ -11,6 +11,7 @@ a scib table) is read only if it is a regular file, and only up to its limit.
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,29 @@ def read_small_file(
     if len(raw) > limit:
         raise error(f"{what} {path} is over {limit} bytes: {hint}")
     return raw
+
+
+MAX_JSON_BYTES = 256 * 2**20  # a model's or index's JSON: a Census model's config is a few MB
+
+
+def read_json_file(path: Path, what: str, limit: int = MAX_JSON_BYTES) -> object:
+    """The JSON value in ``path`` (a file a user may have handed over), read up to ``limit``
+    bytes; a ValueError that names the file for anything else: not UTF-8, not JSON, nested too
+    deep for the parser (a RecursionError), a device or pipe, too large (a sparse file of
+    terabytes was read until memory ran out)."""
+    raw = read_small_file(
+        path, limit, what, "it is damaged or not what censusvi wrote", regular=True
+    )
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{what} {path} is nested too deeply to be what censusvi wrote") from None
 
 
 class PayloadError(ValueError):

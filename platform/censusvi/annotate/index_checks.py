@@ -6,7 +6,6 @@ classes, a metric the index was not built with)."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pandas as pd
 from censusvi import defaults
 from censusvi.annotate import faiss_index as fx
 from censusvi.numeric import is_finite, is_whole
+from censusvi.untrusted import read_json_file
 
 HEADS_FILE = "heads.safetensors"  # the label heads' weights (annotate/head.py), no pickle
 KINDS = tuple(k for k in defaults.INDEX_KINDS if k != "auto")  # what index.json's kind names
@@ -48,7 +48,7 @@ def read_meta(path: str | Path) -> dict:
             f"{path} is not a censusvi index (built by `censusvi index`): index.json is missing"
         )
     try:
-        meta = json.loads((path / "index.json").read_text())
+        meta = read_json_file(path / "index.json", "the index's metadata")
         check_meta(meta)
     except (ValueError, RecursionError, UnicodeDecodeError, OSError) as e:  # IndexDamaged too
         raise damaged(path / "index.json", e) from None

@@ -21,6 +21,8 @@ from censusvi.atomic import atomic_directory
 from censusvi.data.vocabulary import GeneVocabulary
 from censusvi.model.config import ModelConfig
 from censusvi.model.vae import VAE
+from censusvi.numeric import is_whole
+from censusvi.untrusted import read_json_file
 
 FORMAT = "censusvi-model"
 FORMAT_VERSION = 1
@@ -180,16 +182,15 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
             f"(expected {CONFIG_FILE} + {WEIGHTS_FILE}, as written by `censusvi pretrain`)"
         )
     try:
-        d = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{cfg_file} is not valid JSON ({e}); the model directory is damaged"
-        ) from e
+        d = read_json_file(cfg_file, "the model's config")
+    except ValueError as e:
+        raise ValueError(f"{e}; the model directory is damaged") from None
     if not isinstance(d, dict):
         raise ValueError(
             f"{cfg_file} holds a JSON {type(d).__name__}, not an object; it is damaged"
         )
-    if d.get("format") != FORMAT or d.get("format_version", 0) > FORMAT_VERSION:
+    version = d.get("format_version", 0)
+    if d.get("format") != FORMAT or not is_whole(version) or version > FORMAT_VERSION:
         raise ValueError(
             f"{cfg_file}: format {d.get('format')!r} v{d.get('format_version')} is not a "
             f"{FORMAT} v<={FORMAT_VERSION} model"

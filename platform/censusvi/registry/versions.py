@@ -10,7 +10,6 @@ appended to a registered-model tag (``alias_history.<alias>``), which is what ``
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from censusvi.registry.mlflow_store import (
     use_tracking,
 )
 from censusvi.registry.uris import check_model_name, parse_model_uri
+from censusvi.untrusted import read_json_file
 
 EVAL_PREFIX = "eval."
 LOWER_IS_BETTER = ("ece", "elbo", "nll", "loss")  # metric-name endings; the rest: higher is better
@@ -56,7 +56,7 @@ def evaluation_metrics(index_dir: str | os.PathLike | None) -> dict[str, float]:
     """``eval.<label key>.<metric>`` from the index's held-out label-transfer evaluation."""
     if index_dir is None:
         return {}
-    meta = json.loads((Path(index_dir) / "index.json").read_text())
+    meta = read_json_file(Path(index_dir) / "index.json", "the index's metadata")
     return {
         f"{EVAL_PREFIX}{key}.{name}": float(value)
         for key, metrics in meta.get("evaluation", {}).items()

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from censusvi.atomic import atomic_directory
 from censusvi.model.vae import VAE
+from censusvi.untrusted import read_json_file
 
 
 def source_identity(source) -> dict[str, Any]:
@@ -86,7 +87,7 @@ class CheckpointStore:
     def read_state(self) -> dict[str, Any]:
         """The checkpoint's JSON state as written (no weights loaded, no fingerprint check)."""
         try:
-            state = json.loads((self.path / "state.json").read_text())
+            state = read_json_file(self.path / "state.json", "the checkpoint's state")
         except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError included
             raise self.damaged("state.json", e) from None
         if not isinstance(state, dict) or not isinstance(state.get("history", {}), dict):
