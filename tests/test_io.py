@@ -130,3 +130,22 @@ def test_a_hostile_config_json_is_one_line_naming_it(tmp_path, edit, message):
 def _set(f, key, value):
     cfg = json.loads(f.read_text())
     f.write_text(json.dumps({**cfg, key: value}))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s["z_encoder.fc.norms.0.running_var"].fill_(-1.0), "negative variances in"),
+        (lambda s: s.update(px_r=s["px_r"] > 0), r"tensors of another type: px_r: torch.bool"),
+    ],
+)
+def test_weights_that_would_give_nan_or_be_cast_are_refused(tmp_path, edit, message):
+    """A negative running variance made every latent NaN (reported as "no counts over the
+    model's genes"); bool weights were cast to 0/1 by load_state_dict in silence."""
+    save_model(small_model(), tmp_path / "m")
+    w = tmp_path / "m" / "weights.safetensors"
+    state = load_file(str(w))
+    edit(state)
+    save_file(state, str(w))
+    with pytest.raises(ValueError, match=message):
+        load_model(tmp_path / "m")

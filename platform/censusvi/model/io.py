@@ -243,11 +243,22 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
     try:
         config = ModelConfig.from_dict(d["model"])
         with torch.device("meta"):  # shapes only: a config naming 1e12 latents allocates nothing
-            expected = {k: tuple(v.shape) for k, v in VAE(config).state_dict().items()}
+            shell = VAE(config).state_dict()
     except (TypeError, ValueError, KeyError, RuntimeError) as e:  # a setting missing or wrong
         raise ValueError(f"{path / CONFIG_FILE}: 'model' does not describe a model: {e}") from e
-    check_shapes(expected, stored_shapes(path / WEIGHTS_FILE), path)
+    check_shapes(
+        {k: tuple(v.shape) for k, v in shell.items()}, stored_shapes(path / WEIGHTS_FILE), path
+    )
     state = load_file(str(path / WEIGHTS_FILE), device=str(device))
+    wrong = [
+        f"{k}: {state[k].dtype} (not {v.dtype})"
+        for k, v in shell.items()
+        if state[k].dtype != v.dtype
+    ]
+    if wrong:  # load_state_dict would cast them (bool weights to 0/1) in silence
+        raise ValueError(
+            f"{path / WEIGHTS_FILE}: tensors of another type: {', '.join(wrong[:3])}; the model directory is damaged"
+        )
     check_finite(state, path / WEIGHTS_FILE)
     vae = VAE(config)
     vae.load_state_dict(state)
@@ -295,8 +306,9 @@ def check_shapes(expected: dict, stored: dict, path, described_by: str = f"its {
 
 
 def check_finite(state: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
-    """Raise ``ValueError`` naming the first tensors that hold NaN or infinite values: such a
-    model loads and runs, but every embedding it gives is NaN."""
+    """Raise ``ValueError`` naming the first tensors that hold NaN or infinite values, or a
+    batch normalisation's negative running variance: such a model loads and runs, but every
+    embedding it gives is NaN."""
     bad = [
         f"{k} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
         for k, t in state.items()
@@ -307,4 +319,10 @@ def check_finite(state: dict[str, torch.Tensor], where: str | os.PathLike) -> No
             f"{where}: non-finite weights (NaN or inf) in {len(bad)} tensor(s): "
             f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; the model is unusable "
             "(training diverged before it was saved, or the file is damaged): retrain it"
+        )
+    negative = [k for k, t in state.items() if k.endswith("running_var") and (t < 0).any()]
+    if negative:  # batch normalisation divides by sqrt(running_var): NaN for every cell
+        raise ValueError(
+            f"{where}: negative variances in {', '.join(negative[:3])}: the model is unusable "
+            "(the file is damaged or edited): retrain it or restore it"
         )
