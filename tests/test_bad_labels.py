@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -131,6 +132,14 @@ def _edit_json(d, fn) -> None:
     (d / "index.json").write_text(json.dumps(fn(meta)))
 
 
+def _edit_heads(d, fn) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(d / "heads.safetensors"))
+    fn(tensors)
+    save_file(tensors, str(d / "heads.safetensors"))
+
+
 def _pickle_in(d, name: str) -> None:
     import pickle
 
@@ -178,6 +187,15 @@ TAMPERED = {
     ),
     "heads.safetensors": lambda d: (d / "heads.safetensors").unlink(),
     "heads.safetensors ": lambda d: _pickle_in(d, "heads.safetensors"),
+    # heads that loaded and answered one class for every cell (a hostile probe, session 21)
+    "heads.safetensors  ": lambda d: _edit_heads(
+        d, lambda t: t["cell_type.2.weight"].fill_(float("nan"))
+    ),
+    "heads.safetensors   ": lambda d: _edit_heads(d, lambda t: t["cell_type.scale"].fill_(0.0)),
+    "heads.safetensors    ": lambda d: _edit_heads(
+        d, lambda t: t.update({k: v > 0 for k, v in t.items()})
+    ),
+    "heads.safetensors     ": lambda d: os.truncate(d / "heads.safetensors", 300 * 2**20),
 }
 
 

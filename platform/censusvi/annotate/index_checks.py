@@ -19,6 +19,7 @@ from censusvi.numeric import is_finite, is_whole
 from censusvi.untrusted import read_json_file
 
 HEADS_FILE = "heads.safetensors"  # the label heads' weights (annotate/head.py), no pickle
+MAX_HEADS_BYTES = 256 * 2**20  # a head is 128 x (latent + classes) floats: kB to a few MB
 KINDS = tuple(k for k in defaults.INDEX_KINDS if k != "auto")  # what index.json's kind names
 OBJECTS = ("label_frequency", "heads", "novelty", "neighbour_distance", "ontology")  # {} or null
 LEGACY_IVF = r"ivf\d+"  # IVF-Flat as indexes written before the kinds were named recorded it
@@ -153,6 +154,8 @@ def load_heads(path: Path, meta: dict, held: dict[str, set[str]]) -> dict:
 
     from censusvi.annotate.head import LabelHead
 
+    if (size := (path / HEADS_FILE).stat().st_size) > MAX_HEADS_BYTES:
+        raise IndexDamaged(f"is {size:,} bytes; label heads take a few MB at most")
     tensors = load_file(str(path / HEADS_FILE))
     heads = {}
     for key, info in listed.items():
@@ -170,10 +173,26 @@ def load_heads(path: Path, meta: dict, held: dict[str, set[str]]) -> dict:
                 f"the {key!r} head has {out.shape[0]} outputs, but index.json lists "
                 f"{len(classes)} classes"
             )
+        _check_head_tensors(key, {k: v for k, v in tensors.items() if k.startswith(f"{key}.")})
         heads[key] = LabelHead.from_tensors(tensors, key, classes)
         if not (np.isfinite(heads[key].temperature) and heads[key].temperature > 0):
             raise IndexDamaged(f"the {key!r} head's temperature is not a number > 0")
     return heads
+
+
+def _check_head_tensors(key: str, own: dict) -> None:
+    """A head answers through every tensor: a NaN, a zero scale or an integer tensor (cast by
+    ``load_state_dict`` in silence) gave one class for every cell."""
+    import torch
+
+    bad = [k for k, v in own.items() if v.dtype != torch.float32 or not torch.isfinite(v).all()]
+    if bad:
+        raise IndexDamaged(
+            f"the {key!r} head's {', '.join(sorted(bad)[:3])} are not finite float32 values"
+        )
+    scale = own.get(f"{key}.scale")
+    if scale is not None and not bool((scale > 0).all()):
+        raise IndexDamaged(f"the {key!r} head's scale is not > 0 everywhere")
 
 
 def check_fits(
