@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+import anndata as ad
 import numpy as np
 import pytest
 
@@ -185,6 +186,15 @@ TAMPERED = {
         .iloc[:10]
         .to_parquet(d / "labels.parquet")
     ),
+    "labels.parquet ": lambda d: (
+        __import__("pandas")
+        .read_parquet(d / "labels.parquet")
+        .pipe(lambda t: t.assign(cell_type=t.cell_type.where(t.index % 2 == 0, None)))
+        .to_parquet(d / "labels.parquet")
+    ),
+    "index.json      ": lambda d: _edit_json(d, lambda m: {**m, "k_factor": 1e5}),
+    "index.json       ": lambda d: _edit_json(d, lambda m: {**m, "nprobe": 10**30}),
+    "index.json        ": lambda d: (d / "index.json").write_text("[" * 100_000 + "]" * 100_000),
     "heads.safetensors": lambda d: (d / "heads.safetensors").unlink(),
     "heads.safetensors ": lambda d: _pickle_in(d, "heads.safetensors"),
     # heads that loaded and answered one class for every cell (a hostile probe, session 21)
@@ -314,3 +324,21 @@ def test_a_folder_given_as_the_query_file_says_so(files, tmp_path, capsys):
     code, err = run(annotate_args(files, d / "ix", tmp_path / "o.h5ad"), capsys)
     assert code == 2 and f"{d / 'ix'} is a folder, not an .h5ad file" in err, err
     assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_an_unknown_index_json_key_is_not_copied_into_the_output(files, tmp_path, capsys):
+    """index.json's entries went into the annotated file's uns whole: a hand-added 10^30 or a
+    mixed list made the h5ad write fail after all the work. Only censusvi's own keys travel."""
+    import shutil
+
+    model, d, _ = files
+    ix = tmp_path / "ix"
+    shutil.copytree(d / "ix", ix)
+    _edit_json(ix, lambda m: {**m, "zzz": 10**30, "notes": [1, "a", {"b": 2}]})
+    out = tmp_path / "o.h5ad"
+    args = ["annotate", "--model", str(model), "--index", str(ix), "--query",
+            str(d / "ref.h5ad"), "--batch-key", "batch", "--out", str(out)]  # fmt: skip
+    code, err = run(args, capsys)
+    assert code == 0, err
+    recorded = ad.read_h5ad(out).uns["censusvi"]["index"]
+    assert "zzz" not in recorded and "notes" not in recorded and recorded["kind"] == "flat"

@@ -22,6 +22,7 @@ HEADS_FILE = "heads.safetensors"  # the label heads' weights (annotate/head.py),
 MAX_HEADS_BYTES = 256 * 2**20  # a head is 128 x (latent + classes) floats: kB to a few MB
 KINDS = tuple(k for k in defaults.INDEX_KINDS if k != "auto")  # what index.json's kind names
 OBJECTS = ("label_frequency", "heads", "novelty", "neighbour_distance", "ontology")  # {} or null
+MAX_K_FACTOR = 64  # IVF-PQ's re-rank pool, as a multiple of k (the build tunes 2-16)
 LEGACY_IVF = r"ivf\d+"  # IVF-Flat as indexes written before the kinds were named recorded it
 
 
@@ -68,10 +69,16 @@ def check_meta(meta) -> None:
         raise IndexDamaged(f"kind {meta['kind']!r} is not one of {list(KINDS)}")
     if "dim" in meta and not (is_whole(meta["dim"]) and meta["dim"] >= 1):
         raise IndexDamaged(f"dim {meta['dim']!r} is not a whole number >= 1")
-    if "nprobe" in meta and not (is_whole(meta["nprobe"]) and meta["nprobe"] >= 1):
-        raise IndexDamaged(f"nprobe {meta['nprobe']!r} is not a whole number >= 1")
-    if "k_factor" in meta and not (is_finite(meta["k_factor"]) and meta["k_factor"] >= 1):
-        raise IndexDamaged(f"k_factor {meta['k_factor']!r} is not a number >= 1")
+    for name in ("nprobe", "nlist"):  # faiss clamps nprobe to nlist; a 10^30 broke the h5ad
+        if name in meta and not (is_whole(meta[name]) and 1 <= meta[name] < 2**31):
+            raise IndexDamaged(f"{name} {meta[name]!r} is not a whole number from 1 to 2^31 - 1")
+    if "k_factor" in meta and not (
+        is_finite(meta["k_factor"]) and 1 <= meta["k_factor"] <= MAX_K_FACTOR
+    ):  # the re-rank pool is k_factor x k rows per cell: 1e5 ran out of memory
+        raise IndexDamaged(
+            f"k_factor {meta['k_factor']!r} is not a number from 1 to {MAX_K_FACTOR} "
+            f"(the build tunes {fx.K_FACTORS[0]}-{fx.K_FACTORS[-1]})"
+        )
     for name in OBJECTS:
         if not isinstance(meta.get(name) or {}, dict):
             raise IndexDamaged(f"{name} is not an object")
@@ -116,6 +123,9 @@ def check_labels(labels: pd.DataFrame, meta: dict, n_vectors: int) -> dict[str, 
     keys = meta.get("label_keys")
     if keys is not None and list(labels.columns) != list(keys):
         raise IndexDamaged(f"columns {list(labels.columns)}, but index.json names {keys}")
+    for key in labels.columns:  # censusvi writes every label as text: a missing one is an edit
+        if missing := int(labels[key].isna().sum()):
+            raise IndexDamaged(f"{missing} of {len(labels)} labels of {key!r} are missing (null)")
     held = {key: set(map(str, pd.unique(labels[key]))) for key in labels.columns}
     for key, stored in (meta.get("label_frequency") or {}).items():
         if set(map(str, stored["labels"])) != held.get(key):

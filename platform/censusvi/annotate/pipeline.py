@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import anndata as ad
 import numpy as np
@@ -332,11 +333,20 @@ def annotate(
     return out, mapped
 
 
+# what index.json holds that the annotated query records (an unknown key, e.g. a hand edit's
+# 10^30, is not carried into a file that must be written)
+SUMMARY_KEYS = (
+    "reference", "obs_filter", "model", "encoder_digest", "evaluation", "n_cells", "dim", "kind",
+    "metric", "nlist", "nprobe", "k_factor", "queries_per_s", "memory_bytes", "neighbour_distance",
+    "label_frequency", "build_s", "heads",
+)  # fmt: skip
+
+
 def index_summary(meta: dict) -> dict:
     """The index's metadata as the annotated query records it: the ontology by its release and
     flat labels only (its terms and ancestors stay in the index), the out-of-reference fit by
     its version and cells (its quantile tables stay in the index)."""
-    out = {k: v for k, v in meta.items() if k not in ("label_keys", "ontology", "novelty")}
+    out = {k: v for k, v in meta.items() if k in SUMMARY_KEYS or re.fullmatch(r"recall_at_\d+", k)}
     if meta.get("novelty"):
         out["novelty"] = {k: meta["novelty"][k] for k in ("version", "n_cells")}
     ontology = meta.get("ontology") or {}
