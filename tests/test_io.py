@@ -115,6 +115,8 @@ def test_unknown_batch_points_to_mapping():
         (lambda f: os.truncate(f, 300 * 2**20), "is over 268435456 bytes"),  # sparse: no disk
         (lambda f: _set(f, "format_version", "1"), "v1 is not a censusvi-model v<=1 model"),
         (lambda f: _set(f, "format_version", [1]), r"v\[1\] is not a censusvi-model"),
+        (lambda f: _set(f, "batch_categories", [None, "b1", "b2"]), "'batch_categories' must be"),
+        (lambda f: _set(f, "batch_categories", [{}, "b1", "b2"]), "list of text labels"),
     ],
 )
 def test_a_hostile_config_json_is_one_line_naming_it(tmp_path, edit, message):

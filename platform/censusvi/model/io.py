@@ -211,7 +211,27 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{cfg_file}: 'batch_keys' must be a list of obs column names")
     if not isinstance(d["genes"].get("ids"), list):
         raise ValueError(f"{cfg_file}: 'genes' needs 'ids', the list of the model's gene ids")
+    _check_texts(cfg_file, d)
     return d
+
+
+def _check_texts(cfg_file: Path, d: dict) -> None:
+    """The labels a model matches data by are text, as ``save_model`` writes them: a null, a
+    number or an object there matched nothing, or a NaN cell, or was a TypeError."""
+    covariates = d.get("covariates") or {}
+    lists = {
+        "batch_categories": d["batch_categories"],
+        "genes.ids": d["genes"]["ids"],
+        "genes.symbols": d["genes"].get("symbols") or [],
+        "covariates.keys": covariates.get("keys") or [],
+    }
+    categories = covariates.get("categories") or []
+    if not isinstance(categories, list) or not all(isinstance(c, list) for c in categories):
+        raise ValueError(f"{cfg_file}: 'covariates.categories' must be a list of lists of labels")
+    lists |= {f"covariates.categories[{i}]": c for i, c in enumerate(categories)}
+    for name, values in lists.items():
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"{cfg_file}: '{name}' must be a list of text labels; it is damaged")
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedModel:
