@@ -200,8 +200,10 @@ def _check_head_tensors(key: str, own: dict) -> None:
         raise IndexDamaged(
             f"the {key!r} head's {', '.join(sorted(bad)[:3])} are not finite float32 values"
         )
-    scale = own.get(f"{key}.scale")
-    if scale is not None and not bool((scale > 0).all()):
+    mean, scale = own.get(f"{key}.mean"), own.get(f"{key}.scale")
+    if mean is None or scale is None or mean.ndim != 1 or mean.shape != scale.shape:
+        raise IndexDamaged(f"the {key!r} head's mean and scale are not two vectors of one length")
+    if not bool((scale > 0).all()):
         raise IndexDamaged(f"the {key!r} head's scale is not > 0 everywhere")
 
 
