@@ -90,10 +90,12 @@ def test_census_uri_opens_through_cellxgene_census(soma_exp, monkeypatch):
     assert src.read_rows(np.arange(3)).shape == (3, len(src.var_ids))
 
 
-def test_cells_split_over_fragments_and_sparse_var_joinids(tmp_path):
+@pytest.mark.parametrize("last_joinid", [38, 2**40])
+def test_cells_split_over_fragments_and_sparse_var_joinids(tmp_path, last_joinid):
     """Column tiles narrower than the genes (TileDB then returns a cell's entries in several
     runs), a cell's counts in two writes (two fragments) and var joinids that are not 0..n-1:
-    the cells still read back as written, empty ones included."""
+    the cells still read back as written, empty ones included. A var joinid of 2^40 made the
+    lookup table 4 TiB (a hostile probe): such joinids are looked up, not tabled."""
     import pyarrow as pa
     import scipy.sparse as sp
     import tiledbsoma
@@ -103,17 +105,17 @@ def test_cells_split_over_fragments_and_sparse_var_joinids(tmp_path):
     rng = np.random.default_rng(0)
     dense = rng.poisson(0.5, (30, 12)).astype(np.float32)
     dense[[3, 17]] = 0  # empty cells
-    var_joinids = np.arange(12) * 3 + 5  # gaps: a lookup is needed
+    var_joinids = np.r_[np.arange(11) * 3 + 5, last_joinid]  # gaps: a lookup is needed
     exp = tiledbsoma.Experiment.create(str(tmp_path / "e.soma"))
     exp.add_new_dataframe("obs", schema=pa.schema([("soma_joinid", pa.int64())]), domain=[(0, 29)])
     rna = exp.add_new_collection("ms").add_new_collection("RNA", tiledbsoma.Measurement)
     var_schema = pa.schema([("soma_joinid", pa.int64()), ("feature_id", pa.large_string())])
-    var = rna.add_new_dataframe("var", schema=var_schema, domain=[(0, 100)])
+    var = rna.add_new_dataframe("var", schema=var_schema, domain=[(0, last_joinid)])
     var.write(pa.table({"soma_joinid": var_joinids, "feature_id": [f"g{i}" for i in range(12)]}))
     X = rna.add_new_collection("X").add_new_sparse_ndarray(
         "raw",
         type=pa.float32(),
-        shape=(30, 101),
+        shape=(30, last_joinid + 1),
         platform_config=tiledbsoma.TileDBCreateOptions(
             dims={"soma_dim_0": {"tile": 8}, "soma_dim_1": {"tile": 16}}
         ),

@@ -108,8 +108,10 @@ class SomaX:
         n_var = len(self._var_joinids)
         # var joinids 0..n-1 (the Census's) need no lookup: a column is its joinid
         self._col_of: np.ndarray | None = None
-        if not np.array_equal(self._var_joinids, np.arange(n_var)):
-            self._col_of = np.full(int(self._var_joinids.max()) + 1, -1, dtype=np.int32)
+        self._identity = np.array_equal(self._var_joinids, np.arange(n_var))
+        top = int(self._var_joinids.max()) + 1 if n_var else 0
+        if not self._identity and top <= 4 * n_var + 2**20:
+            self._col_of = np.full(top, -1, dtype=np.int32)  # a lookup table, when it is small
             self._col_of[self._var_joinids] = np.arange(n_var, dtype=np.int32)
         if x_layer not in ms.X:
             raise ValueError(
@@ -135,7 +137,7 @@ class SomaX:
         if len(d0) > 1 and not np.all(d0[1:] >= d0[:-1]):  # rows split over fragments
             order = np.argsort(d0, kind="stable")
             d0, d1, v = d0[order], d1[order], v[order]
-        cols = d1.astype(np.int32) if self._col_of is None else self._col_of[d1]
+        cols = self._columns(d1)
         indptr = np.empty(len(jid) + 1, dtype=np.int32 if len(d0) < 2**31 else np.int64)
         indptr[:-1] = np.searchsorted(d0, jid)
         indptr[-1] = len(d0)
@@ -144,6 +146,18 @@ class SomaX:
         # write out of bounds when a minibatch is densified.
         check_csr(v, cols, indptr, shape, f"{self.uri} (X)")
         return sp.csr_matrix((v, cols, indptr), shape=shape)
+
+    def _columns(self, d1: np.ndarray) -> np.ndarray:
+        """Each entry's column (its gene's place in var), -1 for a joinid var lacks (refused
+        by ``check_csr``); sparse joinids (one of 2^40) are looked up, not tabled."""
+        ids, n = self._var_joinids, len(self._var_joinids)
+        if self._identity:
+            return d1.astype(np.int32)
+        if self._col_of is not None:
+            inside = (d1 >= 0) & (d1 < len(self._col_of))
+            return np.where(inside, self._col_of[np.where(inside, d1, 0)], -1).astype(np.int32)
+        pos = np.minimum(np.searchsorted(ids, d1), max(n - 1, 0))
+        return np.where(ids[pos] == d1, pos, -1).astype(np.int32)
 
 
 def read_obs(obs, obs_filter: str | None, columns: list[str] | None) -> pd.DataFrame:
