@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from censusvi.annotate.index import load_index
 from censusvi.annotate.pipeline import index_reference
@@ -72,6 +73,53 @@ def test_embed_job_matches_censusvi_index_and_makes_the_version_servable(
         and load_index(files.index_dir).meta["n_cells"] == printed["n_cells"]
     )
     assert "eval.cell_type.accuracy" in version_metrics("censusvi-embed", "1")
+
+    # A second run into the same --out appended its shards to the first's and indexed both.
+    with pytest.raises(SystemExit) as e:
+        job.main(argv)
+    assert e.value.code == 2
+    assert (
+        "already holds embeddings/ (an earlier run's): pass --overwrite" in capsys.readouterr().err
+    )
+    assert len(sorted((tmp_path / "out" / "embeddings").glob("*.parquet"))) == len(shards)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--shard-cells", "0"], "--shard-cells 0: must be a whole number >= 1"),
+        (["--actors", "-3"], "--actors -3: must be a whole number >= 1"),
+        (["--gpus-per-actor", "nan"], "--gpus-per-actor nan: must be a number >= 0"),
+        (["--out", "{model}/out"], "is inside the input"),
+    ],
+)
+def test_the_embed_job_refuses_bad_options_before_ray_starts(tmp_path, capsys, argv, message):
+    from censusvi.jobs.embed import main
+
+    (tmp_path / "m").mkdir()
+    base = ["--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.h5ad"), "--out",
+            str(tmp_path / "o")]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        main([*base, *(a.format(model=tmp_path / "m") for a in argv)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_what_the_embed_job_wrote(tmp_path):
+    from censusvi.annotate.corpus import check_job_output
+
+    out = tmp_path / "o"
+    (out / "embeddings").mkdir(parents=True)
+    (out / "embeddings" / "part-0.parquet").write_bytes(b"x")
+    (out / "index").mkdir()
+    (out / "index" / "index.json").write_text("{}")
+    (out / "mine.txt").write_text("kept")
+    check_job_output(str(out), [], overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    (out / "index").mkdir()
+    (out / "index" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="index holds what censusvi does not write there"):
+        check_job_output(str(out), [], overwrite=True)
+    assert (out / "index" / "notes.txt").read_text() == "mine"
 
 
 def test_index_task_refuses_a_reservation_no_node_can_hold(local_ray):

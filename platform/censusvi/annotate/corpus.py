@@ -107,6 +107,43 @@ def join_uri(uri: str | os.PathLike, name: str) -> str:
     return f"{str(uri).rstrip('/')}/{name}"
 
 
+INDEX_FILES = ("index.faiss", "labels.parquet", "index.json", "heads.safetensors")
+
+
+def check_job_output(out: str, inputs: list[str], overwrite: bool = False) -> None:
+    """Before any work, the embed job's ``out``: not an input nor inside one (where local), and
+    no earlier run's ``embeddings/`` or ``index/`` in it unless ``overwrite``, which removes
+    them (a second run appended its Parquet shards to the first's and indexed both). A folder
+    holding files censusvi does not write there is never removed."""
+    from pyarrow import fs as pafs
+
+    from censusvi.atomic import check_folder, file_uri_path, uri_scheme
+
+    scheme = uri_scheme(out)
+    if scheme in (None, "file"):
+        check_folder(out if scheme is None else file_uri_path(out, "--out"), "--out", inputs)
+    for name, ours in (
+        ("embeddings", lambda f: f.endswith(".parquet")),
+        ("index", INDEX_FILES.__contains__),
+    ):
+        fs, path = storage(join_uri(out, name))
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            continue
+        if not overwrite:
+            raise ValueError(
+                f"--out {out} already holds {name}/ (an earlier run's): pass --overwrite to "
+                "replace it, or choose another --out"
+            )
+        found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        foreign = [f.path for f in found if f.type == pafs.FileType.File and not ours(f.base_name)]
+        if fs.get_file_info(path).type != pafs.FileType.Directory or foreign:
+            raise ValueError(
+                f"--out {out}: {name} holds what censusvi does not write there "
+                f"({(foreign or [path])[0]}); it is not replaced: choose another --out"
+            )
+        fs.delete_dir(path)
+
+
 def actor_gpus(gpus_per_actor: float | None) -> float:
     """``gpus_per_actor``, or (None) one GPU per actor where the cluster has GPUs."""
     import ray

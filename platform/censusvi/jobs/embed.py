@@ -22,12 +22,14 @@ import sys
 from censusvi import defaults
 from censusvi.annotate.corpus import (
     attach_index_to_version,
+    check_job_output,
     embed_corpus,
     embedded_shape,
     index_corpus,
     join_uri,
 )
 from censusvi.data.labels import label_keys_checked
+from censusvi.numeric import is_finite
 from censusvi.ray_session import init_ray
 from censusvi.registry.mlflow_store import tracking_uri
 
@@ -53,9 +55,22 @@ def main(argv: list[str] | None = None) -> int:
         "--head", action=argparse.BooleanOptionalAction, default=True,
         help="train a calibrated label head per key, as `censusvi index` (default: on)",
     )  # fmt: skip
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an earlier run's embeddings/ and index/ in --out (removed before the run)",
+    )  # fmt: skip
     a = p.parse_args(argv)
+    for flag, value, least in (("--shard-cells", a.shard_cells, 1), ("--actors", a.actors, 1)):
+        if value < least:
+            p.error(f"{flag} {value}: must be a whole number >= {least}")
+    if a.gpus_per_actor is not None and not (is_finite(a.gpus_per_actor) and a.gpus_per_actor >= 0):
+        p.error(f"--gpus-per-actor {a.gpus_per_actor}: must be a number >= 0")
+    try:  # before Ray starts: a refused --out or key is one line, exit 2
+        keys = label_keys_checked(a.label_keys.split(","))
+        check_job_output(a.out, [a.model, a.data], a.overwrite)
+    except ValueError as e:
+        p.error(str(e))
     init_ray()
-    keys = label_keys_checked(a.label_keys.split(","))
     embeddings = embed_corpus(
         a.model, a.data, a.out, keys, a.obs_filter, a.shard_cells, a.actors, a.gpus_per_actor
     )
