@@ -163,6 +163,13 @@ def _edit_ontology(meta: dict) -> dict:
     return {**meta, "ontology": {"cell_type": terms}}  # a term without a name or a depth
 
 
+def _names_not_text(meta: dict) -> dict:
+    label = meta["label_frequency"]["cell_type"]["labels"][0]
+    terms = {"version": "x", "label_terms": {label: "CL:1"}, "ancestors": {"CL:1": ["CL:1"]},
+             "names": {"CL:1": ["cell", {"y": 1}]}, "depth": {"CL:1": 0}, "flat": []}  # fmt: skip
+    return {**meta, "ontology": {"cell_type": terms}}  # was "setting an array element ..."
+
+
 TAMPERED = {
     "index.json": lambda d: (d / "index.json").write_text("[1, 2]"),
     "index.json ": lambda d: _edit_json(d, lambda m: {**m, "metric": "manhattan"}),
@@ -193,6 +200,7 @@ TAMPERED = {
         .to_parquet(d / "labels.parquet")
     ),
     "index.json      ": lambda d: _edit_json(d, lambda m: {**m, "k_factor": 1e5}),
+    "index.json         ": lambda d: _edit_json(d, _names_not_text),
     "index.json       ": lambda d: _edit_json(d, lambda m: {**m, "nprobe": 10**30}),
     "index.json        ": lambda d: (d / "index.json").write_text("[" * 100_000 + "]" * 100_000),
     "heads.safetensors": lambda d: (d / "heads.safetensors").unlink(),

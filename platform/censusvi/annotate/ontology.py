@@ -68,6 +68,9 @@ class LabelOntology:
             lost = [a for a in chain if a not in onto.names or not is_whole(onto.depth.get(a))]
             if lost:
                 raise ValueError(f"ancestor(s) {lost[:3]} of {term!r} have no name or depth")
+        texts = [*onto.label_terms, *onto.label_terms.values(), *onto.names, *onto.names.values()]
+        if not all(isinstance(t, str) for t in [*texts, *onto.flat, onto.version]):
+            raise ValueError("labels, terms, names, flat labels and the version must be text")
         return onto
 
 
