@@ -187,6 +187,7 @@ TAMPERED = {
     "index.json    ": lambda d: _edit_json(d, lambda m: _edit_novelty(m, "alpha", 0)),
     "index.json     ": lambda d: _edit_json(d, _edit_ontology),
     "index.faiss": lambda d: _pickle_in(d, "index.faiss"),
+    "index.faiss ": lambda d: ((d / "index.faiss").unlink(), os.mkfifo(d / "index.faiss")),
     "labels.parquet": lambda d: (
         __import__("pandas")
         .read_parquet(d / "labels.parquet")

@@ -151,3 +151,12 @@ def test_weights_that_would_give_nan_or_be_cast_are_refused(tmp_path, edit, mess
     save_file(state, str(w))
     with pytest.raises(ValueError, match=message):
         load_model(tmp_path / "m")
+
+
+def test_weights_that_are_a_pipe_are_refused_not_waited_on(tmp_path):
+    """A FIFO named weights.safetensors blocked safe_open for good (SIGTERM did not stop it)."""
+    save_model(small_model(), tmp_path / "m")
+    (tmp_path / "m" / "weights.safetensors").unlink()
+    os.mkfifo(tmp_path / "m" / "weights.safetensors")
+    with pytest.raises(ValueError, match="weights.safetensors is not a regular file"):
+        load_model(tmp_path / "m")

@@ -254,6 +254,9 @@ def load_index(path: str | os.PathLike, device: str | None = None) -> LabelIndex
     ``index_checks`` says what is checked)."""
     path = Path(path)
     meta = checks.read_meta(path)
+    for name in ("index.faiss", "labels.parquet", HEADS_FILE):  # a FIFO blocked the readers
+        if (path / name).exists() and not (path / name).is_file():
+            raise checks.damaged(path / name, checks.IndexDamaged("is not a regular file"))
     step = "index.faiss"
     try:
         index = faiss.read_index(str(path / step))

@@ -302,6 +302,9 @@ def stored_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
     """Each tensor's shape from the safetensors header (nothing else is read)."""
     from safetensors import safe_open
 
+    if weights.exists() and not weights.is_file():  # a FIFO blocked the reader for good
+        raise ValueError(f"{weights} is not a regular file. The model directory is damaged")
+
     try:
         with safe_open(str(weights), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
