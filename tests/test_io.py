@@ -160,3 +160,21 @@ def test_weights_that_are_a_pipe_are_refused_not_waited_on(tmp_path):
     os.mkfifo(tmp_path / "m" / "weights.safetensors")
     with pytest.raises(ValueError, match="weights.safetensors is not a regular file"):
         load_model(tmp_path / "m")
+
+
+def test_a_model_that_overflows_is_an_error_not_cells_without_counts():
+    """Finite but huge weights (3e38) gave infinite latents, and the commands left those cells
+    out as "no counts over the model's genes" with exit 0."""
+    import anndata as ad
+    import numpy as np
+
+    from censusvi.inference import get_latent_representation
+
+    m = small_model()
+    with torch.no_grad():
+        m.vae.z_encoder.mean.weight.fill_(3e38), m.vae.z_encoder.mean.bias.fill_(3e38)
+    x = np.random.default_rng(0).poisson(2.0, (6, 20)).astype(np.float32)
+    adata = ad.AnnData(x, obs=pd.DataFrame({"batch": ["b0"] * 6}, index=[str(i) for i in range(6)]))
+    adata.var_names = list(m.genes.ids)
+    with pytest.raises(ValueError, match="the model gives NaN or infinite values for 6 cells"):
+        get_latent_representation(m, adata)

@@ -59,6 +59,13 @@ def _stream(
         mb = minibatch_from_csr(x, cov, device, with_nonzeros=False)
         with torch.no_grad():
             rows_out.append(fn(vae, mb).cpu().numpy())
+        if bad := int((~np.isfinite(rows_out[-1])).any(axis=1).sum()):
+            # such cells were left out as "no counts over the model's genes": they had counts
+            raise ValueError(
+                f"{cells.source.uri}: the model gives NaN or infinite values for {bad} cells "
+                "that have counts: its weights overflow on them (edited, or trained on other "
+                "data): use another model"
+            )
         pos_out.append(pos)
         progress.update(len(pos))
     progress.close()
