@@ -67,8 +67,12 @@ def test_census_filter(soma_exp):
 def test_refuses_to_overwrite_and_bad_filter(soma_exp, tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         ingest(soma_exp[1], soma_exp[0])
-    with pytest.raises(ValueError, match="obs filter 'no_such_column == 1' failed"):
+    with pytest.raises(ValueError, match="obs filter 'no_such_column == 1' failed") as e:
         SomaSource(str(soma_exp[0]), obs_filter="no_such_column == 1")
+    assert "\n" not in str(e.value) and " At:" not in str(e.value)  # not tiledbsoma's stack
+    long = " and ".join(["nnz > 1"] * 2000)  # tiledbsoma's parser took 100 s on 20,000 terms
+    with pytest.raises(ValueError, match="23,995 characters, over 10,000"):
+        SomaSource(str(soma_exp[0]), obs_filter=long)
 
 
 def test_census_uri_opens_through_cellxgene_census(soma_exp, monkeypatch):

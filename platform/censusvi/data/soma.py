@@ -18,8 +18,10 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from censusvi.data.counts import check_csr
+from censusvi.data.obs_filter import MAX_CHARS
 from censusvi.data.vocabulary import var_column_key
 from censusvi.defaults import IN_MEMORY
+from censusvi.typed import shown
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +212,19 @@ class SomaSource:
                 )
             wanted = {"soma_joinid", *obs_columns, *(c for c in optional_obs_columns if c in names)}
             columns = [c for c in names if c in wanted]
+        if obs_filter is not None and len(obs_filter) > MAX_CHARS:  # its parser is superlinear
+            raise ValueError(
+                f"obs filter {shown(obs_filter)}: {len(obs_filter):,} characters, over "
+                f"{MAX_CHARS:,}; a filter names a few columns and values"
+            )
         try:  # tiledbsoma parses the filter itself (its QueryCondition runs no code)
             df = self.exp.obs
             df = type(df).open(df.uri, context=df.context.replace(tiledb_config=OBS_READ_CONFIG))
             obs = read_obs(df, obs_filter, columns)
         except Exception as e:
+            reason = str(e).split("\n")[0].split(" At:")[0]  # not tiledbsoma's Python stack
             raise ValueError(
-                f"obs filter {obs_filter!r} failed on {uri}: {e}; obs has {names}"
+                f"obs filter {shown(obs_filter)} failed on {uri}: {reason}; obs has {names}"
             ) from e
         if not obs["soma_joinid"].is_monotonic_increasing:
             obs = obs.sort_values("soma_joinid").reset_index(drop=True)
