@@ -235,3 +235,18 @@ def test_is_primary_data_written_as_text_is_read_as_the_words_say(tmp_path):
     a.write_h5ad(tmp_path / "c.h5ad")  # pandas' nullable booleans: "cannot convert to 'bool'"
     with pytest.raises(ValueError, match=r"c.h5ad: obs\['is_primary_data'\] is missing for 3 c"):
         ingest([tmp_path / "c.h5ad"], tmp_path / "c.soma")
+
+
+def test_gene_names_of_a_var_without_ids_or_with_nulls():
+    """A var without feature_id was a bare KeyError ("feature_id"); a null id became the text
+    "None" (then "gene ids must be unique ... e.g. None")."""
+    from censusvi.data.soma import gene_names
+
+    var = pd.DataFrame({"soma_joinid": [0, 1, 2], "feature_id": ["E1", None, None]})
+    assert gene_names(var, "x.soma") == (["E1", "", ""], ["", "", ""])
+    ids, symbols = gene_names(var.drop(columns="feature_id").assign(feature_name=list("ABC")), "x")
+    assert ids == ["", "", ""] and symbols == ["A", "B", "C"]
+    with pytest.raises(
+        ValueError, match=r"var has neither 'feature_id' nor 'feature_name' \(it has \['gene'\]\)"
+    ):
+        gene_names(pd.DataFrame({"soma_joinid": [0], "gene": ["A"]}), "x.soma")

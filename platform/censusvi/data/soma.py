@@ -162,6 +162,25 @@ class SomaX:
         return np.where(ids[pos] == d1, pos, -1).astype(np.int32)
 
 
+def gene_names(var: pd.DataFrame, uri: str) -> tuple[list[str], list[str]]:
+    """(ids, symbols) of var's genes from ``feature_id`` and ``feature_name`` (the Census's);
+    a missing one (null, or the whole column) is "", a gene that key does not name."""
+    if "feature_id" not in var and "feature_name" not in var:
+        raise ValueError(
+            f"{uri}: var has neither 'feature_id' nor 'feature_name' (it has "
+            f"{sorted(c for c in var.columns if c != 'soma_joinid')}); write the experiment with "
+            "`censusvi ingest`, which names each gene by both"
+        )
+
+    def texts(column: str) -> list[str]:
+        if column not in var:
+            return [""] * len(var)
+        values = var[column]
+        return values.astype(str).where(values.notna(), "").tolist()
+
+    return texts("feature_id"), texts("feature_name")
+
+
 def read_obs(obs, obs_filter: str | None, columns: list[str] | None) -> pd.DataFrame:
     """obs as pandas, string columns categorical, built one TileDB batch at a time: Census obs
     columns hold a few thousand distinct values each; as one Arrow table of strings (or Python
@@ -230,8 +249,7 @@ class SomaSource:
             obs = obs.sort_values("soma_joinid").reset_index(drop=True)
         self.obs = obs
         self._joinids = self.obs["soma_joinid"].to_numpy()
-        self.var_ids = self.x.var["feature_id"].astype(str).tolist()
-        self.var_symbols = self.x.var["feature_name"].astype(str).tolist()
+        self.var_ids, self.var_symbols = gene_names(self.x.var, uri)
         self.var_keys = {
             var_column_key("feature_id"): self.var_ids,
             var_column_key("feature_name"): self.var_symbols,
