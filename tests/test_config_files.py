@@ -267,6 +267,7 @@ def test_pretraining_surgery_and_finetuning_refuse_a_setting_by_one_rule(field, 
         (["train.max_failures=-3"], r"train.max_failures=-3: -1 \(no limit\) or more"),
         (["mlflow.model_name=a/b"], r"model name 'a/b' holds \['/'\]: models:/NAME/VERSION"),
         (["mlflow.model_name=a@b"], r"model name 'a@b' holds \['@'\]"),
+        (["data.source=/tmp", "out=/tmp/m"], r"out /tmp/m is inside the input /tmp"),
     ],
 )
 def test_a_ray_job_is_refused_while_its_config_is_read(sets, message):

@@ -257,3 +257,16 @@ def test_cuda_without_gpus_is_refused_before_training(tmp_path):
         pretrain_distributed(
             replace(cfg, train=replace(cfg.train, device="mps")), str(tmp_path / "m")
         )
+
+
+def test_more_workers_than_the_cluster_holds_is_said_before_ray_train_waits(local_ray, caplog):
+    """train.num_workers=4 on a 2-CPU local Ray: Ray Train retried its worker group for ever
+    with nothing in the job's log to say why (a hostile probe, session 21)."""
+    from censusvi.train.ray_trainer import _warn_if_short
+
+    with caplog.at_level("WARNING", logger="censusvi.train.ray_trainer"):
+        _warn_if_short(10_000, use_gpu=True)
+    assert "train.num_workers=10000 needs 10000 CPUs, the cluster has" in caplog.text
+    assert (
+        "10000 GPUs, the cluster has 0" in caplog.text and "lower train.num_workers" in caplog.text
+    )

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from censusvi.atomic import check_folder
 from censusvi.config_files import ConfigError, is_uri, packaged_names, read_config
 from censusvi.extras import MissingExtra, needs_extras
 from censusvi.registry.mlflow_store import DEFAULT_MODEL_NAME
@@ -105,6 +106,8 @@ def job_from(doc: dict[str, Any]) -> PretrainJob:
     try:  # before Ray starts and hours of training: not at the end, when registering
         check_job(cfg.train.device, job.num_workers, job.use_gpu, job.stream)
         check_model_name(job.model_name)
+        if not is_uri(job.out) and not is_uri(cfg.data.source):  # not inside the experiment
+            check_folder(job.out, "out", [cfg.data.source])
         if job.max_failures < -1:
             raise ValueError(f"train.max_failures={job.max_failures}: -1 (no limit) or more")
     except ValueError as e:

@@ -75,6 +75,22 @@ def check_job(device: str, num_workers: Any, use_gpu: bool, stream: dict[str, An
     return workers_device(device, use_gpu)
 
 
+def _warn_if_short(num_workers: int, use_gpu: bool) -> None:
+    """Ray Train waits for its workers' CPUs (and GPUs): for an autoscaler to add nodes, and
+    forever where none will. Said before the wait, not after it."""
+    import ray
+
+    have = ray.cluster_resources()
+    short = [f"{num_workers} {r}s, the cluster has {have.get(r, 0):g}"
+             for r in ("CPU", *(("GPU",) if use_gpu else ())) if have.get(r, 0) < num_workers]  # fmt: skip
+    if short:
+        log.warning(
+            "train.num_workers=%d needs %s: Ray Train waits until an autoscaler adds nodes (and "
+            "for ever without one): lower train.num_workers or add nodes",
+            num_workers, "; ".join(short),
+        )  # fmt: skip
+
+
 def _check_stream(stream: dict[str, Any]) -> None:
     unknown = sorted(set(stream) - set(STREAM_DEFAULTS))
     if unknown:
@@ -152,6 +168,7 @@ def pretrain_distributed(
     from censusvi.data.shards import planned_source
     from censusvi.model.io import save_model
 
+    _warn_if_short(num_workers, use_gpu)
     target = storage_target(storage_path or DEFAULT_STORAGE)
     t = replace(cfg.train, device=device)
     cfg = replace(cfg, train=t)
