@@ -79,7 +79,8 @@ def test_embed_job_matches_censusvi_index_and_makes_the_version_servable(
         job.main(argv)
     assert e.value.code == 2
     assert (
-        "already holds embeddings/ (an earlier run's): pass --overwrite" in capsys.readouterr().err
+        "already holds embeddings/: pass --overwrite to replace an earlier run's"
+        in capsys.readouterr().err
     )
     assert len(sorted((tmp_path / "out" / "embeddings").glob("*.parquet"))) == len(shards)
 

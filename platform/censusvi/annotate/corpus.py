@@ -131,8 +131,8 @@ def check_job_output(out: str, inputs: list[str], overwrite: bool = False) -> No
             continue
         if not overwrite:
             raise ValueError(
-                f"--out {out} already holds {name}/ (an earlier run's): pass --overwrite to "
-                "replace it, or choose another --out"
+                f"--out {out} already holds {name}/: pass --overwrite to replace an earlier "
+                "run's, or choose another --out"
             )
         found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
         foreign = [f.path for f in found if f.type == pafs.FileType.File and not ours(f.base_name)]
