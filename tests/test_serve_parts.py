@@ -93,6 +93,30 @@ def test_a_silent_replica_stops_counting_and_a_new_one_must_hold_the_target():
     assert board.state()["replicas"] == {}
 
 
+def test_a_version_no_replica_can_load_does_not_stop_the_board_following_the_alias(caplog):
+    """A refused version (damaged, or too large to load beside the served one) stayed the
+    target for good: the promote that fixed it, or a rollback, went unseen (a hostile probe)."""
+    alias, clock = ["1"], Clock()
+    board = board_with(alias, {"Mapper": 1, "Annotator": 1}, clock)
+    board.report("Mapper", "m1", ["1"])
+    board.report("Annotator", "a1", ["1"])
+    alias[0], clock.now = "2", 1.0
+    assert board.tick()["target"] == "2"  # no replica ever reports holding 2
+    alias[0], clock.now = "3", 2.0
+    with caplog.at_level("WARNING", logger="censusvi.serve"):
+        assert board.tick() == {"served": "1", "target": "3", "keep": ["1", "3"]}
+    assert "before every replica held version 2: loading the new one instead" in caplog.text
+    board.report("Mapper", "m1", ["1", "3"])
+    board.report("Annotator", "a1", ["1", "3"])
+    clock.now = 3.0
+    assert board.tick()["served"] == "3"
+    alias[0], clock.now = "4", 40.0  # after the grace: a bad 4, then a rollback to 3
+    assert board.tick()["target"] == "4"
+    alias[0], clock.now = "3", 41.0
+    assert board.tick() == {"served": "3", "target": "3", "keep": ["3"]}
+    assert "the move is abandoned" in caplog.text
+
+
 def test_only_an_alias_is_followed():
     calls, clock = [], Clock()
     s = Settings(model="models:/m/3", registry_poll_s=1)
@@ -183,7 +207,7 @@ def test_a_version_that_would_not_fit_the_reservation_is_not_loaded_nor_served()
     check = memory_check("Annotator", reserved, sizes.__getitem__)
     assert check("2", ["1"]) is None  # up to 1.25 x the served size fits
     assert check("3", ["1"]).startswith(
-        "version 3's index (600 MB of files) does not fit beside version(s) 1 in this Annotator "
+        "version 3's index (600.0 MB of files) does not fit beside version(s) 1 in this Annotator "
         "replica's memory reservation of 1,637 MB (needs 1,762 MB): still serving 1"
     )
     alias, clock = ["1"], Clock()
@@ -292,3 +316,28 @@ def test_the_answer_is_arrow_only_where_accept_prefers_it(accept, arrow):
     from censusvi.serving.parsing import wants_arrow
 
     assert wants_arrow(accept) is arrow
+
+
+def test_a_version_that_fails_to_load_is_tried_again_after_a_growing_wait():
+    """A damaged version was downloaded and refused again every tick (once a second, for ever)."""
+    clock, tries = Clock(), []
+
+    def load(v: str) -> str:
+        tries.append(v)
+        if v == "2":
+            raise ValueError("index.json: k_factor 100000.0 is not a number from 1 to 64")
+        return f"loaded {v}"
+
+    store = VersionStore(load)
+    wanted = {"served": "1", "target": "2", "keep": ["1", "2"]}
+    for t in range(0, 12):  # a tick a second
+        clock.now = float(t)
+        try:
+            sync(store, lambda held: wanted, clock=clock)
+        except ValueError:
+            pass
+    assert store.held() == ["1"] and tries.count("2") == 4  # at 0, 1, 3 and 7 s
+    wanted = {"served": "1", "target": "3", "keep": ["1", "3"]}  # the alias moved on
+    clock.now = 12.0
+    sync(store, lambda held: wanted, clock=clock)
+    assert store.held() == ["1", "3"]

@@ -92,7 +92,7 @@ def memory_check(deployment: str, reserved: int | None, size) -> object:
         if need <= reserved:
             return None
         return (
-            f"version {version}'s {HOLDS[deployment]} ({size(version) / MiB:,.0f} MB of files) "
+            f"version {version}'s {HOLDS[deployment]} ({size(version) / MiB:,.1f} MB of files) "
             f"does not fit beside version(s) {', '.join(held)} in this {deployment} replica's "
             f"memory reservation of {reserved / MiB:,.0f} MB (needs {need / MiB:,.0f} MB): still "
             f"serving {held[0]}; redeploy the app (it reserves for two versions of the served "

@@ -50,6 +50,7 @@ class VersionStore:
         self.load = load
         self.fits = fits  # (version, versions held) -> why it cannot be held beside them, or None
         self.refused: dict[str, str] = {}
+        self.failed: dict[str, tuple[float, int]] = {}  # version -> (next try, failures so far)
         self.items: dict[str, Any] = {}
         self.lock = threading.Lock()  # guards items: held for a lookup, never for a load
         self.loading = threading.Lock()  # one load at a time
@@ -149,6 +150,22 @@ class VersionBoard:
                 out[deployment] += 1
         return out
 
+    def _retarget(self, alias: str) -> None:
+        """Follow the alias, during a move too: a version no replica can load (refused, or too
+        large) stayed the target for good, and a later promote or rollback went unseen."""
+        if alias == self.target:
+            return
+        if self.target != self.served:
+            log.warning(
+                "alias %s moved to version %s before every replica held version %s: %s",
+                self.s.model, alias, self.target,
+                "the move is abandoned" if alias == self.served else "loading the new one instead",
+            )  # fmt: skip
+        else:
+            log.info("alias %s moved to version %s: loading it everywhere", self.s.model, alias)
+        with self.lock:
+            self.target = alias
+
     def tick(self) -> dict:
         """Retire the previous version after its grace, start a move when the alias moved (one
         at a time), switch when every running replica holds the target. The new ``wanted``."""
@@ -156,16 +173,10 @@ class VersionBoard:
         if self.previous and now - self.switched_at > self.s.retire_after_s:
             with self.lock:
                 self.previous = None
-        if self.s.follows_alias and self.target == self.served and self.previous is None:
+        if self.s.follows_alias and self.previous is None:
             if now - self.last_resolved >= self.s.registry_poll_s:
                 self.last_resolved = now
-                alias = self.resolve(self.s)
-                if alias != self.served:
-                    log.info(
-                        "alias %s moved to version %s: loading it everywhere", self.s.model, alias
-                    )
-                    with self.lock:
-                        self.target = alias
+                self._retarget(self.resolve(self.s))
         if self.target != self.served:
             running, holding = self.running(), self.holders(self.target)
             if all(holding[d] >= running.get(d, 0) for d in HELD):
@@ -213,17 +224,29 @@ class VersionFetcher:
         return fetch_version(name, version, dst, uri, model=part == "model", index=part == "index")
 
 
+MAX_RETRY_S = 300.0  # the longest wait before a replica tries a version that failed to load
+
+
 def sync(
     store: VersionStore,
     report: Callable[[list[str]], dict],
     keep: Callable[[list[str]], Any] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> dict:
     """One round of a replica with the board: report, drop what is no longer wanted (``keep``,
-    by default the store's), load what is, report again. Returns the board's last answer."""
+    by default the store's), load what is (a version whose load failed: after a growing wait),
+    report again. Returns the board's last answer."""
     wanted = report(store.held())
     (keep or store.keep)(wanted["keep"])
     missing = [v for v in wanted["keep"] if v not in store.held()]
     for v in missing:
-        if store.admits(v):  # else this replica never reports it, so the board never serves it
+        next_try, failures = store.failed.get(v, (0.0, 0))
+        if clock() < next_try or not store.admits(v):
+            continue  # a version not held is never reported, so the board never serves it
+        try:
             store.prepare(v)
+        except Exception:  # tried again after 1, 2, 4 ... 300 s, not every tick for ever
+            store.failed[v] = (clock() + min(2.0**failures, MAX_RETRY_S), failures + 1)
+            raise
+        store.failed.pop(v, None)
     return report(store.held()) if missing else wanted
