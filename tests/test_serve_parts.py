@@ -341,3 +341,32 @@ def test_a_version_that_fails_to_load_is_tried_again_after_a_growing_wait():
     clock.now = 12.0
     sync(store, lambda held: wanted, clock=clock)
     assert store.held() == ["1", "3"]
+
+
+def test_an_explorer_page_is_drawn_once_per_result(monkeypatch):
+    """Each GET of an explorer link redrew the page: 15 s of an Annotator's CPU for 20,000
+    cells, as often as anyone fetched the link (a hostile probe). Pages are kept, a few."""
+    from collections import OrderedDict
+
+    import pandas as pd
+
+    import censusvi.report.content as content
+    import censusvi.report.page as page
+    from censusvi.serving import annotator
+
+    drawn = []
+    monkeypatch.setattr(content, "report_content", lambda *a, **k: drawn.append(1) or {})
+    monkeypatch.setattr(page, "render_page", lambda c: f"<html>{len(drawn)}</html>")
+    host = object.__new__(annotator.IndexHost)
+    host.pages, host.layouts = OrderedDict(), VersionStore(lambda v: "layout")
+
+    def item(i: int) -> dict:
+        frame = pd.DataFrame({"predicted": ["T"], "probability": [0.9], "uncertainty": [0.1]})
+        return {"result_id": f"r{i}", "model": {"name": "m", "version": "1"}, "batch": ["b"],
+                "nll_per_count": [1.0], "labels": {"cell_type": frame}, "latent": None,
+                "report": {}}  # fmt: skip
+
+    assert host.explore(item(0)) == host.explore(item(0)) == "<html>1</html>" and len(drawn) == 1
+    for i in range(1, annotator.PAGES_KEPT + 1):
+        host.explore(item(i))
+    assert "r0" not in host.pages and len(host.pages) == annotator.PAGES_KEPT

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 
 import numpy as np
 
@@ -15,6 +16,7 @@ from censusvi.serving.settings import Settings
 from censusvi.serving.versions import VersionFetcher, VersionStore
 
 log = logging.getLogger(__name__)
+PAGES_KEPT = 8  # explorer pages an Annotator replica keeps drawn (a few MB each at most)
 
 
 def no_head(version: str) -> dict:
@@ -83,6 +85,7 @@ class IndexHost:
 
         self.store = self.indexes = VersionStore(load)
         self.layouts = VersionStore(lambda v: fit_reference_layout(self.indexes.prepare(v)))
+        self.pages: OrderedDict[str, str] = OrderedDict()  # result id -> its explorer page
 
     def keep(self, versions: list[str]) -> None:
         self.indexes.keep(versions)
@@ -151,6 +154,8 @@ class IndexHost:
         from censusvi.report.content import report_content
         from censusvi.report.page import render_page
 
+        if (page := self.pages.get(item["result_id"])) is not None:
+            return page  # drawn once: a link is not a way to make the replica redraw 20,000 cells
         version = item["model"]["version"]
         layout = self.layouts.prepare(version)
         key = next(iter(item["labels"]))
@@ -162,4 +167,7 @@ class IndexHost:
             f"result {item['result_id']}"
         )
         content = report_content(cells, item["latent"], layout, key, item["report"], title=title)
-        return render_page(content)
+        page = self.pages[item["result_id"]] = render_page(content)
+        while len(self.pages) > PAGES_KEPT:
+            self.pages.popitem(last=False)
+        return page
