@@ -52,7 +52,7 @@ def read_meta(path: str | Path) -> dict:
     try:
         meta = read_json_file(path / "index.json", "the index's metadata")
         check_meta(meta)
-    except (ValueError, RecursionError, UnicodeDecodeError, OSError) as e:  # IndexDamaged too
+    except (ValueError, OSError) as e:  # IndexDamaged, and read_json_file's refusals, too
         raise damaged(path / "index.json", e) from None
     return meta
 
