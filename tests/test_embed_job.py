@@ -121,6 +121,11 @@ def test_overwrite_replaces_only_what_the_embed_job_wrote(tmp_path):
     with pytest.raises(ValueError, match="index holds what censusvi does not write there"):
         check_job_output(str(out), [], overwrite=True)
     assert (out / "index" / "notes.txt").read_text() == "mine"
+    (out / "index" / "notes.txt").unlink()
+    (out / "index").rmdir()
+    (out / "embeddings").write_text("a file of that name")  # not listed as a folder
+    with pytest.raises(ValueError, match="embeddings holds what censusvi does not write there"):
+        check_job_output(str(out), [], overwrite=True)
 
 
 def test_index_task_refuses_a_reservation_no_node_can_hold(local_ray):

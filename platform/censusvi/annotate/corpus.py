@@ -127,16 +127,21 @@ def check_job_output(out: str, inputs: list[str], overwrite: bool = False) -> No
         ("index", INDEX_FILES.__contains__),
     ):
         fs, path = storage(join_uri(out, name))
-        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.NotFound:
             continue
         if not overwrite:
             raise ValueError(
                 f"--out {out} already holds {name}/: pass --overwrite to replace an earlier "
                 "run's, or choose another --out"
             )
-        found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        found = (
+            fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            if kind == pafs.FileType.Directory
+            else []
+        )  # a file of that name is not listed: it is refused below
         foreign = [f.path for f in found if f.type == pafs.FileType.File and not ours(f.base_name)]
-        if fs.get_file_info(path).type != pafs.FileType.Directory or foreign:
+        if kind != pafs.FileType.Directory or foreign:
             raise ValueError(
                 f"--out {out}: {name} holds what censusvi does not write there "
                 f"({(foreign or [path])[0]}); it is not replaced: choose another --out"
